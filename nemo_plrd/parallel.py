@@ -1,0 +1,60 @@
+"""Bring up torch.distributed and megatron-core's parallel state, on GPUs or on CPUs.
+
+Under ``torchrun`` the process group comes from the environment; a plain ``python`` run
+gets a one-process group, so the same code path serves a laptop, CI and a SLURM job.
+CPU runs use gloo and ``enable_cpu_megatron``; GPU runs use NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from nemo_plrd.cpu import enable_cpu_megatron
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start the default process group once per process (idempotent)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # not under torchrun: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+    else:
+        enable_cpu_megatron()
+        dist.init_process_group("gloo")
+
+
+def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
+    """(Re)build megatron's TP/DP groups for this world and seed its RNG tracker.
+
+    Calling it again with another TP size tears the old groups down first, so one process
+    group can run TP=1 and TP=2 one after the other (as the tests and the TP=2<->1
+    checkpoint check do).
+    """
+    init_distributed()
+    world = dist.get_world_size()
+    if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} must be >= 1 and divide the "
+            f"world size {world}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,74 @@
+"""megatron-core layer specs whose linear slots are low-rank.
+
+A ``GPTModel`` built from ``low_rank_block_spec`` has ``LowRank*ParallelLinear`` layers in
+the slots given a rank and megatron's dense layers in the others (rank ``None``: a slot at
+or above its break-even rank is cheaper dense). Ranks may differ per layer: the block spec
+holds one layer spec per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Optional, Sequence, Union
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_plrd.cpu import TorchNorm
+from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
+
+# The four linear slots of a megatron transformer layer: (parent submodule, low-rank class).
+SLOTS = {
+    "linear_qkv": ("self_attention", LowRankColumnParallelLinear),
+    "linear_proj": ("self_attention", LowRankRowParallelLinear),
+    "linear_fc1": ("mlp", LowRankColumnParallelLinear),
+    "linear_fc2": ("mlp", LowRankRowParallelLinear),
+}
+
+SlotRanks = Mapping[str, Optional[int]]
+
+
+def check_slot_names(ranks: SlotRanks) -> None:
+    unknown = sorted(set(ranks) - set(SLOTS))
+    if unknown:
+        raise ValueError(f"unknown slot name(s) {unknown}; the slots are {list(SLOTS)}")
+
+
+def _sp_capable(norm):
+    """megatron's torch norm refuses sequence parallelism; ours marks its grads instead."""
+    return TorchNorm if norm is WrappedTorchNorm else norm
+
+
+def low_rank_layer_spec(ranks: SlotRanks, normalization: str = "RMSNorm") -> ModuleSpec:
+    """megatron's local GPT layer spec with each slot in ``ranks`` (rank not None) low-rank."""
+    check_slot_names(ranks)
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
+    layer = spec.submodules
+    layer.input_layernorm = _sp_capable(layer.input_layernorm)
+    layer.pre_mlp_layernorm = _sp_capable(layer.pre_mlp_layernorm)
+    for slot, rank in ranks.items():
+        if rank is None:
+            continue
+        parent_name, low_rank_cls = SLOTS[slot]
+        parent = getattr(layer, parent_name).submodules
+        setattr(parent, slot, ModuleSpec(module=low_rank_cls, params={"rank": rank}))
+    return spec
+
+
+def low_rank_block_spec(
+    config: TransformerConfig, ranks: Union[SlotRanks, Sequence[SlotRanks]]
+) -> TransformerBlockSubmodules:
+    """A decoder block spec: the same slot ranks in every layer, or one mapping per layer."""
+    per_layer = [ranks] * config.num_layers if isinstance(ranks, Mapping) else list(ranks)
+    if len(per_layer) != config.num_layers:
+        raise ValueError(
+            f"got slot ranks for {len(per_layer)} layers; the model has {config.num_layers}"
+        )
+    if config.pipeline_model_parallel_size > 1 and not isinstance(ranks, Mapping):
+        raise ValueError("per-layer ranks need pipeline_model_parallel_size=1")
+    specs = [low_rank_layer_spec(r, config.normalization) for r in per_layer]
+    # The final norm is the same class as the layers' own (SP-capable) norms.
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=specs[0].submodules.input_layernorm)

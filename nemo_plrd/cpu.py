@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a handful of places that are not about the math: buffers
 allocated on ``torch.cuda.current_device()``, ``torch.cuda.synchronize()`` before
 checkpoint I/O, the CUDA RNG tracker behind tensor-parallel dropout and initialisation,
-and a torch norm that refuses sequence parallelism. ``enable_cpu_megatron`` points each
+the default causal mask (built with ``device="cuda"``), and a torch norm that refuses
+sequence parallelism. ``enable_cpu_megatron`` points each
 of these at the CPU, and only when CUDA is absent, so the product and its tests run the
 very same megatron code paths (gloo backend) on a laptop or CI machine that a GPU job runs.
 """
@@ -11,6 +12,7 @@ very same megatron code paths (gloo backend) on a laptop or CI machine that a GP
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -86,6 +88,12 @@ class TorchNorm:
         return norm
 
 
+@functools.lru_cache
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """megatron's ``get_default_causal_mask`` (True above the diagonal = masked), on the CPU."""
+    return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
+
+
 def enable_cpu_megatron() -> bool:
     """Patch megatron-core's CUDA assumptions when CUDA is absent; returns whether it did.
 
@@ -96,6 +104,7 @@ def enable_cpu_megatron() -> bool:
         return False
     if _ENABLED:
         return True
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mcore_random
 
     cpu = torch.device("cpu")
@@ -104,5 +113,6 @@ def enable_cpu_megatron() -> bool:
     # initialize_rng_tracker() looks the class up by this name when it builds the tracker.
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random.initialize_rng_tracker(force_reset=True)
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
     _ENABLED = True
     return True

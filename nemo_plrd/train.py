@@ -1,0 +1,42 @@
+"""The training step megatron's own loop performs, spelled out for CPU runs and tests.
+
+On GPUs the Megatron-Bridge loop trains (``pretrain``). On CPUs megatron's distributed
+optimizer hard-codes CUDA tensors, so this module keeps megatron's DDP and gradient
+finalisation (DP all-reduce, TP all-reduce of ``sequence_parallel`` grads, tied
+embeddings) and steps a torch AdamW over the finalised ``main_grad`` s.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+
+
+def wrap_ddp(model: GPTModel) -> DistributedDataParallel:
+    return DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)
+
+
+def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``tokens`` [b, s+1] under a GPTModel."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    per_token = model(input_ids=inputs, position_ids=position_ids, attention_mask=None, labels=labels)
+    return per_token.float().mean()
+
+
+def train_step(
+    model: DistributedDataParallel, optimizer: torch.optim.Optimizer, tokens: torch.Tensor
+) -> float:
+    """One optimizer step on one batch; returns the loss before the step."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad(set_to_none=True)
+    loss = lm_loss(model, tokens)
+    loss.backward()
+    finalize_model_grads([model])
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = param.main_grad
+    optimizer.step()
+    return loss.item()

@@ -1,0 +1,87 @@
+"""Forward+backward time of a low-rank slot vs its dense layer, beside the FLOP ratio.
+
+    python bench/layer_speed.py [--repeats 5]
+
+Dense ``ColumnParallelLinear`` / ``RowParallelLinear`` against ``LowRank*ParallelLinear``
+(TP=1, fp32, CPU), timed interleaved (dense, low-rank, dense, ...) and compared by
+median, so machine noise hits both alike. The FLOP ratio r(m+n)/(mn) is what the factor
+pair should cost; the target is time ratio <= 1.15 x FLOP ratio for r <= r*/2. "bare pair" times two plain
+``F.linear`` calls on the same factors: the floor any implementation of the pair could reach
+with these GEMMs, which separates the layers' own overhead from GEMM efficiency at thin shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+from tp_comm import make_layer  # bench/ is on sys.path when this runs as a script
+
+from nemo_plrd.layers import break_even_rank
+from nemo_plrd.parallel import init_model_parallel
+from nemo_plrd.report import format_table
+
+# (shape name, slot, out, in, tokens, ranks)
+CASES = [
+    ("SmolLM2 fc1 (gate+up)", "linear_fc1", 3072, 576, 2048, (64, 128, 208, 320)),
+    ("SmolLM2 fc2", "linear_fc2", 576, 1536, 2048, (52, 104, 208, 312)),
+    ("7B fc1 (one of gate/up)", "linear_fc1", 11008, 4096, 256, (256, 512, 1024, 1536)),
+    ("7B fc2", "linear_fc2", 4096, 11008, 256, (256, 512, 1024, 1536)),
+]
+
+
+def fwd_bwd_seconds(layer, x: torch.Tensor, dy: torch.Tensor) -> float:
+    """dy is made once, outside the clock: filling it costs as much as a small GEMM."""
+    start = time.perf_counter()
+    y, _ = layer(x)
+    y.backward(dy)
+    return time.perf_counter() - start
+
+
+def bare_pair(low_rank):
+    """The same factors as two plain F.linear calls, in the layer's (output, bias) form."""
+    return lambda x: (F.linear(F.linear(x, low_rank.down.weight), low_rank.up.weight), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    init_model_parallel(1)
+    print(f"CPU, {torch.get_num_threads()} threads, fp32, TP=1; median of {args.repeats} interleaved runs")
+    header = ("shape", "out x in", "tokens", "r", "r/r*", "FLOP ratio", "time ratio",
+              "bare pair", "time/FLOP", "target")
+    rows = []
+    for name, slot, out, inp, tokens, ranks in CASES:
+        config = TransformerConfig(num_layers=1, hidden_size=inp, num_attention_heads=1,
+                                   use_cpu_initialization=True)
+        x = torch.randn(tokens, 1, inp, requires_grad=True)
+        dy = torch.randn(tokens, 1, out)
+        dense = make_layer(slot, out, inp, None, config)
+        r_star = break_even_rank(out, inp)
+        for rank in ranks:
+            low_rank = make_layer(slot, out, inp, rank, config)
+            contenders = {"dense": dense, "low": low_rank, "bare": bare_pair(low_rank)}
+            times = {name: [] for name in contenders}
+            for repeat in range(args.repeats + 1):  # the first round warms up
+                for contender, layer in contenders.items():
+                    seconds = fwd_bwd_seconds(layer, x, dy)
+                    if repeat:
+                        times[contender].append(seconds)
+            median = {contender: statistics.median(t) for contender, t in times.items()}
+            flop_ratio = rank * (out + inp) / (out * inp)
+            time_ratio = median["low"] / median["dense"]
+            target = "ok" if time_ratio <= 1.15 * flop_ratio else "MISS"
+            rows.append((name, f"{out}x{inp}", tokens, rank, f"{rank / r_star:.2f}",
+                         f"{flop_ratio:.3f}", f"{time_ratio:.3f}",
+                         f"{median['bare'] / median['dense']:.3f}", f"{time_ratio / flop_ratio:.2f}",
+                         target if rank <= r_star / 2 else "(r > r*/2)"))
+    print(format_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()

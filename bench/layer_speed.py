@@ -66,7 +66,7 @@ def main() -> None:
         for rank in ranks:
             low_rank = make_layer(slot, out, inp, rank, config)
             contenders = {"dense": dense, "low": low_rank, "bare": bare_pair(low_rank)}
-            times = {name: [] for name in contenders}
+            times = {contender: [] for contender in contenders}
             for repeat in range(args.repeats + 1):  # the first round warms up
                 for contender, layer in contenders.items():
                     seconds = fwd_bwd_seconds(layer, x, dy)

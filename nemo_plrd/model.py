@@ -127,3 +127,12 @@ def build_gpt(
         rotary_base=int(arch.rotary_base),
     )
     return model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model across TP ranks (TP-sharded ones times the TP size)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return sum(
+        p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+        for p in model.parameters()
+    )

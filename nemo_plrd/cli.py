@@ -1,0 +1,51 @@
+"""``plrd``: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _relaunch_under_torchrun(nproc: int) -> int:
+    """Re-run this very command as `nproc` torchrun processes (rank 0's output shown)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--local-ranks-filter", "0", "-m", "nemo_plrd.cli", *sys.argv[1:]]
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="plrd", description="Progressive Low-Rank Decomposition")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="dense vs low-rank SmolLM2-135M architecture under TP")
+    demo.add_argument("--tp", type=_positive, default=3,
+                      help="tensor-parallel size; must divide SmolLM2's 3 KV heads (1 or 3)")
+    demo.add_argument("--steps", type=_positive, default=3)
+    demo.add_argument("--seq-length", type=_positive, default=256)
+    demo.add_argument("--micro-batch", type=_positive, default=1)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from nemo_plrd.model import SMOLLM2_135M
+
+        if SMOLLM2_135M.num_query_groups % args.tp:
+            parser.error(f"--tp {args.tp} does not divide SmolLM2-135M's "
+                         f"{SMOLLM2_135M.num_query_groups} KV heads; use 1 or 3")
+        if "RANK" not in os.environ and args.tp > 1:
+            return _relaunch_under_torchrun(args.tp)
+        from nemo_plrd.demo import run_demo
+
+        run_demo(args.tp, args.steps, args.seq_length, args.micro_batch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install what is missing, then run the whole test suite:
+#   1. single-process tests (math, configs, CLI, conversion);
+#   2. tensor-parallel tests, all in one 2-process torchrun group (TP=1 and TP=2 cases).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+status=0
+.venv/bin/python -m pytest -q --ignore=tests/distributed "$@" || status=$?
+if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
+
+# Rank 0's report only; a failure on either rank fails the run.
+.venv/bin/torchrun --nproc_per_node 2 --local-ranks-filter 0 \
+  -m pytest -q -p no:cacheprovider tests/distributed "$@"

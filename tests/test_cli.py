@@ -1,0 +1,31 @@
+import re
+import subprocess
+import sys
+
+from nemo_plrd.model import SMOLLM2_135M, LlamaArch
+
+
+def plrd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_plrd.cli", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_demo_refuses_a_tp_size_that_does_not_divide_the_kv_heads():
+    result = plrd("demo", "--tp", "2")
+    assert result.returncode == 2
+    assert "--tp 2 does not divide SmolLM2-135M's 3 KV heads; use 1 or 3" in result.stderr
+
+
+def test_demo_refuses_non_positive_numbers():
+    result = plrd("demo", "--steps", "0")
+    assert result.returncode == 2 and "0 is not a positive integer" in result.stderr
+
+
+def test_demo_reports_smollm2_parameter_count_and_smaller_low_rank_model():
+    result = plrd("demo", "--tp", "1", "--steps", "1", "--seq-length", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if re.match(r"\s*(dense|low-rank)\s+\d", line)}
+    # HF's SmolLM2-135M has 134,515,008 parameters (tied embeddings).
+    assert rows["dense"][1] == "134.5M"
+    assert float(rows["low-rank"][1].rstrip("M")) < 100

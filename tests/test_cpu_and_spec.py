@@ -1,0 +1,72 @@
+import pytest
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_plrd.cpu import CpuRNGStatesTracker, TorchNorm
+from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear, break_even_rank
+from nemo_plrd.model import SMOLLM2_135M, LlamaArch
+from nemo_plrd.report import format_table
+from nemo_plrd.spec import low_rank_block_spec, low_rank_layer_spec
+
+
+def test_rng_tracker_fork_is_reproducible_and_leaves_default_stream_alone():
+    tracker = CpuRNGStatesTracker()
+    tracker.add("model-parallel-rng", 123)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tracker.fork("model-parallel-rng"):
+        first = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)  # default stream untouched
+    with tracker.fork("model-parallel-rng"):
+        second = torch.rand(4)
+    assert not torch.equal(first, second)  # the forked stream advances
+    assert torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(123)))
+    with pytest.raises(ValueError, match="seed 123 is already tracked"):
+        tracker.add("other", 123)
+    with pytest.raises(KeyError, match="never added"):
+        with tracker.fork("missing"):
+            pass
+
+
+def test_torch_norm_marks_params_for_sequence_parallel_reduction():
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2,
+                               normalization="RMSNorm", sequence_parallel=True,
+                               tensor_model_parallel_size=2)
+    norm = TorchNorm(config, 8)
+    assert isinstance(norm, torch.nn.RMSNorm)
+    assert all(p.sequence_parallel for p in norm.parameters())
+
+
+def test_layer_spec_puts_low_rank_layers_in_the_ranked_slots_only():
+    spec = low_rank_layer_spec({"linear_qkv": 32, "linear_fc2": 16, "linear_proj": None})
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    assert attention.linear_qkv.module is LowRankColumnParallelLinear
+    assert attention.linear_qkv.params == {"rank": 32}
+    assert mlp.linear_fc2.module is LowRankRowParallelLinear
+    assert attention.linear_proj.__name__ == "RowParallelLinear"  # None keeps it dense
+    assert mlp.linear_fc1.__name__ == "ColumnParallelLinear"
+    assert spec.submodules.input_layernorm is TorchNorm
+
+
+def test_bad_slot_names_and_layer_counts_are_refused():
+    with pytest.raises(ValueError, match=r"unknown slot name\(s\) \['linear_q'\]"):
+        low_rank_layer_spec({"linear_q": 8})
+    config = TransformerConfig(num_layers=3, hidden_size=8, num_attention_heads=1)
+    with pytest.raises(ValueError, match="got slot ranks for 2 layers; the model has 3"):
+        low_rank_block_spec(config, [{}, {}])
+
+
+def test_smollm2_slot_shapes_and_break_even_ranks():
+    shapes = SMOLLM2_135M.slot_shapes()
+    assert shapes == {"linear_qkv": (960, 576), "linear_proj": (576, 576),
+                      "linear_fc1": (3072, 576), "linear_fc2": (576, 1536)}
+    assert round(break_even_rank(*shapes["linear_qkv"])) == 360  # DESIGN.md section 4
+    assert round(break_even_rank(576, 1536)) == 419
+    with pytest.raises(ValueError, match="num_attention_heads=9 must be a multiple of num_query_groups=2"):
+        LlamaArch(num_layers=1, hidden_size=576, ffn_hidden_size=8, num_attention_heads=9,
+                  num_query_groups=2, vocab_size=8)
+
+
+def test_format_table_aligns_columns():
+    assert format_table(("a", "bb"), [(1, 22), (333, 4)]).splitlines() == [
+        "  a  bb", "  1  22", "333   4"]

@@ -8,7 +8,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from nemo_plrd.checkpoint import load_checkpoint, save_checkpoint
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
-from nemo_plrd.model import LlamaArch, build_gpt
+from nemo_plrd.model import SMOLLM2_135M, LlamaArch, build_gpt, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.train import wrap_ddp, train_step
 
@@ -103,3 +103,11 @@ def test_save_refuses_existing_directory_and_load_refuses_non_checkpoint(tmp_pat
         save_checkpoint(model, root[0])
     with pytest.raises(FileNotFoundError, match="is not a megatron dist_checkpointing checkpoint"):
         load_checkpoint(model, root[0])
+
+
+def test_smollm2_architecture_matches_hf_parameter_count():
+    init_model_parallel(1)
+    # HuggingFaceTB/SmolLM2-135M: 134,515,008 parameters (tied input/output embeddings).
+    assert parameter_count(build_gpt(SMOLLM2_135M)) == 134_515_008
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide the number of KV heads \(3\)"):
+        build_gpt(SMOLLM2_135M, tensor_parallel_size=2)

@@ -33,7 +33,10 @@ from megatron.core.tensor_parallel.layers import (
     set_defaults_if_not_set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
 
@@ -110,7 +113,7 @@ class ReplicatedLinear(MegatronModule):
             {},
             sharded_offsets,
             tp_group=self.tp_group,
-            dp_cp_group=(metadata or {}).get("dp_cp_group"),
+            dp_cp_group=ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"],
         )
 
     def extra_repr(self) -> str:

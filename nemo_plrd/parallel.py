@@ -58,3 +58,10 @@ def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def tp_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over the TP group (a new tensor): the ``reduce`` of nemo_plrd.decompose."""
+    total = tensor.clone()
+    dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    return total

@@ -6,7 +6,6 @@ runs the TP=1 cases. fp32 throughout; the tolerance covers summation-order diffe
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -15,21 +14,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
 from nemo_plrd.parallel import init_model_parallel
+from tp_utils import tp_chunk, tp_gather
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SEQ, BATCH, IN, OUT, RANK = 6, 3, 64, 96, 7  # RANK=7: r need not divide the TP size
-
-
-def tp_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
-    group = parallel_state.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim)
-
-
-def tp_chunk(t: torch.Tensor, dim: int) -> torch.Tensor:
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    return t.chunk(tp, dim)[parallel_state.get_tensor_model_parallel_rank()]
 
 
 def build(slot: str, tp: int, sequence_parallel: bool, bias: bool):

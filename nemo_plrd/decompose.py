@@ -1,0 +1,145 @@
+"""Low-rank factorisation of one slot, dense or already factored, gather-free under TP.
+
+Each function returns the pair minimising ||(W - up @ down) X||_F over calibration inputs
+X, summarised by their second-moment statistics (DESIGN.md section 4):
+
+- column slot, W = [W_1; ...; W_p] sharded on out, input covariance C = E[x x^T]:
+  with S S^T = C, the top-r eigenvectors Q of S^T (sum_i W_i^T W_i) S give
+  down = Q^T S^-1 (replicated) and up_i = W_i S Q (local rows).
+- row slot, W = [W_1 ... W_p] sharded on in, output covariance C_y = E[y y^T]:
+  its top-r eigenvectors P give up = P (replicated) and down_i = P^T W_i (local columns).
+
+Plain truncated SVD (the paper's baseline) is the same optimum for X = I, so
+``input_cov=None`` / ``output_cov=None`` selects it. Re-truncation (stage k -> k+1) works
+on the factors and never forms W. The only communication is ``reduce``: a sum over the
+ranks holding the other shards of the sharded factor (identity on one rank), applied to
+square matrices of size in, out or r, never to a weight.
+
+All linear algebra runs in float64; factors come back in the weight's dtype, balanced so
+that up's column j and down's row j have equal norms (a well-conditioned start for
+continued training with Adam).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Tensor = torch.Tensor
+Reduce = Callable[[Tensor], Tensor]
+
+
+def no_reduce(t: Tensor) -> Tensor:
+    """The reduce of an unsharded (TP=1) slot."""
+    return t
+
+
+def _top_eigenvectors(sym: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(eigenvalues descending, eigenvectors as columns) of the top-``rank`` eigenpairs."""
+    values, vectors = torch.linalg.eigh(sym)
+    return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+
+
+def _cholesky(cov: Tensor, jitter: float) -> Tensor:
+    """Lower-triangular S with S S^T = C + jitter * mean(diag C) * I."""
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean().clamp_min(1e-30) * eye)
+
+
+def _check(rank: int, limit: int, what: str) -> None:
+    if not 1 <= rank <= limit:
+        raise ValueError(f"rank={rank} is outside [1, {limit}] ({what})")
+
+
+def _balanced(up: Tensor, down: Tensor, up_reduce: Reduce, down_reduce: Reduce, dtype) -> tuple[Tensor, Tensor]:
+    """Rescale so that ||up[:, j]|| == ||down[j, :]|| (the product is unchanged)."""
+    up_norm = up_reduce(up.square().sum(0)).sqrt()
+    down_norm = down_reduce(down.square().sum(1)).sqrt()
+    scale = (down_norm / up_norm.clamp_min(1e-30)).sqrt()
+    return (up * scale).to(dtype).contiguous(), (down / scale[:, None]).to(dtype).contiguous()
+
+
+def column_factors(
+    weight: Tensor,
+    rank: int,
+    input_cov: Optional[Tensor] = None,
+    reduce: Reduce = no_reduce,
+    jitter: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Factor a column-parallel slot: weight = this rank's rows W_i (out_i x in).
+
+    Returns (up_i: out_i x r, down: r x in); ``reduce`` sums over the out-shards.
+    """
+    w = weight.double()
+    _check(rank, w.shape[1], f"input size of a {tuple(w.shape)} column shard")
+    s = None if input_cov is None else _cholesky(input_cov.double(), jitter)
+    whitened = w if s is None else w @ s  # W_i S
+    _, q = _top_eigenvectors(reduce(whitened.T @ whitened), rank)  # in x r, one all-reduce
+    down = q.T if s is None else torch.linalg.solve_triangular(s.T, q, upper=True).T  # Q^T S^-1
+    return _balanced(whitened @ q, down, reduce, no_reduce, weight.dtype)
+
+
+def row_factors(
+    weight: Tensor,
+    rank: int,
+    output_cov: Optional[Tensor] = None,
+    reduce: Reduce = no_reduce,
+) -> tuple[Tensor, Tensor]:
+    """Factor a row-parallel slot: weight = this rank's columns W_i (out x in_i).
+
+    Returns (up: out x r, down_i: r x in_i); ``reduce`` sums over the in-shards.
+    ``output_cov`` is E[y y^T] of the full (reduced) output y = W x.
+    """
+    w = weight.double()
+    _check(rank, w.shape[0], f"output size of a {tuple(w.shape)} row shard")
+    cov = reduce(w @ w.T) if output_cov is None else output_cov.double()  # out x out
+    _, p = _top_eigenvectors(cov, rank)  # out x r
+    return _balanced(p, p.T @ w, no_reduce, reduce, weight.dtype)
+
+
+def column_retruncate(
+    up: Tensor,
+    down: Tensor,
+    rank: int,
+    input_cov: Optional[Tensor] = None,
+    reduce: Reduce = no_reduce,
+    jitter: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Column slot (up sharded on out, down replicated) from rank r to ``rank`` < r.
+
+    With R^T R = sum_i up_i^T up_i and the SVD  R down S = P s Q^T:
+    down' = Q_r^T S^-1, up_i' = up_i R^-1 P_r s_r.  Cost O((out + in) r^2 + in^2 r).
+    """
+    u, v = up.double(), down.double()
+    _check(rank, v.shape[0], "the current rank")
+    # R, r x r upper-triangular, one all-reduce; the tiny jitter only guards a singular up.
+    r_upper = _cholesky(reduce(u.T @ u), 1e-12).T
+    s = None if input_cov is None else _cholesky(input_cov.double(), jitter)
+    small = r_upper @ (v if s is None else v @ s)  # R V S: r x in
+    p, sigma, qh = torch.linalg.svd(small, full_matrices=False)
+    p, sigma, qh = p[:, :rank], sigma[:rank], qh[:rank]
+    new_up = torch.linalg.solve_triangular(r_upper, p * sigma, upper=True)  # R^-1 P s
+    new_up = u @ new_up
+    new_down = qh if s is None else torch.linalg.solve_triangular(s.T, qh.T, upper=True).T
+    return _balanced(new_up, new_down, reduce, no_reduce, up.dtype)
+
+
+def row_retruncate(
+    up: Tensor,
+    down: Tensor,
+    rank: int,
+    latent_cov: Optional[Tensor] = None,
+    reduce: Reduce = no_reduce,
+) -> tuple[Tensor, Tensor]:
+    """Row slot (up replicated, down sharded on in) from rank r to ``rank`` < r.
+
+    ``latent_cov`` is E[z z^T] of the reduced latent z = down x (r x r); with up = Q R
+    and E the top eigenvectors of R C_z R^T: up' = Q E_r, down_i' = E_r^T R down_i.
+    """
+    u, v = up.double(), down.double()
+    _check(rank, v.shape[0], "the current rank")
+    cov = reduce(v @ v.T) if latent_cov is None else latent_cov.double()  # r x r
+    q, r_upper = torch.linalg.qr(u)
+    _, e = _top_eigenvectors(r_upper @ cov @ r_upper.T, rank)
+    return _balanced(q @ e, e.T @ r_upper @ v, no_reduce, reduce, up.dtype)

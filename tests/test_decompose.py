@@ -1,0 +1,98 @@
+"""Each decomposition reaches the optimum of its objective (fp64, random data, TP=1)."""
+
+import pytest
+import torch
+
+from nemo_plrd.decompose import column_factors, column_retruncate, row_factors, row_retruncate
+
+M, N, TOKENS = 48, 40, 400
+RTOL = 1e-9  # fp64 throughout: the optimum is reached to round-off
+
+
+@pytest.fixture
+def data():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(M, N, generator=gen, dtype=torch.float64)
+    mixing = torch.randn(N, N, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, N, dtype=torch.float64)
+    x = mixing @ torch.randn(N, TOKENS, generator=gen, dtype=torch.float64)  # anisotropic inputs
+    return weight, x @ x.T / TOKENS
+
+
+def activation_error(weight, approx, cov):
+    """||(W - M) X||^2 / tokens = tr((W - M) C (W - M)^T)."""
+    diff = weight - approx
+    return torch.trace(diff @ cov @ diff.T).item()
+
+
+def activation_optimum(weight, cov, rank):
+    """The best rank-r error: the sum of the discarded eigenvalues of W C W^T."""
+    return torch.linalg.eigvalsh(weight @ cov @ weight.T).flip(0)[rank:].sum().item()
+
+
+def svd_optimum(weight, rank):
+    return torch.linalg.svdvals(weight)[rank:].square().sum().item()
+
+
+@pytest.mark.parametrize("rank", [1, 7, 20])
+def test_column_and_row_activation_factors_reach_the_optimum(data, rank):
+    weight, cov = data
+    best = activation_optimum(weight, cov, rank)
+    up, down = column_factors(weight, rank, input_cov=cov, jitter=0.0)
+    assert up.shape == (M, rank) and down.shape == (rank, N)
+    assert activation_error(weight, up @ down, cov) == pytest.approx(best, rel=RTOL)
+    up, down = row_factors(weight, rank, output_cov=weight @ cov @ weight.T)
+    assert activation_error(weight, up @ down, cov) == pytest.approx(best, rel=RTOL)
+
+
+@pytest.mark.parametrize("rank", [1, 7, 20])
+def test_plain_svd_reaches_eckart_young(data, rank):
+    weight, cov = data
+    best = svd_optimum(weight, rank)
+    for up, down in (column_factors(weight, rank), row_factors(weight, rank)):
+        assert (weight - up @ down).square().sum().item() == pytest.approx(best, rel=RTOL)
+    # ... and is worse than the activation-aware factors on the activation objective.
+    up, down = column_factors(weight, rank)
+    assert activation_error(weight, up @ down, cov) > activation_optimum(weight, cov, rank) * 1.01
+
+
+@pytest.mark.parametrize("method", ["activation", "svd"])
+def test_retruncation_equals_decomposing_the_product(data, method):
+    weight, cov = data
+    up, down = column_factors(weight, 24, input_cov=cov, jitter=0.0)
+    product = up @ down
+    stats = cov if method == "activation" else None
+    # Column: same input statistics for the dense product and the factors.
+    new_up, new_down = column_retruncate(up, down, 9, input_cov=stats, jitter=0.0)
+    ref_up, ref_down = column_factors(product, 9, input_cov=stats, jitter=0.0)
+    torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
+    # Row: latent statistics C_z = V C V^T give the output statistics U C_z U^T.
+    latent = None if stats is None else down @ cov @ down.T
+    output = None if stats is None else product @ cov @ product.T
+    new_up, new_down = row_retruncate(up, down, 9, latent_cov=latent)
+    ref_up, ref_down = row_factors(product, 9, output_cov=output)
+    torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
+
+
+def test_factors_are_balanced_and_keep_the_weight_dtype(data):
+    weight, cov = data
+    up, down = column_factors(weight.float(), 8, input_cov=cov.float())
+    assert up.dtype == down.dtype == torch.float32
+    torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-5, atol=0)
+
+
+def test_jitter_makes_rank_deficient_statistics_usable(data):
+    weight, _ = data
+    x = torch.randn(N, 10, dtype=torch.float64)  # 10 tokens: C has rank 10 < 40
+    up, down = column_factors(weight, 8, input_cov=x @ x.T / 10)
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+
+
+def test_out_of_range_ranks_are_refused(data):
+    weight, _ = data
+    with pytest.raises(ValueError, match=r"rank=0 is outside \[1, 40\]"):
+        column_factors(weight, 0)
+    with pytest.raises(ValueError, match=r"rank=49 is outside \[1, 48\]"):
+        row_factors(weight, 49)
+    up, down = row_factors(weight, 8)
+    with pytest.raises(ValueError, match=r"rank=9 is outside \[1, 8\] \(the current rank\)"):
+        row_retruncate(up, down, 9)

@@ -39,6 +39,8 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
+from nemo_plrd.slots import COLUMN, ROW
+
 
 def break_even_rank(out_features: int, in_features: int) -> float:
     """The rank at which a factor pair costs as many parameters and FLOPs as W itself."""
@@ -147,6 +149,7 @@ class LowRankColumnParallelLinear(MegatronModule):
         super().__init__(config=config)
         _check_rank(rank, output_size, input_size)
         self.input_size, self.output_size, self.rank = input_size, output_size, rank
+        self.gather_output, self.skip_bias_add, self.is_expert = gather_output, skip_bias_add, is_expert
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)
         self.down = ReplicatedLinear(
             input_size,
@@ -171,6 +174,11 @@ class LowRankColumnParallelLinear(MegatronModule):
             tp_group=self.tp_group,
             **column_parallel_kwargs,
         )
+
+    @property
+    def bias(self) -> Optional[torch.nn.Parameter]:
+        """The slot's bias (it lives on ``up``), where megatron's dense layer keeps it."""
+        return self.up.bias
 
     def forward(
         self, input_: torch.Tensor, runtime_gather_output: Optional[bool] = None
@@ -208,6 +216,7 @@ class LowRankRowParallelLinear(MegatronModule):
         super().__init__(config=config)
         _check_rank(rank, output_size, input_size)
         self.input_size, self.output_size, self.rank = input_size, output_size, rank
+        self.input_is_parallel, self.skip_bias_add, self.is_expert = input_is_parallel, skip_bias_add, is_expert
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)
         self.down = RowParallelLinear(
             input_size,
@@ -233,6 +242,11 @@ class LowRankRowParallelLinear(MegatronModule):
             tp_group=self.tp_group,
         )
 
+    @property
+    def bias(self) -> Optional[torch.nn.Parameter]:
+        """The slot's bias (it lives on ``up``), where megatron's dense layer keeps it."""
+        return self.up.bias
+
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         # input_: [s, b, in/tp]
         # down: SP off: all-reduce z [s,b,r] fwd / identity bwd;
@@ -241,4 +255,5 @@ class LowRankRowParallelLinear(MegatronModule):
         return self.up(z)  # [s, b, out] (SP: [s/tp, b, out]); local
 
 
-LOW_RANK_LAYERS = (LowRankColumnParallelLinear, LowRankRowParallelLinear)
+# slot kind (nemo_plrd.slots) -> its low-rank layer
+LOW_RANK_LAYERS = {COLUMN: LowRankColumnParallelLinear, ROW: LowRankRowParallelLinear}

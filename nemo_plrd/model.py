@@ -11,7 +11,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_plrd.spec import SlotRanks, low_rank_block_spec
+from nemo_plrd.slots import SlotRanks
+from nemo_plrd.spec import low_rank_block_spec
 
 
 @dataclass(frozen=True)
@@ -136,3 +137,9 @@ def parameter_count(model: torch.nn.Module) -> int:
         p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
         for p in model.parameters()
     )
+
+
+def gpt_forward(model: torch.nn.Module, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    """A causal GPTModel forward from token ids [b, s]: logits, or per-token loss given labels."""
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, labels=labels)

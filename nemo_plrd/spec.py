@@ -9,7 +9,7 @@ holds one layer spec per layer.
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -18,23 +18,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plrd.cpu import TorchNorm
-from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
-
-# The four linear slots of a megatron transformer layer: (parent submodule, low-rank class).
-SLOTS = {
-    "linear_qkv": ("self_attention", LowRankColumnParallelLinear),
-    "linear_proj": ("self_attention", LowRankRowParallelLinear),
-    "linear_fc1": ("mlp", LowRankColumnParallelLinear),
-    "linear_fc2": ("mlp", LowRankRowParallelLinear),
-}
-
-SlotRanks = Mapping[str, Optional[int]]
-
-
-def check_slot_names(ranks: SlotRanks) -> None:
-    unknown = sorted(set(ranks) - set(SLOTS))
-    if unknown:
-        raise ValueError(f"unknown slot name(s) {unknown}; the slots are {list(SLOTS)}")
+from nemo_plrd.layers import LOW_RANK_LAYERS
+from nemo_plrd.slots import SLOTS, SlotRanks, check_slot_names
 
 
 def _sp_capable(norm):
@@ -52,9 +37,9 @@ def low_rank_layer_spec(ranks: SlotRanks, normalization: str = "RMSNorm") -> Mod
     for slot, rank in ranks.items():
         if rank is None:
             continue
-        parent_name, low_rank_cls = SLOTS[slot]
+        parent_name, kind = SLOTS[slot]
         parent = getattr(layer, parent_name).submodules
-        setattr(parent, slot, ModuleSpec(module=low_rank_cls, params={"rank": rank}))
+        setattr(parent, slot, ModuleSpec(module=LOW_RANK_LAYERS[kind], params={"rank": rank}))
     return spec
 
 

@@ -13,6 +13,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 
+from nemo_plrd.model import gpt_forward
+
 
 def wrap_ddp(model: GPTModel) -> DistributedDataParallel:
     return DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)
@@ -20,10 +22,7 @@ def wrap_ddp(model: GPTModel) -> DistributedDataParallel:
 
 def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``tokens`` [b, s+1] under a GPTModel."""
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    position_ids = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
-    per_token = model(input_ids=inputs, position_ids=position_ids, attention_mask=None, labels=labels)
-    return per_token.float().mean()
+    return gpt_forward(model, tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
 
 
 def train_step(

@@ -1,0 +1,235 @@
+"""Rank plans: which rank each slot of each layer gets at one PLRD stage.
+
+A plan is asked for in one of three ways: explicit ranks per slot type, a fraction of the
+slot parameters to keep, or a target total parameter count ("how big is this family
+member"). The budget is spread across slots uniformly (every slot keeps the same fraction
+of its own parameters, the paper's choice) or by spectrum (every slot keeps the same
+fraction of its whitened output energy, so easy matrices give up more rank). Ranks are
+multiples of ``multiple``; a slot whose rank would reach the break-even rank
+mn/(m+n) costs more factored than dense and stays dense, and the plan says so.
+A fraction or target plan never exceeds its budget and lands within one rank step of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from nemo_plrd.report import format_table
+from nemo_plrd.slots import SLOTS, check_slot_names
+
+Shape = tuple[int, int]  # (out, in)
+ALLOCATIONS = ("uniform", "spectrum")
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    layer: int
+    slot: str
+    out_features: int
+    in_features: int
+    rank: Optional[int]  # None: kept dense
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def params(self) -> int:
+        return self.dense_params if self.rank is None else self.rank * (self.out_features + self.in_features)
+
+    @property
+    def break_even(self) -> float:
+        return self.dense_params / (self.out_features + self.in_features)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    slots: tuple[SlotPlan, ...]
+    other_params: int = 0  # parameters outside the slots (embeddings, norms)
+
+    @property
+    def params(self) -> int:
+        return self.other_params + sum(s.params for s in self.slots)
+
+    @property
+    def dense_params(self) -> int:
+        return self.other_params + sum(s.dense_params for s in self.slots)
+
+    @property
+    def slot_params(self) -> int:
+        return sum(s.params for s in self.slots)
+
+    @property
+    def num_layers(self) -> int:
+        return max(s.layer for s in self.slots) + 1
+
+    def layer_ranks(self) -> list[dict[str, Optional[int]]]:
+        """One {slot: rank or None} per layer: what ``build_gpt`` and the layer spec take."""
+        ranks: list[dict[str, Optional[int]]] = [{} for _ in range(self.num_layers)]
+        for s in self.slots:
+            ranks[s.layer][s.slot] = s.rank
+        return ranks
+
+    def rank(self, layer: int, slot: str) -> Optional[int]:
+        return self.layer_ranks()[layer][slot]
+
+    def table(self) -> str:
+        """One row per run of consecutive layers with the same slot rank, then totals."""
+        body = []
+        for slot in SLOTS:
+            run: list[SlotPlan] = []
+            for s in sorted((s for s in self.slots if s.slot == slot), key=lambda s: s.layer):
+                same = run and (s.layer, s.rank) == (run[-1].layer + 1, run[-1].rank)
+                if run and not same:
+                    body.append(_table_row(run))
+                    run = []
+                run.append(s)
+            if run:
+                body.append(_table_row(run))
+        body.append(("", "slots", "", "", f"{self.dense_params - self.other_params:,}", f"{self.slot_params:,}"))
+        body.append(("", "model", "", "", f"{self.dense_params:,}",
+                     f"{self.params:,} ({self.params / self.dense_params:.1%})"))
+        return format_table(("layers", "slot", "shape", "rank", "params before", "params after"), body)
+
+    def to_json(self) -> str:
+        return json.dumps({"other_params": self.other_params,
+                           "slots": [asdict(s) for s in self.slots]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankPlan":
+        data = json.loads(text)
+        return cls(tuple(SlotPlan(**s) for s in data["slots"]), data["other_params"])
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a reader never sees a half-written plan."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+
+def _table_row(run: list[SlotPlan]) -> tuple:
+    first, last = run[0], run[-1]
+    layers = f"{first.layer}" if first is last else f"{first.layer}-{last.layer}"
+    rank = f"dense (r*={first.break_even:.0f})" if first.rank is None else first.rank
+    return (layers, first.slot, f"{first.out_features}x{first.in_features}", rank,
+            f"{sum(s.dense_params for s in run):,}", f"{sum(s.params for s in run):,}")
+
+
+def _largest_rank_below_break_even(out: int, inp: int, multiple: int) -> int:
+    return (math.ceil(out * inp / (out + inp)) - 1) // multiple * multiple
+
+
+def _energy_fraction(spectrum: torch.Tensor) -> torch.Tensor:
+    """fraction[r] = share of the energy kept by the top-r directions (fraction[0] = 0)."""
+    energy = spectrum.double().clamp_min(0)
+    return torch.cat([energy.new_zeros(1), energy.cumsum(0) / energy.sum().clamp_min(1e-300)])
+
+
+def plan_ranks(
+    shapes: Sequence[Mapping[str, Shape]],
+    *,
+    ranks: Optional[Mapping[str, int]] = None,
+    keep: Optional[float] = None,
+    target_params: Optional[int] = None,
+    other_params: int = 0,
+    allocation: str = "uniform",
+    spectra: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
+    multiple: int = 8,
+) -> RankPlan:
+    """Plan the ranks of every slot of every layer (``shapes``: one {slot: (out, in)} per layer).
+
+    Exactly one of ``ranks`` (per slot type), ``keep`` (fraction of slot parameters) or
+    ``target_params`` (whole model, ``other_params`` included). ``spectra`` (descending
+    eigenvalues of each slot's output energy) is needed for ``allocation="spectrum"``.
+    """
+    asked = [name for name, value in (("ranks", ranks), ("keep", keep), ("target_params", target_params))
+             if value is not None]
+    if len(asked) != 1:
+        raise ValueError(f"give exactly one of ranks, keep, target_params (got {asked or 'none'})")
+    if multiple < 1:
+        raise ValueError(f"multiple={multiple} must be a positive integer")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
+    for layer_shapes in shapes:
+        check_slot_names(layer_shapes)
+    cells = [(layer, slot, shape) for layer, layer_shapes in enumerate(shapes) for slot, shape in layer_shapes.items()]
+
+    if ranks is not None:
+        check_slot_names(ranks)
+        for slot, rank in ranks.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ValueError(f"rank {rank!r} for {slot} must be a positive integer")
+        slots = []
+        for layer, slot, (out, inp) in cells:
+            rank = ranks.get(slot)
+            keep_dense = rank is None or rank >= out * inp / (out + inp)
+            slots.append(SlotPlan(layer, slot, out, inp, None if keep_dense else rank))
+        return RankPlan(tuple(slots), other_params)
+
+    dense = sum(out * inp for _, _, (out, inp) in cells)
+    if keep is not None:
+        if not 0 < keep < 1:
+            raise ValueError(f"keep={keep} must be a fraction in (0, 1)")
+        budget = int(keep * dense)
+    else:
+        budget = target_params - other_params
+    smallest = sum(multiple * (out + inp) for _, _, (out, inp) in cells)
+    if budget < smallest:
+        raise ValueError(
+            f"the budget of {budget + other_params:,} parameters is below the smallest plan "
+            f"(rank {multiple} in every slot: {smallest + other_params:,})"
+        )
+    if budget >= dense:
+        raise ValueError(f"the budget of {budget + other_params:,} parameters is not below the dense "
+                         f"model's {dense + other_params:,}: nothing to decompose")
+    caps = [max(multiple, _largest_rank_below_break_even(out, inp, multiple)) for _, _, (out, inp) in cells]
+    costs = [out + inp for _, _, (out, inp) in cells]
+
+    if allocation == "uniform":
+        share = budget / dense
+        chosen = [max(multiple, int(share * out * inp / (out + inp)) // multiple * multiple)
+                  for _, _, (out, inp) in cells]
+        value = lambda i, r: share * cells[i][2][0] * cells[i][2][1] / costs[i] - r  # rank deficit
+    else:
+        if spectra is None:
+            raise ValueError("allocation='spectrum' needs the slots' spectra (calibrate first)")
+        fractions = [_energy_fraction(spectra[layer][slot]) for layer, slot, _ in cells]
+
+        def ranks_at(level: float) -> list[int]:
+            out = []
+            for fraction, cap in zip(fractions, caps):
+                needed = int(torch.searchsorted(fraction, torch.tensor(level, dtype=fraction.dtype)))
+                out.append(min(cap, max(multiple, math.ceil(needed / multiple) * multiple)))
+            return out
+
+        low, high = 0.0, 1.0
+        for _ in range(60):  # the largest energy level whose plan fits the budget
+            mid = (low + high) / 2
+            low, high = (mid, high) if sum(r * c for r, c in zip(ranks_at(mid), costs)) <= budget else (low, mid)
+        chosen = ranks_at(low)
+
+        def value(i: int, r: int) -> float:  # energy gained per parameter by `multiple` more rank
+            fraction = fractions[i]
+            top = min(r + multiple, len(fraction) - 1)
+            return float(fraction[top] - fraction[min(r, top)]) / (multiple * costs[i])
+
+    # Fill what rounding left of the budget, best value first, one rank step at a time.
+    spent = sum(r * c for r, c in zip(chosen, costs))
+    while True:
+        candidates = [i for i in range(len(cells))
+                      if chosen[i] + multiple <= caps[i] and spent + multiple * costs[i] <= budget]
+        if not candidates:
+            break
+        best = max(candidates, key=lambda i: value(i, chosen[i]))
+        chosen[best] += multiple
+        spent += multiple * costs[best]
+    slots = tuple(SlotPlan(layer, slot, out, inp, rank) for (layer, slot, (out, inp)), rank in zip(cells, chosen))
+    return RankPlan(slots, other_params)

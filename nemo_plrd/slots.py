@@ -1,0 +1,64 @@
+"""The four linear slots of a megatron transformer layer, found by name (as peft matches modules).
+
+column slots (input replicated, output sharded):  self_attention.linear_qkv, mlp.linear_fc1
+row slots    (input sharded, output reduced):     self_attention.linear_proj, mlp.linear_fc2
+Fused slots stay fused: qkv (interleaved per query group) and fc1 ([gate; up]) are
+decomposed jointly, with one shared down factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+COLUMN, ROW = "column", "row"
+# slot name -> (attribute of the layer holding it, kind)
+SLOTS = {
+    "linear_qkv": ("self_attention", COLUMN),
+    "linear_proj": ("self_attention", ROW),
+    "linear_fc1": ("mlp", COLUMN),
+    "linear_fc2": ("mlp", ROW),
+}
+
+SlotRanks = Mapping[str, Optional[int]]
+
+
+def check_slot_names(names) -> None:
+    unknown = sorted(set(names) - set(SLOTS))
+    if unknown:
+        raise ValueError(f"unknown slot name(s) {unknown}; the slots are {list(SLOTS)}")
+
+
+@dataclass
+class Slot:
+    """One slot of one layer: where it lives, so it can be read and replaced."""
+
+    layer: int  # global layer index (0-based)
+    name: str
+    parent: torch.nn.Module
+
+    @property
+    def kind(self) -> str:
+        return SLOTS[self.name][1]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return getattr(self.parent, self.name)
+
+    def replace(self, module: torch.nn.Module) -> None:
+        setattr(self.parent, self.name, module)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer layers of a GPTModel, through DDP / Float16Module wrappers."""
+    while not hasattr(model, "decoder") and hasattr(model, "module"):
+        model = model.module
+    return model.decoder.layers
+
+
+def layer_slots(layer: torch.nn.Module) -> list[Slot]:
+    """The slots of one TransformerLayer (megatron numbers layers from 1)."""
+    return [Slot(layer.layer_number - 1, name, getattr(layer, parent))
+            for name, (parent, _) in SLOTS.items()]

@@ -1,0 +1,146 @@
+"""Apply a rank plan to a megatron GPTModel in place: decompose dense slots, re-truncate factored ones.
+
+``PLRDTransform`` has the shape of a Megatron-Bridge pre-wrap hook (list of model chunks in,
+the same list out), so a recipe registers it after the HF weight-loading hook and the model
+that reaches DDP and the optimizer is already factored. Each planned slot is swapped for
+its ``LowRank*ParallelLinear`` built with the slot's own megatron arguments; the factors
+come from ``nemo_plrd.decompose`` (gather-free: each rank decomposes its own shard and the
+only communication is one all-reduce of a square statistic per slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from tqdm import tqdm
+
+from nemo_plrd import decompose
+from nemo_plrd.calibrate import capture_layer_inputs, run_layer, slot_statistics
+from nemo_plrd.layers import LOW_RANK_LAYERS
+from nemo_plrd.parallel import tp_sum
+from nemo_plrd.plan import RankPlan
+from nemo_plrd.slots import COLUMN, Slot, decoder_layers, layer_slots
+
+METHODS = ("activation", "svd")
+
+
+def current_rank(module: torch.nn.Module) -> Optional[int]:
+    """The rank of a factored slot, None for a dense one."""
+    return getattr(module, "rank", None)
+
+
+def slot_shape(slot: Slot) -> tuple[int, int]:
+    module = slot.module
+    return module.output_size, module.input_size
+
+
+def check_plan_fits(model: torch.nn.Module, plan: RankPlan) -> None:
+    """Refuse, before any work, a plan made for another model or one asking the impossible."""
+    layers = decoder_layers(model)
+    if plan.num_layers != len(layers):
+        raise ValueError(f"the plan has {plan.num_layers} layers; the model has {len(layers)}")
+    for layer in layers:
+        for slot in layer_slots(layer):
+            planned, now = plan.rank(slot.layer, slot.name), current_rank(slot.module)
+            shape = next(s for s in plan.slots if (s.layer, s.slot) == (slot.layer, slot.name))
+            if (shape.out_features, shape.in_features) != slot_shape(slot):
+                raise ValueError(f"layer {slot.layer} {slot.name}: the plan says "
+                                 f"{shape.out_features}x{shape.in_features}, the model has "
+                                 f"{slot_shape(slot)[0]}x{slot_shape(slot)[1]}")
+            if now is not None and (planned is None or planned > now):
+                raise ValueError(f"layer {slot.layer} {slot.name} has rank {now}; a plan can only "
+                                 f"lower it (asked: {'dense' if planned is None else planned})")
+
+
+def _factor(slot: Slot, rank: int, cov: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) local shards for ``slot`` at ``rank`` from its weights and statistic."""
+    module = slot.module
+    if current_rank(module) is None:
+        weight = module.weight.detach()
+        if slot.kind == COLUMN:
+            return decompose.column_factors(weight, rank, input_cov=cov, reduce=tp_sum)
+        return decompose.row_factors(weight, rank, output_cov=cov, reduce=tp_sum)
+    up, down = module.up.weight.detach(), module.down.weight.detach()
+    if slot.kind == COLUMN:
+        return decompose.column_retruncate(up, down, rank, input_cov=cov, reduce=tp_sum)
+    return decompose.row_retruncate(up, down, rank, latent_cov=cov, reduce=tp_sum)
+
+
+def _low_rank_module(slot: Slot, rank: int, up: torch.Tensor, down: torch.Tensor) -> torch.nn.Module:
+    """The slot's low-rank replacement, built with the slot's own megatron arguments and bias.
+
+    Dense megatron layers and ours expose the same attributes, so either can be replaced.
+    """
+    old = slot.module
+    kind_args = (dict(gather_output=old.gather_output) if slot.kind == COLUMN
+                 else dict(input_is_parallel=old.input_is_parallel))
+    new = LOW_RANK_LAYERS[slot.kind](
+        old.input_size, old.output_size, rank=rank, config=old.config,
+        init_method=lambda weight: None,  # the factors are copied in below
+        bias=old.bias is not None, skip_bias_add=old.skip_bias_add, is_expert=old.is_expert,
+        tp_group=old.tp_group, **kind_args,
+    ).to(up.device)
+    with torch.no_grad():
+        new.up.weight.copy_(up)
+        new.down.weight.copy_(down)
+        if old.bias is not None:
+            new.up.bias.copy_(old.bias)
+    return new
+
+
+def apply_plan(
+    model: torch.nn.Module,
+    plan: RankPlan,
+    calibration: Iterable[torch.Tensor] = (),
+    method: str = "activation",
+    progress: bool = True,
+) -> torch.nn.Module:
+    """Bring every slot of ``model`` to its planned rank, in place; returns the model.
+
+    ``calibration``: batches of token ids [b, s], needed by ``method="activation"``.
+    Within a layer the attention slots go first, so the MLP's statistics already flow
+    through the decomposed attention.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    check_plan_fits(model, plan)
+    activation = method == "activation"
+    inputs = capture_layer_inputs(model, calibration) if activation else []
+    if activation and not inputs:
+        raise ValueError("method='activation' needs calibration batches")
+
+    layers = decoder_layers(model)
+    for layer in tqdm(layers, desc=f"decompose ({method})", unit="layer", disable=not progress):
+        slots = layer_slots(layer)
+        for group in (slots[:2], slots[2:]):  # attention (qkv, proj), then MLP (fc1, fc2)
+            todo = [s for s in group if plan.rank(s.layer, s.name) not in (None, current_rank(s.module))]
+            if not todo:
+                continue
+            stats = slot_statistics(layer, todo, inputs) if activation else {}
+            for slot in todo:
+                rank = plan.rank(slot.layer, slot.name)
+                up, down = _factor(slot, rank, stats.get(slot.name))
+                slot.replace(_low_rank_module(slot, rank, up, down))
+        if activation:
+            inputs = run_layer(layer, inputs)
+    # Factor shapes differ from layer to layer: one checkpoint key per layer (see model.py).
+    layers[0].config.hetereogenous_dist_checkpoint = True
+    return model
+
+
+@dataclass
+class PLRDTransform:
+    """A Megatron-Bridge pre-wrap hook: ``provider.register_pre_wrap_hook(PLRDTransform(...))``."""
+
+    plan: RankPlan
+    calibration: Callable[[], Iterable[torch.Tensor]] = lambda: ()
+    method: str = "activation"
+
+    def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        if len(model) != 1:
+            raise ValueError(f"PLRD needs the whole model in one chunk (got {len(model)}: "
+                             "virtual pipeline stages are not supported yet)")
+        apply_plan(model[0], self.plan, self.calibration(), self.method)
+        return model

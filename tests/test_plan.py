@@ -1,0 +1,78 @@
+"""Rank plans: budgets met within 1% and never exceeded, break-even respected, bad requests refused."""
+
+import json
+
+import pytest
+import torch
+
+from nemo_plrd.model import SMOLLM2_135M
+from nemo_plrd.plan import RankPlan, plan_ranks
+
+SHAPES = [SMOLLM2_135M.slot_shapes()] * SMOLLM2_135M.num_layers
+SLOT_PARAMS = sum(o * i for o, i in SMOLLM2_135M.slot_shapes().values()) * SMOLLM2_135M.num_layers
+OTHER = 134_515_008 - SLOT_PARAMS  # embeddings and norms of SmolLM2-135M
+
+
+def spectra(seed=0):
+    """Per-slot decaying spectra, steeper in some layers than in others."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{slot: torch.rand(min(shape), generator=gen).sort(descending=True).values ** (1 + index % 6)
+             for slot, shape in layer.items()} for index, layer in enumerate(SHAPES)]
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
+@pytest.mark.parametrize("keep", [0.9, 0.8, 0.6, 0.3])
+def test_fraction_plans_hit_the_budget_within_1_percent_and_never_exceed_it(allocation, keep):
+    plan = plan_ranks(SHAPES, keep=keep, allocation=allocation, spectra=spectra())
+    budget = keep * SLOT_PARAMS
+    assert 0.99 * budget <= plan.slot_params <= budget
+    assert all(s.rank % 8 == 0 and s.rank < s.break_even for s in plan.slots)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
+def test_target_parameter_count(allocation):
+    plan = plan_ranks(SHAPES, target_params=100_000_000, other_params=OTHER,
+                      allocation=allocation, spectra=spectra())
+    assert 0.99e8 <= plan.params <= 1e8
+    assert plan.dense_params == 134_515_008
+
+
+def test_spectrum_allocation_gives_more_rank_where_energy_is_spread():
+    plan = plan_ranks(SHAPES, keep=0.5, allocation="spectrum", spectra=spectra())
+    # Layer 0 has the flattest spectra (exponent 1), layer 5 the steepest (exponent 6).
+    assert plan.rank(0, "linear_fc1") > plan.rank(5, "linear_fc1")
+
+
+def test_explicit_ranks_keep_slots_at_or_above_break_even_dense():
+    plan = plan_ranks(SHAPES, ranks={"linear_qkv": 360, "linear_fc1": 128})
+    assert plan.rank(3, "linear_qkv") is None  # 960x576: r* = 360
+    assert plan.rank(3, "linear_fc1") == 128
+    assert plan.rank(3, "linear_proj") is None  # not asked for: dense
+    assert "dense (r*=360)" in plan.table()
+
+
+def test_table_and_json_round_trip(tmp_path):
+    plan = plan_ranks(SHAPES, keep=0.6, other_params=OTHER)
+    rows = [line.split() for line in plan.table().splitlines()]
+    assert ["0-29", "linear_qkv", "960x576", str(plan.rank(0, "linear_qkv"))] == rows[1][:4]
+    assert rows[-1][:2] == ["model", f"{134_515_008:,}"]
+    plan.save(tmp_path / "plan.json")
+    assert RankPlan.from_json((tmp_path / "plan.json").read_text()) == plan
+    assert json.loads(plan.to_json())["slots"][0] == {
+        "layer": 0, "slot": "linear_qkv", "out_features": 960, "in_features": 576,
+        "rank": plan.rank(0, "linear_qkv")}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ranks={"linear_qkv": 0}), "rank 0 for linear_qkv must be a positive integer"),
+    (dict(ranks={"q_proj": 8}), r"unknown slot name\(s\) \['q_proj'\]"),
+    (dict(keep=1.2), r"keep=1.2 must be a fraction in \(0, 1\)"),
+    (dict(keep=0.5, ranks={"linear_qkv": 8}), "give exactly one of ranks, keep, target_params"),
+    (dict(target_params=1_000_000, other_params=OTHER), "is below the smallest plan"),
+    (dict(target_params=200_000_000, other_params=OTHER), "is not below the dense model"),
+    (dict(keep=0.5, allocation="greedy"), r"allocation='greedy' is not one of"),
+    (dict(keep=0.5, allocation="spectrum"), "needs the slots' spectra"),
+])
+def test_impossible_requests_fail_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan_ranks(SHAPES, **kwargs)

@@ -32,6 +32,7 @@ from megatron.core.tensor_parallel.layers import (
     RowParallelLinear,
     set_defaults_if_not_set_tensor_model_parallel_attributes,
 )
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -148,6 +149,9 @@ class LowRankColumnParallelLinear(MegatronModule):
     ) -> None:
         super().__init__(config=config)
         _check_rank(rank, output_size, input_size)
+        self.stride = column_parallel_kwargs.get("stride", 1)
+        if self.stride not in (1, 2):
+            raise ValueError(f"stride={self.stride} is not supported (1, or 2 for a gated MLP's fc1)")
         self.input_size, self.output_size, self.rank = input_size, output_size, rank
         self.gather_output, self.skip_bias_add, self.is_expert = gather_output, skip_bias_add, is_expert
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)
@@ -179,6 +183,22 @@ class LowRankColumnParallelLinear(MegatronModule):
     def bias(self) -> Optional[torch.nn.Parameter]:
         """The slot's bias (it lives on ``up``), where megatron's dense layer keeps it."""
         return self.up.bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """As megatron's, plus the gated-MLP layout of ``up``'s rows.
+
+        In a gated fc1 (megatron passes stride=2) each rank's output rows are
+        [gate_i; up_i]; megatron's MLP stores its dense fc1 weight in the global
+        [gate; up] order so that it reshards across TP sizes, but it only knows the keys
+        ``linear_fc1.weight`` / ``.bias``. ``up`` has the same row layout: same treatment.
+        """
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.stride == 2:
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            for key in (f"{prefix}up.weight", f"{prefix}up.bias"):
+                if key in sharded:
+                    sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+        return sharded
 
     def forward(
         self, input_: torch.Tensor, runtime_gather_output: Optional[bool] = None

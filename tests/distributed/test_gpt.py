@@ -76,7 +76,11 @@ def test_checkpoint_reshards_tp2_to_tp1_and_back(tp_size, tmp_path_factory):
     model = build_gpt(ARCH, LAYER_RANKS)
     assert isinstance(model.decoder.layers[0].mlp.linear_fc1, LowRankColumnParallelLinear)
     assert isinstance(model.decoder.layers[0].mlp.linear_fc2, LowRankRowParallelLinear)
+    with torch.no_grad():  # large weights: every block moves the logits, so a misplaced row shows
+        for param in model.parameters():
+            param.mul_(8 if param.dim() > 1 else 1)
     expected = full_logits(model)
+    assert expected.std() > 1
     save_checkpoint(model, f"{root[0]}/tp2")
 
     init_model_parallel(1, seed=2)  # another seed: only the load can make them equal

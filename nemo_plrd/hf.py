@@ -1,0 +1,182 @@
+"""Hugging Face <-> megatron-core weights for the LLaMA family (LLaMA, Mistral, Qwen2).
+
+Three layouts differ between the two sides:
+- megatron fuses q, k, v into ``linear_qkv`` *interleaved per query group*
+  ([q heads of group g; k_g; v_g] for g = 0..G-1), so a contiguous TP shard holds whole groups;
+- megatron fuses gate and up into ``linear_fc1`` as [gate_i; up_i] *per TP rank* (each
+  rank chunks its own output into gate and up);
+- megatron shards the vocabulary (embedding, untied output layer) by rows over TP.
+``to_megatron`` maps an HF state dict to one TP rank's shard; ``to_hf`` maps a full
+(TP-gathered, gate/up in [gate; up] order) megatron state dict back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from nemo_plrd.model import LlamaArch
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+Tensor = torch.Tensor
+
+
+def arch_from_hf(config) -> LlamaArch:
+    """The architecture facts of an HF config; a clear error for what megatron's GPT cannot hold."""
+    if config.model_type not in SUPPORTED:
+        raise ValueError(f"architecture {config.model_type!r} is not supported; supported: {SUPPORTED}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise ValueError(f"head_dim={head_dim} x {config.num_attention_heads} heads != hidden size "
+                         f"{config.hidden_size}: not supported")
+    if getattr(config, "mlp_bias", False) or (config.model_type == "llama" and config.attention_bias):
+        raise ValueError("biases on o_proj / MLP projections are not supported")
+    # transformers 5 keeps rope_theta in rope_parameters (rope_scaling is an alias); 4.x at the top.
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope scaling {rope} is not supported")
+    return LlamaArch(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads,
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        rotary_base=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        norm_eps=float(config.rms_norm_eps),
+        tie_embeddings=bool(config.tie_word_embeddings),
+        qkv_bias=config.model_type == "qwen2",
+    )
+
+
+def _qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, arch: LlamaArch) -> Tensor:
+    """[q; k; v] (HF, stacked) -> megatron's per-group interleave; works for weights and biases."""
+    groups, d = arch.num_query_groups, arch.head_dim
+    per_group = lambda t, heads: t.reshape(groups, heads * d, *t.shape[1:])
+    heads_per_group = arch.num_attention_heads // groups
+    fused = torch.cat([per_group(q, heads_per_group), per_group(k, 1), per_group(v, 1)], dim=1)
+    return fused.reshape(-1, *q.shape[1:])
+
+
+def _qkv_to_hf(fused: Tensor, arch: LlamaArch) -> tuple[Tensor, Tensor, Tensor]:
+    groups, d = arch.num_query_groups, arch.head_dim
+    heads_per_group = arch.num_attention_heads // groups
+    grouped = fused.reshape(groups, (heads_per_group + 2) * d, *fused.shape[1:])
+    q, k, v = grouped.split([heads_per_group * d, d, d], dim=1)
+    return tuple(t.reshape(-1, *fused.shape[1:]) for t in (q, k, v))
+
+
+def to_megatron(hf: dict[str, Tensor], arch: LlamaArch, tp: int = 1, tp_rank: int = 0) -> dict[str, Tensor]:
+    """One TP rank's shard of a megatron GPTModel state dict from an HF state dict."""
+    shard = lambda t, dim: t.chunk(tp, dim)[tp_rank].clone()
+    out = {"embedding.word_embeddings.weight": shard(hf["model.embed_tokens.weight"], 0),
+           "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
+    if not arch.tie_embeddings:
+        out["output_layer.weight"] = shard(hf["lm_head.weight"], 0)
+    for i in range(arch.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn = lambda name: hf[f"{src}self_attn.{name}"]
+        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
+        out[dst + "self_attention.linear_qkv.weight"] = shard(_qkv_to_megatron(
+            attn("q_proj.weight"), attn("k_proj.weight"), attn("v_proj.weight"), arch), 0)
+        if arch.qkv_bias:
+            out[dst + "self_attention.linear_qkv.bias"] = shard(_qkv_to_megatron(
+                attn("q_proj.bias"), attn("k_proj.bias"), attn("v_proj.bias"), arch), 0)
+        out[dst + "self_attention.linear_proj.weight"] = shard(attn("o_proj.weight"), 1)
+        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
+        gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([shard(gate, 0), shard(up, 0)])
+        out[dst + "mlp.linear_fc2.weight"] = shard(hf[src + "mlp.down_proj.weight"], 1)
+    return out
+
+
+def to_hf(full: dict[str, Tensor], arch: LlamaArch) -> dict[str, Tensor]:
+    """An HF state dict from a full megatron state dict (TP-gathered, fc1 as [gate; up])."""
+    out = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
+           "model.norm.weight": full["decoder.final_layernorm.weight"]}
+    out["lm_head.weight"] = full["embedding.word_embeddings.weight" if arch.tie_embeddings else "output_layer.weight"]
+    for i in range(arch.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = full[src + "input_layernorm.weight"]
+        for suffix in ("weight", "bias") if arch.qkv_bias else ("weight",):
+            q, k, v = _qkv_to_hf(full[f"{src}self_attention.linear_qkv.{suffix}"], arch)
+            out.update({f"{dst}self_attn.q_proj.{suffix}": q, f"{dst}self_attn.k_proj.{suffix}": k,
+                        f"{dst}self_attn.v_proj.{suffix}": v})
+        out[dst + "self_attn.o_proj.weight"] = full[src + "self_attention.linear_proj.weight"]
+        out[dst + "post_attention_layernorm.weight"] = full[src + "pre_mlp_layernorm.weight"]
+        gate, up = full[src + "mlp.linear_fc1.weight"].chunk(2)
+        out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
+        out[dst + "mlp.down_proj.weight"] = full[src + "mlp.linear_fc2.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_hf_weights(model: torch.nn.Module, hf_model_dir: str | Path) -> None:
+    """Fill a dense GPTModel (built for the same architecture) from an HF checkpoint directory."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).state_dict()
+    arch = arch_from_hf(_config(hf_model_dir))
+    state = to_megatron(hf, arch, parallel_state.get_tensor_model_parallel_world_size(),
+                        parallel_state.get_tensor_model_parallel_rank())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"HF weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _config(hf_model_dir: str | Path):
+    from transformers import AutoConfig
+
+    path = Path(hf_model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return AutoConfig.from_pretrained(path)
+
+
+def hf_arch(hf_model_dir: str | Path) -> LlamaArch:
+    return arch_from_hf(_config(hf_model_dir))
+
+
+def _tp_gather(tensor: Tensor, dim: int) -> Tensor:
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(tensor) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim)
+
+
+def full_dense_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Every weight as one full tensor: TP-gathered, factored slots merged (W = up @ down), fc1 as [gate; up].
+
+    A factored slot's shard of W is up_i @ down (column) or up @ down_i (row), sharded
+    exactly like the dense weight, so merging happens before the gather, on r-sized shards.
+    """
+    from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
+
+    local: dict[str, tuple[Tensor, int | None]] = {}  # name -> (this rank's tensor, TP dim or None)
+    factored = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (LowRankColumnParallelLinear, LowRankRowParallelLinear)):
+            column = isinstance(module, LowRankColumnParallelLinear)
+            local[f"{name}.weight"] = (module.up.weight @ module.down.weight, 0 if column else 1)
+            if module.bias is not None:
+                local[f"{name}.bias"] = (module.bias, 0 if column else None)
+            factored.add(name + ".")
+    for name, param in model.named_parameters():
+        if not any(name.startswith(prefix) for prefix in factored):
+            local[name] = (param, param.partition_dim if getattr(param, "tensor_model_parallel", False) else None)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    full = {}
+    with torch.no_grad():
+        for name, (tensor, dim) in local.items():
+            tensor = tensor.detach().float()
+            if dim is not None and tp > 1:
+                if "linear_fc1." in name:  # each rank's rows are [gate_i; up_i]
+                    gate, up = tensor.chunk(2)
+                    tensor = torch.cat([_tp_gather(gate, 0), _tp_gather(up, 0)])
+                else:
+                    tensor = _tp_gather(tensor, dim)
+            full[name] = tensor
+    return full

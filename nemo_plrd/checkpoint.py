@@ -1,22 +1,36 @@
-"""megatron ``dist_checkpointing`` save/load of a model, resharding across TP sizes.
+"""megatron ``dist_checkpointing`` checkpoints of PLRD models, resharding across TP sizes.
 
 A checkpoint written at one TP size loads at any other: each parameter is saved with its
 global shape and this rank's fragment (``sharded_state_dict``), replicated factors once.
+Beside the shards, ``plrd.json`` records what rebuilds the model (architecture and the rank
+of every slot) and ``hf/`` keeps the HF parent's config and tokenizer for export.
 Writes go to ``<dir>.partial`` and are renamed into place only after every rank finished,
 so an interrupted save never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from nemo_plrd.model import LlamaArch, build_gpt
+from nemo_plrd.transform import model_ranks
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
+METADATA = "plrd.json"
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[LlamaArch] = None,
+                    hf_source: str | Path | None = None) -> Path:
+    """Save ``model``; with ``arch`` (and the HF parent ``hf_source``) the checkpoint is self-describing."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"checkpoint directory {path} already exists; choose a new path")
@@ -24,6 +38,13 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
+        if arch is not None:
+            (partial / METADATA).write_text(json.dumps({"arch": asdict(arch), "ranks": model_ranks(model)}, indent=1))
+        if hf_source is not None:
+            (partial / "hf").mkdir()
+            for name in HF_FILES:
+                if (Path(hf_source) / name).is_file():
+                    shutil.copy(Path(hf_source) / name, partial / "hf" / name)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(partial))
     dist.barrier()
@@ -33,9 +54,28 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
+def _check_checkpoint(path: Path) -> None:
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
+
+
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     path = Path(path)
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a megatron dist_checkpointing checkpoint")
+    _check_checkpoint(path)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
     model.load_state_dict(state)
+
+
+def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch.nn.Module, LlamaArch]:
+    """Rebuild a self-describing checkpoint's model at megatron's current TP size and load it."""
+    path = Path(path)
+    _check_checkpoint(path)
+    if not (path / METADATA).is_file():
+        raise FileNotFoundError(f"{path} has no {METADATA}: it was not saved by nemo_plrd with its architecture")
+    metadata = json.loads((path / METADATA).read_text())
+    arch = LlamaArch(**metadata["arch"])
+    ranks = metadata["ranks"]
+    model = build_gpt(arch, None if all(r is None for layer in ranks for r in layer.values()) else ranks,
+                      sequence_parallel=sequence_parallel)
+    load_checkpoint(model, path)
+    return model, arch

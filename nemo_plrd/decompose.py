@@ -42,9 +42,19 @@ def _top_eigenvectors(sym: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def _cholesky(cov: Tensor, jitter: float) -> Tensor:
-    """Lower-triangular S with S S^T = C + jitter * mean(diag C) * I."""
+    """Lower-triangular S with S S^T = C + eps * mean(diag C) * I, eps = jitter (or 10x more).
+
+    Statistics of few tokens are singular, and their fp32 accumulation can leave tiny
+    negative eigenvalues; the jitter grows tenfold until the factorisation succeeds.
+    """
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    return torch.linalg.cholesky(cov + jitter * cov.diagonal().mean().clamp_min(1e-30) * eye)
+    scale = cov.diagonal().mean().clamp_min(1e-30)
+    for attempt in range(6):
+        lower, info = torch.linalg.cholesky_ex(cov + jitter * 10**attempt * scale * eye)
+        if info == 0:
+            return lower
+    raise ValueError(f"the {cov.shape[0]}x{cov.shape[0]} calibration statistic is not positive "
+                     f"definite even with jitter {jitter * 1e5:g}: is it all zeros or not finite?")
 
 
 def _check(rank: int, limit: int, what: str) -> None:
@@ -60,6 +70,18 @@ def _balanced(up: Tensor, down: Tensor, up_reduce: Reduce, down_reduce: Reduce, 
     return (up * scale).to(dtype).contiguous(), (down / scale[:, None]).to(dtype).contiguous()
 
 
+def _column_gram(w: Tensor, input_cov: Optional[Tensor], reduce: Reduce, jitter: float):
+    """(W S, S or None, G = sum_i (W_i S)^T (W_i S)): the in x in Gram is the one all-reduce."""
+    s = None if input_cov is None else _cholesky(input_cov.double(), jitter)
+    whitened = w if s is None else w @ s
+    return whitened, s, reduce(whitened.T @ whitened)
+
+
+def _row_cov(w: Tensor, output_cov: Optional[Tensor], reduce: Reduce) -> Tensor:
+    """out x out: the calibrated output covariance, or W W^T (plain SVD) summed over in-shards."""
+    return reduce(w @ w.T) if output_cov is None else output_cov.double()
+
+
 def column_factors(
     weight: Tensor,
     rank: int,
@@ -73,9 +95,8 @@ def column_factors(
     """
     w = weight.double()
     _check(rank, w.shape[1], f"input size of a {tuple(w.shape)} column shard")
-    s = None if input_cov is None else _cholesky(input_cov.double(), jitter)
-    whitened = w if s is None else w @ s  # W_i S
-    _, q = _top_eigenvectors(reduce(whitened.T @ whitened), rank)  # in x r, one all-reduce
+    whitened, s, gram = _column_gram(w, input_cov, reduce, jitter)  # W_i S, S, in x in
+    _, q = _top_eigenvectors(gram, rank)  # in x r
     down = q.T if s is None else torch.linalg.solve_triangular(s.T, q, upper=True).T  # Q^T S^-1
     return _balanced(whitened @ q, down, reduce, no_reduce, weight.dtype)
 
@@ -93,8 +114,7 @@ def row_factors(
     """
     w = weight.double()
     _check(rank, w.shape[0], f"output size of a {tuple(w.shape)} row shard")
-    cov = reduce(w @ w.T) if output_cov is None else output_cov.double()  # out x out
-    _, p = _top_eigenvectors(cov, rank)  # out x r
+    _, p = _top_eigenvectors(_row_cov(w, output_cov, reduce), rank)  # out x r
     return _balanced(p, p.T @ w, no_reduce, reduce, weight.dtype)
 
 
@@ -143,3 +163,18 @@ def row_retruncate(
     q, r_upper = torch.linalg.qr(u)
     _, e = _top_eigenvectors(r_upper @ cov @ r_upper.T, rank)
     return _balanced(q @ e, e.T @ r_upper @ v, no_reduce, reduce, up.dtype)
+
+
+def column_spectrum(weight: Tensor, input_cov: Optional[Tensor] = None, reduce: Reduce = no_reduce,
+                    jitter: float = 1e-6) -> Tensor:
+    """Descending eigenvalues of sum_i (W_i S)^T (W_i S): rank r keeps the top r of ||W X||^2.
+
+    ``weight`` is this rank's rows (for a factored slot: up_i @ down). What rank planning
+    spreads the budget by; the same all-reduce as ``column_factors``.
+    """
+    return torch.linalg.eigvalsh(_column_gram(weight.double(), input_cov, reduce, jitter)[2]).flip(0)
+
+
+def row_spectrum(weight: Tensor, output_cov: Optional[Tensor] = None, reduce: Reduce = no_reduce) -> Tensor:
+    """Descending eigenvalues of the output covariance (plain SVD: of W W^T), as ``row_factors`` uses."""
+    return torch.linalg.eigvalsh(_row_cov(weight.double(), output_cov, reduce)).flip(0)

@@ -6,8 +6,9 @@ Three layouts differ between the two sides:
 - megatron fuses gate and up into ``linear_fc1`` as [gate_i; up_i] *per TP rank* (each
   rank chunks its own output into gate and up);
 - megatron shards the vocabulary (embedding, untied output layer) by rows over TP.
-``to_megatron`` maps an HF state dict to one TP rank's shard; ``to_hf`` maps a full
-(TP-gathered, gate/up in [gate; up] order) megatron state dict back.
+``to_megatron`` maps an HF state dict to one TP rank's shard; ``full_state`` gathers a model
+(dense or factored) into full tensors, which ``to_hf`` (after ``merge_factors``: a stock HF
+model) or ``to_hf_factored`` (the factored model of ``hf_modeling``) map back.
 """
 
 from __future__ import annotations
@@ -93,24 +94,74 @@ def to_megatron(hf: dict[str, Tensor], arch: LlamaArch, tp: int = 1, tp_rank: in
     return out
 
 
-def to_hf(full: dict[str, Tensor], arch: LlamaArch) -> dict[str, Tensor]:
-    """An HF state dict from a full megatron state dict (TP-gathered, fc1 as [gate; up])."""
+def _hf_shared(full: dict[str, Tensor], arch: LlamaArch) -> dict[str, Tensor]:
+    """Embedding, norms and LM head: the same in merged and factored exports."""
     out = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-           "model.norm.weight": full["decoder.final_layernorm.weight"]}
-    out["lm_head.weight"] = full["embedding.word_embeddings.weight" if arch.tie_embeddings else "output_layer.weight"]
+           "model.norm.weight": full["decoder.final_layernorm.weight"],
+           "lm_head.weight": full["embedding.word_embeddings.weight" if arch.tie_embeddings else "output_layer.weight"]}
     for i in range(arch.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = full[src + "input_layernorm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = full[src + "pre_mlp_layernorm.weight"]
+    return out
+
+
+def to_hf(full: dict[str, Tensor], arch: LlamaArch) -> dict[str, Tensor]:
+    """A stock HF state dict from a full, dense megatron state dict (``merge_factors(full_state(m))``)."""
+    out = _hf_shared(full, arch)
+    for i in range(arch.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         for suffix in ("weight", "bias") if arch.qkv_bias else ("weight",):
             q, k, v = _qkv_to_hf(full[f"{src}self_attention.linear_qkv.{suffix}"], arch)
             out.update({f"{dst}self_attn.q_proj.{suffix}": q, f"{dst}self_attn.k_proj.{suffix}": k,
                         f"{dst}self_attn.v_proj.{suffix}": v})
         out[dst + "self_attn.o_proj.weight"] = full[src + "self_attention.linear_proj.weight"]
-        out[dst + "post_attention_layernorm.weight"] = full[src + "pre_mlp_layernorm.weight"]
         gate, up = full[src + "mlp.linear_fc1.weight"].chunk(2)
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
         out[dst + "mlp.down_proj.weight"] = full[src + "mlp.linear_fc2.weight"]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# megatron slot -> module of the factored HF model (nemo_plrd/hf_modeling/modeling_plrd.py)
+FACTORED_NAMES = {"self_attention.linear_qkv": "self_attn.qkv_proj", "self_attention.linear_proj": "self_attn.o_proj",
+                  "mlp.linear_fc1": "mlp.gate_up_proj", "mlp.linear_fc2": "mlp.down_proj"}
+
+
+def to_hf_factored(full: dict[str, Tensor], arch: LlamaArch) -> dict[str, Tensor]:
+    """The factored HF model's state dict: slots stay fused and factored, qkv rows as [q; k; v].
+
+    Each slot's tensors (``weight`` and ``bias`` when dense; ``up.weight``, ``down.weight``,
+    ``up.bias`` when factored) keep their names under the HF module; only the rows of the
+    qkv output side move from megatron's per-group interleave to [q; k; v].
+    """
+    out = _hf_shared(full, arch)
+    for i in range(arch.num_layers):
+        for slot, hf_name in FACTORED_NAMES.items():
+            src = f"decoder.layers.{i}.{slot}."
+            for name, tensor in full.items():
+                if not name.startswith(src):
+                    continue
+                suffix = name[len(src):]
+                if slot.endswith("linear_qkv") and suffix != "down.weight":  # rows are qkv outputs
+                    tensor = torch.cat(_qkv_to_hf(tensor, arch))
+                out[f"model.layers.{i}.{hf_name}.{suffix}"] = tensor
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def merge_factors(full: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every factored slot multiplied out (W = up @ down, bias from up): a dense state dict."""
+    out = {}
+    for name, tensor in full.items():
+        if name.endswith(".down.weight"):
+            continue
+        if name.endswith(".up.weight"):
+            prefix = name[: -len("up.weight")]
+            out[prefix + "weight"] = tensor @ full[prefix + "down.weight"]
+        elif name.endswith(".up.bias"):
+            out[name[: -len("up.bias")] + "bias"] = tensor
+        else:
+            out[name] = tensor
+    return out
 
 
 def load_hf_weights(model: torch.nn.Module, hf_model_dir: str | Path) -> None:
@@ -125,6 +176,16 @@ def load_hf_weights(model: torch.nn.Module, hf_model_dir: str | Path) -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"HF weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def import_hf(hf_model_dir: str | Path, sequence_parallel: bool = False) -> tuple[torch.nn.Module, LlamaArch]:
+    """A dense GPTModel at megatron's current TP size holding an HF checkpoint's weights."""
+    from nemo_plrd.model import build_gpt
+
+    arch = hf_arch(hf_model_dir)
+    model = build_gpt(arch, sequence_parallel=sequence_parallel)
+    load_hf_weights(model, hf_model_dir)
+    return model, arch
 
 
 def _config(hf_model_dir: str | Path):
@@ -147,33 +208,19 @@ def _tp_gather(tensor: Tensor, dim: int) -> Tensor:
     return torch.cat(parts, dim)
 
 
-def full_dense_state(model: torch.nn.Module) -> dict[str, Tensor]:
-    """Every weight as one full tensor: TP-gathered, factored slots merged (W = up @ down), fc1 as [gate; up].
+def full_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Every parameter as one full fp32 tensor (TP-gathered; fc1 rows as [gate; up]), factors kept.
 
-    A factored slot's shard of W is up_i @ down (column) or up @ down_i (row), sharded
-    exactly like the dense weight, so merging happens before the gather, on r-sized shards.
+    Each rank's fc1 rows (dense weight, or the up factor) are [gate_i; up_i]; gathering the
+    gate and up halves separately gives the full [gate; up].
     """
-    from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
-
-    local: dict[str, tuple[Tensor, int | None]] = {}  # name -> (this rank's tensor, TP dim or None)
-    factored = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (LowRankColumnParallelLinear, LowRankRowParallelLinear)):
-            column = isinstance(module, LowRankColumnParallelLinear)
-            local[f"{name}.weight"] = (module.up.weight @ module.down.weight, 0 if column else 1)
-            if module.bias is not None:
-                local[f"{name}.bias"] = (module.bias, 0 if column else None)
-            factored.add(name + ".")
-    for name, param in model.named_parameters():
-        if not any(name.startswith(prefix) for prefix in factored):
-            local[name] = (param, param.partition_dim if getattr(param, "tensor_model_parallel", False) else None)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     full = {}
     with torch.no_grad():
-        for name, (tensor, dim) in local.items():
-            tensor = tensor.detach().float()
-            if dim is not None and tp > 1:
-                if "linear_fc1." in name:  # each rank's rows are [gate_i; up_i]
+        for name, param in model.named_parameters():
+            tensor = param.detach().float()
+            if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+                dim = param.partition_dim
+                if "linear_fc1." in name and dim == 0:
                     gate, up = tensor.chunk(2)
                     tensor = torch.cat([_tp_gather(gate, 0), _tp_gather(up, 0)])
                 else:

@@ -142,6 +142,7 @@ def plan_ranks(
     other_params: int = 0,
     allocation: str = "uniform",
     spectra: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
+    max_ranks: Optional[Sequence[Mapping[str, Optional[int]]]] = None,
     multiple: int = 8,
 ) -> RankPlan:
     """Plan the ranks of every slot of every layer (``shapes``: one {slot: (out, in)} per layer).
@@ -149,6 +150,8 @@ def plan_ranks(
     Exactly one of ``ranks`` (per slot type), ``keep`` (fraction of slot parameters) or
     ``target_params`` (whole model, ``other_params`` included). ``spectra`` (descending
     eigenvalues of each slot's output energy) is needed for ``allocation="spectrum"``.
+    ``max_ranks`` (per layer, {slot: rank or None}): the current ranks of an already
+    factored model, which a later stage can only lower.
     """
     asked = [name for name, value in (("ranks", ranks), ("keep", keep), ("target_params", target_params))
              if value is not None]
@@ -191,12 +194,14 @@ def plan_ranks(
         raise ValueError(f"the budget of {budget + other_params:,} parameters is not below the dense "
                          f"model's {dense + other_params:,}: nothing to decompose")
     caps = [max(multiple, _largest_rank_below_break_even(out, inp, multiple)) for _, _, (out, inp) in cells]
+    if max_ranks is not None:
+        caps = [min(cap, max_ranks[layer].get(slot) or cap) for cap, (layer, slot, _) in zip(caps, cells)]
     costs = [out + inp for _, _, (out, inp) in cells]
 
     if allocation == "uniform":
         share = budget / dense
-        chosen = [max(multiple, int(share * out * inp / (out + inp)) // multiple * multiple)
-                  for _, _, (out, inp) in cells]
+        chosen = [min(cap, max(multiple, int(share * out * inp / (out + inp)) // multiple * multiple))
+                  for cap, (_, _, (out, inp)) in zip(caps, cells)]
         value = lambda i, r: share * cells[i][2][0] * cells[i][2][1] / costs[i] - r  # rank deficit
     else:
         if spectra is None:

@@ -8,6 +8,8 @@ embeddings) and steps a torch AdamW over the finalised ``main_grad`` s.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -39,3 +41,10 @@ def train_step(
             param.grad = param.main_grad
     optimizer.step()
     return loss.item()
+
+
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token loss) over ``blocks`` [n, s+1] of held-out tokens."""
+    with torch.no_grad():
+        losses = [lm_loss(model, batch).item() * batch.shape[0] for batch in blocks.split(batch_size)]
+    return math.exp(sum(losses) / blocks.shape[0])

@@ -20,7 +20,8 @@ from nemo_plrd import decompose
 from nemo_plrd.calibrate import capture_layer_inputs, run_layer, slot_statistics
 from nemo_plrd.layers import LOW_RANK_LAYERS
 from nemo_plrd.parallel import tp_sum
-from nemo_plrd.plan import RankPlan
+from nemo_plrd.model import parameter_count
+from nemo_plrd.plan import RankPlan, SlotPlan, plan_ranks
 from nemo_plrd.slots import COLUMN, Slot, decoder_layers, layer_slots
 
 METHODS = ("activation", "svd")
@@ -29,6 +30,11 @@ METHODS = ("activation", "svd")
 def current_rank(module: torch.nn.Module) -> Optional[int]:
     """The rank of a factored slot, None for a dense one."""
     return getattr(module, "rank", None)
+
+
+def model_ranks(model: torch.nn.Module) -> list[dict[str, Optional[int]]]:
+    """Per layer, {slot: rank or None (dense)}: what ``build_gpt`` takes to rebuild the model."""
+    return [{slot.name: current_rank(slot.module) for slot in layer_slots(layer)} for layer in decoder_layers(model)]
 
 
 def slot_shape(slot: Slot) -> tuple[int, int]:
@@ -68,6 +74,70 @@ def _factor(slot: Slot, rank: int, cov: Optional[torch.Tensor]) -> tuple[torch.T
     return decompose.row_retruncate(up, down, rank, latent_cov=cov, reduce=tp_sum)
 
 
+def _merged_shard(slot: Slot) -> torch.Tensor:
+    """This rank's shard of the slot's W, sharded as the dense weight is (factored: multiplied out)."""
+    module = slot.module
+    if current_rank(module) is None:
+        return module.weight.detach()
+    return module.up.weight.detach() @ module.down.weight.detach()
+
+
+def _spectrum(slot: Slot, cov: Optional[torch.Tensor]) -> torch.Tensor:
+    if slot.kind == COLUMN:
+        return decompose.column_spectrum(_merged_shard(slot), input_cov=cov, reduce=tp_sum)
+    if cov is not None and current_rank(slot.module) is not None:  # C_y = up C_z up^T
+        up = slot.module.up.weight.detach().double()
+        cov = up @ cov @ up.T
+    return decompose.row_spectrum(_merged_shard(slot), output_cov=cov, reduce=tp_sum)
+
+
+def slot_spectra(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (),
+                 method: str = "activation", progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Per layer, each slot's output-energy spectrum (descending) under ``method``'s objective.
+
+    What ``allocation="spectrum"`` plans by. One pass through the model as it is now, so
+    every slot's spectrum is measured before any slot changes.
+    """
+    _check_method(method)
+    activation = method == "activation"
+    inputs = _layer_inputs(model, calibration) if activation else []
+    spectra = []
+    for layer in tqdm(decoder_layers(model), desc="spectra", unit="layer", disable=not progress):
+        slots = layer_slots(layer)
+        stats = slot_statistics(layer, slots, inputs) if activation else {}
+        spectra.append({slot.name: _spectrum(slot, stats.get(slot.name)) for slot in slots})
+        if activation:
+            inputs = run_layer(layer, inputs)
+    return spectra
+
+
+def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), method: str = "activation",
+             allocation: str = "uniform", **request) -> RankPlan:
+    """``plan_ranks`` for this model: its slot shapes and other parameters, and its spectra if needed.
+
+    ``request``: one of ranks=, keep=, target_params= (and multiple=), as ``plan_ranks`` takes.
+    """
+    slots = [layer_slots(layer) for layer in decoder_layers(model)]
+    shapes = [{slot.name: slot_shape(slot) for slot in layer} for layer in slots]
+    slot_params = sum(SlotPlan(0, slot.name, *slot_shape(slot), current_rank(slot.module)).params
+                      for layer in slots for slot in layer)
+    spectra = slot_spectra(model, calibration, method) if allocation == "spectrum" else None
+    return plan_ranks(shapes, other_params=parameter_count(model) - slot_params, allocation=allocation,
+                      spectra=spectra, max_ranks=model_ranks(model), **request)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+
+
+def _layer_inputs(model: torch.nn.Module, calibration: Iterable[torch.Tensor]):
+    inputs = capture_layer_inputs(model, calibration)
+    if not inputs:
+        raise ValueError("method='activation' needs calibration batches")
+    return inputs
+
+
 def _low_rank_module(slot: Slot, rank: int, up: torch.Tensor, down: torch.Tensor) -> torch.nn.Module:
     """The slot's low-rank replacement, built with the slot's own megatron arguments and bias.
 
@@ -103,13 +173,10 @@ def apply_plan(
     Within a layer the attention slots go first, so the MLP's statistics already flow
     through the decomposed attention.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    _check_method(method)
     check_plan_fits(model, plan)
     activation = method == "activation"
-    inputs = capture_layer_inputs(model, calibration) if activation else []
-    if activation and not inputs:
-        raise ValueError("method='activation' needs calibration batches")
+    inputs = _layer_inputs(model, calibration) if activation else []
 
     layers = decoder_layers(model)
     for layer in tqdm(layers, desc=f"decompose ({method})", unit="layer", disable=not progress):

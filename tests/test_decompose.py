@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nemo_plrd.decompose import column_factors, column_retruncate, row_factors, row_retruncate
+from nemo_plrd.decompose import (column_factors, column_retruncate, column_spectrum, row_factors, row_retruncate,
+                                 row_spectrum)
 
 M, N, TOKENS = 48, 40, 400
 RTOL = 1e-9  # fp64 throughout: the optimum is reached to round-off
@@ -71,6 +72,19 @@ def test_retruncation_equals_decomposing_the_product(data, method):
     new_up, new_down = row_retruncate(up, down, 9, latent_cov=latent)
     ref_up, ref_down = row_factors(product, 9, output_cov=output)
     torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
+
+
+def test_spectra_give_the_error_of_every_rank(data):
+    """What planning assumes: the error at rank r is the tail of the slot's spectrum beyond r."""
+    weight, cov = data
+    column = column_spectrum(weight, input_cov=cov, jitter=0.0)
+    row = row_spectrum(weight, output_cov=weight @ cov @ weight.T)
+    plain = column_spectrum(weight)
+    for rank in (1, 7, 20):
+        best = activation_optimum(weight, cov, rank)
+        assert column[rank:].sum().item() == pytest.approx(best, rel=RTOL)
+        assert row[rank:].sum().item() == pytest.approx(best, rel=RTOL)
+        assert plain[rank:].sum().item() == pytest.approx(svd_optimum(weight, rank), rel=RTOL)
 
 
 def test_factors_are_balanced_and_keep_the_weight_dtype(data):

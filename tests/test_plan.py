@@ -43,6 +43,15 @@ def test_spectrum_allocation_gives_more_rank_where_energy_is_spread():
     assert plan.rank(0, "linear_fc1") > plan.rank(5, "linear_fc1")
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
+def test_a_later_stage_never_raises_a_rank(allocation):
+    first = plan_ranks(SHAPES, keep=0.6, allocation=allocation, spectra=spectra(1))
+    second = plan_ranks(SHAPES, keep=0.4, allocation=allocation, spectra=spectra(2),
+                        max_ranks=first.layer_ranks())
+    assert all(s.rank <= first.rank(s.layer, s.slot) for s in second.slots)
+    assert 0.99 * 0.4 * SLOT_PARAMS <= second.slot_params <= 0.4 * SLOT_PARAMS
+
+
 def test_explicit_ranks_keep_slots_at_or_above_break_even_dense():
     plan = plan_ranks(SHAPES, ranks={"linear_qkv": 360, "linear_fc1": 128})
     assert plan.rank(3, "linear_qkv") is None  # 960x576: r* = 360

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from nemo_plrd.hf import arch_from_hf, full_dense_state, to_hf, to_megatron
+from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_megatron
 from nemo_plrd.model import build_gpt, gpt_forward
 from nemo_plrd.parallel import init_model_parallel
 from megatron.core import parallel_state
@@ -45,7 +45,7 @@ def test_hf_megatron_hf_round_trip(kind, tp_size):
         logits = tp_gather(gpt_forward(model, TOKENS), -1)
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
         back = hf_model(kind)  # a fresh copy, overwritten with the exported weights
-        back.load_state_dict(to_hf(full_dense_state(model), arch), strict=True)
+        back.load_state_dict(to_hf(merge_factors(full_state(model)), arch), strict=True)
         torch.testing.assert_close(back(TOKENS).logits, expected, rtol=0, atol=1e-4)
 
 

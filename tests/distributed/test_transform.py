@@ -8,7 +8,8 @@ from nemo_plrd.model import LlamaArch, build_gpt, gpt_forward
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.plan import plan_ranks
 from nemo_plrd.slots import decoder_layers, layer_slots
-from nemo_plrd.transform import PLRDTransform, apply_plan
+from nemo_plrd.model import parameter_count
+from nemo_plrd.transform import PLRDTransform, apply_plan, plan_for, slot_spectra
 from tp_utils import tp_gather
 
 ARCH = LlamaArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -100,3 +101,26 @@ def test_transform_refuses_plans_it_cannot_apply():
     PLRDTransform(plan_ranks(SHAPES, keep=0.25), lambda: BATCHES)([model])
     with pytest.raises(ValueError, match="has rank 16; a plan can only lower it"):
         apply_plan(model, plan_ranks(SHAPES, keep=0.5), BATCHES)
+
+
+@pytest.mark.parametrize("tp_size", [2], indirect=True)
+def test_spectra_are_the_same_at_tp1_and_tp2_and_plan_the_model(tp_size):
+    def spectra(tp):
+        init_model_parallel(tp, seed=5)
+        model = build_gpt(ARCH)
+        return model, slot_spectra(model, BATCHES, progress=False)
+
+    _, expected = spectra(1)
+    model, got = spectra(tp_size)
+    for layer_expected, layer_got in zip(expected, got):
+        for name in layer_expected:
+            torch.testing.assert_close(layer_got[name], layer_expected[name], rtol=1e-6, atol=1e-6)
+
+    # Plan by spectrum, apply, then plan a second stage: it fits, lowers ranks, meets its target.
+    plan = plan_for(model, BATCHES, allocation="spectrum", keep=0.5)
+    apply_plan(model, plan, BATCHES, progress=False)
+    assert parameter_count(model) == plan.params
+    second = plan_for(model, BATCHES, allocation="spectrum", target_params=plan.params - 4000)
+    apply_plan(model, second, BATCHES, progress=False)
+    assert parameter_count(model) == second.params <= plan.params - 4000
+    assert all(s.rank <= plan.rank(s.layer, s.slot) for s in second.slots)

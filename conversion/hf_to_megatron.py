@@ -1,0 +1,40 @@
+"""Hugging Face LLaMA / Mistral / Qwen2 checkpoint -> megatron-core dist_checkpointing checkpoint.
+
+    python conversion/hf_to_megatron.py HF_DIR OUT_DIR
+    torchrun --nproc_per_node 2 conversion/hf_to_megatron.py HF_DIR OUT_DIR   # TP = world size
+
+The checkpoint loads at any TP size (megatron reshards on load), so one process is enough;
+the output carries plrd.json (architecture, ranks) and the parent's config and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("hf_dir", help="HF model directory (config.json + safetensors)")
+    parser.add_argument("out_dir", help="checkpoint directory to create (must not exist)")
+    args = parser.parse_args()
+
+    import torch.distributed as dist
+
+    from nemo_plrd.checkpoint import save_checkpoint
+    from nemo_plrd.hf import hf_arch, import_hf
+    from nemo_plrd.model import parameter_count
+    from nemo_plrd.parallel import init_distributed, init_model_parallel
+
+    hf_arch(args.hf_dir)  # refuse a missing directory or an unsupported architecture first
+    init_distributed()
+    init_model_parallel(dist.get_world_size())
+    model, arch = import_hf(args.hf_dir)
+    save_checkpoint(model, args.out_dir, arch, hf_source=args.hf_dir)
+    if dist.get_rank() == 0:
+        print(f"wrote {args.out_dir}: {parameter_count(model):,} parameters, TP={dist.get_world_size()}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,39 @@
+"""megatron-core checkpoint (dense or PLRD-factored) -> Hugging Face model directory.
+
+    python conversion/megatron_to_hf.py CKPT_DIR OUT_DIR --format factored
+    torchrun --nproc_per_node 2 conversion/megatron_to_hf.py CKPT_DIR OUT_DIR   # TP = world size
+
+merged: factors multiplied out into the parent's stock HF class (plain from_pretrained).
+factored: the factors with their modeling code (from_pretrained(..., trust_remote_code=True)).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint written by hf_to_megatron.py or a PLRD stage")
+    parser.add_argument("out_dir", help="HF directory to create (must not exist)")
+    parser.add_argument("--format", choices=("merged", "factored"), default="factored")
+    args = parser.parse_args()
+
+    import torch.distributed as dist
+
+    from nemo_plrd.checkpoint import load_model
+    from nemo_plrd.export import export_hf
+    from nemo_plrd.parallel import init_distributed, init_model_parallel
+
+    init_distributed()
+    init_model_parallel(dist.get_world_size())
+    model, _ = load_model(args.checkpoint)
+    export_hf(model, args.out_dir, f"{args.checkpoint}/hf", format=args.format)
+    if dist.get_rank() == 0:
+        print(f"wrote {args.out_dir} ({args.format})")
+
+
+if __name__ == "__main__":
+    run(main)

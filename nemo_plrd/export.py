@@ -1,0 +1,78 @@
+"""Export a megatron GPTModel (dense or factored, any TP size) as a Hugging Face model directory.
+
+Two formats:
+- ``merged``: every factored slot multiplied out (W = up @ down) into the parent's own stock
+  HF class; loads with plain ``AutoModelForCausalLM.from_pretrained``. For tools that only
+  know stock models; as large and as slow as the parent.
+- ``factored``: the factors themselves, with the modeling code (``hf_modeling/modeling_plrd.py``)
+  saved alongside and named in ``auto_map``; loads with ``trust_remote_code=True``. Really
+  smaller and faster.
+
+Every rank calls ``export_hf`` (the weights are gathered over TP); rank 0 writes into
+``<out>.partial`` and renames it when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_hf_factored
+from nemo_plrd.transform import model_ranks
+
+FORMATS = ("merged", "factored")
+# Parent config keys that describe the parent's class, not the architecture.
+_CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
+
+
+def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
+    """An empty (meta-device) HF model of the export's class, to receive the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig, PLRDLlamaForCausalLM
+
+    with torch.device("meta"):
+        if format == "merged":
+            return AutoModelForCausalLM.from_config(parent_config, dtype=torch.float32)
+        fields = {k: v for k, v in parent_config.to_dict().items() if k not in _CLASS_KEYS}
+        config = PLRDLlamaConfig(**fields, plrd_ranks=ranks, qkv_bias=arch.qkv_bias)
+        config.architectures = [PLRDLlamaForCausalLM.__name__]
+        PLRDLlamaConfig.register_for_auto_class()
+        PLRDLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        return PLRDLlamaForCausalLM(config)
+
+
+def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path, format: str = "factored") -> Path:
+    """Write ``model`` to ``out_dir`` as an HF model; ``hf_source`` holds the parent's config and tokenizer."""
+    from transformers import AutoConfig
+
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is not one of {FORMATS}")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+    parent_config = AutoConfig.from_pretrained(hf_source)
+    arch = arch_from_hf(parent_config)
+    full = full_state(model)  # collective: every rank takes part
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _write(full, arch, parent_config, model_ranks(model), format, out_dir, hf_source)
+    if dist.is_initialized():
+        dist.barrier()  # every rank returns once the directory is complete
+    return out_dir
+
+
+def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source) -> None:
+    from transformers import AutoTokenizer
+
+    state = to_hf(merge_factors(full), arch) if format == "merged" else to_hf_factored(full, arch)
+    hf_model = _hf_model(format, parent_config, ranks, arch)
+    hf_model.load_state_dict(state, strict=True, assign=True)
+    hf_model.tie_weights()
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    hf_model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(hf_source).save_pretrained(partial)
+    partial.rename(out_dir)

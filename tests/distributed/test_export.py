@@ -1,0 +1,79 @@
+"""A factored megatron model (TP=1 and TP=2) exported merged and factored: same logits, real sizes."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+from megatron.core import parallel_state
+from tokenizers import Tokenizer, models
+
+from nemo_plrd.export import export_hf
+from nemo_plrd.hf import arch_from_hf, to_megatron
+from nemo_plrd.model import build_gpt, gpt_forward, parameter_count
+from nemo_plrd.parallel import init_model_parallel
+from nemo_plrd.transform import apply_plan, plan_for
+from test_hf import CONFIGS, TOKENS, hf_model
+from tp_utils import tp_gather
+
+
+def save_parent(kind: str, path):
+    """A tiny random HF parent directory, with a (word-level) tokenizer as exports need one."""
+    hf_model(kind).save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(256)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
+    tokenizer.save_pretrained(path)
+
+
+def shared_tmp(tmp_path_factory, name):
+    """One directory for both ranks (each rank's tmp_path differs)."""
+    path = [str(tmp_path_factory.mktemp(name)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    return path[0]
+
+
+@pytest.mark.parametrize("tp_size", [1, 2], indirect=True)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_factored_model_exports_merged_and_factored(kind, tp_size, tmp_path_factory):
+    root = shared_tmp(tmp_path_factory, f"{kind}{tp_size}")
+    parent = f"{root}/parent"
+    if dist.get_rank() == 0:
+        save_parent(kind, parent)
+    dist.barrier()
+    arch = arch_from_hf(CONFIGS[kind]())
+    init_model_parallel(tp_size)
+    model = build_gpt(arch)
+    model.load_state_dict(to_megatron(hf_model(kind).state_dict(), arch, tp_size,
+                                      parallel_state.get_tensor_model_parallel_rank()), strict=False)
+    plan = plan_for(model, [TOKENS], allocation="spectrum", keep=0.6)
+    apply_plan(model, plan, [TOKENS], progress=False)
+    assert parameter_count(model) == plan.params
+    with torch.no_grad():
+        expected = tp_gather(gpt_forward(model, TOKENS), -1)
+
+    merged = export_hf(model, f"{root}/merged", parent, format="merged")
+    factored = export_hf(model, f"{root}/factored", parent, format="factored")
+    stock = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert type(stock) is type(hf_model(kind))  # a stock class: no remote code
+    ours = transformers.AutoModelForCausalLM.from_pretrained(factored, trust_remote_code=True).eval()
+    assert type(ours).__name__ == "PLRDLlamaForCausalLM"
+    with torch.no_grad():
+        for exported in (stock, ours):
+            torch.testing.assert_close(exported(TOKENS).logits, expected, rtol=0, atol=1e-4)
+    assert ours.num_parameters() == plan.params < stock.num_parameters()
+    config = json.loads((factored / "config.json").read_text())
+    assert config["plrd_ranks"] == plan.layer_ranks()
+    assert (factored / "modeling_plrd.py").is_file() and (factored / "tokenizer.json").is_file()
+
+
+def test_export_refuses_bad_requests(tmp_path):
+    init_model_parallel(1)
+    save_parent("llama", tmp_path / "parent")
+    model = build_gpt(arch_from_hf(CONFIGS["llama"]()))
+    with pytest.raises(ValueError, match="format='gguf' is not one of"):
+        export_hf(model, tmp_path / "out", tmp_path / "parent", format="gguf")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_hf(model, tmp_path / "taken", tmp_path / "parent")

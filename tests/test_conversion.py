@@ -1,0 +1,67 @@
+"""conversion/ scripts on the real SmolLM2-135M: an exact round trip, and bad input refused cleanly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from nemo_plrd.assets import smollm2_135m
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args, nproc: int = 1) -> subprocess.CompletedProcess:
+    path = str(ROOT / "conversion" / f"{name}.py")
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(nproc)]
+    return subprocess.run([*launcher, path, *map(str, args)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def parent():
+    return smollm2_135m()
+
+
+def test_scripts_have_help():
+    for name in ("hf_to_megatron", "megatron_to_hf"):
+        result = script(name, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_smollm2_round_trip_through_megatron_is_exact(parent, tmp_path):
+    imported = script("hf_to_megatron", parent, tmp_path / "ckpt")
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert "134,515,008 parameters" in imported.stdout
+    exported = script("megatron_to_hf", tmp_path / "ckpt", tmp_path / "hf", "--format", "merged")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+
+    tokens = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    logits = [transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
+              for path in (parent, tmp_path / "hf")]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("To be").input_ids == \
+        transformers.AutoTokenizer.from_pretrained(parent)("To be").input_ids
+
+
+def assert_refused(result, message: str, out: Path) -> None:
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_bad_input_is_refused_and_nothing_is_written(parent, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(script("hf_to_megatron", tmp_path / "missing", out),
+                   "is not a Hugging Face model directory (no config.json)", out)
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert_refused(script("hf_to_megatron", tmp_path / "gpt2", out),
+                   "architecture 'gpt2' is not supported; supported: ('llama', 'mistral', 'qwen2')", out)
+    assert_refused(script("hf_to_megatron", parent, out, nproc=2),
+                   "tensor_parallel_size=2 must divide the number of KV heads (3)", out)
+    assert_refused(script("megatron_to_hf", tmp_path / "missing", out),
+                   "is not a megatron dist_checkpointing checkpoint", out)

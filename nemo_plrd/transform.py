@@ -112,8 +112,8 @@ def slot_spectra(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (
 
 
 def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), method: str = "activation",
-             allocation: str = "uniform", **request) -> RankPlan:
-    """``plan_ranks`` for this model: its slot shapes and other parameters, and its spectra if needed.
+             allocation: str = "uniform", spectra: Optional[list] = None, **request) -> RankPlan:
+    """``plan_ranks`` for this model: its slot shapes, other parameters and (measured unless given) spectra.
 
     ``request``: one of ranks=, keep=, target_params= (and multiple=), as ``plan_ranks`` takes.
     """
@@ -121,7 +121,8 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
     shapes = [{slot.name: slot_shape(slot) for slot in layer} for layer in slots]
     slot_params = sum(SlotPlan(0, slot.name, *slot_shape(slot), current_rank(slot.module)).params
                       for layer in slots for slot in layer)
-    spectra = slot_spectra(model, calibration, method) if allocation == "spectrum" else None
+    if allocation == "spectrum" and spectra is None:
+        spectra = slot_spectra(model, calibration, method)
     return plan_ranks(shapes, other_params=parameter_count(model) - slot_params, allocation=allocation,
                       spectra=spectra, max_ranks=model_ranks(model), **request)
 

@@ -1,0 +1,65 @@
+"""plrd eval on the real SmolLM2-135M: real numbers, from the model, stable, bad input refused."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from nemo_plrd.assets import smollm2_135m
+from nemo_plrd.evaluate import evaluate
+
+
+def plrd_eval(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_plrd.cli", "eval", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context), tokenised as lm-eval's HF model does (no special tokens)."""
+    context_ids = tokenizer(context, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    targets = ids[0, len(context_ids):]
+    return logprobs[len(context_ids) - 1:].gather(-1, targets[:, None]).sum().item()
+
+
+def test_scores_come_from_the_model():
+    parent = smollm2_135m()
+    result = evaluate(parent, tasks=("arc_easy",), limit=3, perplexity_blocks=1, samples=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(parent)
+    correct = []
+    for sample in result["samples"]["arc_easy"]:
+        ours = [loglikelihood(model, tokenizer, *pair) for pair in sample["arguments"]]
+        theirs = [loglik for loglik, _ in sample["filtered_resps"]]
+        assert ours == pytest.approx(theirs, abs=1e-3)
+        correct.append(max(range(len(ours)), key=ours.__getitem__) == sample["target"])
+    assert result["tasks"]["arc_easy"]["acc"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_cli_writes_stable_results_for_every_task(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        done = plrd_eval(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--out", tmp_path / name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "held-out perplexity" in done.stdout
+        runs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    first, second = runs
+    assert set(first["tasks"]) == {"arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "mmlu"}
+    assert all(0 <= value <= 1 for task in first["tasks"].values() for value in task.values())
+    assert 5 < first["perplexity"] < 500  # SmolLM2 on Shakespeare: tens
+    assert first["tasks"] == second["tasks"] and first["perplexity"] == pytest.approx(second["perplexity"], rel=1e-6)
+    assert (tmp_path / "a" / "results.md").read_text().count("\n") == 9  # header + 7 tasks + perplexity
+
+
+def test_bad_input_is_refused(tmp_path):
+    missing = plrd_eval(tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
+    unknown = plrd_eval(smollm2_135m(), "--tasks", "arc_easy,squad", "--out", tmp_path / "out")
+    assert unknown.returncode == 2 and "unknown task(s) ['squad']; the tasks are" in unknown.stderr
+    assert not (tmp_path / "out").exists()

@@ -8,10 +8,11 @@ split; evaluation: held-out plays):
               statistics, the same parameter fraction everywhere (the SVD-LLM baseline)
   default     ours (method="activation", uniform ranks): fused qkv and gate/up decomposed
               jointly, row slots by their output covariance, calibration flowing through the
-              already-decomposed layers
+              already-decomposed layers, column slots aiming at the undecomposed model's outputs
   spectrum    default + ranks allocated across layers and slots by calibrated spectrum
 
     .venv/bin/python bench/decompose_quality.py [--calibration-tokens 8192] [--eval-tokens 8192]
+                                                [--fractions 0.9 0.8 0.6] [--methods svd whitening ...]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nemo_plrd.train import perplexity
 from nemo_plrd.transform import apply_plan, plan_for, slot_spectra
 
 FRACTIONS = (0.9, 0.8, 0.6)
+METHODS = ("svd", "whitening", "default", "spectrum")
 SEQ = 512
 
 
@@ -77,7 +79,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = parser.parse_args()
+    if "whitening" not in args.methods:
+        parser.error("--methods must include whitening: every ratio is taken against it")
 
     init_model_parallel(1)
     parent, text = smollm2_135m(), shakespeare()
@@ -99,7 +105,7 @@ def main() -> None:
         return plan.slot_params
 
     start = time.perf_counter()
-    spectra = slot_spectra(fresh(), calibration, progress=False)  # of the dense parent, once
+    spectra = slot_spectra(fresh(), calibration, progress=False) if "spectrum" in args.methods else None
     methods = {
         "svd": lambda m, keep: decompose(m, uniform(keep), "svd"),
         "whitening": lambda m, keep: per_matrix_whitening(m, arch, calibration, keep),
@@ -109,8 +115,9 @@ def main() -> None:
     dense = perplexity(fresh(), heldout)
     print(f"dense: held-out perplexity {dense:.2f} ({args.eval_tokens} tokens, "
           f"{time.perf_counter() - start:.0f} s per evaluation)", flush=True)
+    methods = {name: methods[name] for name in args.methods}
     results = {}
-    for keep in FRACTIONS:
+    for keep in args.fractions:
         for name, run in methods.items():
             model = fresh()
             kept = run(model, keep)
@@ -119,14 +126,14 @@ def main() -> None:
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 
     rows = [("dense", "", f"{dense:.2f}", "", "")]
-    for keep in FRACTIONS:
+    for keep in args.fractions:
         baseline = results[keep, "whitening"][0] - dense
         for name in methods:
             ppl, kept = results[keep, name]
             rows.append((name, f"{keep:.0%} ({kept:.1%})", f"{ppl:.4g}", f"{ppl - dense:.4g}",
                          f"{(ppl - dense) / baseline:.2f}"))
     print(format_table(("method", "linear params kept", "held-out ppl", "excess", "excess / whitening"), rows))
-    for keep in (0.8, 0.6):
+    for keep in [k for k in (0.8, 0.6) if k in args.fractions and "default" in methods]:
         ratio = (results[keep, "default"][0] - dense) / (results[keep, "whitening"][0] - dense)
         print(f"target at {keep:.0%}: default excess <= 0.75 x whitening: {ratio:.2f} "
               f"{'MET' if ratio <= 0.75 else 'MISSED'}")

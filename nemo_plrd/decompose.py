@@ -15,6 +15,18 @@ on the factors and never forms W. The only communication is ``reduce``: a sum ov
 ranks holding the other shards of the sharded factor (identity on one rank), applied to
 square matrices of size in, out or r, never to a weight.
 
+Target correction (column slots): when the inputs X the slot sees now differ from the
+inputs X_t it saw in the model being decomposed (earlier layers are already factored), the
+better objective is ||W X_t - up @ down X||_F. With the cross moment K = E[x_t x^T] its
+optimum replaces W S by W K S^-T (``cross_cov``): the best rank-r truncation, in the
+whitened space of X, of the least-squares map W K C^-1 from X to the target outputs.
+It reduces to the plain objective when X_t = X.
+
+The top-r eigenvectors come from ``eigh`` (``solver="exact"``) or from randomized subspace
+iteration on the same replicated matrix (``solver="randomized"``: a few GEMMs with an
+n x (r + 16) block instead of a full eigendecomposition, seeded so that every TP rank gets
+the same answer; faster at ranks well below n, BENCHMARKS.md).
+
 All linear algebra runs in float64; factors come back in the weight's dtype, balanced so
 that up's column j and down's row j have equal norms (a well-conditioned start for
 continued training with Adam).
@@ -35,8 +47,23 @@ def no_reduce(t: Tensor) -> Tensor:
     return t
 
 
-def _top_eigenvectors(sym: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(eigenvalues descending, eigenvectors as columns) of the top-``rank`` eigenpairs."""
+SOLVERS = ("exact", "randomized")
+OVERSAMPLE, POWER_ITERATIONS = 16, 4
+
+
+def _top_eigenvectors(sym: Tensor, rank: int, solver: str = "exact") -> tuple[Tensor, Tensor]:
+    """(eigenvalues descending, eigenvectors as columns) of the top-``rank`` eigenpairs of a PSD matrix."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not one of {SOLVERS}")
+    size = sym.shape[0]
+    if solver == "randomized" and rank + OVERSAMPLE < size:
+        # Subspace iteration (Halko et al. 2011, alg. 4.4) then Rayleigh-Ritz on the block.
+        gen = torch.Generator(device=sym.device).manual_seed(0)
+        block = torch.randn(size, rank + OVERSAMPLE, generator=gen, dtype=sym.dtype, device=sym.device)
+        for _ in range(POWER_ITERATIONS):
+            block = torch.linalg.qr(sym @ block).Q
+        values, vectors = torch.linalg.eigh(block.T @ sym @ block)
+        return values.flip(0)[:rank], block @ vectors.flip(1)[:, :rank]
     values, vectors = torch.linalg.eigh(sym)
     return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
 
@@ -70,10 +97,21 @@ def _balanced(up: Tensor, down: Tensor, up_reduce: Reduce, down_reduce: Reduce, 
     return (up * scale).to(dtype).contiguous(), (down / scale[:, None]).to(dtype).contiguous()
 
 
-def _column_gram(w: Tensor, input_cov: Optional[Tensor], reduce: Reduce, jitter: float):
-    """(W S, S or None, G = sum_i (W_i S)^T (W_i S)): the in x in Gram is the one all-reduce."""
-    s = None if input_cov is None else _cholesky(input_cov.double(), jitter)
-    whitened = w if s is None else w @ s
+def _whitening(input_cov: Optional[Tensor], cross_cov: Optional[Tensor], jitter: float):
+    """(S with S S^T = C or None, the right factor T that whitens W: S, or K S^-T with a target)."""
+    if input_cov is None:
+        return None, None
+    s = _cholesky(input_cov.double(), jitter)
+    if cross_cov is None:
+        return s, s
+    return s, torch.linalg.solve_triangular(s, cross_cov.double().T, upper=False).T  # K S^-T
+
+
+def _column_gram(w: Tensor, input_cov: Optional[Tensor], cross_cov: Optional[Tensor], reduce: Reduce,
+                 jitter: float):
+    """(W T, S or None, G = sum_i (W_i T)^T (W_i T)): the in x in Gram is the one all-reduce."""
+    s, t = _whitening(input_cov, cross_cov, jitter)
+    whitened = w if t is None else w @ t
     return whitened, s, reduce(whitened.T @ whitened)
 
 
@@ -88,15 +126,18 @@ def column_factors(
     input_cov: Optional[Tensor] = None,
     reduce: Reduce = no_reduce,
     jitter: float = 1e-6,
+    cross_cov: Optional[Tensor] = None,
+    solver: str = "exact",
 ) -> tuple[Tensor, Tensor]:
     """Factor a column-parallel slot: weight = this rank's rows W_i (out_i x in).
 
     Returns (up_i: out_i x r, down: r x in); ``reduce`` sums over the out-shards.
+    ``cross_cov`` = E[x_t x^T] against target inputs x_t (needs ``input_cov``).
     """
     w = weight.double()
     _check(rank, w.shape[1], f"input size of a {tuple(w.shape)} column shard")
-    whitened, s, gram = _column_gram(w, input_cov, reduce, jitter)  # W_i S, S, in x in
-    _, q = _top_eigenvectors(gram, rank)  # in x r
+    whitened, s, gram = _column_gram(w, input_cov, cross_cov, reduce, jitter)  # W_i T, S, in x in
+    _, q = _top_eigenvectors(gram, rank, solver)  # in x r
     down = q.T if s is None else torch.linalg.solve_triangular(s.T, q, upper=True).T  # Q^T S^-1
     return _balanced(whitened @ q, down, reduce, no_reduce, weight.dtype)
 
@@ -106,6 +147,7 @@ def row_factors(
     rank: int,
     output_cov: Optional[Tensor] = None,
     reduce: Reduce = no_reduce,
+    solver: str = "exact",
 ) -> tuple[Tensor, Tensor]:
     """Factor a row-parallel slot: weight = this rank's columns W_i (out x in_i).
 
@@ -114,7 +156,7 @@ def row_factors(
     """
     w = weight.double()
     _check(rank, w.shape[0], f"output size of a {tuple(w.shape)} row shard")
-    _, p = _top_eigenvectors(_row_cov(w, output_cov, reduce), rank)  # out x r
+    _, p = _top_eigenvectors(_row_cov(w, output_cov, reduce), rank, solver)  # out x r
     return _balanced(p, p.T @ w, no_reduce, reduce, weight.dtype)
 
 
@@ -125,18 +167,19 @@ def column_retruncate(
     input_cov: Optional[Tensor] = None,
     reduce: Reduce = no_reduce,
     jitter: float = 1e-6,
+    cross_cov: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Column slot (up sharded on out, down replicated) from rank r to ``rank`` < r.
 
-    With R^T R = sum_i up_i^T up_i and the SVD  R down S = P s Q^T:
+    With R^T R = sum_i up_i^T up_i and the SVD  R down T = P s Q^T (T = S, or K S^-T):
     down' = Q_r^T S^-1, up_i' = up_i R^-1 P_r s_r.  Cost O((out + in) r^2 + in^2 r).
     """
     u, v = up.double(), down.double()
     _check(rank, v.shape[0], "the current rank")
     # R, r x r upper-triangular, one all-reduce; the tiny jitter only guards a singular up.
     r_upper = _cholesky(reduce(u.T @ u), 1e-12).T
-    s = None if input_cov is None else _cholesky(input_cov.double(), jitter)
-    small = r_upper @ (v if s is None else v @ s)  # R V S: r x in
+    s, t = _whitening(input_cov, cross_cov, jitter)
+    small = r_upper @ (v if t is None else v @ t)  # R V T: r x in
     p, sigma, qh = torch.linalg.svd(small, full_matrices=False)
     p, sigma, qh = p[:, :rank], sigma[:rank], qh[:rank]
     new_up = torch.linalg.solve_triangular(r_upper, p * sigma, upper=True)  # R^-1 P s
@@ -172,7 +215,7 @@ def column_spectrum(weight: Tensor, input_cov: Optional[Tensor] = None, reduce: 
     ``weight`` is this rank's rows (for a factored slot: up_i @ down). What rank planning
     spreads the budget by; the same all-reduce as ``column_factors``.
     """
-    return torch.linalg.eigvalsh(_column_gram(weight.double(), input_cov, reduce, jitter)[2]).flip(0)
+    return torch.linalg.eigvalsh(_column_gram(weight.double(), input_cov, None, reduce, jitter)[2]).flip(0)
 
 
 def row_spectrum(weight: Tensor, output_cov: Optional[Tensor] = None, reduce: Reduce = no_reduce) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from nemo_plrd import decompose
-from nemo_plrd.calibrate import capture_layer_inputs, run_layer, slot_statistics
+from nemo_plrd.calibrate import SlotStatistic, capture_layer_inputs, run_layer, slot_statistics, target_inputs
 from nemo_plrd.layers import LOW_RANK_LAYERS
 from nemo_plrd.parallel import tp_sum
 from nemo_plrd.model import parameter_count
@@ -60,18 +60,20 @@ def check_plan_fits(model: torch.nn.Module, plan: RankPlan) -> None:
                                  f"lower it (asked: {'dense' if planned is None else planned})")
 
 
-def _factor(slot: Slot, rank: int, cov: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) local shards for ``slot`` at ``rank`` from its weights and statistic."""
-    module = slot.module
-    if current_rank(module) is None:
-        weight = module.weight.detach()
-        if slot.kind == COLUMN:
-            return decompose.column_factors(weight, rank, input_cov=cov, reduce=tp_sum)
-        return decompose.row_factors(weight, rank, output_cov=cov, reduce=tp_sum)
-    up, down = module.up.weight.detach(), module.down.weight.detach()
+def _factor(slot: Slot, rank: int, stat: Optional[SlotStatistic], solver: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) local shards for ``slot`` at ``rank`` from its weights and statistic (None: plain SVD)."""
+    module, factored = slot.module, current_rank(slot.module) is not None
     if slot.kind == COLUMN:
-        return decompose.column_retruncate(up, down, rank, input_cov=cov, reduce=tp_sum)
-    return decompose.row_retruncate(up, down, rank, latent_cov=cov, reduce=tp_sum)
+        calibrated = {} if stat is None else dict(input_cov=stat.cov, cross_cov=stat.cross)
+        if factored:
+            return decompose.column_retruncate(module.up.weight.detach(), module.down.weight.detach(), rank,
+                                               reduce=tp_sum, **calibrated)
+        return decompose.column_factors(module.weight.detach(), rank, reduce=tp_sum, solver=solver, **calibrated)
+    cov = None if stat is None else stat.cov
+    if factored:
+        return decompose.row_retruncate(module.up.weight.detach(), module.down.weight.detach(), rank,
+                                        latent_cov=cov, reduce=tp_sum)
+    return decompose.row_factors(module.weight.detach(), rank, output_cov=cov, reduce=tp_sum, solver=solver)
 
 
 def _merged_shard(slot: Slot) -> torch.Tensor:
@@ -82,7 +84,8 @@ def _merged_shard(slot: Slot) -> torch.Tensor:
     return module.up.weight.detach() @ module.down.weight.detach()
 
 
-def _spectrum(slot: Slot, cov: Optional[torch.Tensor]) -> torch.Tensor:
+def _spectrum(slot: Slot, stat: Optional[SlotStatistic]) -> torch.Tensor:
+    cov = None if stat is None else stat.cov
     if slot.kind == COLUMN:
         return decompose.column_spectrum(_merged_shard(slot), input_cov=cov, reduce=tp_sum)
     if cov is not None and current_rank(slot.module) is not None:  # C_y = up C_z up^T
@@ -127,9 +130,11 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
                       spectra=spectra, max_ranks=model_ranks(model), **request)
 
 
-def _check_method(method: str) -> None:
+def _check_method(method: str, solver: str = "exact") -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if solver not in decompose.SOLVERS:
+        raise ValueError(f"solver={solver!r} is not one of {decompose.SOLVERS}")
 
 
 def _layer_inputs(model: torch.nn.Module, calibration: Iterable[torch.Tensor]):
@@ -167,32 +172,38 @@ def apply_plan(
     calibration: Iterable[torch.Tensor] = (),
     method: str = "activation",
     progress: bool = True,
+    solver: str = "exact",
 ) -> torch.nn.Module:
     """Bring every slot of ``model`` to its planned rank, in place; returns the model.
 
     ``calibration``: batches of token ids [b, s], needed by ``method="activation"``.
+    ``solver``: "exact" or "randomized" top eigenvectors of dense slots (``nemo_plrd.decompose``).
     Within a layer the attention slots go first, so the MLP's statistics already flow
-    through the decomposed attention.
+    through the decomposed attention; the column slots aim at the outputs they had in the
+    model as it was before this call (the target path, see ``nemo_plrd.calibrate``).
     """
-    _check_method(method)
+    _check_method(method, solver)
     check_plan_fits(model, plan)
     activation = method == "activation"
     inputs = _layer_inputs(model, calibration) if activation else []
+    targets = inputs  # the target path's layer inputs; equal to ``inputs`` up to the first change
 
     layers = decoder_layers(model)
     for layer in tqdm(layers, desc=f"decompose ({method})", unit="layer", disable=not progress):
         slots = layer_slots(layer)
+        if activation:
+            target_slots, next_targets = target_inputs(layer, slots, targets)  # before the layer changes
         for group in (slots[:2], slots[2:]):  # attention (qkv, proj), then MLP (fc1, fc2)
             todo = [s for s in group if plan.rank(s.layer, s.name) not in (None, current_rank(s.module))]
             if not todo:
                 continue
-            stats = slot_statistics(layer, todo, inputs) if activation else {}
+            stats = slot_statistics(layer, todo, inputs, target_slots) if activation else {}
             for slot in todo:
                 rank = plan.rank(slot.layer, slot.name)
-                up, down = _factor(slot, rank, stats.get(slot.name))
+                up, down = _factor(slot, rank, stats.get(slot.name), solver)
                 slot.replace(_low_rank_module(slot, rank, up, down))
         if activation:
-            inputs = run_layer(layer, inputs)
+            inputs, targets = run_layer(layer, inputs), next_targets
     # Factor shapes differ from layer to layer: one checkpoint key per layer (see model.py).
     layers[0].config.hetereogenous_dist_checkpoint = True
     return model
@@ -205,10 +216,11 @@ class PLRDTransform:
     plan: RankPlan
     calibration: Callable[[], Iterable[torch.Tensor]] = lambda: ()
     method: str = "activation"
+    solver: str = "exact"
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         if len(model) != 1:
             raise ValueError(f"PLRD needs the whole model in one chunk (got {len(model)}: "
                              "virtual pipeline stages are not supported yet)")
-        apply_plan(model[0], self.plan, self.calibration(), self.method)
+        apply_plan(model[0], self.plan, self.calibration(), self.method, solver=self.solver)
         return model

@@ -74,6 +74,45 @@ def test_retruncation_equals_decomposing_the_product(data, method):
     torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
 
 
+@pytest.fixture
+def target_pairs(data):
+    """Inputs x a slot sees now and the inputs x_t it saw in the target model (x plus a drift)."""
+    weight, _ = data
+    gen = torch.Generator().manual_seed(1)
+    mixing = torch.randn(N, N, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, N, dtype=torch.float64)
+    x = mixing @ torch.randn(N, TOKENS, generator=gen, dtype=torch.float64)
+    x_t = x + 0.3 * torch.randn(N, N, generator=gen, dtype=torch.float64) @ x / N**0.5
+    return weight, x, x_t
+
+
+def target_error(weight, approx, x, x_t):
+    """||W X_t - M X||^2 / tokens, from the samples."""
+    return (weight @ x_t - approx @ x).square().sum().item() / x.shape[1]
+
+
+@pytest.mark.parametrize("rank", [1, 7, 20])
+def test_column_target_correction_reaches_the_optimum_of_the_target_objective(target_pairs, rank):
+    weight, x, x_t = target_pairs
+    cov, cross = x @ x.T / TOKENS, x_t @ x.T / TOKENS
+    target = (weight @ x_t).square().sum().item() / TOKENS
+    # Column: min over rank-r M is ||W X_t||^2 minus the top-r eigenvalues of M* C M*^T, M* = W K C^-1.
+    best_full = torch.linalg.lstsq(x.T, (weight @ x_t).T).solution.T  # argmin_M ||W X_t - M X||
+    kept = torch.linalg.eigvalsh(best_full @ cov @ best_full.T).flip(0)[:rank].sum().item()
+    up, down = column_factors(weight, rank, input_cov=cov, cross_cov=cross, jitter=0.0)
+    assert target_error(weight, up @ down, x, x_t) == pytest.approx(target - kept, rel=1e-8)
+    plain = column_factors(weight, rank, input_cov=cov, jitter=0.0)
+    assert target_error(weight, up @ down, x, x_t) < target_error(weight, plain[0] @ plain[1], x, x_t)
+
+
+def test_target_corrected_column_retruncation_equals_decomposing_the_product(target_pairs):
+    weight, x, x_t = target_pairs
+    cov, cross = x @ x.T / TOKENS, x_t @ x.T / TOKENS
+    up, down = column_factors(weight, 24)
+    new_up, new_down = column_retruncate(up, down, 9, input_cov=cov, cross_cov=cross, jitter=0.0)
+    ref_up, ref_down = column_factors(up @ down, 9, input_cov=cov, cross_cov=cross, jitter=0.0)
+    torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
+
+
 def test_spectra_give_the_error_of_every_rank(data):
     """What planning assumes: the error at rank r is the tail of the slot's spectrum beyond r."""
     weight, cov = data
@@ -85,6 +124,22 @@ def test_spectra_give_the_error_of_every_rank(data):
         assert column[rank:].sum().item() == pytest.approx(best, rel=RTOL)
         assert row[rank:].sum().item() == pytest.approx(best, rel=RTOL)
         assert plain[rank:].sum().item() == pytest.approx(svd_optimum(weight, rank), rel=RTOL)
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_randomized_solver_is_within_a_fraction_of_a_percent_of_the_optimum(rank):
+    gen = torch.Generator().manual_seed(2)
+    decay = torch.logspace(0, -3, 160, dtype=torch.float64)  # a weight-like decaying spectrum
+    weight = torch.randn(200, 160, generator=gen, dtype=torch.float64) * decay
+    x = torch.randn(160, 800, generator=gen, dtype=torch.float64) * torch.logspace(0, -1, 160, dtype=torch.float64)[:, None]
+    cov = x @ x.T / 800
+    best = activation_optimum(weight, cov, rank)
+    for factors in (column_factors(weight, rank, input_cov=cov, solver="randomized"),
+                    row_factors(weight, rank, output_cov=weight @ cov @ weight.T, solver="randomized")):
+        error = activation_error(weight, factors[0] @ factors[1], cov)
+        assert best <= error <= best * 1.003
+    with pytest.raises(ValueError, match="solver='lanczos' is not one of"):
+        column_factors(weight, rank, solver="lanczos")
 
 
 def test_factors_are_balanced_and_keep_the_weight_dtype(data):

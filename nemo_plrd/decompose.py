@@ -171,20 +171,24 @@ def column_retruncate(
 ) -> tuple[Tensor, Tensor]:
     """Column slot (up sharded on out, down replicated) from rank r to ``rank`` < r.
 
-    With R^T R = sum_i up_i^T up_i and the SVD  R down T = P s Q^T (T = S, or K S^-T):
-    down' = Q_r^T S^-1, up_i' = up_i R^-1 P_r s_r.  Cost O((out + in) r^2 + in^2 r).
+    With R^T R = sum_i up_i^T up_i (so up R^-1 has orthonormal columns), B = R down T
+    (T = S, or K S^-T) and P the top eigenvectors of the r x r Gram B B^T:
+    up_i' = up_i R^-1 P, down' = P^T B S^-1. Cost O((out + in) r^2 + r^3 + in^2 r), with
+    no SVD of anything larger than r x r: the eigendecomposition of B B^T replaces the SVD
+    of B, several times slower at r = 1024.
     """
     u, v = up.double(), down.double()
     _check(rank, v.shape[0], "the current rank")
     # R, r x r upper-triangular, one all-reduce; the tiny jitter only guards a singular up.
     r_upper = _cholesky(reduce(u.T @ u), 1e-12).T
     s, t = _whitening(input_cov, cross_cov, jitter)
-    small = r_upper @ (v if t is None else v @ t)  # R V T: r x in
-    p, sigma, qh = torch.linalg.svd(small, full_matrices=False)
-    p, sigma, qh = p[:, :rank], sigma[:rank], qh[:rank]
-    new_up = torch.linalg.solve_triangular(r_upper, p * sigma, upper=True)  # R^-1 P s
-    new_up = u @ new_up
-    new_down = qh if s is None else torch.linalg.solve_triangular(s.T, qh.T, upper=True).T
+    small = r_upper @ (v if t is None else v @ t)  # B = R V T: r x in
+    _, p = _top_eigenvectors(small @ small.T, rank)  # r x rank
+    # up R^-1 P: the one GEMM of out x r x rank, in the factors' own dtype (what it returns in).
+    new_up = up @ torch.linalg.solve_triangular(r_upper, p, upper=True).to(up.dtype)
+    new_down = p.T @ small
+    if s is not None:
+        new_down = torch.linalg.solve_triangular(s.T, new_down.T, upper=True).T  # P^T B S^-1
     return _balanced(new_up, new_down, reduce, no_reduce, up.dtype)
 
 

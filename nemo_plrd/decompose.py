@@ -182,14 +182,17 @@ def column_retruncate(
     # R, r x r upper-triangular, one all-reduce; the tiny jitter only guards a singular up.
     r_upper = _cholesky(reduce(u.T @ u), 1e-12).T
     s, t = _whitening(input_cov, cross_cov, jitter)
-    small = r_upper @ (v if t is None else v @ t)  # B = R V T: r x in
-    _, p = _top_eigenvectors(small @ small.T, rank)  # r x rank
-    # up R^-1 P: the one GEMM of out x r x rank, in the factors' own dtype (what it returns in).
-    new_up = up @ torch.linalg.solve_triangular(r_upper, p, upper=True).to(up.dtype)
-    new_down = p.T @ small
+    whitened = v if t is None else v @ t  # V T: r x in
+    # B = R V T (r x in) is never formed: B B^T = R (V T)(V T)^T R^T and P^T B = (R^T P)^T V T.
+    _, p = _top_eigenvectors(r_upper @ (whitened @ whitened.T) @ r_upper.T, rank)  # r x rank
+    new_down = (r_upper.T @ p).T @ whitened
     if s is not None:
         new_down = torch.linalg.solve_triangular(s.T, new_down.T, upper=True).T  # P^T B S^-1
-    return _balanced(new_up, new_down, reduce, no_reduce, up.dtype)
+    # up R^-1 P has orthonormal columns, so balancing needs only down's row norms and folds
+    # into the r x rank matrix: one GEMM of out x r x rank, in the factors' dtype, no all-reduce.
+    scale = new_down.norm(dim=1).sqrt()
+    new_up = up @ (torch.linalg.solve_triangular(r_upper, p, upper=True) * scale).to(up.dtype)
+    return new_up.contiguous(), (new_down / scale[:, None]).to(up.dtype).contiguous()
 
 
 def row_retruncate(

@@ -145,8 +145,10 @@ def test_randomized_solver_is_within_a_fraction_of_a_percent_of_the_optimum(rank
 def test_factors_are_balanced_and_keep_the_weight_dtype(data):
     weight, cov = data
     up, down = column_factors(weight.float(), 8, input_cov=cov.float())
-    assert up.dtype == down.dtype == torch.float32
-    torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-5, atol=0)
+    for up, down in ((up, down), column_retruncate(up, down, 5, input_cov=cov.float()),
+                     row_factors(weight.float(), 8), row_retruncate(up, down, 5)):
+        assert up.dtype == down.dtype == torch.float32
+        torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-5, atol=0)
 
 
 def test_jitter_makes_rank_deficient_statistics_usable(data):

@@ -66,7 +66,7 @@ def main() -> None:
                 rows.append((f"{keep:.0%} of slots", phase, f"{member.num_parameters() / parent.num_parameters():.2f}",
                              f"{flops:.2f}x", f"{tokens / t['dense']:.0f}", f"{tokens / t['factored']:.0f}",
                              f"{speedup:.2f}x", f"{speedup / flops:.2f}"))
-                print(rows[-1], flush=True)
+                print(f"{keep:.0%} {phase}: {speedup:.2f}x faster, FLOP reduction {flops:.2f}x", flush=True)
     print(format_table(("member", "phase", "param ratio", "FLOP reduction", "dense tok/s", "factored tok/s",
                         "speed-up", "speed-up / FLOP red. (target >= 0.8)"), rows))
 

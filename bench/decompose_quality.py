@@ -6,9 +6,11 @@ split; evaluation: held-out plays):
   svd         plain truncated SVD of each megatron slot (the PLRD paper's baseline)
   whitening   per HF matrix (q, k, v, o, gate, up, down) whitened by its own dense input
               statistics, the same parameter fraction everywhere (the SVD-LLM baseline)
+  whitening+ridge  the same with our ridge (a control: how much of our gain the ridge alone gives)
   default     ours (method="activation", uniform ranks): fused qkv and gate/up decomposed
               jointly, row slots by their output covariance, calibration flowing through the
               already-decomposed layers, column slots aiming at the undecomposed model's outputs
+              (a ridge regression, ``nemo_plrd.transform.RIDGE``)
   spectrum    default + ranks allocated across layers and slots by calibrated spectrum
 
     .venv/bin/python bench/decompose_quality.py [--calibration-tokens 8192] [--eval-tokens 8192]
@@ -34,10 +36,10 @@ from nemo_plrd.plan import plan_ranks
 from nemo_plrd.report import format_table
 from nemo_plrd.slots import decoder_layers, layer_slots
 from nemo_plrd.train import perplexity
-from nemo_plrd.transform import apply_plan, plan_for, slot_spectra
+from nemo_plrd.transform import RIDGE, apply_plan, plan_for, slot_spectra
 
 FRACTIONS = (0.9, 0.8, 0.6)
-METHODS = ("svd", "whitening", "default", "spectrum")
+METHODS = ("svd", "whitening", "whitening+ridge", "default", "spectrum")
 SEQ = 512
 
 
@@ -51,7 +53,7 @@ def hf_matrix_rows(slot_name: str, out: int, arch) -> list[torch.Tensor]:
     return [rows]
 
 
-def per_matrix_whitening(model, arch, calibration, keep: float) -> int:
+def per_matrix_whitening(model, arch, calibration, keep: float, ridge: float = 1e-6) -> int:
     """SVD-LLM on every HF matrix, statistics from the dense model; returns the kept parameters."""
     inputs, kept = capture_layer_inputs(model, calibration), 0
     for layer in decoder_layers(model):
@@ -67,7 +69,7 @@ def per_matrix_whitening(model, arch, calibration, keep: float) -> int:
             for rows in hf_matrix_rows(slot.name, weight.shape[0], arch):
                 out, inp = len(rows), weight.shape[1]
                 rank = int(keep * out * inp / (out + inp))
-                up, down = column_factors(weight.detach()[rows], rank, input_cov=cov)
+                up, down = column_factors(weight.detach()[rows], rank, input_cov=cov, ridge=ridge)
                 with torch.no_grad():
                     weight[rows] = up @ down
                 kept += rank * (out + inp)
@@ -109,6 +111,7 @@ def main() -> None:
     methods = {
         "svd": lambda m, keep: decompose(m, uniform(keep), "svd"),
         "whitening": lambda m, keep: per_matrix_whitening(m, arch, calibration, keep),
+        "whitening+ridge": lambda m, keep: per_matrix_whitening(m, arch, calibration, keep, RIDGE),
         "default": lambda m, keep: decompose(m, uniform(keep)),
         "spectrum": lambda m, keep: decompose(m, plan_for(m, allocation="spectrum", spectra=spectra, keep=keep)),
     }

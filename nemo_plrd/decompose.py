@@ -22,6 +22,13 @@ optimum replaces W S by W K S^-T (``cross_cov``): the best rank-r truncation, in
 whitened space of X, of the least-squares map W K C^-1 from X to the target outputs.
 It reduces to the plain objective when X_t = X.
 
+Ridge: every input covariance is used as C + lam I, lam = ridge * mean(diag C), with the
+cross moment K (= C without a target) left alone, so the objective gains lam ||up @ down||_F^2
+and the least-squares map W K C^-1 becomes the ridge map W K (C + lam I)^-1: the usual cure
+for a regression fitted on a few thousand tokens in a space of hundreds of dimensions. The
+functions' default (1e-6) only guards singular statistics; ``nemo_plrd.transform.RIDGE`` is
+the measured choice for calibrated slots (BENCHMARKS.md).
+
 The top-r eigenvectors come from ``eigh`` (``solver="exact"``) or from randomized subspace
 iteration on the same replicated matrix (``solver="randomized"``: a few GEMMs with an
 n x (r + 16) block instead of a full eigendecomposition, seeded so that every TP rank gets
@@ -68,20 +75,20 @@ def _top_eigenvectors(sym: Tensor, rank: int, solver: str = "exact") -> tuple[Te
     return values.flip(0)[:rank], vectors.flip(1)[:, :rank]
 
 
-def _cholesky(cov: Tensor, jitter: float) -> Tensor:
-    """Lower-triangular S with S S^T = C + eps * mean(diag C) * I, eps = jitter (or 10x more).
+def _cholesky(cov: Tensor, ridge: float) -> Tensor:
+    """Lower-triangular S with S S^T = C + lam * I, lam = ridge * mean(diag C) (or 10x more).
 
     Statistics of few tokens are singular, and their fp32 accumulation can leave tiny
-    negative eigenvalues; the jitter grows tenfold until the factorisation succeeds.
+    negative eigenvalues; lam grows tenfold until the factorisation succeeds.
     """
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     scale = cov.diagonal().mean().clamp_min(1e-30)
     for attempt in range(6):
-        lower, info = torch.linalg.cholesky_ex(cov + jitter * 10**attempt * scale * eye)
+        lower, info = torch.linalg.cholesky_ex(cov + ridge * 10**attempt * scale * eye)
         if info == 0:
             return lower
     raise ValueError(f"the {cov.shape[0]}x{cov.shape[0]} calibration statistic is not positive "
-                     f"definite even with jitter {jitter * 1e5:g}: is it all zeros or not finite?")
+                     f"definite even with ridge {ridge * 1e5:g}: is it all zeros or not finite?")
 
 
 def _check(rank: int, limit: int, what: str) -> None:
@@ -97,20 +104,19 @@ def _balanced(up: Tensor, down: Tensor, up_reduce: Reduce, down_reduce: Reduce, 
     return (up * scale).to(dtype).contiguous(), (down / scale[:, None]).to(dtype).contiguous()
 
 
-def _whitening(input_cov: Optional[Tensor], cross_cov: Optional[Tensor], jitter: float):
-    """(S with S S^T = C or None, the right factor T that whitens W: S, or K S^-T with a target)."""
+def _whitening(input_cov: Optional[Tensor], cross_cov: Optional[Tensor], ridge: float):
+    """(S with S S^T = C + lam I, or None; T = K S^-T, the right factor that whitens W; K = C without a target)."""
     if input_cov is None:
         return None, None
-    s = _cholesky(input_cov.double(), jitter)
-    if cross_cov is None:
-        return s, s
-    return s, torch.linalg.solve_triangular(s, cross_cov.double().T, upper=False).T  # K S^-T
+    s = _cholesky(input_cov.double(), ridge)
+    cross = input_cov if cross_cov is None else cross_cov
+    return s, torch.linalg.solve_triangular(s, cross.double().T, upper=False).T
 
 
 def _column_gram(w: Tensor, input_cov: Optional[Tensor], cross_cov: Optional[Tensor], reduce: Reduce,
-                 jitter: float):
+                 ridge: float):
     """(W T, S or None, G = sum_i (W_i T)^T (W_i T)): the in x in Gram is the one all-reduce."""
-    s, t = _whitening(input_cov, cross_cov, jitter)
+    s, t = _whitening(input_cov, cross_cov, ridge)
     whitened = w if t is None else w @ t
     return whitened, s, reduce(whitened.T @ whitened)
 
@@ -125,7 +131,7 @@ def column_factors(
     rank: int,
     input_cov: Optional[Tensor] = None,
     reduce: Reduce = no_reduce,
-    jitter: float = 1e-6,
+    ridge: float = 1e-6,
     cross_cov: Optional[Tensor] = None,
     solver: str = "exact",
 ) -> tuple[Tensor, Tensor]:
@@ -136,7 +142,7 @@ def column_factors(
     """
     w = weight.double()
     _check(rank, w.shape[1], f"input size of a {tuple(w.shape)} column shard")
-    whitened, s, gram = _column_gram(w, input_cov, cross_cov, reduce, jitter)  # W_i T, S, in x in
+    whitened, s, gram = _column_gram(w, input_cov, cross_cov, reduce, ridge)  # W_i T, S, in x in
     _, q = _top_eigenvectors(gram, rank, solver)  # in x r
     down = q.T if s is None else torch.linalg.solve_triangular(s.T, q, upper=True).T  # Q^T S^-1
     return _balanced(whitened @ q, down, reduce, no_reduce, weight.dtype)
@@ -166,7 +172,7 @@ def column_retruncate(
     rank: int,
     input_cov: Optional[Tensor] = None,
     reduce: Reduce = no_reduce,
-    jitter: float = 1e-6,
+    ridge: float = 1e-6,
     cross_cov: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Column slot (up sharded on out, down replicated) from rank r to ``rank`` < r.
@@ -179,9 +185,9 @@ def column_retruncate(
     """
     u, v = up.double(), down.double()
     _check(rank, v.shape[0], "the current rank")
-    # R, r x r upper-triangular, one all-reduce; the tiny jitter only guards a singular up.
+    # R, r x r upper-triangular, one all-reduce; the tiny ridge only guards a singular up (an exact QR).
     r_upper = _cholesky(reduce(u.T @ u), 1e-12).T
-    s, t = _whitening(input_cov, cross_cov, jitter)
+    s, t = _whitening(input_cov, cross_cov, ridge)
     whitened = v if t is None else v @ t  # V T: r x in
     # B = R V T (r x in) is never formed: B B^T = R (V T)(V T)^T R^T and P^T B = (R^T P)^T V T.
     _, p = _top_eigenvectors(r_upper @ (whitened @ whitened.T) @ r_upper.T, rank)  # r x rank
@@ -216,13 +222,13 @@ def row_retruncate(
 
 
 def column_spectrum(weight: Tensor, input_cov: Optional[Tensor] = None, reduce: Reduce = no_reduce,
-                    jitter: float = 1e-6) -> Tensor:
+                    ridge: float = 1e-6) -> Tensor:
     """Descending eigenvalues of sum_i (W_i S)^T (W_i S): rank r keeps the top r of ||W X||^2.
 
     ``weight`` is this rank's rows (for a factored slot: up_i @ down). What rank planning
     spreads the budget by; the same all-reduce as ``column_factors``.
     """
-    return torch.linalg.eigvalsh(_column_gram(weight.double(), input_cov, None, reduce, jitter)[2]).flip(0)
+    return torch.linalg.eigvalsh(_column_gram(weight.double(), input_cov, None, reduce, ridge)[2]).flip(0)
 
 
 def row_spectrum(weight: Tensor, output_cov: Optional[Tensor] = None, reduce: Reduce = no_reduce) -> Tensor:

@@ -1,7 +1,7 @@
 """The foundation demo: dense vs low-rank SmolLM2-135M under tensor parallelism.
 
-Builds the SmolLM2-135M architecture (random weights: the HF import and the PLRD pipeline
-build on this) dense and with every slot at half its break-even rank, trains each a few
+Builds the SmolLM2-135M architecture (random weights: the figures it reports do not depend
+on them) dense and with every slot at half its break-even rank, trains each a few
 steps on synthetic tokens at TP=3 (SmolLM2 has 3 KV heads), and reports parameters,
 TP communication per step and training throughput side by side.
 """

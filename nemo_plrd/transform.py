@@ -25,6 +25,9 @@ from nemo_plrd.plan import RankPlan, SlotPlan, plan_ranks
 from nemo_plrd.slots import COLUMN, Slot, decoder_layers, layer_slots
 
 METHODS = ("activation", "svd")
+# Ridge of the column slots' calibrated statistics (``nemo_plrd.decompose``): chosen on
+# validation text, 60% of SmolLM2-135M's slot parameters, 8k calibration tokens (BENCHMARKS.md).
+RIDGE = 1e-2
 
 
 def current_rank(module: torch.nn.Module) -> Optional[int]:
@@ -60,11 +63,12 @@ def check_plan_fits(model: torch.nn.Module, plan: RankPlan) -> None:
                                  f"lower it (asked: {'dense' if planned is None else planned})")
 
 
-def _factor(slot: Slot, rank: int, stat: Optional[SlotStatistic], solver: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _factor(slot: Slot, rank: int, stat: Optional[SlotStatistic], solver: str,
+            ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) local shards for ``slot`` at ``rank`` from its weights and statistic (None: plain SVD)."""
     module, factored = slot.module, current_rank(slot.module) is not None
     if slot.kind == COLUMN:
-        calibrated = {} if stat is None else dict(input_cov=stat.cov, cross_cov=stat.cross)
+        calibrated = {} if stat is None else dict(input_cov=stat.cov, cross_cov=stat.cross, ridge=ridge)
         if factored:
             return decompose.column_retruncate(module.up.weight.detach(), module.down.weight.detach(), rank,
                                                reduce=tp_sum, **calibrated)
@@ -87,7 +91,7 @@ def _merged_shard(slot: Slot) -> torch.Tensor:
 def _spectrum(slot: Slot, stat: Optional[SlotStatistic]) -> torch.Tensor:
     cov = None if stat is None else stat.cov
     if slot.kind == COLUMN:
-        return decompose.column_spectrum(_merged_shard(slot), input_cov=cov, reduce=tp_sum)
+        return decompose.column_spectrum(_merged_shard(slot), input_cov=cov, reduce=tp_sum, ridge=RIDGE)
     if cov is not None and current_rank(slot.module) is not None:  # C_y = up C_z up^T
         up = slot.module.up.weight.detach().double()
         cov = up @ cov @ up.T
@@ -101,7 +105,7 @@ def slot_spectra(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (
     What ``allocation="spectrum"`` plans by. One pass through the model as it is now, so
     every slot's spectrum is measured before any slot changes.
     """
-    _check_method(method)
+    _check_options(method)
     activation = method == "activation"
     inputs = _layer_inputs(model, calibration) if activation else []
     spectra = []
@@ -130,11 +134,13 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
                       spectra=spectra, max_ranks=model_ranks(model), **request)
 
 
-def _check_method(method: str, solver: str = "exact") -> None:
+def _check_options(method: str, solver: str = "exact", ridge: float = RIDGE) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if solver not in decompose.SOLVERS:
         raise ValueError(f"solver={solver!r} is not one of {decompose.SOLVERS}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge={ridge!r} must be a number >= 0 (a fraction of the mean input variance)")
 
 
 def _layer_inputs(model: torch.nn.Module, calibration: Iterable[torch.Tensor]):
@@ -173,16 +179,18 @@ def apply_plan(
     method: str = "activation",
     progress: bool = True,
     solver: str = "exact",
+    ridge: float = RIDGE,
 ) -> torch.nn.Module:
     """Bring every slot of ``model`` to its planned rank, in place; returns the model.
 
     ``calibration``: batches of token ids [b, s], needed by ``method="activation"``.
     ``solver``: "exact" or "randomized" top eigenvectors of dense slots (``nemo_plrd.decompose``).
+    ``ridge``: of the column slots' calibrated objective (``nemo_plrd.decompose``).
     Within a layer the attention slots go first, so the MLP's statistics already flow
     through the decomposed attention; the column slots aim at the outputs they had in the
     model as it was before this call (the target path, see ``nemo_plrd.calibrate``).
     """
-    _check_method(method, solver)
+    _check_options(method, solver, ridge)
     check_plan_fits(model, plan)
     activation = method == "activation"
     inputs = _layer_inputs(model, calibration) if activation else []
@@ -200,7 +208,7 @@ def apply_plan(
             stats = slot_statistics(layer, todo, inputs, target_slots) if activation else {}
             for slot in todo:
                 rank = plan.rank(slot.layer, slot.name)
-                up, down = _factor(slot, rank, stats.get(slot.name), solver)
+                up, down = _factor(slot, rank, stats.get(slot.name), solver, ridge)
                 slot.replace(_low_rank_module(slot, rank, up, down))
         if activation:
             inputs, targets = run_layer(layer, inputs), next_targets
@@ -217,10 +225,14 @@ class PLRDTransform:
     calibration: Callable[[], Iterable[torch.Tensor]] = lambda: ()
     method: str = "activation"
     solver: str = "exact"
+    ridge: float = RIDGE
+
+    def __post_init__(self) -> None:
+        _check_options(self.method, self.solver, self.ridge)
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         if len(model) != 1:
             raise ValueError(f"PLRD needs the whole model in one chunk (got {len(model)}: "
                              "virtual pipeline stages are not supported yet)")
-        apply_plan(model[0], self.plan, self.calibration(), self.method, solver=self.solver)
+        apply_plan(model[0], self.plan, self.calibration(), self.method, solver=self.solver, ridge=self.ridge)
         return model

@@ -38,7 +38,7 @@ def svd_optimum(weight, rank):
 def test_column_and_row_activation_factors_reach_the_optimum(data, rank):
     weight, cov = data
     best = activation_optimum(weight, cov, rank)
-    up, down = column_factors(weight, rank, input_cov=cov, jitter=0.0)
+    up, down = column_factors(weight, rank, input_cov=cov, ridge=0.0)
     assert up.shape == (M, rank) and down.shape == (rank, N)
     assert activation_error(weight, up @ down, cov) == pytest.approx(best, rel=RTOL)
     up, down = row_factors(weight, rank, output_cov=weight @ cov @ weight.T)
@@ -59,12 +59,12 @@ def test_plain_svd_reaches_eckart_young(data, rank):
 @pytest.mark.parametrize("method", ["activation", "svd"])
 def test_retruncation_equals_decomposing_the_product(data, method):
     weight, cov = data
-    up, down = column_factors(weight, 24, input_cov=cov, jitter=0.0)
+    up, down = column_factors(weight, 24, input_cov=cov, ridge=0.0)
     product = up @ down
     stats = cov if method == "activation" else None
     # Column: same input statistics for the dense product and the factors.
-    new_up, new_down = column_retruncate(up, down, 9, input_cov=stats, jitter=0.0)
-    ref_up, ref_down = column_factors(product, 9, input_cov=stats, jitter=0.0)
+    new_up, new_down = column_retruncate(up, down, 9, input_cov=stats, ridge=0.0)
+    ref_up, ref_down = column_factors(product, 9, input_cov=stats, ridge=0.0)
     torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
     # Row: latent statistics C_z = V C V^T give the output statistics U C_z U^T.
     latent = None if stats is None else down @ cov @ down.T
@@ -85,38 +85,44 @@ def target_pairs(data):
     return weight, x, x_t
 
 
-def target_error(weight, approx, x, x_t):
-    """||W X_t - M X||^2 / tokens, from the samples."""
-    return (weight @ x_t - approx @ x).square().sum().item() / x.shape[1]
-
-
+@pytest.mark.parametrize("ridge", [0.0, 0.1])
 @pytest.mark.parametrize("rank", [1, 7, 20])
-def test_column_target_correction_reaches_the_optimum_of_the_target_objective(target_pairs, rank):
+def test_column_target_correction_reaches_the_optimum_of_the_ridge_objective(target_pairs, rank, ridge):
+    """min over rank-r M of ||W X_t - M X||^2 + lam ||M||^2, lam = ridge * mean(diag C) * tokens.
+
+    That is plain least squares on inputs augmented with sqrt(lam) I and targets with zeros,
+    so its optimum is ||Y||^2 minus the top-r eigenvalues of M* X X^T M*^T (M* its full solution).
+    """
     weight, x, x_t = target_pairs
     cov, cross = x @ x.T / TOKENS, x_t @ x.T / TOKENS
-    target = (weight @ x_t).square().sum().item() / TOKENS
-    # Column: min over rank-r M is ||W X_t||^2 minus the top-r eigenvalues of M* C M*^T, M* = W K C^-1.
-    best_full = torch.linalg.lstsq(x.T, (weight @ x_t).T).solution.T  # argmin_M ||W X_t - M X||
-    kept = torch.linalg.eigvalsh(best_full @ cov @ best_full.T).flip(0)[:rank].sum().item()
-    up, down = column_factors(weight, rank, input_cov=cov, cross_cov=cross, jitter=0.0)
-    assert target_error(weight, up @ down, x, x_t) == pytest.approx(target - kept, rel=1e-8)
-    plain = column_factors(weight, rank, input_cov=cov, jitter=0.0)
-    assert target_error(weight, up @ down, x, x_t) < target_error(weight, plain[0] @ plain[1], x, x_t)
+    lam = ridge * cov.diagonal().mean() * TOKENS
+    x_aug = torch.cat([x, lam.sqrt() * torch.eye(N, dtype=x.dtype)], dim=1)  # N x (tokens + N)
+    y_aug = torch.cat([weight @ x_t, torch.zeros(M, N, dtype=x.dtype)], dim=1)
+    best_full = torch.linalg.lstsq(x_aug.T, y_aug.T).solution.T
+    kept = torch.linalg.eigvalsh(best_full @ x_aug @ x_aug.T @ best_full.T).flip(0)[:rank].sum().item()
+    optimum = y_aug.square().sum().item() - kept
+
+    def error(up, down):
+        return (y_aug - up @ down @ x_aug).square().sum().item()
+
+    corrected = column_factors(weight, rank, input_cov=cov, cross_cov=cross, ridge=ridge)
+    assert error(*corrected) == pytest.approx(optimum, rel=1e-8)
+    assert error(*corrected) < error(*column_factors(weight, rank, input_cov=cov, ridge=ridge))
 
 
 def test_target_corrected_column_retruncation_equals_decomposing_the_product(target_pairs):
     weight, x, x_t = target_pairs
     cov, cross = x @ x.T / TOKENS, x_t @ x.T / TOKENS
     up, down = column_factors(weight, 24)
-    new_up, new_down = column_retruncate(up, down, 9, input_cov=cov, cross_cov=cross, jitter=0.0)
-    ref_up, ref_down = column_factors(up @ down, 9, input_cov=cov, cross_cov=cross, jitter=0.0)
+    new_up, new_down = column_retruncate(up, down, 9, input_cov=cov, cross_cov=cross, ridge=0.0)
+    ref_up, ref_down = column_factors(up @ down, 9, input_cov=cov, cross_cov=cross, ridge=0.0)
     torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
 
 
 def test_spectra_give_the_error_of_every_rank(data):
     """What planning assumes: the error at rank r is the tail of the slot's spectrum beyond r."""
     weight, cov = data
-    column = column_spectrum(weight, input_cov=cov, jitter=0.0)
+    column = column_spectrum(weight, input_cov=cov, ridge=0.0)
     row = row_spectrum(weight, output_cov=weight @ cov @ weight.T)
     plain = column_spectrum(weight)
     for rank in (1, 7, 20):
@@ -151,7 +157,7 @@ def test_factors_are_balanced_and_keep_the_weight_dtype(data):
         torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-5, atol=0)
 
 
-def test_jitter_makes_rank_deficient_statistics_usable(data):
+def test_ridge_makes_rank_deficient_statistics_usable(data):
     weight, _ = data
     x = torch.randn(N, 10, dtype=torch.float64)  # 10 tokens: C has rank 10 < 40
     up, down = column_factors(weight, 8, input_cov=x @ x.T / 10)

@@ -9,7 +9,7 @@ from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.plan import plan_ranks
 from nemo_plrd.slots import decoder_layers, layer_slots
 from nemo_plrd.model import parameter_count
-from nemo_plrd.transform import PLRDTransform, apply_plan, plan_for, slot_spectra
+from nemo_plrd.transform import RIDGE, PLRDTransform, apply_plan, plan_for, slot_spectra
 from tp_utils import tp_gather
 
 ARCH = LlamaArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -73,7 +73,7 @@ def test_each_slot_reaches_its_activation_optimum_and_retruncation_too():
     attention = decoder_layers(model)[0].self_attention
     dense = {name: getattr(attention, name).weight.detach().clone() for name in inputs}
     plan = plan_ranks(SHAPES, keep=0.5)
-    apply_plan(model, plan, BATCHES, "activation", progress=False)
+    apply_plan(model, plan, BATCHES, "activation", progress=False, ridge=0.0)  # the plain objective
     for name, x in inputs.items():
         slot = getattr(attention, name)
         error, best = error_and_optimum(dense[name], slot.up.weight @ slot.down.weight, x, slot.rank)
@@ -82,7 +82,7 @@ def test_each_slot_reaches_its_activation_optimum_and_retruncation_too():
     # Stage 2: re-truncate the factors; the best rank-r' approximation of the stage-1 product.
     qkv = attention.linear_qkv
     product = (qkv.up.weight @ qkv.down.weight).detach().clone()
-    apply_plan(model, plan_ranks(SHAPES, keep=0.25), BATCHES, "activation", progress=False)
+    apply_plan(model, plan_ranks(SHAPES, keep=0.25), BATCHES, "activation", progress=False, ridge=0.0)
     qkv = attention.linear_qkv
     assert qkv.rank == plan_ranks(SHAPES, keep=0.25).rank(0, "linear_qkv") < plan.rank(0, "linear_qkv")
     error, best = error_and_optimum(product, qkv.up.weight @ qkv.down.weight, inputs["linear_qkv"], qkv.rank)
@@ -91,7 +91,8 @@ def test_each_slot_reaches_its_activation_optimum_and_retruncation_too():
 
 def test_later_column_slots_reach_the_optimum_of_the_target_objective():
     """Layer 1's qkv and fc1 see inputs perturbed by the decomposed layer 0 (and attention); their
-    factors minimise ||W X_t - U V X|| against the dense model's inputs X_t."""
+    factors minimise the ridge objective ||W X_t - U V X||^2 + lam ||U V||^2 against the dense
+    model's inputs X_t."""
     init_model_parallel(1, seed=5)
     model = build_gpt(ARCH)
     names = ("linear_qkv", "linear_fc1")
@@ -105,11 +106,15 @@ def test_later_column_slots_reach_the_optimum_of_the_target_objective():
             continue
         w, x, x_t = dense[slot.name], inputs[slot.name], targets[slot.name]
         assert (x - x_t).norm() > 1e-3 * x_t.norm()  # the inputs really moved
-        best_full = torch.linalg.lstsq(x, x_t @ w.T).solution.T  # argmin_M ||W X_t - M X||
-        kept = torch.linalg.eigvalsh(best_full @ (x.T @ x) @ best_full.T).flip(0)[:slot.module.rank].sum()
-        optimum = ((x_t @ w.T).square().sum() - kept).item()
+        # ||W X_t - M X||^2 + lam ||M||^2 is least squares on X, Y = X_t W^T stacked over sqrt(lam) I, 0.
+        lam = RIDGE * x.square().sum(0).mean()  # ridge * mean(diag(X^T X))
+        x_aug = torch.cat([x, lam.sqrt() * torch.eye(x.shape[1], dtype=x.dtype)])
+        y_aug = torch.cat([x_t @ w.T, torch.zeros(x.shape[1], w.shape[0], dtype=x.dtype)])
+        best_full = torch.linalg.lstsq(x_aug, y_aug).solution.T  # argmin over all M
+        kept = torch.linalg.eigvalsh(best_full @ (x_aug.T @ x_aug) @ best_full.T).flip(0)[:slot.module.rank].sum()
+        optimum = (y_aug.square().sum() - kept).item()
         approx = (slot.module.up.weight @ slot.module.down.weight).double()
-        error = (x_t @ w.T - x @ approx.T).square().sum().item()
+        error = (y_aug - x_aug @ approx.T).square().sum().item()
         assert error == pytest.approx(optimum, rel=1e-3)  # fp32 model, fp64 optimum
 
 
@@ -122,6 +127,8 @@ def test_transform_refuses_plans_it_cannot_apply():
         apply_plan(model, plan_ranks(SHAPES, keep=0.5), BATCHES, method="qr")
     with pytest.raises(ValueError, match="solver='lanczos' is not one of"):
         apply_plan(model, plan_ranks(SHAPES, keep=0.5), BATCHES, solver="lanczos")
+    with pytest.raises(ValueError, match="ridge=-0.1 must be a number >= 0"):
+        PLRDTransform(plan_ranks(SHAPES, keep=0.5), lambda: BATCHES, ridge=-0.1)
     with pytest.raises(ValueError, match="needs calibration batches"):
         apply_plan(model, plan_ranks(SHAPES, keep=0.5), [])
     PLRDTransform(plan_ranks(SHAPES, keep=0.25), lambda: BATCHES)([model])

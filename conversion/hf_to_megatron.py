@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import run
+from nemo_plrd.cli import run_script
 
 
 def main() -> None:
@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_script(main)

@@ -79,3 +79,22 @@ def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch
                       sequence_parallel=sequence_parallel)
     load_checkpoint(model, path)
     return model, arch
+
+
+def load_parent(source: str | Path) -> tuple[torch.nn.Module, LlamaArch, Path]:
+    """(model, arch, folder of the HF config + tokenizer) from a PLRD checkpoint or an HF model directory.
+
+    A checkpoint is a later stage's parent (its factored slots get re-truncated); an HF
+    directory is imported dense. Either way the model is built at megatron's current TP size.
+    """
+    from nemo_plrd.hf import import_hf
+
+    path = Path(source)
+    if not (path / "metadata.json").is_file():
+        model, arch = import_hf(path)
+        return model, arch, path
+    if not (path / "hf" / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no hf/config.json (the HF parent's config and tokenizer): "
+                                "save it with save_checkpoint(..., hf_source=...)")
+    model, arch = load_model(path)
+    return model, arch, path / "hf"

@@ -6,6 +6,10 @@ import argparse
 import os
 import subprocess
 import sys
+from typing import Callable
+
+# What a script refuses cleanly (message, exit status 2): bad input, not a bug.
+BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError)
 
 
 def _positive(text: str) -> int:
@@ -13,6 +17,15 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a script's ``main``; bad input ends the process with its message and status 2, no traceback."""
+    try:
+        main()
+    except BAD_INPUT as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _relaunch_under_torchrun(nproc: int) -> int:

@@ -135,6 +135,32 @@ def _energy_fraction(spectrum: torch.Tensor) -> torch.Tensor:
     return torch.cat([energy.new_zeros(1), energy.cumsum(0) / energy.sum().clamp_min(1e-300)])
 
 
+def check_request(ranks: Optional[Mapping[str, int]], keep: Optional[float], target_params: Optional[int],
+                  allocation: str = "uniform", multiple: int = 8) -> None:
+    """What can be refused before any model exists (``plan_ranks`` and recipe configs call it)."""
+    asked = [name for name, value in (("ranks", ranks), ("keep", keep), ("target_params", target_params))
+             if value is not None]
+    if len(asked) != 1:
+        raise ValueError(f"give exactly one of ranks, keep, target_params (got {asked or 'none'})")
+    if not _is_int(multiple) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r} must be a positive integer")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
+    if ranks is not None:
+        check_slot_names(ranks)
+        for slot, rank in ranks.items():
+            if not _is_int(rank) or rank < 1:
+                raise ValueError(f"rank {rank!r} for {slot} must be a positive integer")
+    if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep < 1):
+        raise ValueError(f"keep={keep!r} must be a fraction in (0, 1)")
+    if target_params is not None and (not _is_int(target_params) or target_params < 1):
+        raise ValueError(f"target_params={target_params!r} must be a positive integer")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def plan_ranks(
     shapes: Sequence[Mapping[str, Shape]],
     *,
@@ -155,23 +181,12 @@ def plan_ranks(
     ``max_ranks`` (per layer, {slot: rank or None}): the current ranks of an already
     factored model, which a later stage can only lower.
     """
-    asked = [name for name, value in (("ranks", ranks), ("keep", keep), ("target_params", target_params))
-             if value is not None]
-    if len(asked) != 1:
-        raise ValueError(f"give exactly one of ranks, keep, target_params (got {asked or 'none'})")
-    if multiple < 1:
-        raise ValueError(f"multiple={multiple} must be a positive integer")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
+    check_request(ranks, keep, target_params, allocation, multiple)
     for layer_shapes in shapes:
         check_slot_names(layer_shapes)
     cells = [(layer, slot, shape) for layer, layer_shapes in enumerate(shapes) for slot, shape in layer_shapes.items()]
 
     if ranks is not None:
-        check_slot_names(ranks)
-        for slot, rank in ranks.items():
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-                raise ValueError(f"rank {rank!r} for {slot} must be a positive integer")
         slots = []
         for layer, slot, (out, inp) in cells:
             rank = ranks.get(slot)
@@ -181,8 +196,6 @@ def plan_ranks(
 
     dense = sum(out * inp for _, _, (out, inp) in cells)
     if keep is not None:
-        if not 0 < keep < 1:
-            raise ValueError(f"keep={keep} must be a fraction in (0, 1)")
         budget = int(keep * dense)
     else:
         budget = target_params - other_params

@@ -105,7 +105,7 @@ def slot_spectra(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (
     What ``allocation="spectrum"`` plans by. One pass through the model as it is now, so
     every slot's spectrum is measured before any slot changes.
     """
-    _check_options(method)
+    check_options(method)
     activation = method == "activation"
     inputs = _layer_inputs(model, calibration) if activation else []
     spectra = []
@@ -134,7 +134,7 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
                       spectra=spectra, max_ranks=model_ranks(model), **request)
 
 
-def _check_options(method: str, solver: str = "exact", ridge: float = RIDGE) -> None:
+def check_options(method: str, solver: str = "exact", ridge: float = RIDGE) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
     if solver not in decompose.SOLVERS:
@@ -156,7 +156,9 @@ def _low_rank_module(slot: Slot, rank: int, up: torch.Tensor, down: torch.Tensor
     Dense megatron layers and ours expose the same attributes, so either can be replaced.
     """
     old = slot.module
-    kind_args = (dict(gather_output=old.gather_output) if slot.kind == COLUMN
+    # stride 2: a gated fc1's rows are [gate_i; up_i] per rank, which its checkpoint layout needs to know.
+    kind_args = (dict(gather_output=old.gather_output, stride=getattr(old, "stride", None)
+                      or getattr(old.weight, "partition_stride", 1)) if slot.kind == COLUMN
                  else dict(input_is_parallel=old.input_is_parallel))
     new = LOW_RANK_LAYERS[slot.kind](
         old.input_size, old.output_size, rank=rank, config=old.config,
@@ -190,7 +192,7 @@ def apply_plan(
     through the decomposed attention; the column slots aim at the outputs they had in the
     model as it was before this call (the target path, see ``nemo_plrd.calibrate``).
     """
-    _check_options(method, solver, ridge)
+    check_options(method, solver, ridge)
     check_plan_fits(model, plan)
     activation = method == "activation"
     inputs = _layer_inputs(model, calibration) if activation else []
@@ -228,7 +230,7 @@ class PLRDTransform:
     ridge: float = RIDGE
 
     def __post_init__(self) -> None:
-        _check_options(self.method, self.solver, self.ridge)
+        check_options(self.method, self.solver, self.ridge)
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         if len(model) != 1:

@@ -15,7 +15,7 @@ from nemo_plrd.model import build_gpt, gpt_forward, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.transform import apply_plan, plan_for
 from test_hf import CONFIGS, TOKENS, hf_model
-from tp_utils import tp_gather
+from tp_utils import shared_tmp, tp_gather
 
 
 def save_parent(kind: str, path):
@@ -25,13 +25,6 @@ def save_parent(kind: str, path):
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
     tokenizer.save_pretrained(path)
-
-
-def shared_tmp(tmp_path_factory, name):
-    """One directory for both ranks (each rank's tmp_path differs)."""
-    path = [str(tmp_path_factory.mktemp(name)) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(path, src=0)
-    return path[0]
 
 
 @pytest.mark.parametrize("tp_size", [1, 2], indirect=True)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nemo_plrd.checkpoint import load_model, save_checkpoint
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
 from nemo_plrd.model import LlamaArch, build_gpt, gpt_forward
 from nemo_plrd.parallel import init_model_parallel
@@ -10,7 +11,7 @@ from nemo_plrd.plan import plan_ranks
 from nemo_plrd.slots import decoder_layers, layer_slots
 from nemo_plrd.model import parameter_count
 from nemo_plrd.transform import RIDGE, PLRDTransform, apply_plan, plan_for, slot_spectra
-from tp_utils import tp_gather
+from tp_utils import shared_tmp, tp_gather
 
 ARCH = LlamaArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                  num_query_groups=2, vocab_size=128, max_sequence_length=64)
@@ -116,6 +117,24 @@ def test_later_column_slots_reach_the_optimum_of_the_target_objective():
         approx = (slot.module.up.weight @ slot.module.down.weight).double()
         error = (y_aug - x_aug @ approx.T).square().sum().item()
         assert error == pytest.approx(optimum, rel=1e-3)  # fp32 model, fp64 optimum
+
+
+@pytest.mark.parametrize("tp_size", [2], indirect=True)
+def test_a_model_decomposed_at_tp2_checkpoints_and_loads_at_tp1(tp_size, tmp_path_factory):
+    """The replaced slots keep megatron's checkpoint layout (a gated fc1's [gate; up] rows included)."""
+    root = shared_tmp(tmp_path_factory, "decomposed")
+    init_model_parallel(tp_size, seed=5)
+    model = build_gpt(ARCH)
+    with torch.no_grad():  # large weights: every block moves the logits, so a misplaced row shows
+        for param in model.parameters():
+            param.mul_(8 if param.dim() > 1 else 1)
+    apply_plan(model, plan_ranks(SHAPES, keep=0.5), BATCHES, progress=False)
+    expected = logits(model)
+    save_checkpoint(model, f"{root}/tp2", ARCH)
+
+    init_model_parallel(1, seed=6)
+    loaded, _ = load_model(f"{root}/tp2")
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-4)
 
 
 def test_transform_refuses_plans_it_cannot_apply():

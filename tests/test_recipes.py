@@ -1,0 +1,127 @@
+"""The decomposition recipe: its config (YAML + overrides, refused when bad) and two real stages."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from nemo_plrd.assets import smollm2_135m
+from nemo_plrd.config import DecomposeConfig, load_config
+from nemo_plrd.plan import RankPlan
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "recipes" / "smollm2_135m.yaml"
+
+
+def config(tmp_path, *overrides: str) -> DecomposeConfig:
+    return load_config(DecomposeConfig, YAML, [f"output={tmp_path / 'out'}", *overrides])
+
+
+def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
+    cfg = config(tmp_path, "plrd.plan.keep=null", "plrd.plan.target_params=80000000",
+                 "plrd.calibration.tokens=1024", "eval.tasks=[piqa]", "eval.limit=null")
+    assert cfg.parent == "smollm2-135m" and cfg.output == str(tmp_path / "out")
+    assert cfg.plrd.plan.request() == {"target_params": 80_000_000, "allocation": "uniform", "multiple": 8}
+    assert cfg.plrd.calibration.tokens == 1024 and cfg.plrd.calibration.seq_length == 512
+    assert (cfg.eval.tasks, cfg.eval.limit, cfg.export) == (["piqa"], None, ["factored", "merged"])
+    assert cfg.plrd.method == "activation" and cfg.plrd.ridge == 0.01
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["plrd.plan.kep=0.5"], r"unknown key(s) ['plrd.plan.kep']; allowed here: ['plrd.plan.keep', "),
+    (["plrd.plan.keep=half"], "plrd.plan.keep='half' must be Optional[float]"),
+    (["plrd.plan.keep=1.5"], "keep=1.5 must be a fraction in (0, 1)"),
+    (["plrd.plan.target_params=80000000"], "give exactly one of ranks, keep, target_params (got ['keep', 'target_params'])"),
+    (["plrd.plan.keep=null", "plrd.plan.ranks={linear_qkv: 64, attention: 8}"], "unknown slot name(s) ['attention']"),
+    (["plrd.method=qr"], "method='qr' is not one of ('activation', 'svd')"),
+    (["plrd.ridge=-1"], "ridge=-1 must be a number >= 0"),
+    (["plrd.calibration.tokens=0"], "plrd.calibration.tokens=0 must be a positive integer"),
+    (["plrd.calibration.text=/no/such.txt"], "calibration.text='/no/such.txt' is not a file"),
+    (["parent=/no/such/model"], "parent='/no/such/model' is not a directory"),
+    (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
+    (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
+    (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
+    (["plrd=0.5"], "plrd must be a mapping of keys to values, got 0.5"),
+    (["plrd.plan"], "override 'plrd.plan' is not key=value"),
+])
+def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, overrides, message):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, *overrides)
+    assert message in str(error.value)
+
+
+def test_an_existing_output_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="already exists; choose a new output"):
+        config(tmp_path)
+
+
+def recipe(*args, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(nproc)]
+    return subprocess.run([*launcher, str(ROOT / "recipes" / "decompose.py"), "--config", str(YAML), *map(str, args)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def tiny_parent(tmp_path_factory) -> Path:
+    """A tiny random LLaMA with SmolLM2's tokenizer, so the calibration and eval text is real."""
+    path = tmp_path_factory.mktemp("parent")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_135m() / name, path / name)
+    return path
+
+
+def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path):
+    small = ["plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "eval.perplexity_blocks=2"]
+    first = tmp_path / "stage1"
+    run = recipe(f"parent={tiny_parent}", f"output={first}", "plrd.plan.keep=0.6", "eval.tasks=[arc_easy]",
+                 "eval.limit=3", *small, nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in first.iterdir()) == ["checkpoint", "eval", "hf-factored", "hf-merged", "plan.json",
+                                                       "plan.txt", "summary.json", "summary.md"]
+    assert not Path(f"{first}.partial").exists()
+    plan = RankPlan.from_json((first / "plan.json").read_text())
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["tp"] == 2 and summary["member_params"] == plan.params < summary["parent_params"]
+
+    factored = transformers.AutoModelForCausalLM.from_pretrained(first / "hf-factored", trust_remote_code=True)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(first / "hf-merged")
+    assert factored.num_parameters() == plan.params
+    tokens = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(factored(tokens).logits, merged(tokens).logits, rtol=0, atol=1e-4)
+    # The held-out perplexity of the TP=2 megatron model is the HF export's, as lm-eval's run measured it.
+    results = json.loads((first / "eval" / "results.json").read_text())
+    assert results["perplexity"] == pytest.approx(summary["member_perplexity"], rel=1e-4)
+    assert 0 <= results["tasks"]["arc_easy"]["acc"] <= 1
+
+    second = tmp_path / "stage2"  # the next stage: the checkpoint re-truncated, at TP=1
+    run = recipe(f"parent={first / 'checkpoint'}", f"output={second}", "plrd.plan.keep=0.3", "export=[factored]",
+                 "eval.tasks=[]", *small)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lower = RankPlan.from_json((second / "plan.json").read_text())
+    pairs = [(a.rank, b.rank) for a, b in zip(plan.slots, lower.slots)]
+    assert all(b <= a for a, b in pairs) and any(b < a for a, b in pairs)
+    assert json.loads((second / "checkpoint" / "plrd.json").read_text())["ranks"] == lower.layer_ranks()
+    summary2 = json.loads((second / "summary.json").read_text())
+    assert summary2["parent_params"] == plan.params and summary2["parent_perplexity"] == pytest.approx(
+        summary["member_perplexity"], rel=1e-4)  # stage 2 starts from exactly what stage 1 wrote
+    assert "wrote" in run.stdout and "held-out perplexity" in (second / "summary.md").read_text()
+
+
+def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    run = recipe(f"output={out}", "plrd.plan.keep=2")
+    assert run.returncode == 2 and "keep=2 must be a fraction in (0, 1)" in run.stderr, run.stderr[-2000:]
+    assert not out.exists() and not Path(f"{out}.partial").exists()

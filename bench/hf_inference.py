@@ -1,12 +1,14 @@
 """Prefill and decode speed of factored HF exports of SmolLM2-135M vs the dense parent (CPU).
 
-    .venv/bin/python bench/hf_inference.py [--keep 0.6 0.4 0.25] [--repeats 5]
+    .venv/bin/python bench/hf_inference.py [--keep 0.6 0.4 0.25] [--repeats 5] [--profile]
 
 Each family member is made the way users make one (megatron import, rank plan, decomposition,
 ``export_hf(format="factored")``) and loaded with ``trust_remote_code=True``. Timed
 interleaved with the parent, fp32, batch 1: prefill of 512 tokens, and greedy decode of 64
 tokens with the KV cache. The FLOP reduction counts the matmuls per token (slots + LM head);
-the target is speed-up >= 0.8 x FLOP reduction.
+the target is speed-up >= 0.8 x FLOP reduction. ``--profile`` adds where decode time goes:
+torch's profiler splits one decode into matrix products and everything else (norms, rotary,
+attention, sampling), which no rank reduces.
 """
 
 from __future__ import annotations
@@ -34,10 +36,20 @@ def matmul_params(model) -> int:
         model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0)
 
 
+def decode_split(decode) -> tuple[float, float]:
+    """(seconds in matrix products, seconds in all other ops) of one ``decode()``, by torch's profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        decode()
+    events = profile.key_averages()
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    return matmul / 1e6, (sum(e.self_cpu_time_total for e in events) - matmul) / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, nargs="+", default=[0.6, 0.4, 0.25])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also split decode time: matmuls vs the rest")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     parent_dir = smollm2_135m()
@@ -52,7 +64,7 @@ def main() -> None:
         return lambda: model.generate(short, max_new_tokens=DECODE, min_new_tokens=DECODE, do_sample=False)
 
     init_model_parallel(1)
-    rows = []
+    rows, splits = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for keep in args.keep:
             model, _ = import_hf(parent_dir)
@@ -67,8 +79,17 @@ def main() -> None:
                              f"{flops:.2f}x", f"{tokens / t['dense']:.0f}", f"{tokens / t['factored']:.0f}",
                              f"{speedup:.2f}x", f"{speedup / flops:.2f}"))
                 print(f"{keep:.0%} {phase}: {speedup:.2f}x faster, FLOP reduction {flops:.2f}x", flush=True)
+            if args.profile:
+                (dense_mm, dense_rest), (ours_mm, ours_rest) = decode_split(decode(parent)), decode_split(decode(member))
+                splits.append((f"{keep:.0%} of slots", f"{flops:.2f}x", f"{dense_mm:.2f} / {ours_mm:.2f}",
+                               f"{dense_mm / ours_mm:.2f}x", f"{dense_rest:.2f} / {ours_rest:.2f}",
+                               f"{ours_rest / (ours_mm + ours_rest):.0%}"))
     print(format_table(("member", "phase", "param ratio", "FLOP reduction", "dense tok/s", "factored tok/s",
                         "speed-up", "speed-up / FLOP red. (target >= 0.8)"), rows))
+    if splits:
+        print(f"\ndecode of {DECODE} tokens, profiled (seconds, dense / factored):")
+        print(format_table(("member", "FLOP reduction", "matmuls", "matmul speed-up", "other ops",
+                            "other share of factored"), splits))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from nemo_plrd.slots import COLUMN, Slot, decoder_layers, layer_slots
 
 METHODS = ("activation", "svd")
 # Ridge of the column slots' calibrated statistics (``nemo_plrd.decompose``): chosen on
-# validation text, 60% of SmolLM2-135M's slot parameters, 8k calibration tokens (BENCHMARKS.md).
+# validation text, 60% of SmolLM2-135M's slot parameters, 8k calibration tokens (bench/ridge_sweep.py).
 RIDGE = 1e-2
 
 

@@ -1,10 +1,11 @@
 """Prefill and decode speed of factored HF exports of SmolLM2-135M vs the dense parent (CPU).
 
     .venv/bin/python bench/hf_inference.py [--keep 0.6 0.4 0.25] [--repeats 5] [--profile]
+                                           [--parent HF_DIR] [--device cuda --dtype bf16 --batch 8]
 
 Each family member is made the way users make one (megatron import, rank plan, decomposition,
 ``export_hf(format="factored")``) and loaded with ``trust_remote_code=True``. Timed
-interleaved with the parent, fp32, batch 1: prefill of 512 tokens, and greedy decode of 64
+interleaved with the parent, fp32 on CPU (bf16 on a GPU), batch 1 (``--batch``): prefill of 512 tokens, and greedy decode of 64
 tokens with the KV cache. The FLOP reduction counts the matmuls per token (slots + LM head);
 the target is speed-up >= 0.8 x FLOP reduction. ``--profile`` adds where decode time goes:
 torch's profiler splits one decode into matrix products and everything else (norms, rotary,
@@ -50,18 +51,32 @@ def main() -> None:
     parser.add_argument("--keep", type=float, nargs="+", default=[0.6, 0.4, 0.25])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also split decode time: matmuls vs the rest")
+    parser.add_argument("--parent", default=None, help="HF LLaMA directory (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on cpu, bf16 on cuda")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
+    if args.profile and args.device == "cuda":
+        parser.error("--profile splits CPU time (eager ops); run it with --device cpu")
     torch.set_grad_enabled(False)
-    parent_dir = smollm2_135m()
-    parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32).eval()
-    prompt = torch.randint(0, parent.config.vocab_size, (1, PREFILL), generator=torch.Generator().manual_seed(0))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    parent_dir = args.parent or smollm2_135m()
+
+    def load(path, **kwargs):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(args.device).eval()
+
+    parent = load(parent_dir)
+    prompt = torch.randint(0, parent.config.vocab_size, (args.batch, PREFILL),
+                           generator=torch.Generator().manual_seed(0)).to(args.device)
     short = prompt[:, :16]
 
     def prefill(model):
-        return lambda: model(prompt)
+        return lambda: (model(prompt), synchronize())
 
     def decode(model):
-        return lambda: model.generate(short, max_new_tokens=DECODE, min_new_tokens=DECODE, do_sample=False)
+        return lambda: (model.generate(short, max_new_tokens=DECODE, min_new_tokens=DECODE, do_sample=False),
+                        synchronize())
 
     init_model_parallel(1)
     rows, splits = [], []
@@ -70,13 +85,13 @@ def main() -> None:
             model, _ = import_hf(parent_dir)
             apply_plan(model, plan_for(model, keep=keep), method="svd", progress=False)
             out = export_hf(model, f"{tmp}/keep{keep}", parent_dir, format="factored")
-            member = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+            member = load(out, trust_remote_code=True)
             flops = matmul_params(parent) / matmul_params(member)
             for phase, tokens, make in (("prefill", PREFILL, prefill), ("decode", DECODE, decode)):
                 t = interleaved_medians({"dense": make(parent), "factored": make(member)}, args.repeats)
                 speedup = t["dense"] / t["factored"]
                 rows.append((f"{keep:.0%} of slots", phase, f"{member.num_parameters() / parent.num_parameters():.2f}",
-                             f"{flops:.2f}x", f"{tokens / t['dense']:.0f}", f"{tokens / t['factored']:.0f}",
+                             f"{flops:.2f}x", f"{args.batch * tokens / t['dense']:.0f}", f"{args.batch * tokens / t['factored']:.0f}",
                              f"{speedup:.2f}x", f"{speedup / flops:.2f}"))
                 print(f"{keep:.0%} {phase}: {speedup:.2f}x faster, FLOP reduction {flops:.2f}x", flush=True)
             if args.profile:

@@ -1,9 +1,9 @@
 """Forward+backward time of a low-rank slot vs its dense layer, beside the FLOP ratio.
 
-    python bench/layer_speed.py [--repeats 5]
+    python bench/layer_speed.py [--repeats 5] [--device cuda --dtype bf16]
 
 Dense ``ColumnParallelLinear`` / ``RowParallelLinear`` against ``LowRank*ParallelLinear``
-(TP=1, fp32, CPU), timed interleaved (dense, low-rank, dense, ...) and compared by
+(TP=1; fp32 on CPU, bf16 on a GPU with 32x the tokens), timed interleaved (dense, low-rank, dense, ...) and compared by
 median, so machine noise hits both alike. The FLOP ratio r(m+n)/(mn) is what the factor
 pair should cost; the target is time ratio <= 1.15 x FLOP ratio for r <= r*/2. "bare pair" times two plain
 ``F.linear`` calls on the same factors: the floor any implementation of the pair could reach
@@ -32,14 +32,26 @@ CASES = [
     ("7B fc1 (one of gate/up)", "linear_fc1", 11008, 4096, 256, (256, 512, 1024, 1536)),
     ("7B fc2", "linear_fc2", 4096, 11008, 256, (256, 512, 1024, 1536)),
 ]
+GPU_TOKEN_SCALE = 32  # a GPU needs far more work per call than a CPU before launch latency stops mattering
+CALLS_PER_SYNC = 10
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def fwd_bwd_seconds(layer, x: torch.Tensor, dy: torch.Tensor) -> float:
-    """dy is made once, outside the clock: filling it costs as much as a small GEMM."""
+    """Seconds per fwd+bwd; dy is made once, outside the clock (filling it costs a small GEMM).
+
+    On a GPU, CALLS_PER_SYNC calls run between synchronisations, as in training, where the
+    host queues kernels ahead of the device: a sync per call would time the host instead.
+    """
+    calls = CALLS_PER_SYNC if x.is_cuda else 1
+    synchronize = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    synchronize()
     start = time.perf_counter()
-    y, _ = layer(x)
-    y.backward(dy)
-    return time.perf_counter() - start
+    for _ in range(calls):
+        y, _ = layer(x)
+        y.backward(dy)
+    synchronize()
+    return (time.perf_counter() - start) / calls
 
 
 def bare_pair(low_rank):
@@ -50,17 +62,23 @@ def bare_pair(low_rank):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on cpu, bf16 on cuda")
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     init_model_parallel(1)
-    print(f"CPU, {torch.get_num_threads()} threads, fp32, TP=1; median of {args.repeats} interleaved runs")
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{where}, {dtype}, TP=1; median of {args.repeats} interleaved runs")
     header = ("shape", "out x in", "tokens", "r", "r/r*", "FLOP ratio", "time ratio",
               "bare pair", "time/FLOP", "target")
     rows = []
     for name, slot, out, inp, tokens, ranks in CASES:
-        config = TransformerConfig(num_layers=1, hidden_size=inp, num_attention_heads=1,
-                                   use_cpu_initialization=True)
-        x = torch.randn(tokens, 1, inp, requires_grad=True)
-        dy = torch.randn(tokens, 1, out)
+        tokens *= GPU_TOKEN_SCALE if cuda else 1
+        config = TransformerConfig(num_layers=1, hidden_size=inp, num_attention_heads=1, params_dtype=dtype,
+                                   use_cpu_initialization=not cuda)
+        x = torch.randn(tokens, 1, inp, dtype=dtype, device=args.device, requires_grad=True)
+        dy = torch.randn(tokens, 1, out, dtype=dtype, device=args.device)
         dense = make_layer(slot, out, inp, None, config)
         r_star = break_even_rank(out, inp)
         for rank in ranks:

@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a handful of places that are not about the math: buffers
 allocated on ``torch.cuda.current_device()``, ``torch.cuda.synchronize()`` before
 checkpoint I/O, the CUDA RNG tracker behind tensor-parallel dropout and initialisation,
-the default causal mask (built with ``device="cuda"``), and a torch norm that refuses
+the default causal mask (built with ``device="cuda"``), the current stream (waited on
+before gradient reduction since megatron-core 0.17), and a torch norm that refuses
 sequence parallelism. ``enable_cpu_megatron`` points each
 of these at the CPU, and only when CUDA is absent, so the product and its tests run the
 very same megatron code paths (gloo backend) on a laptop or CI machine that a GPU job runs.
@@ -94,6 +95,19 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
 
 
+class _CpuStream:
+    """The current "stream" on the CPU: everything already happened in order, nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def enable_cpu_megatron() -> bool:
     """Patch megatron-core's CUDA assumptions when CUDA is absent; returns whether it did.
 
@@ -110,6 +124,7 @@ def enable_cpu_megatron() -> bool:
     cpu = torch.device("cpu")
     torch.cuda.current_device = lambda: cpu
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _CpuStream()
     # initialize_rng_tracker() looks the class up by this name when it builds the tracker.
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random.initialize_rng_tracker(force_reset=True)

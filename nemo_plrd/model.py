@@ -141,5 +141,8 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def gpt_forward(model: torch.nn.Module, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
     """A causal GPTModel forward from token ids [b, s]: logits, or per-token loss given labels."""
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    device = next(model.parameters()).device  # token batches come from the CPU data path
+    input_ids = input_ids.to(device)
+    labels = None if labels is None else labels.to(device)
+    position_ids = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, labels=labels)

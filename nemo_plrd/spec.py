@@ -9,6 +9,7 @@ holds one layer spec per layer.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Mapping, Sequence, Union
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -27,6 +28,12 @@ def _sp_capable(norm):
     return TorchNorm if norm is WrappedTorchNorm else norm
 
 
+def spec_submodules(spec):
+    """The submodules of a layer-spec entry: a ``ModuleSpec``'s, or the keyword of the
+    ``functools.partial`` that megatron-core >= 0.17 uses for the MLP."""
+    return spec.keywords["submodules"] if isinstance(spec, functools.partial) else spec.submodules
+
+
 def low_rank_layer_spec(ranks: SlotRanks, normalization: str = "RMSNorm") -> ModuleSpec:
     """megatron's local GPT layer spec with each slot in ``ranks`` (rank not None) low-rank."""
     check_slot_names(ranks)
@@ -38,7 +45,7 @@ def low_rank_layer_spec(ranks: SlotRanks, normalization: str = "RMSNorm") -> Mod
         if rank is None:
             continue
         parent_name, kind = SLOTS[slot]
-        parent = getattr(layer, parent_name).submodules
+        parent = spec_submodules(getattr(layer, parent_name))
         setattr(parent, slot, ModuleSpec(module=LOW_RANK_LAYERS[kind], params={"rank": rank}))
     return spec
 

@@ -1,12 +1,17 @@
+import functools
+
 import pytest
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plrd.cpu import CpuRNGStatesTracker, TorchNorm
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear, break_even_rank
 from nemo_plrd.model import SMOLLM2_135M, LlamaArch
 from nemo_plrd.report import format_table
-from nemo_plrd.spec import low_rank_block_spec, low_rank_layer_spec
+from nemo_plrd.spec import low_rank_block_spec, low_rank_layer_spec, spec_submodules
 
 
 def test_rng_tracker_fork_is_reproducible_and_leaves_default_stream_alone():
@@ -39,7 +44,7 @@ def test_torch_norm_marks_params_for_sequence_parallel_reduction():
 
 def test_layer_spec_puts_low_rank_layers_in_the_ranked_slots_only():
     spec = low_rank_layer_spec({"linear_qkv": 32, "linear_fc2": 16, "linear_proj": None})
-    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention, mlp = (spec_submodules(spec.submodules.self_attention), spec_submodules(spec.submodules.mlp))
     assert attention.linear_qkv.module is LowRankColumnParallelLinear
     assert attention.linear_qkv.params == {"rank": 32}
     assert mlp.linear_fc2.module is LowRankRowParallelLinear
@@ -70,3 +75,10 @@ def test_smollm2_slot_shapes_and_break_even_ranks():
 def test_format_table_aligns_columns():
     assert format_table(("a", "bb"), [(1, 22), (333, 4)]).splitlines() == [
         "  a  bb", "  1  22", "333   4"]
+
+
+def test_spec_submodules_reads_both_shapes_of_a_layer_spec_entry():
+    """megatron-core <= 0.16 wraps the MLP in a ModuleSpec; >= 0.17 in a functools.partial."""
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    assert spec_submodules(ModuleSpec(module=MLP, submodules=submodules)) is submodules
+    assert spec_submodules(functools.partial(MLP, submodules=submodules)) is submodules

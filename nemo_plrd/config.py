@@ -60,10 +60,10 @@ class CalibrationConfig:
         _check_positive("plrd.calibration", tokens=self.tokens, seq_length=self.seq_length,
                         micro_batch=self.micro_batch)
         if self.tokens < self.seq_length:
-            raise ValueError(f"calibration.tokens={self.tokens} is less than one sequence "
-                             f"(calibration.seq_length={self.seq_length})")
+            raise ValueError(f"plrd.calibration.tokens={self.tokens} is less than one sequence "
+                             f"(plrd.calibration.seq_length={self.seq_length})")
         if self.text != EMBEDDED_TEXT and not Path(self.text).is_file():
-            raise ValueError(f"calibration.text={self.text!r} is not a file; give a UTF-8 text file "
+            raise ValueError(f"plrd.calibration.text={self.text!r} is not a file; give a UTF-8 text file "
                              f"or {EMBEDDED_TEXT!r}")
 
 

@@ -21,6 +21,7 @@ from nemo_plrd.assets import cache_dir, eval_sets, shakespeare
 from nemo_plrd.data import token_blocks
 from nemo_plrd.report import format_table
 
+HELDOUT_BLOCK = 513  # 512 tokens and the next one
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "mmlu")
 # task -> (lm-eval YAML to include, relative to lm_eval/tasks; overrides beyond the data source)
 _LM_EVAL_TASKS = {
@@ -74,11 +75,16 @@ def _load_yaml(path: Path) -> dict:
     return load_yaml(path)
 
 
-def heldout_perplexity(model, tokenizer, num_blocks: int, block_length: int = 513) -> float:
+def heldout_blocks(tokenizer, num_blocks: int) -> torch.Tensor:
+    """[num_blocks, HELDOUT_BLOCK] token ids of the held-out plays: the perplexity text of every report."""
+    return token_blocks(shakespeare()["heldout"], tokenizer, HELDOUT_BLOCK, num_blocks)
+
+
+def heldout_perplexity(model, tokenizer, num_blocks: int) -> float:
     """exp(mean next-token loss) of an HF causal LM over held-out Shakespeare blocks."""
-    blocks = token_blocks(shakespeare()["heldout"], tokenizer, block_length, num_blocks)
     with torch.no_grad():
-        losses = [model(input_ids=block[None], labels=block[None]).loss.item() for block in blocks]
+        losses = [model(input_ids=block[None], labels=block[None]).loss.item()
+                  for block in heldout_blocks(tokenizer, num_blocks)]
     return math.exp(sum(losses) / len(losses))
 
 

@@ -34,7 +34,7 @@ from nemo_plrd.checkpoint import load_parent, save_checkpoint
 from nemo_plrd.cli import run_script
 from nemo_plrd.config import EMBEDDED_PARENT, EMBEDDED_TEXT, DecomposeConfig, load_config
 from nemo_plrd.data import token_blocks
-from nemo_plrd.evaluate import evaluate, markdown, write_results
+from nemo_plrd.evaluate import evaluate, heldout_blocks, markdown, write_results
 from nemo_plrd.export import export_hf
 from nemo_plrd.model import parameter_count
 from nemo_plrd.plan import RankPlan
@@ -42,9 +42,6 @@ from nemo_plrd.parallel import init_distributed, init_model_parallel
 from nemo_plrd.report import format_table
 from nemo_plrd.train import perplexity
 from nemo_plrd.transform import apply_plan, plan_for
-
-HELDOUT_BLOCK = 513  # 512 tokens and the next one
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +61,7 @@ def main() -> None:
     text = shakespeare()["train"] if calib.text == EMBEDDED_TEXT else calib.text
     calibration = list(token_blocks(text, tokenizer, calib.seq_length, calib.tokens // calib.seq_length)
                        .split(calib.micro_batch))
-    heldout = token_blocks(shakespeare()["heldout"], tokenizer, HELDOUT_BLOCK, cfg.eval.perplexity_blocks)
+    heldout = heldout_blocks(tokenizer, cfg.eval.perplexity_blocks)  # the blocks `evaluate` scores
 
     request = cfg.plrd.plan.request()
     plan = plan_for(model, calibration, cfg.plrd.method, **request)

@@ -1,6 +1,6 @@
 """Forward+backward time of a low-rank slot vs its dense layer, beside the FLOP ratio.
 
-    python bench/layer_speed.py [--repeats 5] [--device cuda --dtype bf16]
+    python bench/layer_speed.py [--repeats 15] [--device cuda --dtype bf16]
 
 Dense ``ColumnParallelLinear`` / ``RowParallelLinear`` against ``LowRank*ParallelLinear``
 (TP=1; fp32 on CPU, bf16 on a GPU with 32x the tokens), timed interleaved (dense, low-rank, dense, ...) and compared by
@@ -40,6 +40,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def fwd_bwd_seconds(layer, x: torch.Tensor, dy: torch.Tensor) -> float:
     """Seconds per fwd+bwd; dy is made once, outside the clock (filling it costs a small GEMM).
 
+    ``x.grad`` is dropped before each call: in a model the input gradient flows on to the
+    previous layer, it is not summed into a buffer (an [s, b, in] add that would otherwise
+    weigh the same on both contenders and pull their ratio toward 1). Weight gradients do
+    accumulate, as they do over micro-batches.
     On a GPU, CALLS_PER_SYNC calls run between synchronisations, as in training, where the
     host queues kernels ahead of the device: a sync per call would time the host instead.
     """
@@ -48,6 +52,7 @@ def fwd_bwd_seconds(layer, x: torch.Tensor, dy: torch.Tensor) -> float:
     synchronize()
     start = time.perf_counter()
     for _ in range(calls):
+        x.grad = None
         y, _ = layer(x)
         y.backward(dy)
     synchronize()
@@ -61,7 +66,7 @@ def bare_pair(low_rank):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on cpu, bf16 on cuda")
     args = parser.parse_args()

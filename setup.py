@@ -24,6 +24,7 @@ setup(
         "psutil",  # megatron dist_checkpointing
         "numpy",
         "tqdm",
+        "matplotlib",  # the family report's plot
     ],
     # apex and transformer-engine are used when present; never the unrelated PyPI `apex`.
     extras_require={"test": ["pytest>=8"]},

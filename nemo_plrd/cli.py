@@ -28,6 +28,18 @@ def run_script(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
+def recipe_config(cls: type, description: str, example_config: str, example_overrides: str):
+    """A recipe's config: ``--config YAML`` plus ``key=value`` overrides from the command line, validated."""
+    from nemo_plrd.config import load_config
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"YAML file, e.g. {example_config}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"YAML-valued overrides, e.g. {example_overrides}")
+    args = parser.parse_args()
+    return load_config(cls, args.config, args.overrides)
+
+
 def _relaunch_under_torchrun(nproc: int) -> int:
     """Re-run this very command as `nproc` torchrun processes (rank 0's output shown)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

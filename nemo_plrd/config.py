@@ -10,7 +10,9 @@ allowed, before any work starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +64,7 @@ class CalibrationConfig:
         if self.tokens < self.seq_length:
             raise ValueError(f"plrd.calibration.tokens={self.tokens} is less than one sequence "
                              f"(plrd.calibration.seq_length={self.seq_length})")
-        if self.text != EMBEDDED_TEXT and not Path(self.text).is_file():
-            raise ValueError(f"plrd.calibration.text={self.text!r} is not a file; give a UTF-8 text file "
-                             f"or {EMBEDDED_TEXT!r}")
+        _check_text("plrd.calibration.text", self.text)
 
 
 @dataclass
@@ -79,6 +79,35 @@ class PLRDConfig:
 
     def __post_init__(self) -> None:
         check_options(self.method, self.solver, self.ridge)
+
+
+@dataclass
+class TrainConfig:
+    """Continued pretraining at the new rank: ``steps`` AdamW steps on [micro_batch, seq_length] blocks of ``text``.
+
+    The learning rate warms up linearly over ``warmup_steps`` and then follows a cosine to a
+    tenth of ``lr``, as Megatron's pretraining schedules do. Blocks are read in order, once.
+    """
+
+    steps: int = 0  # 0: no training
+    micro_batch: int = 4
+    seq_length: int = 256
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    text: str = EMBEDDED_TEXT
+
+    def __post_init__(self) -> None:
+        _check_positive("train", micro_batch=self.micro_batch, seq_length=self.seq_length)
+        if self.steps < 0 or not 0 <= self.warmup_steps <= max(self.steps, 0):
+            raise ValueError(f"train.steps={self.steps} and train.warmup_steps={self.warmup_steps} must satisfy "
+                             "0 <= warmup_steps <= steps")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr={self.lr} must be a number > 0")
+        _check_text("train.text", self.text)
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.micro_batch * self.seq_length
 
 
 @dataclass
@@ -104,15 +133,12 @@ class DecomposeConfig:
     parent: str
     output: str
     plrd: PLRDConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     export: list[str] = field(default_factory=lambda: list(FORMATS))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.parent != EMBEDDED_PARENT and not Path(self.parent).is_dir():
-            raise ValueError(f"parent={self.parent!r} is not a directory; give an HF model directory, "
-                             f"a PLRD checkpoint, or {EMBEDDED_PARENT!r}")
-        if Path(self.output).exists():  # a stale OUTPUT.partial is an interrupted run's: it is replaced
-            raise ValueError(f"output={self.output!r} already exists; choose a new output")
+        _check_parent_and_output(self.parent, self.output)
         unknown = [f for f in self.export if f not in FORMATS]
         if unknown or len(set(self.export)) != len(self.export):
             raise ValueError(f"export={self.export} must list distinct formats among {list(FORMATS)}")
@@ -120,7 +146,54 @@ class DecomposeConfig:
             raise ValueError(f"eval.tasks={self.eval.tasks} needs an HF export to evaluate; export is empty")
 
 
+@dataclass
+class FamilyConfig:
+    """``recipes/family.py``: one stage per entry of ``keep``, each stage's parent the previous stage's checkpoint.
+
+    ``stage`` holds every stage's settings as ``recipes/decompose.py`` takes them, less
+    ``parent``, ``output`` and ``plrd.plan.keep``, which the family sets per stage.
+    """
+
+    parent: str
+    output: str
+    keep: list[float]  # fractions of the dense linear-layer parameters, strictly decreasing
+    stage: dict
+
+    def __post_init__(self) -> None:
+        _check_parent_and_output(self.parent, self.output)
+        if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])):
+            raise ValueError(f"keep={self.keep} must list one or more fractions, strictly decreasing "
+                             "(each stage smaller than the one before)")
+        plan = self.stage.get("plrd", {}).get("plan", {}) if isinstance(self.stage.get("plrd"), dict) else {}
+        taken = [key for key in ("parent", "output") if key in self.stage] + [
+            f"plrd.plan.{key}" for key in ("keep", "target_params", "ranks") if isinstance(plan, dict) and key in plan]
+        if taken:
+            raise ValueError(f"stage.{', stage.'.join(taken)} cannot be set: the family sets each stage's parent, "
+                             "output and plrd.plan.keep")
+        for index in range(len(self.keep)):  # every stage's settings checked now, before hours of work
+            self.stage_config(index, self.parent, self.output)
+
+    def stage_config(self, index: int, parent: str, folder: str) -> DecomposeConfig:
+        """Stage ``index``'s config, its output in ``folder``; stage k > 0's parent is stage k-1's checkpoint."""
+        data = copy.deepcopy(self.stage) | {"parent": parent, "output": str(Path(folder) / self.stage_name(index))}
+        return from_dict(DecomposeConfig, apply_overrides(data, [f"plrd.plan.keep={self.keep[index]}"]), "stage.")
+
+    def stage_name(self, index: int) -> str:
+        return f"stage{index + 1}-keep{self.keep[index]:g}"
+
+
 Config = TypeVar("Config")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML as Hydra and Megatron-Bridge read it: ``1e-4`` is a float (PyYAML's YAML 1.1 reads a string)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
@@ -144,7 +217,8 @@ def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
         elif _matches(value, hint):
             values[name] = value
         else:
-            raise ValueError(f"{where}{name}={value!r} must be {str(hint).replace('typing.', '')}")
+            hint_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ValueError(f"{where}{name}={value!r} must be {hint_name}")
     return cls(**values)
 
 
@@ -173,7 +247,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = yaml.load(text, YamlLoader)
     return data
 
 
@@ -182,10 +256,23 @@ def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.load(path.read_text(), YamlLoader) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of keys to values")
     return from_dict(cls, apply_overrides(data, overrides))
+
+
+def _check_text(key: str, text: str) -> None:
+    if text != EMBEDDED_TEXT and not Path(text).is_file():
+        raise ValueError(f"{key}={text!r} is not a file; give a UTF-8 text file or {EMBEDDED_TEXT!r}")
+
+
+def _check_parent_and_output(parent: str, output: str) -> None:
+    if parent != EMBEDDED_PARENT and not Path(parent).is_dir():
+        raise ValueError(f"parent={parent!r} is not a directory; give an HF model directory, "
+                         f"a PLRD checkpoint, or {EMBEDDED_PARENT!r}")
+    if Path(output).exists():  # a stale OUTPUT.partial is an interrupted run's: it is replaced
+        raise ValueError(f"output={output!r} already exists; choose a new output")
 
 
 def _check_positive(section: str, **values: int) -> None:

@@ -9,11 +9,13 @@ embeddings) and steps a torch AdamW over the finalised ``main_grad`` s.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
+from tqdm import tqdm
 
 from nemo_plrd.model import gpt_forward
 
@@ -41,6 +43,32 @@ def train_step(
             param.grad = param.main_grad
     optimizer.step()
     return loss.item()
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then a cosine from 1 to 0.1 over the remaining steps (Megatron's ``cosine`` decay)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def continue_pretraining(model: GPTModel, blocks: torch.Tensor, micro_batch: int, lr: float, warmup_steps: int = 0,
+                         progress: bool = False) -> list[float]:
+    """Train ``model`` in place, one step per ``micro_batch`` rows of ``blocks`` [n, s+1]; the losses, step by step."""
+    ddp = wrap_ddp(model)
+    optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=lr)
+    batches = blocks.split(micro_batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, len(batches), warmup_steps))
+    losses = []
+    bar = tqdm(batches, desc="train", unit="step", disable=not progress)
+    start = time.perf_counter()
+    for step, batch in enumerate(bar):
+        losses.append(train_step(ddp, optimizer, batch))
+        schedule.step()
+        tokens_per_s = (step + 1) * batch[:, 1:].numel() / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tokens_per_s=f"{tokens_per_s:.0f}")
+    return losses
 
 
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:

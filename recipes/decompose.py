@@ -14,13 +14,13 @@ It is calibrated on real text, decomposed to the planned ranks and written to OU
     eval/                 lm-eval accuracies + perplexity of the first export (if eval.tasks)
     summary.md, .json     sizes, held-out perplexity before and after, the settings
 
-Everything goes to OUTPUT.partial first and is renamed when complete. Continued pretraining
-at the new rank is not part of this recipe.
+With ``train.steps`` > 0 the member continues pretraining at its new rank (megatron DDP and
+gradient finalisation, AdamW; ``nemo_plrd.train``) before it is saved, exported and evaluated.
+Everything goes to OUTPUT.partial first and is renamed when complete.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -31,47 +31,56 @@ from transformers import AutoTokenizer
 
 from nemo_plrd.assets import shakespeare, smollm2_135m
 from nemo_plrd.checkpoint import load_parent, save_checkpoint
-from nemo_plrd.cli import run_script
-from nemo_plrd.config import EMBEDDED_PARENT, EMBEDDED_TEXT, DecomposeConfig, load_config
+from nemo_plrd.cli import recipe_config, run_script
+from nemo_plrd.config import EMBEDDED_PARENT, EMBEDDED_TEXT, DecomposeConfig
 from nemo_plrd.data import token_blocks
 from nemo_plrd.evaluate import evaluate, heldout_blocks, markdown, write_results
 from nemo_plrd.export import export_hf
 from nemo_plrd.model import parameter_count
-from nemo_plrd.plan import RankPlan
 from nemo_plrd.parallel import init_distributed, init_model_parallel
 from nemo_plrd.report import format_table
-from nemo_plrd.train import perplexity
+from nemo_plrd.train import continue_pretraining, perplexity
 from nemo_plrd.transform import apply_plan, plan_for
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file, e.g. recipes/smollm2_135m.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="YAML-valued overrides, e.g. plrd.plan.keep=0.4 output=runs/smollm2-135m-40")
-    args = parser.parse_args()
-    cfg = load_config(DecomposeConfig, args.config, args.overrides)
-    start = time.perf_counter()
 
+def main() -> None:
+    cfg = recipe_config(DecomposeConfig, __doc__, "recipes/smollm2_135m.yaml",
+                        "plrd.plan.keep=0.4 output=runs/smollm2-135m-40")
     init_distributed()
     init_model_parallel(dist.get_world_size())  # TP = the number of processes
+    if run_stage(cfg) is not None:
+        print((Path(cfg.output) / "summary.md").read_text(), f"wrote {cfg.output}", sep="\n")
+
+
+def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> dict | None:
+    """The stage, with megatron's model parallelism initialised; on rank 0, its figures (summary.json)."""
+    start = time.perf_counter()
     rank0 = dist.get_rank() == 0
     model, arch, hf_source = load_parent(smollm2_135m() if cfg.parent == EMBEDDED_PARENT else cfg.parent)
     tokenizer = AutoTokenizer.from_pretrained(hf_source)
     calib = cfg.plrd.calibration
-    text = shakespeare()["train"] if calib.text == EMBEDDED_TEXT else calib.text
-    calibration = list(token_blocks(text, tokenizer, calib.seq_length, calib.tokens // calib.seq_length)
-                       .split(calib.micro_batch))
+    calibration = list(token_blocks(text_path(calib.text), tokenizer, calib.seq_length,
+                                    calib.tokens // calib.seq_length).split(calib.micro_batch))
     heldout = heldout_blocks(tokenizer, cfg.eval.perplexity_blocks)  # the blocks `evaluate` scores
+
+    def heldout_perplexity() -> float | None:
+        return perplexity(model, heldout) if len(heldout) else None
 
     request = cfg.plrd.plan.request()
     plan = plan_for(model, calibration, cfg.plrd.method, **request)
     if rank0:
         print(plan.table(), flush=True)
     parent_params = parameter_count(model)
-    parent_ppl = perplexity(model, heldout) if len(heldout) else None
+    parent_ppl = heldout_perplexity()
     apply_plan(model, plan, calibration, cfg.plrd.method, progress=rank0, solver=cfg.plrd.solver,
                ridge=cfg.plrd.ridge)
-    member_ppl = perplexity(model, heldout) if len(heldout) else None
+    decomposed_ppl = heldout_perplexity()
+    losses = []
+    if cfg.train.steps:
+        train = cfg.train
+        blocks = token_blocks(text_path(train.text), tokenizer, train.seq_length + 1, train.steps * train.micro_batch)
+        losses = continue_pretraining(model, blocks, train.micro_batch, train.lr, train.warmup_steps, progress=rank0)
+    member_ppl = heldout_perplexity() if losses else decomposed_ppl
 
     partial = Path(cfg.output + ".partial")
     if rank0:
@@ -81,40 +90,67 @@ def main() -> None:
         (partial / "plan.txt").write_text(plan.table() + "\n")
     dist.barrier()
     save_checkpoint(model, partial / "checkpoint", arch, hf_source)
-    exports = [export_hf(model, partial / f"hf-{format}", hf_source, format=format) for format in cfg.export]
+    for format in cfg.export:
+        export_hf(model, partial / f"hf-{format}", hf_source, format=format)
     if not rank0:
-        return  # the rest is rank 0's alone: lm-eval can outlast any collective's timeout
+        return None  # the rest is rank 0's alone: lm-eval can outlast any collective's timeout
 
     figures = {"parent": cfg.parent, "parent_params": parent_params, "member_params": parameter_count(model),
-               "parent_perplexity": parent_ppl, "member_perplexity": member_ppl, "heldout_tokens": heldout[:, 1:].numel(),
-               "plan": request, "method": cfg.plrd.method, "calibration_tokens": calib.tokens,
-               "tp": dist.get_world_size()}
-    (partial / "summary.json").write_text(json.dumps(figures, indent=1) + "\n")
-    summary = summarise(cfg, plan, figures)
-    if cfg.eval.tasks:
-        result = evaluate(exports[0], cfg.eval.tasks, cfg.eval.limit, cfg.eval.perplexity_blocks)
-        write_results(result, partial / "eval")
-        summary += ["", f"lm-eval on {exports[0].name} (limit {cfg.eval.limit}):", "", markdown(result)]
-    summary += ["", f"{time.perf_counter() - start:.0f} s"]
-    (partial / "summary.md").write_text("\n".join(summary) + "\n")
+               "parent_linear_params": parent_params - plan.other_params, "member_linear_params": plan.slot_params,
+               "parent_perplexity": parent_ppl, "decomposed_perplexity": decomposed_ppl,
+               "member_perplexity": member_ppl, "heldout_tokens": heldout[:, 1:].numel(), "plan": request,
+               "method": cfg.plrd.method, "calibration_tokens": calib.tokens, "train_tokens": cfg.train.tokens,
+               "train_losses": losses, "tp": dist.get_world_size(), "seconds": time.perf_counter() - start}
+    finish(cfg, partial, figures, evaluate_now)
     partial.rename(cfg.output)
-    print("\n".join(summary), f"\nwrote {cfg.output}", sep="\n")
+    return figures
 
 
-def summarise(cfg: DecomposeConfig, plan: RankPlan, figures: dict) -> list[str]:
-    """The summary's lines: parent vs member, then the settings."""
+def finish(cfg: DecomposeConfig, folder: Path, figures: dict, evaluate_now: bool = True) -> None:
+    """lm-eval on the first export (if ``evaluate_now`` and eval.tasks), then summary.json and summary.md.
+
+    The family recipe evaluates its members at the end, so that no rank waits on another's lm-eval.
+    """
+    if evaluate_now and cfg.eval.tasks:
+        start = time.perf_counter()
+        result = evaluate(folder / f"hf-{cfg.export[0]}", cfg.eval.tasks, cfg.eval.limit, cfg.eval.perplexity_blocks)
+        write_results(result, folder / "eval")
+        figures |= {"eval": result, "eval_seconds": time.perf_counter() - start}
+    (folder / "summary.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (folder / "summary.md").write_text("\n".join(summarise(cfg, figures)) + "\n")
+
+
+def text_path(text: str) -> Path:
+    """A config's ``text``: a file, or the embedded training plays."""
+    return shakespeare()["train"] if text == EMBEDDED_TEXT else Path(text)
+
+
+def summarise(cfg: DecomposeConfig, figures: dict) -> list[str]:
+    """The summary's lines: parent vs member, the settings, lm-eval's table if it ran."""
     rows = [("parameters", f"{figures['parent_params']:,}",
              f"{figures['member_params']:,} ({figures['member_params'] / figures['parent_params']:.1%})"),
-            ("linear-layer parameters", f"{figures['parent_params'] - plan.other_params:,}", f"{plan.slot_params:,}")]
+            ("linear-layer parameters", f"{figures['parent_linear_params']:,}", f"{figures['member_linear_params']:,}")]
     if figures["parent_perplexity"] is not None:
         rows.append((f"held-out perplexity ({figures['heldout_tokens']} tokens)",
-                     f"{figures['parent_perplexity']:.2f}", f"{figures['member_perplexity']:.2f}"))
+                     f"{figures['parent_perplexity']:.2f}", f"{figures['decomposed_perplexity']:.2f}"))
+        if figures["train_losses"]:
+            rows.append((f"  after training on {figures['train_tokens']:,} tokens", "",
+                         f"{figures['member_perplexity']:.2f}"))
     settings = (f"method {cfg.plrd.method} (solver {cfg.plrd.solver}, ridge {cfg.plrd.ridge:g}), plan "
                 + ", ".join(f"{k}={v}" for k, v in figures["plan"].items())
                 + f", calibration {figures['calibration_tokens']:,} tokens of {cfg.plrd.calibration.text}, "
                 f"TP={figures['tp']}")
-    return [f"# {Path(cfg.output).name}", "", f"parent: {cfg.parent}", "",
-            format_table(("", "parent", "member"), rows), "", settings]
+    if figures["train_losses"]:
+        train = cfg.train
+        settings += (f"; trained {train.steps} steps of {train.micro_batch}x{train.seq_length} tokens of {train.text}, "
+                     f"lr {train.lr:g} (warm-up {train.warmup_steps}, cosine to {train.lr / 10:g}), "
+                     f"loss {figures['train_losses'][0]:.3f} -> {figures['train_losses'][-1]:.3f}")
+    lines = [f"# {Path(cfg.output).name}", "", f"parent: {cfg.parent}", "",
+             format_table(("", "parent", "member"), rows), "", settings, "", f"{figures['seconds']:.0f} s"]
+    if "eval" in figures:
+        lines += ["", f"lm-eval on hf-{cfg.export[0]} (limit {cfg.eval.limit}, {figures['eval_seconds']:.0f} s):", "",
+                  markdown(figures["eval"])]
+    return lines
 
 
 if __name__ == "__main__":

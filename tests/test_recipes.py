@@ -1,4 +1,4 @@
-"""The decomposition recipe: its config (YAML + overrides, refused when bad) and two real stages."""
+"""The recipes: their configs (YAML + overrides, refused when bad), two real stages, a real family."""
 
 import json
 import os
@@ -7,16 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import transformers
 
 from nemo_plrd.assets import smollm2_135m
-from nemo_plrd.config import DecomposeConfig, load_config
+from nemo_plrd.config import DecomposeConfig, FamilyConfig, load_config
 from nemo_plrd.plan import RankPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "recipes" / "smollm2_135m.yaml"
+FAMILY_YAML = ROOT / "recipes" / "smollm2_135m_family.yaml"
 
 
 def config(tmp_path, *overrides: str) -> DecomposeConfig:
@@ -42,6 +44,10 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["plrd.method=qr"], "method='qr' is not one of ('activation', 'svd')"),
     (["plrd.ridge=-1"], "ridge=-1 must be a number >= 0"),
     (["plrd.calibration.tokens=0"], "plrd.calibration.tokens=0 must be a positive integer"),
+    (["train.steps=4", "train.warmup_steps=5"], "train.steps=4 and train.warmup_steps=5 must satisfy"),
+    (["train.lr=0"], "train.lr=0 must be a number > 0"),
+    (["train.lr=fast"], "train.lr='fast' must be float"),
+    (["train.text=/no/such.txt"], "train.text='/no/such.txt' is not a file"),
     (["plrd.calibration.text=/no/such.txt"], "calibration.text='/no/such.txt' is not a file"),
     (["parent=/no/such/model"], "parent='/no/such/model' is not a directory"),
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
@@ -62,10 +68,34 @@ def test_an_existing_output_is_refused(tmp_path):
         config(tmp_path)
 
 
-def recipe(*args, nproc: int = 1) -> subprocess.CompletedProcess:
+def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path):
+    cfg = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.train.lr=3e-4"])
+    stages = [cfg.stage_config(i, f"{tmp_path}", f"{tmp_path / 'family.partial'}") for i in range(len(cfg.keep))]
+    assert [s.plrd.plan.keep for s in stages] == cfg.keep == [0.6, 0.4, 0.25]
+    assert [Path(s.output).name for s in stages] == ["stage1-keep0.6", "stage2-keep0.4", "stage3-keep0.25"]
+    assert all(s.train.lr == 3e-4 and s.train.steps > 0 and s.eval.tasks for s in stages)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["keep=[0.4, 0.6]"], "keep=[0.4, 0.6] must list one or more fractions, strictly decreasing"),
+    (["keep=[]"], "keep=[] must list one or more fractions"),
+    (["keep=[0.6, 1.5]"], "keep=[0.6, 1.5] must list one or more fractions, strictly decreasing"),
+    (["keep=[0.9, 0]"], "keep=0 must be a fraction in (0, 1)"),
+    (["stage.plrd.plan.keep=0.5"], "stage.plrd.plan.keep cannot be set: the family sets each stage's"),
+    (["stage.output=x"], "stage.output cannot be set"),
+    (["stage.train.stepz=3"], "unknown key(s) ['stage.train.stepz']"),
+    (["stage.train.steps=-1"], "train.steps=-1 and train.warmup_steps=4 must satisfy"),
+])
+def test_bad_family_configs_are_refused_before_any_stage_runs(tmp_path, overrides, message):
+    with pytest.raises(ValueError) as error:
+        load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", *overrides])
+    assert message in str(error.value)
+
+
+def recipe(*args, nproc: int = 1, name: str = "decompose", config: Path = YAML) -> subprocess.CompletedProcess:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--nproc_per_node", str(nproc)]
-    return subprocess.run([*launcher, str(ROOT / "recipes" / "decompose.py"), "--config", str(YAML), *map(str, args)],
+    return subprocess.run([*launcher, str(ROOT / "recipes" / f"{name}.py"), "--config", str(config), *map(str, args)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -125,3 +155,32 @@ def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):
     run = recipe(f"output={out}", "plrd.plan.keep=2")
     assert run.returncode == 2 and "keep=2 must be a fraction in (0, 1)" in run.stderr, run.stderr[-2000:]
     assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent, tmp_path):
+    """Each stage trains (the exported model is the trained one: lm-eval's perplexity is the trained
+    member's), stage 2 starts from stage 1's trained checkpoint, and the report and plot are written."""
+    out = tmp_path / "family"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "stage.plrd.calibration.tokens=512",
+                 "stage.plrd.calibration.seq_length=128", "stage.train.steps=6", "stage.train.seq_length=64",
+                 "stage.train.lr=1e-3", "stage.train.warmup_steps=1", "stage.export=[factored]",
+                 "stage.eval.tasks=[arc_easy]", "stage.eval.limit=3", "stage.eval.perplexity_blocks=2",
+                 nproc=2, name="family", config=FAMILY_YAML)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["family.json", "family.md", "family.png", "stage1-keep0.6",
+                                                     "stage2-keep0.3"]
+    assert not Path(f"{out}.partial").exists()
+    family = json.loads((out / "family.json").read_text())
+    members = family["members"]
+    # the parent row: lm-eval on the HF parent measures what the megatron import measured
+    assert family["parent_eval"]["perplexity"] == pytest.approx(members[0]["parent_perplexity"], rel=1e-4)
+    for member in members:
+        assert len(member["train_losses"]) == 6 and member["tp"] == 2
+        assert member["member_perplexity"] < member["decomposed_perplexity"]  # training helped
+        assert member["eval"]["perplexity"] == pytest.approx(member["member_perplexity"], rel=1e-4)
+    first, second = members
+    assert second["parent_perplexity"] == pytest.approx(first["member_perplexity"], rel=1e-4)
+    assert second["member_params"] < first["member_params"] < first["parent_params"]
+    report = (out / "family.md").read_text()
+    assert "stage 2" in report and f"{second['member_perplexity']:.2f}" in report
+    assert plt.imread(out / "family.png").shape[2] in (3, 4)

@@ -38,6 +38,10 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(partial))  # first: megatron warns on a non-empty folder
+    dist.barrier()
+    if dist.get_rank() == 0:
         if arch is not None:
             (partial / METADATA).write_text(json.dumps({"arch": asdict(arch), "ranks": model_ranks(model)}, indent=1))
         if hf_source is not None:
@@ -45,10 +49,6 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
             for name in HF_FILES:
                 if (Path(hf_source) / name).is_file():
                     shutil.copy(Path(hf_source) / name, partial / "hf" / name)
-    dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial))
-    dist.barrier()
-    if dist.get_rank() == 0:
         partial.rename(path)
     dist.barrier()
     return path

@@ -108,7 +108,8 @@ def family_report(cfg: FamilyConfig, parent_eval: dict | None, members: list[dic
                      else "(not trained)", *accuracies(member.get("eval"))])
     train = members[0]["train_tokens"]
     return [f"# PLRD family of {cfg.parent}", "", format_table(header, rows), "",
-            f"Held-out perplexity on {parent['heldout_tokens']:,} tokens; each stage trained on {train:,} tokens"
+            f"Held-out perplexity on {parent['heldout_tokens']:,} tokens; "
+            + (f"each stage trained on {train:,} tokens" if train else "no training between stages")
             + (f"; lm-eval accuracy (acc), limit {parent['eval']['limit']} items per task" if tasks else "")
             + "."]
 

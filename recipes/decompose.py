@@ -145,7 +145,7 @@ def summarise(cfg: DecomposeConfig, figures: dict) -> list[str]:
         settings += (f"; trained {train.steps} steps of {train.micro_batch}x{train.seq_length} tokens of {train.text}, "
                      f"lr {train.lr:g} (warm-up {train.warmup_steps}, cosine to {train.lr / 10:g}), "
                      f"loss {figures['train_losses'][0]:.3f} -> {figures['train_losses'][-1]:.3f}")
-    lines = [f"# {Path(cfg.output).name}", "", f"parent: {cfg.parent}", "",
+    lines = [f"# {Path(cfg.output).name}", "", f"parent: {figures['parent']}", "",
              format_table(("", "parent", "member"), rows), "", settings, "", f"{figures['seconds']:.0f} s"]
     if "eval" in figures:
         lines += ["", f"lm-eval on hf-{cfg.export[0]} (limit {cfg.eval.limit}, {figures['eval_seconds']:.0f} s):", "",

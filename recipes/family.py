@@ -70,6 +70,7 @@ def main() -> None:
     for stage in stages:
         folder = Path(stage.output)
         figures = json.loads((folder / "summary.json").read_text())
+        figures["parent"] = figures["parent"].replace(str(partial), cfg.output)  # where it will be after the rename
         finish(stage, folder, figures)
         members.append(figures)
     parent_eval = evaluate_parent(cfg.parent, stages[0])

@@ -180,6 +180,7 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
         assert member["eval"]["perplexity"] == pytest.approx(member["member_perplexity"], rel=1e-4)
     first, second = members
     assert second["parent_perplexity"] == pytest.approx(first["member_perplexity"], rel=1e-4)
+    assert second["parent"] == str(out / "stage1-keep0.6" / "checkpoint")  # the path after the final rename
     assert second["member_params"] < first["member_params"] < first["parent_params"]
     report = (out / "family.md").read_text()
     assert "stage 2" in report and f"{second['member_perplexity']:.2f}" in report

@@ -52,14 +52,13 @@ def main() -> None:
             products = {("dense", k): v for k, v in gemms(out, inp, None).items()}
             products |= {("pair", k): v for k, v in gemms(out, inp, rank).items()}
             seconds = interleaved_medians({key: run for key, (run, _) in products.items()}, args.repeats)
-            dense_rate = sum(products[k][1] for k in products if k[0] == "dense") / sum(
-                seconds[k] for k in seconds if k[0] == "dense")
+            dense_time, pair_time = (sum(s for (who, _), s in seconds.items() if who == side)
+                                     for side in ("dense", "pair"))
+            dense_rate = sum(flops for (who, _), (_, flops) in products.items() if who == "dense") / dense_time
             for (who, gemm), (_, flops) in products.items():
                 rate = flops / seconds[(who, gemm)]
                 rows.append((name, rank, who, gemm, f"{seconds[(who, gemm)] * 1e3:.2f}", f"{rate / 1e9:.0f}",
                              f"{rate / dense_rate:.2f}"))
-            pair_time = sum(seconds[k] for k in seconds if k[0] == "pair")
-            dense_time = sum(seconds[k] for k in seconds if k[0] == "dense")
             flop_ratio = rank * (out + inp) / (out * inp)
             rows.append((name, rank, "sum", f"time ratio {pair_time / dense_time:.3f}", f"FLOP ratio {flop_ratio:.3f}",
                          "", f"{pair_time / dense_time / flop_ratio:.2f}"))

@@ -35,9 +35,14 @@ from nemo_plrd.transform import apply_plan, plan_for
 PREFILL, DECODE, SHORT = 512, 64, 16  # prefill tokens; decoded tokens after a SHORT prompt
 
 
+def block_weights(model) -> int:
+    """Weights of every matrix in the decoder blocks (norm weights are vectors)."""
+    return sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+
+
 def weights_per_token(model) -> int:
     """Weights a decoded token is multiplied by: every block matrix and the LM head."""
-    return sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2) + model.lm_head.weight.numel()
+    return block_weights(model) + model.lm_head.weight.numel()
 
 
 def forward_flops(model, tokens: int, cached: int, logits: int) -> int:
@@ -47,10 +52,9 @@ def forward_flops(model, tokens: int, cached: int, logits: int) -> int:
     layer per position attended (QK^T and AV) over a causal context of cached + 1 ... cached + tokens.
     """
     config = model.config
-    block_weights = weights_per_token(model) - model.lm_head.weight.numel()
     attended = tokens * cached + tokens * (tokens + 1) // 2
     attention_width = config.num_attention_heads * config.head_dim
-    return (2 * block_weights * tokens + 2 * model.lm_head.weight.numel() * logits
+    return (2 * block_weights(model) * tokens + 2 * model.lm_head.weight.numel() * logits
             + 4 * config.num_hidden_layers * attention_width * attended)
 
 

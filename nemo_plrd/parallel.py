@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,8 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Start the default process group once per process (idempotent)."""
+def init_distributed(timeout: timedelta | None = None) -> None:
+    """Start the default process group once per process (idempotent).
+
+    ``timeout`` bounds every collective's wait (torch's default, 30 min for gloo, when None).
+    """
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:  # not under torchrun: a group of one
@@ -33,10 +38,10 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
         enable_cpu_megatron()
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
@@ -65,3 +70,25 @@ def tp_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.clone()
     dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
     return total
+
+
+def check_on_rank0(check: Callable[[], None]) -> None:
+    """Run the precondition ``check`` on rank 0 and raise its error, if any, on every rank.
+
+    A file-system check that each rank makes for itself can split the group: a rank that
+    looks late sees what rank 0 has meanwhile written (or a stale network-file-system
+    cache), raises alone, and the other ranks wait forever in the next collective.
+    One rank looks; every rank gets its verdict (a broadcast of the pickled error or None).
+    """
+    if not dist.is_initialized():
+        check()
+        return
+    verdict: list[Exception | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            check()
+        except Exception as error:  # handed to every rank, raised there
+            verdict[0] = error
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise verdict[0]

@@ -11,6 +11,17 @@ status=0
 .venv/bin/python -m pytest -q --ignore=tests/distributed "$@" || status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
 
-# Rank 0's report only; a failure on either rank fails the run.
-.venv/bin/torchrun --nproc_per_node 2 --local-ranks-filter 0 \
-  -m pytest -q -p no:cacheprovider tests/distributed "$@"
+# Rank 0 reports on the console; rank 1's output goes to a log, shown if the run fails
+# (a failure on either rank fails the run).
+logs=$(mktemp -d)
+status=0
+.venv/bin/torchrun --nproc_per_node 2 --log-dir "$logs" --redirects 1:3 \
+  -m pytest -q -p no:cacheprovider tests/distributed "$@" || status=$?
+if [ "$status" -ne 0 ]; then
+  for log in "$logs"/*/attempt_0/1/stdout.log "$logs"/*/attempt_0/1/stderr.log; do
+    echo "=== rank 1: $log (last 200 lines)"
+    tail -n 200 "$log"
+  done
+fi
+rm -rf "$logs"
+exit "$status"

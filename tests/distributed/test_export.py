@@ -1,6 +1,8 @@
 """A factored megatron model (TP=1 and TP=2) exported merged and factored: same logits, real sizes."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +72,20 @@ def test_export_refuses_bad_requests(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         export_hf(model, tmp_path / "taken", tmp_path / "parent")
+
+
+def test_a_late_rank_does_not_find_rank0s_export_and_refuse_it(tmp_path_factory):
+    """At TP=1 no collective holds rank 0 back before it writes. A rank that looked for the output
+    itself, after rank 0 had written it, raised alone and left rank 0 waiting in the final barrier."""
+    root = shared_tmp(tmp_path_factory, "late")
+    if dist.get_rank() == 0:
+        save_parent("llama", f"{root}/parent")
+    dist.barrier()
+    init_model_parallel(1)
+    model = build_gpt(arch_from_hf(CONFIGS["llama"]()))
+    out = Path(f"{root}/merged")
+    deadline = time.monotonic() + 10
+    while dist.get_rank() == 1 and not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # arrive after rank 0 has written, if its broadcast lets it write first
+    assert export_hf(model, out, f"{root}/parent", format="merged") == out
+    assert (out / "model.safetensors").is_file()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from nemo_plrd.model import LlamaArch, build_gpt
-from nemo_plrd.parallel import check_on_rank0
+from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
 
 METADATA = "plrd.json"
@@ -33,12 +33,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
                     hf_source: str | Path | None = None) -> Path:
     """Save ``model``; with ``arch`` (and the HF parent ``hf_source``) the checkpoint is self-describing."""
     path = Path(path)
-
-    def path_is_new() -> None:
-        if path.exists():
-            raise FileExistsError(f"checkpoint directory {path} already exists; choose a new path")
-
-    check_on_rank0(path_is_new)
+    if exists_on_rank0(path):
+        raise FileExistsError(f"checkpoint directory {path} already exists; choose a new path")
     partial = path.with_name(path.name + ".partial")
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)

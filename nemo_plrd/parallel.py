@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
-from typing import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -87,23 +87,16 @@ def tp_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def check_on_rank0(check: Callable[[], None]) -> None:
-    """Run the precondition ``check`` on rank 0 and raise its error, if any, on every rank.
+def exists_on_rank0(path: Path) -> bool:
+    """Whether ``path`` exists, as rank 0 sees it, on every rank.
 
     A file-system check that each rank makes for itself can split the group: a rank that
     looks late sees what rank 0 has meanwhile written (or a stale network-file-system
     cache), raises alone, and the other ranks wait forever in the next collective.
-    One rank looks; every rank gets its verdict (a broadcast of the pickled error or None).
+    One rank looks; every rank gets its answer (a one-element broadcast).
     """
     if not dist.is_initialized():
-        check()
-        return
-    verdict: list[Exception | None] = [None]
-    if dist.get_rank() == 0:
-        try:
-            check()
-        except Exception as error:  # handed to every rank, raised there
-            verdict[0] = error
-    dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise verdict[0]
+        return path.exists()
+    answer = [path.exists() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]

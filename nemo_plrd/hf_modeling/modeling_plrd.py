@@ -45,33 +45,39 @@ def linear(in_features: int, out_features: int, rank: int | None, bias: bool = F
         in_features, out_features, rank, bias)
 
 
+class Columns(nn.Module):
+    """Columns [start, stop) of the fused qkv projection's output, in place of a q/k/v projection."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return qkv[..., self.start:self.stop]
+
+
 class PLRDAttention(llama.LlamaAttention):
+    """transformers' own LLaMA attention, run over the output of one fused (low-rank) qkv projection.
+
+    ``forward`` hands that output to ``LlamaAttention.forward`` as its hidden states, and the q, k and
+    v projections it calls become column slices. So the cache, the attention kernels and their keyword
+    arguments stay transformers' code in every release: a copied forward silently lost the KV cache
+    when transformers 5.24 renamed ``past_key_values`` to ``cache``.
+    """
+
     def __init__(self, config: PLRDLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        del self.q_proj, self.k_proj, self.v_proj
         ranks = config.plrd_ranks[layer_idx]
-        self.q_size = config.num_attention_heads * self.head_dim
-        self.kv_size = config.num_key_value_heads * self.head_dim
-        self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, ranks["linear_qkv"],
-                               config.qkv_bias)
-        self.o_proj = linear(self.q_size, config.hidden_size, ranks["linear_proj"])
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.qkv_proj = linear(config.hidden_size, q_size + 2 * kv_size, ranks["linear_qkv"], config.qkv_bias)
+        self.q_proj = Columns(0, q_size)
+        self.k_proj = Columns(q_size, q_size + kv_size)
+        self.v_proj = Columns(q_size + kv_size, q_size + 2 * kv_size)
+        self.o_proj = linear(q_size, config.hidden_size, ranks["linear_proj"])
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
-        """LlamaAttention.forward with q, k, v taken from one fused projection."""
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in (q, k, v))
-        cos, sin = position_embeddings
-        q, k = llama.apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        attention = llama.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, llama.eager_attention_forward)
-        output, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling,
-                                    dropout=0.0 if not self.training else self.attention_dropout, **kwargs)
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return super().forward(self.qkv_proj(hidden_states), *args, **kwargs)
 
 
 class PLRDMLP(nn.Module):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from nemo_plrd.errors import MissingInputError, OutputExistsError
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
@@ -34,7 +35,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
     """Save ``model``; with ``arch`` (and the HF parent ``hf_source``) the checkpoint is self-describing."""
     path = Path(path)
     if exists_on_rank0(path):
-        raise FileExistsError(f"checkpoint directory {path} already exists; choose a new path")
+        raise OutputExistsError(f"checkpoint directory {path} already exists; choose a new path")
     partial = path.with_name(path.name + ".partial")
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -57,7 +58,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
 
 def _check_checkpoint(path: Path) -> None:
     if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
+        raise MissingInputError(f"{path} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
@@ -72,7 +73,7 @@ def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch
     path = Path(path)
     _check_checkpoint(path)
     if not (path / METADATA).is_file():
-        raise FileNotFoundError(f"{path} has no {METADATA}: it was not saved by nemo_plrd with its architecture")
+        raise MissingInputError(f"{path} has no {METADATA}: it was not saved by nemo_plrd with its architecture")
     metadata = json.loads((path / METADATA).read_text())
     arch = LlamaArch(**metadata["arch"])
     ranks = metadata["ranks"]
@@ -95,7 +96,7 @@ def load_parent(source: str | Path) -> tuple[torch.nn.Module, LlamaArch, Path]:
         model, arch = import_hf(path)
         return model, arch, path
     if not (path / "hf" / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no hf/config.json (the HF parent's config and tokenizer): "
+        raise MissingInputError(f"{path} has no hf/config.json (the HF parent's config and tokenizer): "
                                 "save it with save_checkpoint(..., hf_source=...)")
     model, arch = load_model(path)
     return model, arch, path / "hf"

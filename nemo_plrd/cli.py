@@ -8,8 +8,7 @@ import subprocess
 import sys
 from typing import Callable
 
-# What a script refuses cleanly (message, exit status 2): bad input, not a bug.
-BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError)
+from nemo_plrd.errors import InputError
 
 
 def _positive(text: str) -> int:
@@ -20,10 +19,11 @@ def _positive(text: str) -> int:
 
 
 def run_script(main: Callable[[], None]) -> None:
-    """Run a script's ``main``; bad input ends the process with its message and status 2, no traceback."""
+    """Run a script's ``main``; bad input (``InputError``) ends the process with its message and
+    status 2, no traceback. Any other exception is a bug and keeps its traceback."""
     try:
         main()
-    except BAD_INPUT as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
@@ -91,7 +91,7 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         check_tasks(tasks)
         result = evaluate(args.model_dir, tasks, args.limit, args.perplexity_blocks)
-    except (ValueError, FileNotFoundError) as error:
+    except InputError as error:
         parser.error(str(error))
     out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)
     write_results(result, out)

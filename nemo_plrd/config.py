@@ -1,7 +1,7 @@
 """Recipe configuration: dataclasses validated at construction, built from YAML plus overrides.
 
 ``PLRDConfig`` is what a Megatron-Bridge ``ConfigContainer`` carries in its ``plrd:`` field
-(DESIGN.md section 7); ``DecomposeConfig`` is the decomposition recipe's whole config around
+(docs/design.md, section 1); ``DecomposeConfig`` is the decomposition recipe's whole config around
 it. Overrides are Hydra-style dotted ``key=value`` pairs with YAML values, as Bridge recipes
 take them (``plrd.plan.keep=0.4``; ``plrd.plan.keep=null plrd.plan.target_params=80000000``
 to switch the kind of request). Every error names the bad key or value and what is
@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
 from nemo_plrd.export import FORMATS
 from nemo_plrd.plan import check_request
@@ -62,7 +63,7 @@ class CalibrationConfig:
         _check_positive("plrd.calibration", tokens=self.tokens, seq_length=self.seq_length,
                         micro_batch=self.micro_batch)
         if self.tokens < self.seq_length:
-            raise ValueError(f"plrd.calibration.tokens={self.tokens} is less than one sequence "
+            raise InputError(f"plrd.calibration.tokens={self.tokens} is less than one sequence "
                              f"(plrd.calibration.seq_length={self.seq_length})")
         _check_text("plrd.calibration.text", self.text)
 
@@ -99,10 +100,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_positive("train", micro_batch=self.micro_batch, seq_length=self.seq_length)
         if self.steps < 0 or not 0 <= self.warmup_steps <= max(self.steps, 0):
-            raise ValueError(f"train.steps={self.steps} and train.warmup_steps={self.warmup_steps} must satisfy "
+            raise InputError(f"train.steps={self.steps} and train.warmup_steps={self.warmup_steps} must satisfy "
                              "0 <= warmup_steps <= steps")
         if not self.lr > 0:
-            raise ValueError(f"train.lr={self.lr} must be a number > 0")
+            raise InputError(f"train.lr={self.lr} must be a number > 0")
         _check_text("train.text", self.text)
 
     @property
@@ -123,7 +124,7 @@ class EvalConfig:
         if self.limit is not None:
             _check_positive("eval", limit=self.limit)
         if self.perplexity_blocks < 0:
-            raise ValueError(f"eval.perplexity_blocks={self.perplexity_blocks} must be >= 0")
+            raise InputError(f"eval.perplexity_blocks={self.perplexity_blocks} must be >= 0")
 
 
 @dataclass
@@ -141,9 +142,9 @@ class DecomposeConfig:
         _check_parent_and_output(self.parent, self.output)
         unknown = [f for f in self.export if f not in FORMATS]
         if unknown or len(set(self.export)) != len(self.export):
-            raise ValueError(f"export={self.export} must list distinct formats among {list(FORMATS)}")
+            raise InputError(f"export={self.export} must list distinct formats among {list(FORMATS)}")
         if self.eval.tasks and not self.export:
-            raise ValueError(f"eval.tasks={self.eval.tasks} needs an HF export to evaluate; export is empty")
+            raise InputError(f"eval.tasks={self.eval.tasks} needs an HF export to evaluate; export is empty")
 
 
 @dataclass
@@ -162,13 +163,13 @@ class FamilyConfig:
     def __post_init__(self) -> None:
         _check_parent_and_output(self.parent, self.output)
         if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])):
-            raise ValueError(f"keep={self.keep} must list one or more fractions, strictly decreasing "
+            raise InputError(f"keep={self.keep} must list one or more fractions, strictly decreasing "
                              "(each stage smaller than the one before)")
         plan = self.stage.get("plrd", {}).get("plan", {}) if isinstance(self.stage.get("plrd"), dict) else {}
         taken = [key for key in ("parent", "output") if key in self.stage] + [
             f"plrd.plan.{key}" for key in ("keep", "target_params", "ranks") if isinstance(plan, dict) and key in plan]
         if taken:
-            raise ValueError(f"stage.{', stage.'.join(taken)} cannot be set: the family sets each stage's parent, "
+            raise InputError(f"stage.{', stage.'.join(taken)} cannot be set: the family sets each stage's parent, "
                              "output and plrd.plan.keep")
         for index in range(len(self.keep)):  # every stage's settings checked now, before hours of work
             self.stage_config(index, self.parent, self.output)
@@ -199,15 +200,15 @@ YamlLoader.add_implicit_resolver(
 def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
     """Build dataclass ``cls`` from plain YAML data, checking every key and value type."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where.rstrip('.') or 'the config'} must be a mapping of keys to values, got {data!r}")
+        raise InputError(f"{where.rstrip('.') or 'the config'} must be a mapping of keys to values, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {[where + k for k in unknown]}; allowed here: {[where + k for k in fields]}")
+        raise InputError(f"unknown key(s) {[where + k for k in unknown]}; allowed here: {[where + k for k in fields]}")
     missing = [where + name for name, f in fields.items() if name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ValueError(f"missing key(s) {missing}")
+        raise InputError(f"missing key(s) {missing}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
@@ -218,7 +219,7 @@ def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
             values[name] = value
         else:
             hint_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            raise ValueError(f"{where}{name}={value!r} must be {hint_name}")
+            raise InputError(f"{where}{name}={value!r} must be {hint_name}")
     return cls(**values)
 
 
@@ -240,13 +241,13 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. plrd.plan.keep=0.5)")
+            raise InputError(f"override {item!r} is not key=value (e.g. plrd.plan.keep=0.5)")
         *parents, leaf = key.split(".")
         node = data
         for depth, name in enumerate(parents):
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
+                raise InputError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
         node[leaf] = yaml.load(text, YamlLoader)
     return data
 
@@ -255,27 +256,27 @@ def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = 
     """``cls`` from the YAML file at ``path`` with ``overrides`` applied."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise MissingInputError(f"config file {path} does not exist")
     data = yaml.load(path.read_text(), YamlLoader) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of keys to values")
+        raise InputError(f"{path} must hold a mapping of keys to values")
     return from_dict(cls, apply_overrides(data, overrides))
 
 
 def _check_text(key: str, text: str) -> None:
     if text != EMBEDDED_TEXT and not Path(text).is_file():
-        raise ValueError(f"{key}={text!r} is not a file; give a UTF-8 text file or {EMBEDDED_TEXT!r}")
+        raise InputError(f"{key}={text!r} is not a file; give a UTF-8 text file or {EMBEDDED_TEXT!r}")
 
 
 def _check_parent_and_output(parent: str, output: str) -> None:
     if parent != EMBEDDED_PARENT and not Path(parent).is_dir():
-        raise ValueError(f"parent={parent!r} is not a directory; give an HF model directory, "
+        raise InputError(f"parent={parent!r} is not a directory; give an HF model directory, "
                          f"a PLRD checkpoint, or {EMBEDDED_PARENT!r}")
     if Path(output).exists():  # a stale OUTPUT.partial is an interrupted run's: it is replaced
-        raise ValueError(f"output={output!r} already exists; choose a new output")
+        raise InputError(f"output={output!r} already exists; choose a new output")
 
 
 def _check_positive(section: str, **values: int) -> None:
     for name, value in values.items():
         if value < 1:
-            raise ValueError(f"{section}.{name}={value} must be a positive integer")
+            raise InputError(f"{section}.{name}={value} must be a positive integer")

@@ -19,6 +19,7 @@ import torch
 
 from nemo_plrd.assets import cache_dir, eval_sets, shakespeare
 from nemo_plrd.data import token_blocks
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.report import format_table
 
 HELDOUT_BLOCK = 513  # 512 tokens and the next one
@@ -46,7 +47,7 @@ def offline_environment() -> None:
 def check_tasks(tasks: Sequence[str]) -> None:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(TASKS)}")
+        raise InputError(f"unknown task(s) {unknown}; the tasks are {list(TASKS)}")
 
 
 def task_configs(tasks: Sequence[str]) -> list[dict]:
@@ -98,7 +99,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        raise MissingInputError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     configs = task_configs(tasks)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # it reads the config too

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nemo_plrd.errors import InputError, OutputExistsError
 from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_hf_factored
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
@@ -51,10 +52,10 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
     from transformers import AutoConfig
 
     if format not in FORMATS:
-        raise ValueError(f"format={format!r} is not one of {FORMATS}")
+        raise InputError(f"format={format!r} is not one of {FORMATS}")
     out_dir = Path(out_dir)
     if exists_on_rank0(out_dir):  # not per rank: a late rank would see rank 0's finished export
-        raise FileExistsError(f"{out_dir} already exists; choose a new output directory")
+        raise OutputExistsError(f"{out_dir} already exists; choose a new output directory")
     parent_config = AutoConfig.from_pretrained(hf_source)
     arch = arch_from_hf(parent_config)
     full = full_state(model)  # collective: every rank takes part

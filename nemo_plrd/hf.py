@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.model import LlamaArch
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -27,17 +28,17 @@ Tensor = torch.Tensor
 def arch_from_hf(config) -> LlamaArch:
     """The architecture facts of an HF config; a clear error for what megatron's GPT cannot hold."""
     if config.model_type not in SUPPORTED:
-        raise ValueError(f"architecture {config.model_type!r} is not supported; supported: {SUPPORTED}")
+        raise InputError(f"architecture {config.model_type!r} is not supported; supported: {SUPPORTED}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
-        raise ValueError(f"head_dim={head_dim} x {config.num_attention_heads} heads != hidden size "
+        raise InputError(f"head_dim={head_dim} x {config.num_attention_heads} heads != hidden size "
                          f"{config.hidden_size}: not supported")
     if getattr(config, "mlp_bias", False) or (config.model_type == "llama" and config.attention_bias):
-        raise ValueError("biases on o_proj / MLP projections are not supported")
+        raise InputError("biases on o_proj / MLP projections are not supported")
     # transformers 5 keeps rope_theta in rope_parameters (rope_scaling is an alias); 4.x at the top.
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"rope scaling {rope} is not supported")
+        raise InputError(f"rope scaling {rope} is not supported")
     return LlamaArch(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
@@ -175,7 +176,7 @@ def load_hf_weights(model: torch.nn.Module, hf_model_dir: str | Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise ValueError(f"HF weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise InputError(f"HF weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def import_hf(hf_model_dir: str | Path, sequence_parallel: bool = False) -> tuple[torch.nn.Module, LlamaArch]:
@@ -193,7 +194,7 @@ def _config(hf_model_dir: str | Path):
 
     path = Path(hf_model_dir)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise MissingInputError(f"{path} is not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(path)
 
 

@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_plrd.errors import InputError
 from nemo_plrd.slots import SlotRanks
 from nemo_plrd.spec import low_rank_block_spec
 
@@ -33,7 +34,7 @@ class LlamaArch:
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise InputError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_query_groups={self.num_query_groups}"
             )
@@ -53,7 +54,7 @@ class LlamaArch:
         }
 
 
-# HuggingFaceTB/SmolLM2-135M: the embedded default parent (DESIGN.md section 5).
+# HuggingFaceTB/SmolLM2-135M: the embedded default parent (docs/design.md, section 5).
 SMOLLM2_135M = LlamaArch(
     num_layers=30,
     hidden_size=576,
@@ -73,7 +74,7 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
 ) -> TransformerConfig:
     if arch.num_query_groups % tensor_parallel_size:
-        raise ValueError(
+        raise InputError(
             f"tensor_parallel_size={tensor_parallel_size} must divide the number of KV heads "
             f"({arch.num_query_groups})"
         )

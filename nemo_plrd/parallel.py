@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from nemo_plrd.cpu import enable_cpu_megatron
+from nemo_plrd.errors import InputError
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None
     init_distributed()
     world = dist.get_world_size()
     if tensor_parallel_size < 1 or world % tensor_parallel_size:
-        raise ValueError(
+        raise InputError(
             f"tensor_parallel_size={tensor_parallel_size} must be >= 1 and divide the "
             f"world size {world}"
         )

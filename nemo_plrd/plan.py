@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from nemo_plrd.errors import InputError
 from nemo_plrd.report import format_table
 from nemo_plrd.slots import SLOTS, check_slot_names
 
@@ -141,20 +142,20 @@ def check_request(ranks: Optional[Mapping[str, int]], keep: Optional[float], tar
     asked = [name for name, value in (("ranks", ranks), ("keep", keep), ("target_params", target_params))
              if value is not None]
     if len(asked) != 1:
-        raise ValueError(f"give exactly one of ranks, keep, target_params (got {asked or 'none'})")
+        raise InputError(f"give exactly one of ranks, keep, target_params (got {asked or 'none'})")
     if not _is_int(multiple) or multiple < 1:
-        raise ValueError(f"multiple={multiple!r} must be a positive integer")
+        raise InputError(f"multiple={multiple!r} must be a positive integer")
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
+        raise InputError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
     if ranks is not None:
         check_slot_names(ranks)
         for slot, rank in ranks.items():
             if not _is_int(rank) or rank < 1:
-                raise ValueError(f"rank {rank!r} for {slot} must be a positive integer")
+                raise InputError(f"rank {rank!r} for {slot} must be a positive integer")
     if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep < 1):
-        raise ValueError(f"keep={keep!r} must be a fraction in (0, 1)")
+        raise InputError(f"keep={keep!r} must be a fraction in (0, 1)")
     if target_params is not None and (not _is_int(target_params) or target_params < 1):
-        raise ValueError(f"target_params={target_params!r} must be a positive integer")
+        raise InputError(f"target_params={target_params!r} must be a positive integer")
 
 
 def _is_int(value) -> bool:
@@ -201,12 +202,12 @@ def plan_ranks(
         budget = target_params - other_params
     smallest = sum(multiple * (out + inp) for _, _, (out, inp) in cells)
     if budget < smallest:
-        raise ValueError(
+        raise InputError(
             f"the budget of {budget + other_params:,} parameters is below the smallest plan "
             f"(rank {multiple} in every slot: {smallest + other_params:,})"
         )
     if budget >= dense:
-        raise ValueError(f"the budget of {budget + other_params:,} parameters is not below the dense "
+        raise InputError(f"the budget of {budget + other_params:,} parameters is not below the dense "
                          f"model's {dense + other_params:,}: nothing to decompose")
     caps = [max(multiple, _largest_rank_below_break_even(out, inp, multiple)) for _, _, (out, inp) in cells]
     if max_ranks is not None:
@@ -220,7 +221,7 @@ def plan_ranks(
         value = lambda i, r: share * cells[i][2][0] * cells[i][2][1] / costs[i] - r  # rank deficit
     else:
         if spectra is None:
-            raise ValueError("allocation='spectrum' needs the slots' spectra (calibrate first)")
+            raise InputError("allocation='spectrum' needs the slots' spectra (calibrate first)")
         fractions = [_energy_fraction(spectra[layer][slot]).tolist() for layer, slot, _ in cells]
         chosen = [multiple] * len(cells)
 

@@ -13,6 +13,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from nemo_plrd.errors import InputError
+
 COLUMN, ROW = "column", "row"
 # slot name -> (attribute of the layer holding it, kind)
 SLOTS = {
@@ -28,7 +30,7 @@ SlotRanks = Mapping[str, Optional[int]]
 def check_slot_names(names) -> None:
     unknown = sorted(set(names) - set(SLOTS))
     if unknown:
-        raise ValueError(f"unknown slot name(s) {unknown}; the slots are {list(SLOTS)}")
+        raise InputError(f"unknown slot name(s) {unknown}; the slots are {list(SLOTS)}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from nemo_plrd import decompose
 from nemo_plrd.calibrate import SlotStatistic, capture_layer_inputs, run_layer, slot_statistics, target_inputs
+from nemo_plrd.errors import InputError
 from nemo_plrd.layers import LOW_RANK_LAYERS
 from nemo_plrd.parallel import tp_sum
 from nemo_plrd.model import parameter_count
@@ -49,17 +50,17 @@ def check_plan_fits(model: torch.nn.Module, plan: RankPlan) -> None:
     """Refuse, before any work, a plan made for another model or one asking the impossible."""
     layers = decoder_layers(model)
     if plan.num_layers != len(layers):
-        raise ValueError(f"the plan has {plan.num_layers} layers; the model has {len(layers)}")
+        raise InputError(f"the plan has {plan.num_layers} layers; the model has {len(layers)}")
     for layer in layers:
         for slot in layer_slots(layer):
             planned, now = plan.rank(slot.layer, slot.name), current_rank(slot.module)
             shape = next(s for s in plan.slots if (s.layer, s.slot) == (slot.layer, slot.name))
             if (shape.out_features, shape.in_features) != slot_shape(slot):
-                raise ValueError(f"layer {slot.layer} {slot.name}: the plan says "
+                raise InputError(f"layer {slot.layer} {slot.name}: the plan says "
                                  f"{shape.out_features}x{shape.in_features}, the model has "
                                  f"{slot_shape(slot)[0]}x{slot_shape(slot)[1]}")
             if now is not None and (planned is None or planned > now):
-                raise ValueError(f"layer {slot.layer} {slot.name} has rank {now}; a plan can only "
+                raise InputError(f"layer {slot.layer} {slot.name} has rank {now}; a plan can only "
                                  f"lower it (asked: {'dense' if planned is None else planned})")
 
 
@@ -136,17 +137,17 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
 
 def check_options(method: str, solver: str = "exact", ridge: float = RIDGE) -> None:
     if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+        raise InputError(f"method={method!r} is not one of {METHODS}")
     if solver not in decompose.SOLVERS:
-        raise ValueError(f"solver={solver!r} is not one of {decompose.SOLVERS}")
+        raise InputError(f"solver={solver!r} is not one of {decompose.SOLVERS}")
     if not ridge >= 0:
-        raise ValueError(f"ridge={ridge!r} must be a number >= 0 (a fraction of the mean input variance)")
+        raise InputError(f"ridge={ridge!r} must be a number >= 0 (a fraction of the mean input variance)")
 
 
 def _layer_inputs(model: torch.nn.Module, calibration: Iterable[torch.Tensor]):
     inputs = capture_layer_inputs(model, calibration)
     if not inputs:
-        raise ValueError("method='activation' needs calibration batches")
+        raise InputError("method='activation' needs calibration batches")
     return inputs
 
 
@@ -234,7 +235,7 @@ class PLRDTransform:
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         if len(model) != 1:
-            raise ValueError(f"PLRD needs the whole model in one chunk (got {len(model)}: "
+            raise InputError(f"PLRD needs the whole model in one chunk (got {len(model)}: "
                              "virtual pipeline stages are not supported yet)")
         apply_plan(model[0], self.plan, self.calibration(), self.method, solver=self.solver, ridge=self.ridge)
         return model

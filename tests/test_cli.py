@@ -29,3 +29,18 @@ def test_demo_reports_smollm2_parameter_count_and_smaller_low_rank_model():
     # HF's SmolLM2-135M has 134,515,008 parameters (tied embeddings).
     assert rows["dense"][1] == "134.5M"
     assert float(rows["low-rank"][1].rstrip("M")) < 100
+
+
+def run_script_raising(error: str) -> subprocess.CompletedProcess:
+    code = ("import torch\nfrom nemo_plrd.cli import run_script\nfrom nemo_plrd.errors import InputError\n"
+            f"def main():\n    {error}\nrun_script(main)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_scripts_refuse_bad_input_in_one_line_and_keep_the_traceback_of_a_bug():
+    refused = run_script_raising("raise InputError('train.lr=-1 must be a number > 0')")
+    assert (refused.returncode, refused.stderr) == (2, "error: train.lr=-1 must be a number > 0\n")
+    # A ValueError raised inside torch (or transformers, or megatron) is a bug, not bad input.
+    bug = run_script_raising("torch.distributions.Normal(0.0, -1.0)")
+    assert bug.returncode == 1
+    assert "Traceback" in bug.stderr and "ValueError: Expected parameter scale" in bug.stderr

@@ -22,6 +22,7 @@ setup(
         "gguf",  # the embedded default parent ships as a GGUF file
         "accelerate",  # transformers needs it to load GGUF
         "psutil",  # megatron dist_checkpointing
+        "filelock",  # one process builds each cached asset
         "numpy",
         "tqdm",
         "matplotlib",  # the family report's plot

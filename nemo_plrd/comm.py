@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -44,20 +43,18 @@ class Collective:
 
 
 class CollectiveMeter:
-    """Records each collective's op, tensor shape and size; ``bytes_by_op`` sums them."""
+    """Records each collective's op, tensor shape, size and group."""
 
     def __init__(self) -> None:
         self.calls: list[Collective] = []
 
+    def on(self, group) -> list[Collective]:
+        """The collectives that ran on ``group``."""
+        return [c for c in self.calls if c.group is group]
+
     def total_bytes(self, group=None) -> int:
         """Bytes of all collectives, or of those on ``group`` only."""
-        return sum(c.nbytes for c in self.calls if group is None or c.group is group)
-
-    def bytes_by_op(self) -> dict[str, int]:
-        totals: dict[str, int] = defaultdict(int)
-        for c in self.calls:
-            totals[c.op] += c.nbytes
-        return dict(totals)
+        return sum(c.nbytes for c in (self.calls if group is None else self.on(group)))
 
     def _counting(self, op: str, fn: Callable) -> Callable:
         index = _FULL_TENSOR_ARG[op]

@@ -1,4 +1,8 @@
-"""The collective meter sees megatron's collectives, aliased imports included, at exact sizes."""
+"""The collective meter sees megatron's collectives, aliased imports included, at exact sizes; and
+the property the low-rank layers exist for: every TP collective they issue carries [s,b,r]."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +11,9 @@ from megatron.core.tensor_parallel import mappings
 
 from nemo_plrd.comm import CollectiveMeter
 from nemo_plrd.parallel import init_model_parallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from tp_comm import CASES, COLUMN_SLOTS, measure  # noqa: E402
 
 
 @pytest.mark.parametrize("tp_size", [2], indirect=True)
@@ -25,3 +32,23 @@ def test_meter_counts_megatron_collectives_by_full_tensor_size(tp_size):
     # Restored on exit: nothing more is counted.
     mappings.reduce_from_tensor_model_parallel_region(x.clone())
     assert len(meter.calls) == 3
+
+
+SMOLLM2_SLOTS = [case[1:] for case in CASES if case[0] == "SmolLM2-135M"]
+
+
+@pytest.mark.parametrize("tp_size", [2], indirect=True)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["sp-off", "sp-on"])
+@pytest.mark.parametrize("slot, out, inp, rank", SMOLLM2_SLOTS, ids=[c[0] for c in SMOLLM2_SLOTS])
+def test_low_rank_slots_move_rank_sized_activations_only(slot, out, inp, rank, sequence_parallel, tp_size):
+    """Every collective of a low-rank slot's forward+backward is [s,b,r] (or its SP shard), and the
+    bytes are exactly r/in (column slots) or r/out (row slots) of the dense layer's. A collective of
+    hidden size coming back (e.g. dx all-reduced on a column slot) fails both checks."""
+    init_model_parallel(tp_size)
+    group = parallel_state.get_tensor_model_parallel_group()
+    dense = measure(slot, out, inp, None, sequence_parallel)[0].on(group)
+    low_rank = measure(slot, out, inp, rank, sequence_parallel)[0].on(group)
+    width = inp if slot in COLUMN_SLOTS else out
+    assert dense and {c.shape[-1] for c in dense} == {width}  # the meter sees the dense layer's traffic
+    assert low_rank and [c.shape[-1] for c in low_rank] == [rank] * len(low_rank), low_rank
+    assert sum(c.nbytes for c in low_rank) * width == sum(c.nbytes for c in dense) * rank

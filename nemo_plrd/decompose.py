@@ -1,7 +1,7 @@
 """Low-rank factorisation of one slot, dense or already factored, gather-free under TP.
 
 Each function returns the pair minimising ||(W - up @ down) X||_F over calibration inputs
-X, summarised by their second-moment statistics (DESIGN.md section 4):
+X, summarised by their second-moment statistics (docs/design.md, section 3):
 
 - column slot, W = [W_1; ...; W_p] sharded on out, input covariance C = E[x x^T]:
   with S S^T = C, the top-r eigenvectors Q of S^T (sum_i W_i^T W_i) S give

@@ -2,7 +2,7 @@
 
 Each layer is a composition of megatron-core's own parallel linears and one small linear
 replicated over the TP group, arranged so that every tensor-parallel collective carries
-r-dimensional activations instead of hidden-sized ones (DESIGN.md section 3):
+r-dimensional activations instead of hidden-sized ones (docs/design.md, section 2):
 
     column slot (linear_qkv, linear_fc1), input x replicated, output sharded on out:
         z = down(x)          down: r x in,  replicated       no communication

@@ -65,7 +65,7 @@ def test_smollm2_slot_shapes_and_break_even_ranks():
     shapes = SMOLLM2_135M.slot_shapes()
     assert shapes == {"linear_qkv": (960, 576), "linear_proj": (576, 576),
                       "linear_fc1": (3072, 576), "linear_fc2": (576, 1536)}
-    assert round(break_even_rank(*shapes["linear_qkv"])) == 360  # DESIGN.md section 4
+    assert round(break_even_rank(*shapes["linear_qkv"])) == 360  # docs/design.md, section 3 (break-even)
     assert round(break_even_rank(576, 1536)) == 419
     with pytest.raises(ValueError, match="num_attention_heads=9 must be a multiple of num_query_groups=2"):
         LlamaArch(num_layers=1, hidden_size=576, ffn_hidden_size=8, num_attention_heads=9,

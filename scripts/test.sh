@@ -2,20 +2,35 @@
 # Install what is missing, then run the whole test suite:
 #   1. single-process tests (math, configs, CLI, conversion);
 #   2. tensor-parallel tests, all in one 2-process torchrun group (TP=1 and TP=2 cases).
+# Extra arguments go to both pytest runs. `--latest` first runs the suite in a throw-away venv
+# with the newest releases instead of the tested set (what a user installing today gets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+VENV=.venv
+if [ "${1:-}" = "--latest" ]; then
+  shift
+  VENV=$(mktemp -d)/venv
+  trap 'rm -rf "$(dirname "$VENV")"' EXIT
+  bash scripts/setup.sh --latest "$VENV"
+  echo "[latest] versions that differ from constraints.txt ('<' pinned, '>' newest):"
+  diff <(grep -v '^#' constraints.txt | LC_ALL=C sort -f) \
+       <("$VENV/bin/pip" freeze --all --exclude-editable | LC_ALL=C sort -f) || true
+else
+  bash scripts/setup.sh
+fi
+python=$VENV/bin/python
+
 status=0
-.venv/bin/python -m pytest -q --ignore=tests/distributed "$@" || status=$?
+"$python" -m pytest -q --ignore=tests/distributed "$@" || status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
 
 # Rank 0 reports on the console; rank 1's output goes to a log, shown if the run fails
 # (a failure on either rank fails the run).
 logs=$(mktemp -d)
 status=0
-.venv/bin/torchrun --nproc_per_node 2 --log-dir "$logs" --redirects 1:3 \
+"$python" -m torch.distributed.run --nproc_per_node 2 --log-dir "$logs" --redirects 1:3 \
   -m pytest -q -p no:cacheprovider tests/distributed "$@" || status=$?
 if [ "$status" -ne 0 ]; then
   for log in "$logs"/*/attempt_0/1/stdout.log "$logs"/*/attempt_0/1/stderr.log; do

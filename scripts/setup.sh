@@ -25,9 +25,10 @@ pinned() { grep -v '^#' constraints.txt | LC_ALL=C sort -f; }
 if [ "$LATEST" = 1 ]; then
   echo "[setup] installing the newest releases into $VENV"
   "${pip[@]}" install --upgrade pip setuptools
-  # torch stays pinned: an unpinned `torch` pulls GBs of CUDA wheels, and 2.13.0 is the CPU build here.
+  # torch stays pinned in every call: an unpinned `torch` pulls GBs of CUDA wheels (an eager upgrade
+  # would take one); 2.13.0 is the CPU build here.
   "${pip[@]}" install "torch==2.13.0"
-  "${pip[@]}" install --upgrade --upgrade-strategy eager -e ".[test]"
+  "${pip[@]}" install --upgrade --upgrade-strategy eager -e ".[test]" "torch==2.13.0"
   exit 0
 fi
 

@@ -34,15 +34,15 @@ def init_distributed(timeout: timedelta | None = None) -> None:
     """
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # not under torchrun: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Not under torchrun: a group of one on a free local port. The environment is left alone, so
+    # a process this one starts (a recipe run from a script or a test) makes its own group.
+    alone = {} if "RANK" in os.environ else dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl", timeout=timeout)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl", timeout=timeout, **alone)
     else:
         enable_cpu_megatron()
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timeout, **alone)
 
 
 def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:

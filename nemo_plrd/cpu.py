@@ -4,8 +4,10 @@ megatron-core assumes CUDA in a handful of places that are not about the math: b
 allocated on ``torch.cuda.current_device()``, ``torch.cuda.synchronize()`` before
 checkpoint I/O, the CUDA RNG tracker behind tensor-parallel dropout and initialisation,
 the default causal mask (built with ``device="cuda"``), the current stream (waited on
-before gradient reduction since megatron-core 0.17), and a torch norm that refuses
-sequence parallelism. ``enable_cpu_megatron`` points each
+before gradient reduction since megatron-core 0.17), a torch norm that refuses
+sequence parallelism, and the optimizer's scalars and norms (``torch.tensor(...,
+device="cuda")`` in ``megatron.core.optimizer`` and ``utils``, and checks that gradients
+are ``torch.cuda.FloatTensor``). ``enable_cpu_megatron`` points each
 of these at the CPU, and only when CUDA is absent, so the product and its tests run the
 very same megatron code paths (gloo backend) on a laptop or CI machine that a GPU job runs.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import types
 from typing import Iterator
 
 import torch
@@ -95,6 +99,55 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
 
 
+# The modules whose ``torch.tensor`` / ``torch.zeros`` calls ask for device="cuda" outright.
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.utils",
+)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as those modules see it: the tensors they create on "cuda" are made on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _factory(name: str):
+        make = getattr(torch, name)
+
+        @functools.wraps(make)
+        def on_cpu(*args, device=None, **kwargs):
+            cuda = device is not None and torch.device(device).type == "cuda"
+            return make(*args, device="cpu" if cuda else device, **kwargs)
+
+        return on_cpu
+
+
+for _name in ("tensor", "zeros", "ones", "empty"):
+    setattr(_TorchOnCpu, _name, staticmethod(_TorchOnCpu._factory(_name)))
+
+
+def _cuda_type_name(type_method):
+    """``Tensor.type()`` naming a CPU tensor as its CUDA twin ("torch.cuda.FloatTensor"): megatron's
+    optimizer asserts that name for fp32 gradients; with an argument, ``type`` converts as before."""
+
+    @functools.wraps(type_method)
+    def type_(self, *args, **kwargs):
+        name = type_method(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu":
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    return type_
+
+
 class _CpuStream:
     """The current "stream" on the CPU: everything already happened in order, nothing to wait for."""
 
@@ -123,5 +176,9 @@ def enable_cpu_megatron() -> bool:
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random.initialize_rng_tracker(force_reset=True)
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    on_cpu = _TorchOnCpu()
+    for name in _CUDA_FACTORY_MODULES:
+        importlib.import_module(name).torch = on_cpu
+    torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
     _ENABLED = True
     return True

@@ -1,17 +1,161 @@
-"""Token blocks from a text file: the embedded default's calibration, training and held-out data.
+"""Training and calibration data as megatron reads it: indexed datasets and ``GPTDataset``.
 
-On a cluster the data comes from Megatron-Bridge's dataset providers; on one CPU machine
-the Shakespeare asset is small enough to tokenise whole. Blocks are contiguous, so
-``seq_length + 1`` tokens give a language-modelling input and its shifted labels.
+``prepare_dataset`` tokenises documents with the parent's tokenizer into megatron's
+``.bin`` / ``.idx`` pair (``IndexedDatasetBuilder``), an end-of-document token closing each
+document, as megatron's ``preprocess_data.py`` writes them. ``gpt_datasets`` builds megatron's
+``GPTDataset`` splits through ``BlendedMegatronDatasetBuilder``: blends with weights, the
+train / valid / test split, megatron's document shuffling and sample index, cached beside the
+data. ``DataParallelBatches`` hands each data-parallel rank its micro-batches of every global
+batch in the order megatron's pretraining sampler does, from a count of consumed samples, so a
+resumed run reads exactly the samples the interrupted one would have.
+
+``token_blocks`` cuts a text file into contiguous blocks: the held-out perplexity text of the
+reports, which is scored whole and in order rather than sampled.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
-from nemo_plrd.errors import InputError
+from nemo_plrd.errors import InputError, MissingInputError
+
+SPLITS = ("train", "valid", "test")
+
+
+def megatron_tokenizer(hf_dir: str | Path):
+    """The HF tokenizer in ``hf_dir`` as megatron's datasets take it (``eod``, ``pad``, ``vocab_size``)."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    return MegatronTokenizer.from_pretrained(str(hf_dir), metadata_path={"library": "huggingface"})
+
+
+def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
+    """The documents of a file: each line's ``json_key`` of a ``.jsonl`` file; a text file is one document."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path} is not a file; give UTF-8 text files or JSONL files")
+    if path.suffix != ".jsonl":
+        yield path.read_text(encoding="utf-8")
+        return
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+                raise InputError(f"{path}:{number} has no string field {json_key!r} (--json-key)")
+            yield record[json_key]
+
+
+def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, progress: bool = False) -> Path:
+    """Write ``prefix.bin`` / ``prefix.idx``: each document's token ids and an EOD token.
+
+    Both files are written under temporary names and renamed, the index last: a prefix whose
+    ``.idx`` exists is complete.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.with_name(prefix.name + f".partial{os.getpid()}")
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
+    tokens = 0
+    try:
+        bar = tqdm(documents, desc=f"tokenising into {prefix.name}", unit="doc", disable=not progress)
+        for document in bar:
+            ids = tokenizer.tokenize(document) + [tokenizer.eod]
+            builder.add_document(torch.tensor(ids), [len(ids)])
+            tokens += len(ids)
+            bar.set_postfix(tokens=f"{tokens:,}")
+        if not tokens:
+            raise InputError(f"no documents to write into {prefix}")
+        builder.finalize(f"{tmp}.idx")
+    except BaseException:
+        builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        raise
+    os.replace(f"{tmp}.bin", f"{prefix}.bin")
+    os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    return prefix
+
+
+def check_prefix(key: str, prefix: str) -> None:
+    """A blend entry must name a prepared dataset (``prefix.bin`` and ``prefix.idx``)."""
+    if not (Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()):
+        raise InputError(f"{key}: {prefix!r} is not a megatron indexed dataset (no {prefix}.bin / .idx); "
+                         "make one with `plrd prepare-data`")
+
+
+def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, sequence_length: int,
+                 num_samples: Sequence[Optional[int]], tokenizer, seed: int = 1234) -> list:
+    """megatron ``GPTDataset`` s (or blends of them) for the train, valid and test splits.
+
+    ``num_samples[i]`` is how many samples split i must provide (megatron repeats epochs to
+    reach it); ``None`` skips the split. Every sample holds ``sequence_length`` tokens and
+    their shifted labels.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    config = GPTDatasetConfig(random_seed=seed, sequence_length=sequence_length, blend=blend, split=split,
+                              tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+                              eod_mask_loss=False, create_attention_mask=False)
+    for prefix in blend[0]:  # megatron loops forever looking for samples in a split with no documents
+        documents = IndexedDataset(prefix).sequence_lengths.shape[0]
+        for name, wanted, bounds in zip(SPLITS, num_samples, config.split_matrix):
+            begin, end = bounds or (0, 0)
+            if wanted and int(round(end * documents)) <= int(round(begin * documents)):
+                raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} no documents "
+                                 f"(it has {documents}); give that split a larger share")
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+def token_samples(tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """GPTDataset-shaped samples (tokens, labels, loss mask) from rows of ``tokens`` [n, s+1]: the
+    synthetic data of the demo and the tests, read through the same batches as real data."""
+    return [{"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(row.numel() - 1)} for row in tokens]
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+@dataclass(frozen=True)
+class DataParallelBatches:
+    """Megatron's pretraining order: global batch g is samples [g * global_batch, (g + 1) * global_batch);
+    micro-batch m of data-parallel rank d holds the ``micro_batch`` samples from
+    m * micro_batch * dp_size + d * micro_batch on."""
+
+    dataset: object
+    micro_batch: int
+    global_batch: int
+    dp_rank: int
+    dp_size: int
+
+    def __post_init__(self) -> None:
+        if self.global_batch % (self.micro_batch * self.dp_size):
+            raise InputError(f"the global batch {self.global_batch} is not a multiple of micro batch "
+                             f"{self.micro_batch} x data-parallel size {self.dp_size}")
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp_size)
+
+    def micro_batches(self, consumed: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the global batch that starts after ``consumed`` samples."""
+        stride = self.micro_batch * self.dp_size
+        starts = (consumed + m * stride + self.dp_rank * self.micro_batch for m in range(self.num_micro_batches))
+        return [collate([self.dataset[i] for i in range(start, start + self.micro_batch)]) for start in starts]
 
 
 def token_blocks(path: str | Path, tokenizer, block_length: int, num_blocks: int, start_block: int = 0) -> torch.Tensor:

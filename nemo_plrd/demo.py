@@ -13,14 +13,16 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
 from tqdm import tqdm
 
 from nemo_plrd.comm import CollectiveMeter
+from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.layers import break_even_rank
 from nemo_plrd.model import SMOLLM2_135M, LlamaArch, build_gpt, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.report import format_table
-from nemo_plrd.train import train_step, wrap_ddp
+from nemo_plrd.train import Schedule, Trainer
 
 
 def half_break_even_ranks(arch: LlamaArch, multiple: int = 8) -> dict[str, int]:
@@ -46,18 +48,20 @@ def run_demo(tensor_parallel_size: int, steps: int, seq_length: int, micro_batch
     for name, slot_ranks in (("dense", None), ("low-rank", ranks)):
         model = build_gpt(arch, slot_ranks)
         params = parameter_count(model)
-        ddp = wrap_ddp(model)
-        optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+        # The same micro-batch at every step: a fixed workload to time and meter.
+        batches = DataParallelBatches(token_samples(tokens.repeat(steps, 1)), micro_batch, micro_batch, 0, 1)
+        schedule = Schedule(steps, micro_batch, decay_style="constant")
+        trainer = Trainer(model, OptimizerConfig(lr=1e-4, min_lr=0.0), schedule, batches)
         meter = CollectiveMeter()
         progress = tqdm(range(steps), desc=f"{name:>8}", unit="step", disable=not rank0)
         start = time.perf_counter()
         with meter.measure():
             for step in progress:
-                loss = train_step(ddp, optimizer, tokens)
+                loss = trainer.step()["loss"]
                 tokens_per_s = (step + 1) * tokens[:, 1:].numel() / (time.perf_counter() - start)
                 progress.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{tokens_per_s:.0f}")
         results[name] = (params, meter.total_bytes(tp_group) / steps, tokens_per_s, loss)
-        del model, ddp, optimizer
+        del model, trainer
 
     if rank0:
         dense = results["dense"]

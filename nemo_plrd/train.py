@@ -1,27 +1,53 @@
-"""The training step megatron's own loop performs, spelled out for CPU runs and tests.
+"""Continued pretraining at a new rank with megatron-core's own training pieces.
 
-On GPUs the Megatron-Bridge loop trains (``pretrain``). On CPUs megatron's distributed
-optimizer hard-codes CUDA tensors, so this module keeps megatron's DDP and gradient
-finalisation (DP all-reduce, TP all-reduce of ``sequence_parallel`` grads, tied
-embeddings) and steps a torch AdamW over the finalised ``main_grad`` s.
+The step is the one Megatron-LM and Megatron-Bridge take: megatron's
+``DistributedDataParallel`` (gradients reduced over data parallelism into ``main_grad``),
+``finalize_model_grads`` (tensor-parallel reduction of the replicated factors' and norms'
+gradients under sequence parallelism, tied embeddings), ``get_megatron_optimizer`` (Adam,
+weight decay off for norms and biases, gradient clipping) and ``OptimizerParamScheduler``
+(warm-up, then cosine / linear / WSD decay to ``min_lr``), counted in samples as megatron
+counts them. A global batch is ``micro_batch`` x data-parallel size x the number of
+micro-batches whose gradients accumulate, read in megatron's order (``DataParallelBatches``).
+
+``Trainer.state`` is everything a resumed run needs (model, optimizer, scheduler, iteration,
+consumed samples, RNG) as one ``dist_checkpointing`` state dict, so an interrupted stage
+continues from its last save and takes exactly the steps the uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from tqdm import tqdm
 
+from nemo_plrd.data import DataParallelBatches
 from nemo_plrd.model import gpt_forward
 
 
-def wrap_ddp(model: GPTModel) -> DistributedDataParallel:
-    return DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how the learning rate moves: ``steps`` optimizer steps of ``global_batch`` samples."""
+
+    steps: int
+    global_batch: int
+    warmup_steps: int = 0
+    decay_style: str = "cosine"  # megatron's lr_decay_style: constant, linear, cosine, WSD
+    wsd_decay_steps: Optional[int] = None  # WSD: the final steps that decay (lr_wsd_decay_style linear)
 
 
 def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -29,45 +55,117 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return gpt_forward(model, tokens[:, :-1], labels=tokens[:, 1:]).float().mean()
 
 
-def train_step(
-    model: DistributedDataParallel, optimizer: torch.optim.Optimizer, tokens: torch.Tensor
-) -> float:
-    """One optimizer step on one batch; returns the loss before the step."""
-    model.zero_grad_buffer()
-    optimizer.zero_grad(set_to_none=True)
-    loss = lm_loss(model, tokens)
-    loss.backward()
-    finalize_model_grads([model])
-    for param in model.parameters():
-        if param.requires_grad:
-            param.grad = param.main_grad
-    optimizer.step()
-    return loss.item()
+def masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A GPTDataset micro-batch's mean loss over the tokens its loss mask keeps."""
+    losses = gpt_forward(model, batch["tokens"], labels=batch["labels"]).float()
+    mask = batch["loss_mask"].to(losses.device)
+    return (losses * mask).sum() / mask.sum()
 
 
-def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
-    """Linear warm-up, then a cosine from 1 to 0.1 over the remaining steps (Megatron's ``cosine`` decay)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+class Trainer:
+    """One model's continued pretraining: megatron DDP, optimizer and scheduler over ``batches``."""
+
+    def __init__(self, model: GPTModel, optimizer: OptimizerConfig, schedule: Schedule, batches: DataParallelBatches):
+        if optimizer.lr is None or optimizer.min_lr is None:
+            raise ValueError("OptimizerConfig needs lr and min_lr: the schedule warms up to one and decays to the other")
+        self.model, self.schedule, self.batches = model, schedule, batches
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer)
+        self.ddp = DistributedDataParallel(model.config, ddp_config, module=model)
+        self.optimizer = get_megatron_optimizer(optimizer, [self.ddp])
+        samples = schedule.global_batch
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=optimizer.lr, min_lr=optimizer.min_lr,
+            lr_warmup_steps=schedule.warmup_steps * samples, lr_decay_steps=schedule.steps * samples,
+            lr_decay_style=schedule.decay_style, start_wd=optimizer.weight_decay, end_wd=optimizer.weight_decay,
+            wd_incr_steps=schedule.steps * samples, wd_incr_style="constant",
+            wsd_decay_steps=None if schedule.wsd_decay_steps is None else schedule.wsd_decay_steps * samples,
+            lr_wsd_decay_style="linear" if schedule.decay_style == "WSD" else None)
+        self.iteration = 0
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.iteration * self.schedule.global_batch
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step over the next global batch: its loss (mean over every rank's micro-batches),
+        the learning rate it used and the gradient norm before clipping."""
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro_batches = self.batches.micro_batches(self.consumed_samples)
+        total = torch.zeros(())
+        for batch in micro_batches:
+            loss = masked_loss(self.ddp, batch)
+            (loss / len(micro_batches)).backward()
+            total += loss.detach().cpu()
+        finalize_model_grads([self.ddp])
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.schedule.global_batch)
+        self.iteration += 1
+        loss = total / len(micro_batches)
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        return {"loss": loss.item() / parallel_state.get_data_parallel_world_size(), "lr": lr,
+                "grad_norm": float(grad_norm)}
+
+    def state(self, is_loading: bool = False) -> dict:
+        """The resumable state as a ``dist_checkpointing`` state dict (model keys at the top level,
+        so the checkpoint also loads as a plain model checkpoint)."""
+        model = self.model.sharded_state_dict()
+        return {**model, "optimizer": self.optimizer.sharded_state_dict(model, is_loading=is_loading),
+                "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "rng": _rng_state()}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what ``dist_checkpointing.load(self.state(is_loading=True), path)`` returned."""
+        model_keys = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "iteration", "rng")}
+        self.model.load_state_dict(model_keys)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.iteration = state["iteration"]
+        _set_rng_state(state["rng"])
 
 
-def continue_pretraining(model: GPTModel, blocks: torch.Tensor, micro_batch: int, lr: float, warmup_steps: int = 0,
-                         progress: bool = False) -> list[float]:
-    """Train ``model`` in place, one step per ``micro_batch`` rows of ``blocks`` [n, s+1]; the losses, step by step."""
-    ddp = wrap_ddp(model)
-    optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=lr)
-    batches = blocks.split(micro_batch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, len(batches), warmup_steps))
-    losses = []
-    bar = tqdm(batches, desc="train", unit="step", disable=not progress)
-    start = time.perf_counter()
-    for step, batch in enumerate(bar):
-        losses.append(train_step(ddp, optimizer, batch))
-        schedule.step()
-        tokens_per_s = (step + 1) * batch[:, 1:].numel() / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tokens_per_s=f"{tokens_per_s:.0f}")
+def _rng_state() -> ShardedObject:
+    """This rank's RNG streams (torch's and megatron's tracker), one object per (TP, DP) rank."""
+    tp, dp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    shape = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size())
+    return ShardedObject("rng_state", state, shape, (tp, dp), replica_id=0)
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, metrics: Optional[Path],
+        log_interval: int = 1, progress: bool = False) -> list[float]:
+    """Train from ``trainer.iteration`` to the schedule's last step; the losses of the steps taken.
+
+    ``save(trainer)`` runs every ``save_interval`` steps and after the last. Rank 0 appends one
+    JSON line per ``log_interval`` steps to ``metrics`` (loss, lr, grad norm, tokens/s, consumed
+    tokens) and shows them on the progress bar.
+    """
+    schedule = trainer.schedule
+    tokens_per_step = schedule.global_batch * trainer.batches.dataset[0]["tokens"].numel()
+    rank0 = dist.get_rank() == 0
+    bar = tqdm(total=schedule.steps, initial=trainer.iteration, desc="train", unit="step", disable=not progress)
+    losses, seconds, first = [], 0.0, trainer.iteration
+    while trainer.iteration < schedule.steps:
+        start = time.perf_counter()
+        figures = trainer.step()
+        seconds += time.perf_counter() - start  # training time: saves are not counted
+        losses.append(figures["loss"])
+        tokens_per_s = (trainer.iteration - first) * tokens_per_step / seconds
+        figures |= {"step": trainer.iteration, "tokens_per_s": tokens_per_s,
+                    "consumed_tokens": trainer.iteration * tokens_per_step}
+        if rank0 and metrics is not None and trainer.iteration % log_interval == 0:
+            with metrics.open("a") as out:
+                out.write(json.dumps(figures) + "\n")
+        bar.update()
+        bar.set_postfix(loss=f"{figures['loss']:.3f}", lr=f"{figures['lr']:.2e}", tokens_per_s=f"{tokens_per_s:.0f}")
+        if trainer.iteration % save_interval == 0 or trainer.iteration == schedule.steps:
+            save(trainer)
+    bar.close()
     return losses
 
 

@@ -3,12 +3,15 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -45,10 +48,17 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["plrd.ridge=-1"], "ridge=-1 must be a number >= 0"),
     (["plrd.calibration.tokens=0"], "plrd.calibration.tokens=0 must be a positive integer"),
     (["train.steps=4", "train.warmup_steps=5"], "train.steps=4 and train.warmup_steps=5 must satisfy"),
-    (["train.lr=0"], "train.lr=0 must be a number > 0"),
-    (["train.lr=fast"], "train.lr='fast' must be float"),
-    (["train.text=/no/such.txt"], "train.text='/no/such.txt' is not a file"),
-    (["plrd.calibration.text=/no/such.txt"], "calibration.text='/no/such.txt' is not a file"),
+    (["optimizer.lr=0"], "optimizer.lr=0 must be > 0"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast' must be Optional[float]"),
+    (["optimizer.lr_typo=1e-3"], "unknown key(s) ['optimizer.lr_typo']; allowed here: ['optimizer.lr', 'optimizer.min_lr'"),
+    (["optimizer.optimizer=lamb"], "optimizer.optimizer='lamb' is not one of ['adam', 'sgd']"),
+    (["train.global_batch=6"], "train.global_batch=6 must be a multiple of train.micro_batch=4"),
+    (["train.decay_style=step"], "train.decay_style='step' is not one of ['constant', 'linear', 'cosine', 'WSD']"),
+    (["train.decay_style=WSD"], "train.wsd_decay_steps=None is set exactly when decay_style is WSD"),
+    (["dataset.blend=[[/no/such/data], null]"], "dataset.blend: '/no/such/data' is not a megatron indexed dataset"),
+    (["dataset.blend=[[shakespeare], [1, 2]]"], "dataset.blend=[['shakespeare'], [1, 2]] must be [prefixes, weights]"),
+    (["dataset.split=90,10"], "dataset.split='90,10' must be three shares"),
+    (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size=0 must be a positive integer"),
     (["parent=/no/such/model"], "parent='/no/such/model' is not a directory"),
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
@@ -62,18 +72,14 @@ def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, 
     assert message in str(error.value)
 
 
-def test_an_existing_output_is_refused(tmp_path):
-    (tmp_path / "out").mkdir()
-    with pytest.raises(ValueError, match="already exists; choose a new output"):
-        config(tmp_path)
 
 
 def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path):
-    cfg = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.train.lr=3e-4"])
+    cfg = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.optimizer.lr=3e-4"])
     stages = [cfg.stage_config(i, f"{tmp_path}", f"{tmp_path / 'family.partial'}") for i in range(len(cfg.keep))]
     assert [s.plrd.plan.keep for s in stages] == cfg.keep == [0.6, 0.4, 0.25]
     assert [Path(s.output).name for s in stages] == ["stage1-keep0.6", "stage2-keep0.4", "stage3-keep0.25"]
-    assert all(s.train.lr == 3e-4 and s.train.steps > 0 and s.eval.tasks for s in stages)
+    assert all(s.optimizer_config().lr == 3e-4 and s.train.steps > 0 and s.eval.tasks for s in stages)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -116,10 +122,11 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
     small = ["plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "eval.perplexity_blocks=2"]
     first = tmp_path / "stage1"
     run = recipe(f"parent={tiny_parent}", f"output={first}", "plrd.plan.keep=0.6", "eval.tasks=[arc_easy]",
-                 "eval.limit=3", *small, nproc=2)
+                 "eval.limit=3", "parallel.tensor_model_parallel_size=2", *small, nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in first.iterdir()) == ["checkpoint", "eval", "hf-factored", "hf-merged", "plan.json",
-                                                       "plan.txt", "summary.json", "summary.md"]
+    assert sorted(p.name for p in first.iterdir()) == ["checkpoint", "config.json", "decomposed.json", "eval",
+                                                       "hf-factored", "hf-merged", "plan.json", "plan.txt",
+                                                       "summary.json", "summary.md"]
     assert not Path(f"{first}.partial").exists()
     plan = RankPlan.from_json((first / "plan.json").read_text())
     summary = json.loads((first / "summary.json").read_text())
@@ -163,12 +170,13 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     out = tmp_path / "family"
     run = recipe(f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "stage.plrd.calibration.tokens=512",
                  "stage.plrd.calibration.seq_length=128", "stage.train.steps=6", "stage.train.seq_length=64",
-                 "stage.train.lr=1e-3", "stage.train.warmup_steps=1", "stage.export=[factored]",
+                 "stage.optimizer.lr=1e-3", "stage.train.warmup_steps=1", "stage.export=[factored]",
+                 "stage.parallel.tensor_model_parallel_size=2",
                  "stage.eval.tasks=[arc_easy]", "stage.eval.limit=3", "stage.eval.perplexity_blocks=2",
                  nproc=2, name="family", config=FAMILY_YAML)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["family.json", "family.md", "family.png", "stage1-keep0.6",
-                                                     "stage2-keep0.3"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "eval", "family.json", "family.md", "family.png",
+                                                     "stage1-keep0.6", "stage2-keep0.3"]
     assert not Path(f"{out}.partial").exists()
     family = json.loads((out / "family.json").read_text())
     members = family["members"]
@@ -185,3 +193,105 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     report = (out / "family.md").read_text()
     assert "stage 2" in report and f"{second['member_perplexity']:.2f}" in report
     assert plt.imread(out / "family.png").shape[2] in (3, 4)
+
+
+# A stage that trains: 6 steps of 4 sequences (2 per micro-batch), a checkpoint every 2 steps.
+TRAINED = ["plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "eval.perplexity_blocks=2",
+           "eval.tasks=[]", "export=[merged]", "train.steps=6", "train.seq_length=64", "train.micro_batch=2",
+           "train.global_batch=4", "train.save_interval=2", "train.warmup_steps=1", "optimizer.lr=1e-3"]
+
+
+def launch(*args, nproc: int, name: str = "decompose", config: Path = YAML) -> subprocess.Popen:
+    """The recipe in a process group of its own, so that a kill reaches every rank and its helpers."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                             str(ROOT / "recipes" / f"{name}.py"), "--config", str(config), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
+    """SIGKILL the whole process group as soon as ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended before the point it was to be killed at"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def logged_steps(metrics: Path) -> int:
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def merged_weights(stage: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(stage / "hf-merged" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained_stage(tiny_parent, tmp_path_factory) -> Path:
+    """The uninterrupted reference: TP=1 x DP=2."""
+    out = tmp_path_factory.mktemp("reference") / "stage"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_a_stage_killed_mid_training_resumes_to_exactly_the_uninterrupted_run(tiny_parent, trained_stage, tmp_path):
+    out = tmp_path / "stage"
+    partial = Path(f"{out}.partial")
+    args = (f"parent={tiny_parent}", f"output={out}", *TRAINED)
+    kill_when(launch(*args, nproc=2), lambda: logged_steps(partial / "metrics.jsonl") >= 3)  # saved at step 2
+    assert not out.exists() and [p.name for p in (partial / "train").iterdir()] == ["iter_0000002"]
+    run = recipe(*args, nproc=2)  # the same command again
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected, resumed = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, out))
+    assert len(resumed["train_losses"]) == 6 and resumed["train_losses"] == expected["train_losses"]
+    assert resumed["member_perplexity"] == expected["member_perplexity"]
+    reference, weights = merged_weights(trained_stage), merged_weights(out)
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_a_stage_trains_the_same_at_tp1_x_dp2_and_tp2_x_dp1(tiny_parent, trained_stage, tmp_path):
+    """The same global batch, split over data-parallel ranks or taken by one tensor-parallel pair:
+    the same losses (fp32; the reductions run in another order, hence the tolerance)."""
+    out = tmp_path / "tp2"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "parallel.tensor_model_parallel_size=2", nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    dp2, tp2 = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, out))
+    assert (dp2["tp"], dp2["dp"], tp2["tp"], tp2["dp"]) == (1, 2, 2, 1)
+    assert tp2["train_losses"] == pytest.approx(dp2["train_losses"], rel=1e-5)
+    assert tp2["train_losses"][-1] < tp2["train_losses"][0]
+
+
+def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage):
+    before = {p: p.stat().st_mtime_ns for p in trained_stage.rglob("*")}
+    run = recipe(f"parent={tiny_parent}", f"output={trained_stage}", *TRAINED, nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in trained_stage.rglob("*")} == before
+    run = recipe(f"parent={tiny_parent}", f"output={trained_stage}", *TRAINED, "optimizer.lr=2e-3")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "was started with another config" in run.stderr and "optimizer.lr: 0.001 -> 0.002" in run.stderr
+    assert {p: p.stat().st_mtime_ns for p in trained_stage.rglob("*")} == before
+
+
+def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_path):
+    out = tmp_path / "family"
+    partial = Path(f"{out}.partial")
+    args = (f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "stage.plrd.calibration.tokens=512",
+            "stage.plrd.calibration.seq_length=128", "stage.train.steps=4", "stage.train.seq_length=64",
+            "stage.train.warmup_steps=1", "stage.train.save_interval=2", "stage.optimizer.lr=1e-3", "stage.export=[merged]", "stage.eval.tasks=[]",
+            "stage.eval.perplexity_blocks=2")
+    stage1 = partial / "stage1-keep0.6"
+    kill_when(launch(*args, nproc=1, name="family", config=FAMILY_YAML),
+              lambda: (partial / "stage2-keep0.3.partial" / "decomposed.json").is_file())
+    before = {p: p.stat().st_mtime_ns for p in stage1.rglob("*")}
+    assert before and not out.exists()
+    run = recipe(*args, name="family", config=FAMILY_YAML)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p.relative_to(out): t for p, t in ((p, p.stat().st_mtime_ns) for p in (out / stage1.name).rglob("*"))} \
+        == {p.relative_to(partial): t for p, t in before.items()}  # stage 1 untouched
+    family = json.loads((out / "family.json").read_text())
+    assert [len(m["train_losses"]) for m in family["members"]] == [4, 4]
+    again = recipe(*args, name="family", config=FAMILY_YAML)
+    assert again.returncode == 0 and "is complete (same config): nothing to do" in again.stdout

@@ -1,15 +1,60 @@
-"""The continued-pretraining schedule: linear warm-up, then a cosine from lr to lr / 10."""
+"""Continued pretraining with megatron's optimizer and scheduler: the schedule a recipe asks for,
+weight decay where megatron puts it, and the loss over the tokens the mask keeps."""
+
+import math
 
 import pytest
+import torch
+from megatron.core.optimizer import OptimizerConfig
 
-from nemo_plrd.train import lr_factor
+from nemo_plrd.data import DataParallelBatches, token_samples
+from nemo_plrd.model import LlamaArch, build_gpt
+from nemo_plrd.parallel import init_model_parallel
+from nemo_plrd.train import Schedule, Trainer, masked_loss
+
+ARCH = LlamaArch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
+                 vocab_size=64, max_sequence_length=32)
+TOKENS = torch.randint(0, ARCH.vocab_size, (40, 9), generator=torch.Generator().manual_seed(0))
 
 
-def test_warm_up_then_cosine_to_a_tenth():
-    steps, warmup = 20, 4
-    factors = [lr_factor(step, steps, warmup) for step in range(steps)]
-    assert factors[:warmup] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert factors[warmup] == pytest.approx(1.0)  # the cosine starts at the peak
-    assert all(a > b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
-    assert lr_factor(steps, steps, warmup) == pytest.approx(0.1)
-    assert lr_factor(0, 1, 0) == pytest.approx(1.0)  # one step, no warm-up: the full rate
+def trainer(schedule: Schedule, **optimizer) -> Trainer:
+    init_model_parallel(1)
+    model = build_gpt(ARCH, {"linear_qkv": 8, "linear_proj": 8, "linear_fc1": 8, "linear_fc2": 8})
+    batches = DataParallelBatches(token_samples(TOKENS), 2, schedule.global_batch, 0, 1)
+    return Trainer(model, OptimizerConfig(**{"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.1} | optimizer),
+                   schedule, batches)
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_to_min_lr():
+    """Counted in samples as megatron counts them: step k has lr = lr * k / warmup, then the cosine."""
+    steps, warmup = 10, 4
+    t = trainer(Schedule(steps, global_batch=4, warmup_steps=warmup))
+    used = [t.step()["lr"] for _ in range(steps)]
+    cosine = [1e-4 + 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))) * 9e-4
+              for k in range(warmup + 1, steps)]
+    assert used == pytest.approx([1e-3 * k / warmup for k in range(warmup + 1)] + cosine, rel=1e-9)
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # where the schedule ends
+    assert t.consumed_samples == 40
+
+
+def test_weight_decay_spares_norms_and_biases():
+    t = trainer(Schedule(2, global_batch=2))
+    names = {id(p): name for name, p in t.model.named_parameters()}
+    decay = {names[id(p)]: group["weight_decay"] for group in t.optimizer.param_groups for p in group["params"]}
+    assert decay and all(v == (0.0 if name.endswith(("norm.weight", "bias")) or "layernorm" in name else 0.1)
+                         for name, v in decay.items()), decay
+    assert any(v == 0.0 for v in decay.values()) and any(v == 0.1 for v in decay.values())
+
+
+def test_the_loss_averages_only_the_tokens_the_mask_keeps():
+    t = trainer(Schedule(1, global_batch=2))
+    batch = DataParallelBatches(token_samples(TOKENS), 2, 2, 0, 1).micro_batches(0)[0]
+    with torch.no_grad():
+        full = masked_loss(t.model, batch).item()
+        batch["loss_mask"][:, 4:] = 0
+        first_half = masked_loss(t.model, batch).item()
+        batch["loss_mask"][:, :4], batch["loss_mask"][:, 4:] = 0, 1
+        second_half = masked_loss(t.model, batch).item()
+    assert full == pytest.approx((first_half + second_half) / 2, rel=1e-6)
+    assert first_half != pytest.approx(second_half)
+

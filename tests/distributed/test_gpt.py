@@ -4,13 +4,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from nemo_plrd.checkpoint import load_checkpoint, save_checkpoint
+from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
 from nemo_plrd.model import SMOLLM2_135M, LlamaArch, build_gpt, parameter_count
 from nemo_plrd.parallel import init_model_parallel
-from nemo_plrd.train import wrap_ddp, train_step
+from nemo_plrd.train import Schedule, Trainer
 
 ARCH = LlamaArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                  num_query_groups=2, vocab_size=128, max_sequence_length=64)
@@ -21,10 +23,14 @@ TOKENS = torch.randint(0, ARCH.vocab_size, (2, 17), generator=torch.Generator().
 
 
 def losses(tp: int, sequence_parallel: bool, steps: int = 4) -> list[float]:
+    """At TP=1 the two ranks are data-parallel (one sample each per step), at TP=2 one rank pair
+    takes both samples: the same global batch, the same mean loss and gradient."""
     init_model_parallel(tp, seed=3)
-    model = wrap_ddp(build_gpt(ARCH, RANKS, sequence_parallel=sequence_parallel))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return [train_step(model, optimizer, TOKENS) for _ in range(steps)]
+    model = build_gpt(ARCH, RANKS, sequence_parallel=sequence_parallel)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    batches = DataParallelBatches(token_samples(TOKENS.repeat(steps, 1)), 2 // dp, 2, dp_rank, dp)
+    trainer = Trainer(model, OptimizerConfig(lr=1e-2, min_lr=0.0), Schedule(steps, 2, decay_style="constant"), batches)
+    return [trainer.step()["loss"] for _ in range(steps)]
 
 
 def full_logits(model) -> torch.Tensor:

@@ -1,0 +1,292 @@
+"""A PLRD stage and a PLRD family as resumable pipelines.
+
+A stage: load the parent -> calibrate -> decompose (or re-truncate) -> train at the new rank ->
+checkpoint -> HF export -> evaluate -> summary. A family: stage after stage, each stage's parent
+the previous stage's checkpoint, then lm-eval of every member and a report.
+
+Everything is written under ``OUTPUT.partial`` and renamed to ``OUTPUT`` when complete, and each
+step leaves a record the next run reads, so the same command, run again after an interruption
+at any point, redoes only what was not saved:
+
+- a finished stage or family (``OUTPUT`` exists) is not touched again;
+- the decomposed model is saved before training (``train/iter_0000000``), and training saves
+  model, optimizer, scheduler, RNG and data position every ``train.save_interval`` steps; a
+  rerun resumes from the last save and takes exactly the steps the uninterrupted run would;
+- a final checkpoint or export already renamed into place is kept.
+
+The config a run started with is kept beside its outputs (``config.json``); a rerun with a
+different config is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from transformers import AutoTokenizer
+
+from nemo_plrd import report
+from nemo_plrd.assets import shakespeare_dataset, smollm2_135m
+from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
+from nemo_plrd.config import EMBEDDED_DATA, EMBEDDED_PARENT, DecomposeConfig, FamilyConfig
+from nemo_plrd.data import DataParallelBatches, gpt_datasets, megatron_tokenizer
+from nemo_plrd.errors import InputError
+from nemo_plrd.evaluate import evaluate, heldout_blocks, write_results
+from nemo_plrd.export import export_hf
+from nemo_plrd.model import LlamaArch, parameter_count
+from nemo_plrd.parallel import init_model_parallel
+from nemo_plrd.train import Schedule, Trainer, perplexity, run
+from nemo_plrd.transform import apply_plan, plan_for
+
+CONFIG = "config.json"
+ITERATION = "iter_{:07d}"
+
+
+def init_parallel(cfg: DecomposeConfig) -> None:
+    """megatron's parallel state for this world: TP from the config, DP the rest; the layout checked."""
+    init_model_parallel(cfg.parallel.tensor_model_parallel_size)
+    cfg.train.check_layout(parallel_state.get_data_parallel_world_size())
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
+    """Record ``cfg`` in ``folder`` (created if missing), or check it against the one recorded there.
+
+    A different config is refused, naming every key whose value differs, and so is a
+    ``finished`` output that holds no record (not written by this pipeline). Every rank gets
+    rank 0's verdict.
+    """
+    config = dataclasses.asdict(cfg)
+    verdict: list = [None]
+    if _rank0():
+        record = folder / CONFIG
+        if finished and not record.is_file():
+            verdict[0] = ["foreign", []]
+        elif record.is_file():
+            before, now = _flat(json.loads(record.read_text())), _flat(json.loads(json.dumps(config)))
+            changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+            verdict[0] = ["existing", [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed]]
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(CONFIG + ".tmp")
+            tmp.write_text(json.dumps(config, indent=1) + "\n")
+            tmp.rename(record)
+            verdict[0] = ["new", []]
+    dist.broadcast_object_list(verdict, src=0)
+    state, changed = verdict[0]
+    if state == "foreign":
+        raise InputError(f"output={str(folder)!r} already exists and was not written by this recipe; "
+                         "choose a new output")
+    if changed:
+        raise InputError(f"{folder} was started with another config; rerun with the same settings to resume it, "
+                         f"or choose a new output. Differences (then -> now): {'; '.join(changed)}")
+
+
+def _latest(train_dir: Path) -> Optional[Path]:
+    """The last complete training checkpoint (iteration 0: the decomposed model, before any step)."""
+    done = sorted(p for p in train_dir.glob("iter_*") if not p.name.endswith(".partial"))
+    return done[-1] if done else None
+
+
+def _blend(cfg: DecomposeConfig, hf_source: Path) -> tuple[list[str], Optional[list[float]]]:
+    prefixes, weights = cfg.dataset.blend
+    return [shakespeare_dataset(hf_source) if p == EMBEDDED_DATA else p for p in prefixes], weights
+
+
+def _dataset(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: int):
+    """The train split of the stage's data: ``samples`` sequences of ``seq_length`` tokens (megatron
+    repeats epochs when the split holds fewer)."""
+    train, _, _ = gpt_datasets(_blend(cfg, hf_source), cfg.dataset.split, seq_length, [samples, None, None],
+                               megatron_tokenizer(hf_source), cfg.dataset.random_seed)
+    return train
+
+
+def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dict]:
+    """The parent, calibrated and decomposed to the stage's plan; the figures measured on the way."""
+    rank0 = _rank0()
+    model, arch, hf_source = load_parent(smollm2_135m() if cfg.parent == EMBEDDED_PARENT else cfg.parent)
+    calib = cfg.plrd.calibration
+    samples = calib.tokens // calib.seq_length
+    data = _dataset(cfg, hf_source, calib.seq_length, samples)
+    calibration = [torch.stack([data[i]["tokens"] for i in range(start, min(start + calib.micro_batch, samples))])
+                   for start in range(0, samples, calib.micro_batch)]
+    heldout = heldout_blocks(AutoTokenizer.from_pretrained(hf_source), cfg.eval.perplexity_blocks)
+    request = cfg.plrd.plan.request()
+    plan = plan_for(model, calibration, cfg.plrd.method, **request)
+    if rank0:
+        print(plan.table(), flush=True)
+    figures = {"parent": cfg.parent, "parent_params": parameter_count(model),
+               "parent_perplexity": perplexity(model, heldout) if len(heldout) else None}
+    apply_plan(model, plan, calibration, cfg.plrd.method, progress=rank0, solver=cfg.plrd.solver,
+               ridge=cfg.plrd.ridge)
+    figures |= {"member_params": parameter_count(model),
+                "parent_linear_params": figures["parent_params"] - plan.other_params,
+                "member_linear_params": plan.slot_params,
+                "decomposed_perplexity": perplexity(model, heldout) if len(heldout) else None,
+                "heldout_tokens": heldout[:, 1:].numel(), "plan": request, "method": cfg.plrd.method,
+                "calibration_tokens": samples * calib.seq_length, "hf_source": str(hf_source)}
+    if rank0:
+        plan.save(partial / "plan.json")
+        (partial / "plan.txt").write_text(plan.table() + "\n")
+    save_checkpoint(model, partial / "train" / ITERATION.format(0), arch, hf_source)
+    if rank0:  # written after the checkpoint: its presence says the decomposition is saved
+        (partial / "decomposed.json").write_text(json.dumps(figures, indent=1) + "\n")
+    return model, figures
+
+
+def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest: Path, partial: Path,
+          hf_source: Path) -> list[float]:
+    """Continued pretraining from the checkpoint ``latest``; every step's loss (read back from the
+    metrics file, so a resumed stage reports the steps taken before the interruption too)."""
+    schedule = Schedule(cfg.train.steps, cfg.train.global_batch, cfg.train.warmup_steps, cfg.train.decay_style,
+                        cfg.train.wsd_decay_steps)
+    data = _dataset(cfg, hf_source, cfg.train.seq_length, cfg.train.steps * cfg.train.global_batch)
+    batches = DataParallelBatches(data, cfg.train.micro_batch, cfg.train.global_batch,
+                                  parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+    trainer = Trainer(model, cfg.optimizer_config(), schedule, batches)
+    if latest.name != ITERATION.format(0):
+        trainer.load_state(dist_checkpointing.load(trainer.state(is_loading=True), str(latest)))
+    metrics = partial / "metrics.jsonl"
+    if _rank0() and metrics.is_file():  # steps logged after the last save are taken again
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= trainer.iteration]
+        metrics.write_text("".join(line + "\n" for line in kept))
+
+    def save(t: Trainer) -> None:
+        path = partial / "train" / ITERATION.format(t.iteration)
+        save_checkpoint(t.model, path, arch, hf_source, state=t.state())
+        if _rank0():  # only the newest is kept: a training checkpoint holds the optimizer's state
+            for older in partial.glob("train/iter_*"):
+                if older != path:
+                    shutil.rmtree(older)
+        dist.barrier()
+
+    interval = cfg.train.save_interval or cfg.train.steps
+    run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0())
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
+def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]:
+    """The stage (megatron's parallel state initialised by ``init_parallel``); on rank 0 its figures.
+
+    A stage whose ``output`` exists is complete: its figures are read back, nothing is redone.
+    """
+    start = time.perf_counter()
+    out, partial = Path(cfg.output), Path(cfg.output + ".partial")
+    if out.exists():
+        claim(out, cfg, finished=True)
+        return json.loads((out / "summary.json").read_text()) if _rank0() else None
+    claim(partial, cfg)
+    latest = _latest(partial / "train")
+    if latest is None or not (partial / "decomposed.json").is_file():
+        if _rank0():  # a decomposition interrupted before its record was written: done again
+            shutil.rmtree(partial / "train", ignore_errors=True)
+        dist.barrier()
+        model, figures = decompose(cfg, partial)
+        latest = _latest(partial / "train")
+    else:
+        model, _ = (build_model if cfg.train.steps and latest.name != ITERATION.format(0) else load_model)(latest)
+        figures = json.loads((partial / "decomposed.json").read_text())
+    hf_source = Path(figures["hf_source"])  # the parent's HF config and tokenizer
+    arch = read_metadata(latest)[0]
+    losses = train(cfg, model, arch, latest, partial, hf_source) if cfg.train.steps else []
+    heldout = heldout_blocks(AutoTokenizer.from_pretrained(hf_source), cfg.eval.perplexity_blocks)
+    figures["member_perplexity"] = (perplexity(model, heldout) if len(heldout) else None) if losses else \
+        figures["decomposed_perplexity"]
+
+    if not (partial / "checkpoint").is_dir():
+        save_checkpoint(model, partial / "checkpoint", arch, hf_source)
+    for format in cfg.export:
+        if not (partial / f"hf-{format}").is_dir():
+            export_hf(model, partial / f"hf-{format}", hf_source, format=format)
+    if not _rank0():
+        return None  # the rest is rank 0's alone: lm-eval can outlast any collective's timeout
+    figures |= {"train_tokens": cfg.train.tokens, "train_losses": losses, "tp": cfg.parallel.tensor_model_parallel_size,
+                "dp": parallel_state.get_data_parallel_world_size(), "seconds": time.perf_counter() - start}
+    if evaluate_now and cfg.eval.tasks:
+        figures |= evaluate_member(cfg, partial, partial / "eval")
+    (partial / "summary.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (partial / "summary.md").write_text("\n".join(report.stage_summary(cfg, figures)) + "\n")
+    shutil.rmtree(partial / "train")  # the optimizer's state: the stage is done
+    partial.rename(out)
+    return figures
+
+
+def evaluate_member(cfg: DecomposeConfig, folder: Path, results: Path) -> dict:
+    """lm-eval on the stage's first export in ``folder``, written to ``results`` (kept: read back on a rerun)."""
+    if not (results / "results.json").is_file():
+        start = time.perf_counter()
+        result = evaluate(folder / f"hf-{cfg.export[0]}", cfg.eval.tasks, cfg.eval.limit, cfg.eval.perplexity_blocks)
+        result["seconds"] = time.perf_counter() - start
+        write_results(result, results)
+    result = json.loads((results / "results.json").read_text())
+    return {"eval": result, "eval_seconds": result["seconds"]}
+
+
+def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Optional[list[str]]:
+    """The family (parallel state initialised for its stages); on rank 0 the report's lines."""
+    start = time.perf_counter()
+    out, partial = Path(cfg.output), Path(cfg.output + ".partial")
+    if out.exists():
+        claim(out, cfg, finished=True)
+        if _rank0():
+            progress(f"{out} is complete (same config): nothing to do")
+            return (out / "family.md").read_text().splitlines()
+        return None
+    claim(partial, cfg)
+    parent, stages = cfg.parent, []
+    for index, keep in enumerate(cfg.keep):
+        stage = cfg.stage_config(index, parent, str(partial))
+        if _rank0():
+            done = " (done: kept as it is)" if Path(stage.output).is_dir() else ""
+            progress(f"\n=== stage {index + 1} of {len(cfg.keep)}: keep {keep:g} of the dense linear-layer "
+                     f"parameters, from {parent}{done}")
+        run_stage(stage, evaluate_now=False)
+        dist.barrier()  # rank 0 renames the stage's folder: its checkpoint is the next parent
+        stages.append(stage)
+        parent = str(Path(stage.output) / "checkpoint")
+    if not _rank0():
+        return None
+
+    members = []
+    for stage in stages:
+        folder = Path(stage.output)
+        figures = json.loads((folder / "summary.json").read_text())
+        figures["parent"] = figures["parent"].replace(str(partial), cfg.output)  # where it will be after the rename
+        if stage.eval.tasks:
+            figures |= evaluate_member(stage, folder, partial / "eval" / folder.name)
+        members.append(figures)
+    parent_eval = evaluate_parent(cfg.parent, stages[0], partial / "eval" / "parent")
+    lines = report.family_report(cfg, parent_eval, members)
+    (partial / "family.json").write_text(json.dumps({"keep": cfg.keep, "parent_eval": parent_eval, "members": members},
+                                                    indent=1) + "\n")
+    (partial / "family.md").write_text("\n".join(lines) + f"\n\n{time.perf_counter() - start:.0f} s\n")
+    report.plot_family(cfg, members, partial / "family.png")
+    partial.rename(out)
+    return lines
+
+
+def evaluate_parent(parent: str, stage: DecomposeConfig, results: Path) -> Optional[dict]:
+    """lm-eval on the parent with the stages' settings, for the report's first row (an HF parent only:
+    a PLRD checkpoint parent was evaluated as the member it is)."""
+    folder = smollm2_135m() if parent == EMBEDDED_PARENT else Path(parent)
+    if not stage.eval.tasks or (folder / "metadata.json").is_file():
+        return None
+    if not (results / "results.json").is_file():
+        write_results(evaluate(folder, stage.eval.tasks, stage.eval.limit, stage.eval.perplexity_blocks), results)
+    return json.loads((results / "results.json").read_text())

@@ -1,0 +1,92 @@
+"""Data as megatron reads it: prepared indexed datasets, GPTDataset splits, megatron's batch order."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from nemo_plrd.assets import shakespeare, smollm2_135m
+from nemo_plrd.data import DataParallelBatches, gpt_datasets, megatron_tokenizer, prepare_dataset, read_documents
+from nemo_plrd.errors import InputError
+from nemo_plrd.parallel import init_distributed
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return megatron_tokenizer(smollm2_135m())
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    """Real text: 40 passages of the training plays, of different lengths."""
+    text = shakespeare()["train"].read_text()
+    return [text[i * 5000:i * 5000 + 400 + 50 * i] for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def prefix(documents, tokenizer, tmp_path_factory):
+    return str(prepare_dataset(documents, tokenizer, tmp_path_factory.mktemp("data") / "plays"))
+
+
+def test_prepared_documents_are_the_tokenizer_ids_each_closed_by_eod(documents, tokenizer, prefix):
+    dataset = IndexedDataset(prefix)
+    assert len(dataset.document_indices) - 1 == len(documents)
+    for index in (0, 17, 39):
+        assert dataset[index].tolist() == tokenizer.tokenize(documents[index]) + [tokenizer.eod]
+    assert dataset[0].dtype == np.uint16  # a 49,152-token vocabulary fits in 16 bits
+
+
+def test_jsonl_lines_are_documents_and_a_missing_key_is_named(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert list(read_documents(path)) == ["one", "two"]
+    path.write_text(json.dumps({"body": "one"}) + "\n")
+    with pytest.raises(InputError, match=r"docs.jsonl:1 has no string field 'text'"):
+        list(read_documents(path))
+
+
+def test_every_global_batch_is_megatrons_consecutive_samples_split_over_dp_ranks(prefix, tokenizer):
+    """Global batch g is samples [g*GB, (g+1)*GB) of megatron's GPTDataset; data-parallel rank d
+    takes micro_batch of them from m*micro_batch*dp + d*micro_batch in micro-batch m."""
+    init_distributed()
+    train, valid, _ = gpt_datasets(([prefix], None), "80,20,0", 32, [48, 8, None], tokenizer)
+    assert len(train) >= 48 and len(valid) >= 8
+    dp, micro, global_batch = 2, 2, 8
+    ranks = [DataParallelBatches(train, micro, global_batch, d, dp) for d in range(dp)]
+    for step in range(3):
+        consumed = step * global_batch
+        taken = [ranks[d].micro_batches(consumed)[m]["tokens"] for m in range(2) for d in range(dp)]
+        expected = torch.stack([train[i]["tokens"] for i in range(consumed, consumed + global_batch)])
+        assert torch.equal(torch.cat(taken), expected)
+    sample = train[5]
+    assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # labels: the next tokens
+
+
+def test_a_split_without_documents_is_refused_instead_of_searched_forever(prefix, tokenizer):
+    init_distributed()
+    with pytest.raises(InputError, match=r"dataset.split='99,1,0' leaves the valid split of .* no documents"):
+        gpt_datasets(([prefix], None), "99,1,0", 32, [8, 8, None], tokenizer)
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(prefix, tokenizer):
+    with pytest.raises(InputError, match="the global batch 6 is not a multiple of micro batch 2 x data-parallel size 2"):
+        DataParallelBatches([], 2, 6, 0, 2)
+
+
+def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path):
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"body": f"Document {i}. To be, or not to be."}) + "\n" for i in range(5)))
+    plrd = [sys.executable, "-m", "nemo_plrd.cli", "prepare-data"]
+    run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert len(IndexedDataset(str(tmp_path / "out" / "docs")).document_indices) - 1 == 5
+    assert "dataset.blend=[[" in run.stdout
+    run = subprocess.run([*plrd, str(source), "--output", str(tmp_path / "bad")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and "has no string field 'text' (--json-key)" in run.stderr
+    assert not list(tmp_path.glob("bad*"))  # nothing that looks finished

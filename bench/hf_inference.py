@@ -22,7 +22,7 @@ import argparse
 import tempfile
 
 import torch
-from timing import interleaved_medians  # bench/ is on sys.path when this runs as a script
+from timing import interleaved_medians, matmul_split  # bench/ is on sys.path when this runs as a script
 from transformers import AutoModelForCausalLM
 
 from nemo_plrd.assets import smollm2_135m
@@ -64,15 +64,6 @@ def phase_flops(model) -> dict[str, int]:
     decode = forward_flops(model, SHORT, 0, 1) + sum(
         forward_flops(model, 1, cached, 1) for cached in range(SHORT, SHORT + DECODE - 1))
     return {"prefill": forward_flops(model, PREFILL, 0, PREFILL), "decode": decode}
-
-
-def decode_split(decode) -> tuple[float, float]:
-    """(seconds in matrix products, seconds in all other ops) of one ``decode()``, by torch's profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        decode()
-    events = profile.key_averages()
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-    return matmul / 1e6, (sum(e.self_cpu_time_total for e in events) - matmul) / 1e6
 
 
 def main() -> None:
@@ -127,7 +118,7 @@ def main() -> None:
                 print(f"{keep:.0%} {phase}: {speedup:.2f}x faster, FLOP reduction {reduction[phase]:.2f}x",
                       flush=True)
             if args.profile:
-                (dense_mm, dense_rest), (ours_mm, ours_rest) = decode_split(decode(parent)), decode_split(decode(member))
+                (dense_mm, dense_rest), (ours_mm, ours_rest) = matmul_split(decode(parent)), matmul_split(decode(member))
                 matmul_reduction = weights_per_token(parent) / weights_per_token(member)
                 ceiling = (dense_mm + dense_rest) / (dense_mm / matmul_reduction + ours_rest) / reduction["decode"]
                 splits.append((f"{keep:.0%} of slots", f"{matmul_reduction:.2f}x", f"{dense_mm:.2f} / {ours_mm:.2f}",

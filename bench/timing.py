@@ -6,6 +6,8 @@ import statistics
 import time
 from typing import Callable
 
+import torch
+
 
 def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each callable over ``repeats`` rounds of (a, b, c, a, b, c, ...), after a warm-up."""
@@ -18,3 +20,12 @@ def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: in
             run()
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def matmul_split(run: Callable[[], object]) -> tuple[float, float]:
+    """(seconds in matrix products, seconds in all other ops) of one ``run()``, by torch's CPU profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    events = profile.key_averages()
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    return matmul / 1e6, (sum(e.self_cpu_time_total for e in events) - matmul) / 1e6

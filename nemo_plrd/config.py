@@ -184,6 +184,10 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
     cfg = from_dict(OptimizerConfig, {"optimizer": "adam", "lr": 1e-4, "min_lr": 0.0} | values, "optimizer.")
     if cfg.optimizer not in ("adam", "sgd"):
         raise InputError(f"optimizer.optimizer={cfg.optimizer!r} is not one of ['adam', 'sgd']")
+    if cfg.use_distributed_optimizer:
+        raise InputError("optimizer.use_distributed_optimizer=true is not supported by the one-machine trainer yet "
+                         "(saving its sharded state fails in megatron-core's dist_checkpointing here); "
+                         "use the plain optimizer (false)")
     if not (cfg.lr or 0) > 0 or cfg.min_lr is None or not 0 <= cfg.min_lr <= cfg.lr:
         raise InputError(f"optimizer.lr={cfg.lr} must be > 0 and optimizer.min_lr={cfg.min_lr} in [0, lr]")
     return cfg

@@ -52,6 +52,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["optimizer.lr=fast"], "optimizer.lr='fast' must be Optional[float]"),
     (["optimizer.lr_typo=1e-3"], "unknown key(s) ['optimizer.lr_typo']; allowed here: ['optimizer.lr', 'optimizer.min_lr'"),
     (["optimizer.optimizer=lamb"], "optimizer.optimizer='lamb' is not one of ['adam', 'sgd']"),
+    (["optimizer.use_distributed_optimizer=true"], "optimizer.use_distributed_optimizer=true is not supported"),
     (["train.global_batch=6"], "train.global_batch=6 must be a multiple of train.micro_batch=4"),
     (["train.decay_style=step"], "train.decay_style='step' is not one of ['constant', 'linear', 'cosine', 'WSD']"),
     (["train.decay_style=WSD"], "train.wsd_decay_steps=None is set exactly when decay_style is WSD"),

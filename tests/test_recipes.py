@@ -165,6 +165,14 @@ def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
+def test_a_global_batch_that_does_not_split_over_the_data_parallel_ranks_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    run = recipe(f"output={out}", "train.steps=2", "train.micro_batch=4", "train.global_batch=4", nproc=2)
+    assert run.returncode != 0
+    assert "train.global_batch=4 is not a multiple of train.micro_batch=4 x the data-parallel size 2" in run.stderr
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
 def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent, tmp_path):
     """Each stage trains (the exported model is the trained one: lm-eval's perplexity is the trained
     member's), stage 2 starts from stage 1's trained checkpoint, and the report and plot are written."""

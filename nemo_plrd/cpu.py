@@ -109,29 +109,27 @@ _CUDA_FACTORY_MODULES = (
 )
 
 
+def _cuda_on_cpu(make):
+    """A tensor factory (``torch.tensor``, ``torch.zeros``, ...) that makes its "cuda" tensors on the CPU."""
+
+    @functools.wraps(make)
+    def on_cpu(*args, device=None, **kwargs):
+        cuda = device is not None and torch.device(device).type == "cuda"
+        return make(*args, device="cpu" if cuda else device, **kwargs)
+
+    return on_cpu
+
+
 class _TorchOnCpu(types.ModuleType):
-    """``torch`` as those modules see it: the tensors they create on "cuda" are made on the CPU."""
+    """``torch`` as those modules see it: everything torch's, but the factories put "cuda" tensors on the CPU."""
+
+    FACTORIES = {name: _cuda_on_cpu(getattr(torch, name)) for name in ("tensor", "zeros", "ones", "empty")}
 
     def __init__(self) -> None:
         super().__init__("torch")
 
     def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _factory(name: str):
-        make = getattr(torch, name)
-
-        @functools.wraps(make)
-        def on_cpu(*args, device=None, **kwargs):
-            cuda = device is not None and torch.device(device).type == "cuda"
-            return make(*args, device="cpu" if cuda else device, **kwargs)
-
-        return on_cpu
-
-
-for _name in ("tensor", "zeros", "ones", "empty"):
-    setattr(_TorchOnCpu, _name, staticmethod(_TorchOnCpu._factory(_name)))
+        return self.FACTORIES.get(name) or getattr(torch, name)
 
 
 def _cuda_type_name(type_method):

@@ -2,8 +2,6 @@ import re
 import subprocess
 import sys
 
-from nemo_plrd.model import SMOLLM2_135M, LlamaArch
-
 
 def plrd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nemo_plrd.cli", *args],

@@ -21,6 +21,7 @@ different config is refused, naming what differs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -47,6 +48,7 @@ from nemo_plrd.transform import apply_plan, plan_for
 
 CONFIG = "config.json"
 ITERATION = "iter_{:07d}"
+DECOMPOSED = ITERATION.format(0)  # the decomposed model, before any training step
 
 
 def init_parallel(cfg: DecomposeConfig) -> None:
@@ -117,6 +119,18 @@ def _dataset(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: in
     return train
 
 
+@functools.lru_cache(maxsize=4)
+def _heldout(hf_source: Path, num_blocks: int) -> torch.Tensor:
+    """The held-out blocks every report scores, tokenised once per run."""
+    return heldout_blocks(AutoTokenizer.from_pretrained(hf_source), num_blocks)
+
+
+def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: Path) -> Optional[float]:
+    """The megatron model's held-out perplexity (None with eval.perplexity_blocks=0)."""
+    blocks = _heldout(hf_source, cfg.eval.perplexity_blocks)
+    return perplexity(model, blocks) if len(blocks) else None
+
+
 def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dict]:
     """The parent, calibrated and decomposed to the stage's plan; the figures measured on the way."""
     rank0 = _rank0()
@@ -126,25 +140,25 @@ def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dic
     data = _dataset(cfg, hf_source, calib.seq_length, samples)
     calibration = [torch.stack([data[i]["tokens"] for i in range(start, min(start + calib.micro_batch, samples))])
                    for start in range(0, samples, calib.micro_batch)]
-    heldout = heldout_blocks(AutoTokenizer.from_pretrained(hf_source), cfg.eval.perplexity_blocks)
     request = cfg.plrd.plan.request()
     plan = plan_for(model, calibration, cfg.plrd.method, **request)
     if rank0:
         print(plan.table(), flush=True)
     figures = {"parent": cfg.parent, "parent_params": parameter_count(model),
-               "parent_perplexity": perplexity(model, heldout) if len(heldout) else None}
+               "parent_perplexity": heldout_perplexity(model, cfg, hf_source)}
     apply_plan(model, plan, calibration, cfg.plrd.method, progress=rank0, solver=cfg.plrd.solver,
                ridge=cfg.plrd.ridge)
     figures |= {"member_params": parameter_count(model),
                 "parent_linear_params": figures["parent_params"] - plan.other_params,
                 "member_linear_params": plan.slot_params,
-                "decomposed_perplexity": perplexity(model, heldout) if len(heldout) else None,
-                "heldout_tokens": heldout[:, 1:].numel(), "plan": request, "method": cfg.plrd.method,
+                "decomposed_perplexity": heldout_perplexity(model, cfg, hf_source),
+                "heldout_tokens": _heldout(hf_source, cfg.eval.perplexity_blocks)[:, 1:].numel(),
+                "plan": request, "method": cfg.plrd.method,
                 "calibration_tokens": samples * calib.seq_length, "hf_source": str(hf_source)}
     if rank0:
         plan.save(partial / "plan.json")
         (partial / "plan.txt").write_text(plan.table() + "\n")
-    save_checkpoint(model, partial / "train" / ITERATION.format(0), arch, hf_source)
+    save_checkpoint(model, partial / "train" / DECOMPOSED, arch, hf_source)
     if rank0:  # written after the checkpoint: its presence says the decomposition is saved
         (partial / "decomposed.json").write_text(json.dumps(figures, indent=1) + "\n")
     return model, figures
@@ -160,7 +174,7 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
     batches = DataParallelBatches(data, cfg.train.micro_batch, cfg.train.global_batch,
                                   parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
     trainer = Trainer(model, cfg.optimizer_config(), schedule, batches)
-    if latest.name != ITERATION.format(0):
+    if latest.name != DECOMPOSED:
         trainer.load_state(dist_checkpointing.load(trainer.state(is_loading=True), str(latest)))
     metrics = partial / "metrics.jsonl"
     if _rank0() and metrics.is_file():  # steps logged after the last save are taken again
@@ -200,13 +214,12 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]
         model, figures = decompose(cfg, partial)
         latest = _latest(partial / "train")
     else:
-        model, _ = (build_model if cfg.train.steps and latest.name != ITERATION.format(0) else load_model)(latest)
+        model, _ = (build_model if cfg.train.steps and latest.name != DECOMPOSED else load_model)(latest)
         figures = json.loads((partial / "decomposed.json").read_text())
     hf_source = Path(figures["hf_source"])  # the parent's HF config and tokenizer
     arch = read_metadata(latest)[0]
     losses = train(cfg, model, arch, latest, partial, hf_source) if cfg.train.steps else []
-    heldout = heldout_blocks(AutoTokenizer.from_pretrained(hf_source), cfg.eval.perplexity_blocks)
-    figures["member_perplexity"] = (perplexity(model, heldout) if len(heldout) else None) if losses else \
+    figures["member_perplexity"] = heldout_perplexity(model, cfg, hf_source) if losses else \
         figures["decomposed_perplexity"]
 
     if not (partial / "checkpoint").is_dir():

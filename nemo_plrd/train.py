@@ -138,8 +138,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, metrics: Optional[Path],
-        log_interval: int = 1, progress: bool = False) -> list[float]:
-    """Train from ``trainer.iteration`` to the schedule's last step; the losses of the steps taken.
+        log_interval: int = 1, progress: bool = False) -> None:
+    """Train from ``trainer.iteration`` to the schedule's last step.
 
     ``save(trainer)`` runs every ``save_interval`` steps and after the last. Rank 0 appends one
     JSON line per ``log_interval`` steps to ``metrics`` (loss, lr, grad norm, tokens/s, consumed
@@ -149,12 +149,11 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
     tokens_per_step = schedule.global_batch * trainer.batches.dataset[0]["tokens"].numel()
     rank0 = dist.get_rank() == 0
     bar = tqdm(total=schedule.steps, initial=trainer.iteration, desc="train", unit="step", disable=not progress)
-    losses, seconds, first = [], 0.0, trainer.iteration
+    seconds, first = 0.0, trainer.iteration
     while trainer.iteration < schedule.steps:
         start = time.perf_counter()
         figures = trainer.step()
         seconds += time.perf_counter() - start  # training time: saves are not counted
-        losses.append(figures["loss"])
         tokens_per_s = (trainer.iteration - first) * tokens_per_step / seconds
         figures |= {"step": trainer.iteration, "tokens_per_s": tokens_per_s,
                     "consumed_tokens": trainer.iteration * tokens_per_step}
@@ -166,7 +165,6 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
         if trainer.iteration % save_interval == 0 or trainer.iteration == schedule.steps:
             save(trainer)
     bar.close()
-    return losses
 
 
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:

@@ -23,6 +23,8 @@ setup(
         "accelerate",  # transformers needs it to load GGUF
         "psutil",  # megatron dist_checkpointing
         "filelock",  # one process builds each cached asset
+        "omegaconf>=2.3",  # recipes: YAML, interpolations and overrides as Megatron-Bridge reads them
+        "hydra-core>=1.3",  # Hydra's override grammar (Bridge's process_config_with_overrides)
         "numpy",
         "tqdm",
         "matplotlib",  # the family report's plot

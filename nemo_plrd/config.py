@@ -3,26 +3,32 @@
 ``PLRDConfig`` is what a Megatron-Bridge ``ConfigContainer`` carries in its ``plrd:`` field
 (docs/design.md, section 1); ``DecomposeConfig`` is the decomposition recipe's whole config around
 it. Where megatron-core has a config dataclass, a section is that dataclass: ``optimizer:``
-holds ``OptimizerConfig`` fields, ``dataset:`` ``GPTDatasetConfig``'s data fields and
-``parallel:`` ``ModelParallelConfig``'s, so a stage's YAML means what it means to a
-Megatron-Bridge job. Overrides are Hydra-style dotted ``key=value`` pairs with YAML values, as Bridge recipes
-take them (``plrd.plan.keep=0.4``; ``plrd.plan.keep=null plrd.plan.target_params=80000000``
-to switch the kind of request). Every error names the bad key or value and what is
-allowed, before any work starts.
+holds ``OptimizerConfig`` fields, ``ddp:`` ``DistributedDataParallelConfig``'s, ``dataset:``
+``GPTDatasetConfig``'s data fields and ``parallel:`` ``ModelParallelConfig``'s, so a stage's
+YAML means what it means to a Megatron-Bridge job. YAML and overrides go through OmegaConf and
+Hydra's override parser, as in Bridge's ``process_config_with_overrides`` (``plrd.plan.keep=0.4``;
+``plrd.plan.keep=null plrd.plan.target_params=80000000`` to switch the kind of request).
+Neither type-checks against these dataclasses, so ``from_dict`` does, on both paths: every
+error names the bad key or value and what is allowed, before any work starts.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
 from nemo_plrd.errors import InputError, MissingInputError
@@ -137,7 +143,9 @@ class TrainConfig:
     megatron counts it. The learning rate (``optimizer.lr``) warms up over ``warmup_steps``, then
     decays to ``optimizer.min_lr`` (``decay_style``: megatron's constant, linear, cosine or WSD,
     whose last ``wsd_decay_steps`` decay). A checkpoint with the optimizer's state is saved every
-    ``save_interval`` steps (0: at the end only), so an interrupted stage resumes from it.
+    ``save_interval`` steps (0: at the end only), so an interrupted stage resumes from it. The
+    validation loss (megatron's ``eval_interval`` / ``eval_iters``) is the mean over the first
+    ``eval_iters`` global batches of ``dataset.split``'s valid share, the same batches each time.
     """
 
     steps: int = 0  # 0: no training
@@ -149,6 +157,8 @@ class TrainConfig:
     wsd_decay_steps: Optional[int] = None
     save_interval: int = 0
     log_interval: int = 1
+    eval_interval: int = 0  # validation loss every eval_interval steps (0: after the last step only)
+    eval_iters: int = 0  # global batches of the valid split per validation (0: no validation)
 
     def __post_init__(self) -> None:
         _check_positive("train", micro_batch=self.micro_batch, global_batch=self.global_batch,
@@ -165,8 +175,9 @@ class TrainConfig:
                 self.wsd_decay_steps is not None and not 0 < self.wsd_decay_steps <= self.steps - self.warmup_steps):
             raise InputError(f"train.wsd_decay_steps={self.wsd_decay_steps} is set exactly when decay_style is WSD, "
                              "and then in (0, steps - warmup_steps]")
-        if self.save_interval < 0:
-            raise InputError(f"train.save_interval={self.save_interval} must be >= 0")
+        for name in ("save_interval", "eval_interval", "eval_iters"):
+            if getattr(self, name) < 0:
+                raise InputError(f"train.{name}={getattr(self, name)} must be >= 0")
 
     @property
     def tokens(self) -> int:
@@ -184,10 +195,6 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
     cfg = from_dict(OptimizerConfig, {"optimizer": "adam", "lr": 1e-4, "min_lr": 0.0} | values, "optimizer.")
     if cfg.optimizer not in ("adam", "sgd"):
         raise InputError(f"optimizer.optimizer={cfg.optimizer!r} is not one of ['adam', 'sgd']")
-    if cfg.use_distributed_optimizer:
-        raise InputError("optimizer.use_distributed_optimizer=true is not supported by the one-machine trainer yet "
-                         "(saving its sharded state fails in megatron-core's dist_checkpointing here); "
-                         "use the plain optimizer (false)")
     if not (cfg.lr or 0) > 0 or cfg.min_lr is None or not 0 <= cfg.min_lr <= cfg.lr:
         raise InputError(f"optimizer.lr={cfg.lr} must be > 0 and optimizer.min_lr={cfg.min_lr} in [0, lr]")
     return cfg
@@ -219,21 +226,34 @@ class DecomposeConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: dict = field(default_factory=dict)  # megatron OptimizerConfig fields (see ``optimizer_config``)
+    ddp: dict = field(default_factory=dict)  # megatron DistributedDataParallelConfig fields (see ``ddp_config``)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: list[str] = field(default_factory=lambda: list(FORMATS))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check_parent(self.parent)
-        self.optimizer_config()  # refused now, not after the decomposition
+        self.ddp_config()  # refused now, not after the decomposition (the optimizer's config with it)
         unknown = [f for f in self.export if f not in FORMATS]
         if unknown or len(set(self.export)) != len(self.export):
             raise InputError(f"export={self.export} must list distinct formats among {list(FORMATS)}")
+        if self.train.steps and self.train.eval_iters and not float(self.dataset.split.replace("/", ",").split(",")[1]):
+            raise InputError(f"train.eval_iters={self.train.eval_iters} needs a valid share in dataset.split="
+                             f"{self.dataset.split!r} (or train.eval_iters=0)")
         if self.eval.tasks and not self.export:
             raise InputError(f"eval.tasks={self.eval.tasks} needs an HF export to evaluate; export is empty")
 
     def optimizer_config(self) -> OptimizerConfig:
         return optimizer_config(**self.optimizer)
+
+    def ddp_config(self) -> DistributedDataParallelConfig:
+        """megatron's DDP config; whether gradients are reduce-scattered for a distributed optimizer
+        follows ``optimizer.use_distributed_optimizer``, as in Megatron-Bridge, so it is not set here."""
+        if "use_distributed_optimizer" in self.ddp:
+            raise InputError("ddp.use_distributed_optimizer cannot be set: it follows "
+                             "optimizer.use_distributed_optimizer")
+        distributed = self.optimizer_config().use_distributed_optimizer
+        return from_dict(DistributedDataParallelConfig, {"use_distributed_optimizer": distributed} | self.ddp, "ddp.")
 
 
 @dataclass
@@ -254,9 +274,12 @@ class FamilyConfig:
         if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])):
             raise InputError(f"keep={self.keep} must list one or more fractions, strictly decreasing "
                              "(each stage smaller than the one before)")
-        plan = self.stage.get("plrd", {}).get("plan", {}) if isinstance(self.stage.get("plrd"), dict) else {}
+        plrd = self.stage.get("plrd", {})
+        plan = plrd.get("plan", {}) if isinstance(plrd, dict) else None
+        if not isinstance(plan, dict):
+            raise InputError(f"stage.plrd={plrd!r} must be a mapping with a mapping plrd.plan (the family sets its keep)")
         taken = [key for key in ("parent", "output") if key in self.stage] + [
-            f"plrd.plan.{key}" for key in ("keep", "target_params", "ranks") if isinstance(plan, dict) and key in plan]
+            f"plrd.plan.{key}" for key in ("keep", "target_params", "ranks") if key in plan]
         if taken:
             raise InputError(f"stage.{', stage.'.join(taken)} cannot be set: the family sets each stage's parent, "
                              "output and plrd.plan.keep")
@@ -265,25 +288,15 @@ class FamilyConfig:
 
     def stage_config(self, index: int, parent: str, folder: str) -> DecomposeConfig:
         """Stage ``index``'s config, its output in ``folder``; stage k > 0's parent is stage k-1's checkpoint."""
-        data = copy.deepcopy(self.stage) | {"parent": parent, "output": str(Path(folder) / self.stage_name(index))}
-        return from_dict(DecomposeConfig, apply_overrides(data, [f"plrd.plan.keep={self.keep[index]}"]), "stage.")
+        data = OmegaConf.merge(self.stage, {"parent": parent, "output": str(Path(folder) / self.stage_name(index)),
+                                            "plrd": {"plan": {"keep": self.keep[index]}}})
+        return from_dict(DecomposeConfig, OmegaConf.to_container(data), "stage.")
 
     def stage_name(self, index: int) -> str:
         return f"stage{index + 1}-keep{self.keep[index]:g}"
 
 
 Config = TypeVar("Config")
-
-
-class YamlLoader(yaml.SafeLoader):
-    """YAML as Hydra and Megatron-Bridge read it: ``1e-4`` is a float (PyYAML's YAML 1.1 reads a string)."""
-
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
-               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
 
 
 def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
@@ -325,31 +338,55 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Set ``a.b.c=value`` (value parsed as YAML) in nested ``data``, in place; returns it."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"override {item!r} is not key=value (e.g. plrd.plan.keep=0.5)")
-        *parents, leaf = key.split(".")
-        node = data
-        for depth, name in enumerate(parents):
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise InputError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
-        node[leaf] = yaml.load(text, YamlLoader)
+def with_overrides(data: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``data`` with Hydra-style overrides applied: ``a.b=value``, ``+a.b=value``, ``~a.b``.
+
+    Hydra's own parser and merge, called as Megatron-Bridge's ``process_config_with_overrides``
+    calls them, so an override means the same on the local path and in a Bridge job. Values are
+    Hydra's: ``[0.5, 0.3]`` a list, ``null`` None, ``1e-4`` a float; a value holding commas
+    is a sweep and must be quoted (``dataset.split='90,10,0'``).
+    """
+    for line in overrides:
+        override = _parse_override(line)
+        if override.is_sweep_override():
+            raise InputError(f"override {line!r} is a sweep (a list of choices); quote a value with commas, "
+                             f"e.g. {override.key_or_group}='{line.partition('=')[2]}'")
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config([override], data)
+        except (HydraException, OmegaConfBaseException) as error:
+            raise InputError(f"override {line!r}: {error.__cause__ or error}") from None
     return data
 
 
+def _parse_override(line: str) -> Override:
+    try:
+        return OverridesParser.create().parse_override(line)
+    except HydraException as error:
+        raise InputError(f"override {line!r} is not key=value (e.g. plrd.plan.keep=0.5): {error}") from None
+
+
+def override_key(line: str) -> str:
+    """The dotted key an override sets, without Hydra's ``+`` / ``++`` / ``~`` prefix."""
+    return _parse_override(line).key_or_group
+
+
 def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """``cls`` from the YAML file at ``path`` with ``overrides`` applied."""
+    """``cls`` from the YAML file at ``path`` (OmegaConf: ``${a.b}`` interpolations resolve) with
+    ``overrides`` applied, validated by ``from_dict``."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"config file {path} does not exist")
-    data = yaml.load(path.read_text(), YamlLoader) or {}
-    if not isinstance(data, dict):
+    try:
+        data = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise InputError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, DictConfig):
         raise InputError(f"{path} must hold a mapping of keys to values")
-    return from_dict(cls, apply_overrides(data, overrides))
+    try:
+        plain = OmegaConf.to_container(with_overrides(data, overrides), resolve=True)
+    except OmegaConfBaseException as error:  # an interpolation that does not resolve
+        raise InputError(f"{path}: {error}") from None
+    return from_dict(cls, plain)
 
 
 def _check_parent(parent: str) -> None:

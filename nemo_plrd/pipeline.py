@@ -111,12 +111,13 @@ def _blend(cfg: DecomposeConfig, hf_source: Path) -> tuple[list[str], Optional[l
     return [shakespeare_dataset(hf_source) if p == EMBEDDED_DATA else p for p in prefixes], weights
 
 
-def _dataset(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: int):
-    """The train split of the stage's data: ``samples`` sequences of ``seq_length`` tokens (megatron
-    repeats epochs when the split holds fewer)."""
-    train, _, _ = gpt_datasets(_blend(cfg, hf_source), cfg.dataset.split, seq_length, [samples, None, None],
-                               megatron_tokenizer(hf_source), cfg.dataset.random_seed)
-    return train
+def _datasets(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: int, valid_samples: int = 0):
+    """The train and valid splits of the stage's data: ``samples`` and ``valid_samples`` sequences
+    of ``seq_length`` tokens (megatron repeats epochs when a split holds fewer); valid None if 0."""
+    train, valid, _ = gpt_datasets(_blend(cfg, hf_source), cfg.dataset.split, seq_length,
+                                   [samples, valid_samples or None, None], megatron_tokenizer(hf_source),
+                                   cfg.dataset.random_seed)
+    return train, valid
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,7 +138,7 @@ def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dic
     model, arch, hf_source = load_parent(smollm2_135m() if cfg.parent == EMBEDDED_PARENT else cfg.parent)
     calib = cfg.plrd.calibration
     samples = calib.tokens // calib.seq_length
-    data = _dataset(cfg, hf_source, calib.seq_length, samples)
+    data, _ = _datasets(cfg, hf_source, calib.seq_length, samples)
     calibration = [torch.stack([data[i]["tokens"] for i in range(start, min(start + calib.micro_batch, samples))])
                    for start in range(0, samples, calib.micro_batch)]
     request = cfg.plrd.plan.request()
@@ -165,15 +166,20 @@ def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dic
 
 
 def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest: Path, partial: Path,
-          hf_source: Path) -> list[float]:
-    """Continued pretraining from the checkpoint ``latest``; every step's loss (read back from the
-    metrics file, so a resumed stage reports the steps taken before the interruption too)."""
+          hf_source: Path) -> list[dict]:
+    """Continued pretraining from the checkpoint ``latest``; the metrics of every logged step (read
+    back from the metrics file, so a resumed stage reports the steps taken before the interruption too)."""
     schedule = Schedule(cfg.train.steps, cfg.train.global_batch, cfg.train.warmup_steps, cfg.train.decay_style,
                         cfg.train.wsd_decay_steps)
-    data = _dataset(cfg, hf_source, cfg.train.seq_length, cfg.train.steps * cfg.train.global_batch)
-    batches = DataParallelBatches(data, cfg.train.micro_batch, cfg.train.global_batch,
-                                  parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-    trainer = Trainer(model, cfg.optimizer_config(), schedule, batches)
+    data, valid = _datasets(cfg, hf_source, cfg.train.seq_length, cfg.train.steps * cfg.train.global_batch,
+                            cfg.train.eval_iters * cfg.train.global_batch)
+
+    def in_batches(split) -> DataParallelBatches:
+        return DataParallelBatches(split, cfg.train.micro_batch, cfg.train.global_batch,
+                                   parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+
+    batches = in_batches(data)
+    trainer = Trainer(model, cfg.optimizer_config(), schedule, batches, cfg.ddp_config())
     if latest.name != DECOMPOSED:
         trainer.load_state(dist_checkpointing.load(trainer.state(is_loading=True), str(latest)))
     metrics = partial / "metrics.jsonl"
@@ -191,8 +197,10 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
         dist.barrier()
 
     interval = cfg.train.save_interval or cfg.train.steps
-    run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0())
-    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0(),
+        valid=None if valid is None else in_batches(valid),
+        eval_interval=cfg.train.eval_interval, eval_iters=cfg.train.eval_iters)
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
 def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]:
@@ -218,9 +226,11 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]
         figures = json.loads((partial / "decomposed.json").read_text())
     hf_source = Path(figures["hf_source"])  # the parent's HF config and tokenizer
     arch = read_metadata(latest)[0]
-    losses = train(cfg, model, arch, latest, partial, hf_source) if cfg.train.steps else []
+    logged = train(cfg, model, arch, latest, partial, hf_source) if cfg.train.steps else []
+    losses = [row["loss"] for row in logged]
     figures["member_perplexity"] = heldout_perplexity(model, cfg, hf_source) if losses else \
         figures["decomposed_perplexity"]
+    figures["valid_losses"] = [[row["step"], row["valid_loss"]] for row in logged if "valid_loss" in row]
 
     if not (partial / "checkpoint").is_dir():
         save_checkpoint(model, partial / "checkpoint", arch, hf_source)

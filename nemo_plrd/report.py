@@ -43,6 +43,9 @@ def stage_summary(cfg, figures: dict) -> list[str]:
                      f"{optimizer.optimizer} lr {optimizer.lr:g} (warm-up {train.warmup_steps}, {train.decay_style} "
                      f"to {optimizer.min_lr:g}), loss {figures['train_losses'][0]:.3f} -> "
                      f"{figures['train_losses'][-1]:.3f}")
+        if figures["valid_losses"]:
+            settings += ", validation loss " + " -> ".join(f"{loss:.3f} (step {step})"
+                                                          for step, loss in figures["valid_losses"])
     lines = [f"# {Path(cfg.output).name}", "", f"parent: {figures['parent']}", "",
              format_table(("", "parent", "member"), rows), "", settings, "", f"{figures['seconds']:.0f} s"]
     if "eval" in figures:

@@ -39,6 +39,13 @@ from nemo_plrd.data import DataParallelBatches
 from nemo_plrd.model import gpt_forward
 
 
+# The distributed optimizer's state as each data-parallel rank holds it (its buffers, one tensor
+# each): saved and loaded without gathering, resumable at the same data-parallel size (the pipeline
+# refuses another layout anyway). megatron-core's default, fully_sharded_model_space, cannot be
+# saved by dist_checkpointing here ("ShardedTensor.flattened_range is not supported").
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How long and how the learning rate moves: ``steps`` optimizer steps of ``global_batch`` samples."""
@@ -65,12 +72,15 @@ def masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
 class Trainer:
     """One model's continued pretraining: megatron DDP, optimizer and scheduler over ``batches``."""
 
-    def __init__(self, model: GPTModel, optimizer: OptimizerConfig, schedule: Schedule, batches: DataParallelBatches):
+    def __init__(self, model: GPTModel, optimizer: OptimizerConfig, schedule: Schedule, batches: DataParallelBatches,
+                 ddp: Optional[DistributedDataParallelConfig] = None):
         if optimizer.lr is None or optimizer.min_lr is None:
             raise ValueError("OptimizerConfig needs lr and min_lr: the schedule warms up to one and decays to the other")
+        ddp = ddp or DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer)
+        if ddp.use_distributed_optimizer != optimizer.use_distributed_optimizer:
+            raise ValueError("DistributedDataParallelConfig and OptimizerConfig disagree on use_distributed_optimizer")
         self.model, self.schedule, self.batches = model, schedule, batches
-        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer)
-        self.ddp = DistributedDataParallel(model.config, ddp_config, module=model)
+        self.ddp = DistributedDataParallel(model.config, ddp, module=model)
         self.optimizer = get_megatron_optimizer(optimizer, [self.ddp])
         samples = schedule.global_batch
         self.scheduler = OptimizerParamScheduler(
@@ -107,11 +117,25 @@ class Trainer:
         return {"loss": loss.item() / parallel_state.get_data_parallel_world_size(), "lr": lr,
                 "grad_norm": float(grad_norm)}
 
+    def validate(self, batches: DataParallelBatches, iters: int) -> float:
+        """Mean loss over the first ``iters`` global batches of ``batches`` (the valid split): the
+        same samples at every validation, so the curve follows the model, not the data."""
+        self.ddp.eval()
+        total = torch.zeros(())
+        with torch.no_grad():
+            for index in range(iters):
+                for batch in batches.micro_batches(index * batches.global_batch):
+                    total += masked_loss(self.ddp, batch).cpu()
+        self.ddp.train()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return total.item() / (iters * batches.num_micro_batches * parallel_state.get_data_parallel_world_size())
+
     def state(self, is_loading: bool = False) -> dict:
         """The resumable state as a ``dist_checkpointing`` state dict (model keys at the top level,
         so the checkpoint also loads as a plain model checkpoint)."""
         model = self.model.sharded_state_dict()
-        return {**model, "optimizer": self.optimizer.sharded_state_dict(model, is_loading=is_loading),
+        optimizer = self.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
+        return {**model, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "rng": _rng_state()}
 
     def load_state(self, state: dict) -> None:
@@ -138,12 +162,15 @@ def _set_rng_state(state: dict) -> None:
 
 
 def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, metrics: Optional[Path],
-        log_interval: int = 1, progress: bool = False) -> None:
+        log_interval: int = 1, progress: bool = False, valid: Optional[DataParallelBatches] = None,
+        eval_interval: int = 0, eval_iters: int = 0) -> None:
     """Train from ``trainer.iteration`` to the schedule's last step.
 
-    ``save(trainer)`` runs every ``save_interval`` steps and after the last. Rank 0 appends one
-    JSON line per ``log_interval`` steps to ``metrics`` (loss, lr, grad norm, tokens/s, consumed
-    tokens) and shows them on the progress bar.
+    ``save(trainer)`` runs every ``save_interval`` steps and after the last; with ``valid`` and
+    ``eval_iters`` the validation loss is measured every ``eval_interval`` steps and after the
+    last. Rank 0 appends one JSON line per ``log_interval`` steps (and per validation) to
+    ``metrics`` (loss, lr, grad norm, tokens/s, consumed tokens, valid_loss) and shows them on the
+    progress bar.
     """
     schedule = trainer.schedule
     tokens_per_step = schedule.global_batch * trainer.batches.dataset[0]["tokens"].numel()
@@ -157,12 +184,17 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
         tokens_per_s = (trainer.iteration - first) * tokens_per_step / seconds
         figures |= {"step": trainer.iteration, "tokens_per_s": tokens_per_s,
                     "consumed_tokens": trainer.iteration * tokens_per_step}
-        if rank0 and metrics is not None and trainer.iteration % log_interval == 0:
+        last = trainer.iteration == schedule.steps
+        if valid is not None and eval_iters and (last or eval_interval and trainer.iteration % eval_interval == 0):
+            figures["valid_loss"] = trainer.validate(valid, eval_iters)
+            if progress:
+                bar.write(f"step {trainer.iteration}: validation loss {figures['valid_loss']:.4f}")
+        if rank0 and metrics is not None and (trainer.iteration % log_interval == 0 or "valid_loss" in figures):
             with metrics.open("a") as out:
                 out.write(json.dumps(figures) + "\n")
         bar.update()
         bar.set_postfix(loss=f"{figures['loss']:.3f}", lr=f"{figures['lr']:.2e}", tokens_per_s=f"{tokens_per_s:.0f}")
-        if trainer.iteration % save_interval == 0 or trainer.iteration == schedule.steps:
+        if trainer.iteration % save_interval == 0 or last:
             save(trainer)
     bar.close()
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from tqdm import tqdm
 
 from nemo_plrd import decompose
@@ -23,7 +24,9 @@ from nemo_plrd.layers import LOW_RANK_LAYERS
 from nemo_plrd.parallel import tp_sum
 from nemo_plrd.model import parameter_count
 from nemo_plrd.plan import RankPlan, SlotPlan, plan_ranks
-from nemo_plrd.slots import COLUMN, Slot, decoder_layers, layer_slots
+from nemo_plrd.slots import COLUMN, ROW, Slot, decoder_layers, layer_slots
+
+DENSE_LAYERS = {COLUMN: ColumnParallelLinear, ROW: RowParallelLinear}
 
 METHODS = ("activation", "svd")
 # Ridge of the column slots' calibrated statistics (``nemo_plrd.decompose``): chosen on
@@ -46,8 +49,32 @@ def slot_shape(slot: Slot) -> tuple[int, int]:
     return module.output_size, module.input_size
 
 
+def check_slots_supported(model: torch.nn.Module) -> None:
+    """Refuse, before any work, a slot this transform would decompose wrong.
+
+    Transformer Engine's spec (Megatron-Bridge's default) fuses each block's input norm into
+    ``linear_qkv`` and the pre-MLP norm into ``linear_fc1`` (``TELayerNormColumnParallelLinear``,
+    with the norm's weight as ``layer_norm_weight``); swapping such a slot for a low-rank one
+    would drop the norm. Supported: megatron's local ``Column/RowParallelLinear`` and the
+    low-rank layers, which is what ``nemo_plrd.spec`` builds.
+    """
+    for layer in decoder_layers(model):
+        for slot in layer_slots(layer):
+            module, kind = slot.module, type(slot.module).__name__
+            if hasattr(module, "layer_norm_weight"):
+                raise InputError(
+                    f"layer {slot.layer} {slot.name} is a {kind}: its input norm is fused inside the linear layer "
+                    "(Transformer Engine's layer spec), and replacing the slot would drop the norm. Build the model "
+                    "with separate norms and local linears (nemo_plrd.spec.low_rank_block_spec, or a provider with "
+                    "transformer_layer_spec=get_gpt_layer_local_spec) before PLRD decomposes it")
+            if not isinstance(module, (DENSE_LAYERS[slot.kind], LOW_RANK_LAYERS[slot.kind])):
+                raise InputError(f"layer {slot.layer} {slot.name} is a {kind}, which PLRD cannot decompose; supported: "
+                                 f"{DENSE_LAYERS[slot.kind].__name__} and {LOW_RANK_LAYERS[slot.kind].__name__}")
+
+
 def check_plan_fits(model: torch.nn.Module, plan: RankPlan) -> None:
     """Refuse, before any work, a plan made for another model or one asking the impossible."""
+    check_slots_supported(model)
     layers = decoder_layers(model)
     if plan.num_layers != len(layers):
         raise InputError(f"the plan has {plan.num_layers} layers; the model has {len(layers)}")
@@ -125,6 +152,7 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
 
     ``request``: one of ranks=, keep=, target_params= (and multiple=), as ``plan_ranks`` takes.
     """
+    check_slots_supported(model)
     slots = [layer_slots(layer) for layer in decoder_layers(model)]
     shapes = [{slot.name: slot_shape(slot) for slot in layer} for layer in slots]
     slot_params = sum(SlotPlan(0, slot.name, *slot_shape(slot), current_rank(slot.module)).params

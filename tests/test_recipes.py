@@ -52,20 +52,31 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["optimizer.lr=fast"], "optimizer.lr='fast' must be Optional[float]"),
     (["optimizer.lr_typo=1e-3"], "unknown key(s) ['optimizer.lr_typo']; allowed here: ['optimizer.lr', 'optimizer.min_lr'"),
     (["optimizer.optimizer=lamb"], "optimizer.optimizer='lamb' is not one of ['adam', 'sgd']"),
-    (["optimizer.use_distributed_optimizer=true"], "optimizer.use_distributed_optimizer=true is not supported"),
+    (["ddp.use_distributed_optimizer=true"], "ddp.use_distributed_optimizer cannot be set: it follows optimizer."),
+    (["ddp.bucket_sise=100"], "unknown key(s) ['ddp.bucket_sise']; allowed here: ['ddp.grad_reduce_in_fp32', "),
+    (["ddp.overlap_grad_reduce=yes"], "ddp.overlap_grad_reduce='yes' must be bool"),
+    (["train.eval_iters=-1"], "train.eval_iters=-1 must be >= 0"),
+    (["train.steps=4", "train.eval_iters=1", "dataset.split='100,0,0'"],
+     "train.eval_iters=1 needs a valid share in dataset.split='100,0,0'"),
     (["train.global_batch=6"], "train.global_batch=6 must be a multiple of train.micro_batch=4"),
     (["train.decay_style=step"], "train.decay_style='step' is not one of ['constant', 'linear', 'cosine', 'WSD']"),
     (["train.decay_style=WSD"], "train.wsd_decay_steps=None is set exactly when decay_style is WSD"),
     (["dataset.blend=[[/no/such/data], null]"], "dataset.blend: '/no/such/data' is not a megatron indexed dataset"),
     (["dataset.blend=[[shakespeare], [1, 2]]"], "dataset.blend=[['shakespeare'], [1, 2]] must be [prefixes, weights]"),
-    (["dataset.split=90,10"], "dataset.split='90,10' must be three shares"),
+    (["dataset.split='90,10'"], "dataset.split='90,10' must be three shares"),
+    (["dataset.split=90,10,0"], "override 'dataset.split=90,10,0' is a sweep (a list of choices); quote a value "
+                                "with commas, e.g. dataset.split='90,10,0'"),
+    (["+plrd.no_such_key=1"], "unknown key(s) ['plrd.no_such_key']"),
+    (["plrd.stage=abc"], "unknown key(s) ['plrd.stage']"),
+    (["~plrd.plan"], "missing key(s) ['plrd.plan']"),
+    (["train.steps=${train.no_such}"], "Interpolation key 'train.no_such' not found"),
     (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size=0 must be a positive integer"),
     (["parent=/no/such/model"], "parent='/no/such/model' is not a directory"),
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
     (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
     (["plrd=0.5"], "plrd must be a mapping of keys to values, got 0.5"),
-    (["plrd.plan"], "override 'plrd.plan' is not key=value"),
+    (["plrd.plan"], "override 'plrd.plan' is not key=value (e.g. plrd.plan.keep=0.5): missing EQUAL"),
 ])
 def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, overrides, message):
     with pytest.raises(ValueError) as error:
@@ -73,6 +84,16 @@ def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, 
     assert message in str(error.value)
 
 
+
+
+def test_yaml_interpolations_resolve_after_the_hydra_overrides(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(YAML.read_text() + "train:\n  steps: 8\n  seq_length: ${plrd.calibration.seq_length}\n")
+    cfg = load_config(DecomposeConfig, recipe, [f"output={tmp_path / 'out'}", "plrd.calibration.seq_length=128",
+                                                "~eval.limit", "+ddp.grad_reduce_in_fp32=true"])
+    assert (cfg.train.steps, cfg.train.seq_length, cfg.plrd.calibration.seq_length) == (8, 128, 128)
+    assert cfg.eval.limit is None  # deleted: the dataclass default
+    assert cfg.ddp_config().grad_reduce_in_fp32 and not cfg.ddp_config().use_distributed_optimizer
 
 
 def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path):
@@ -207,7 +228,8 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
 # A stage that trains: 6 steps of 4 sequences (2 per micro-batch), a checkpoint every 2 steps.
 TRAINED = ["plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "eval.perplexity_blocks=2",
            "eval.tasks=[]", "export=[merged]", "train.steps=6", "train.seq_length=64", "train.micro_batch=2",
-           "train.global_batch=4", "train.save_interval=2", "train.warmup_steps=1", "optimizer.lr=1e-3"]
+           "train.global_batch=4", "train.save_interval=2", "train.warmup_steps=1", "optimizer.lr=1e-3",
+           "train.eval_interval=3", "train.eval_iters=1"]
 
 
 def launch(*args, nproc: int, name: str = "decompose", config: Path = YAML) -> subprocess.Popen:
@@ -246,19 +268,38 @@ def trained_stage(tiny_parent, tmp_path_factory) -> Path:
     return out
 
 
-def test_a_stage_killed_mid_training_resumes_to_exactly_the_uninterrupted_run(tiny_parent, trained_stage, tmp_path):
-    out = tmp_path / "stage"
+def assert_killed_mid_training_resumes_exactly(tiny_parent, reference: Path, out: Path, *settings: str) -> None:
+    """SIGKILL once step 3 is logged (the last save was at step 2), then the same command: the
+    losses, validation losses, perplexity and every exported weight equal the uninterrupted run's."""
     partial = Path(f"{out}.partial")
-    args = (f"parent={tiny_parent}", f"output={out}", *TRAINED)
-    kill_when(launch(*args, nproc=2), lambda: logged_steps(partial / "metrics.jsonl") >= 3)  # saved at step 2
+    args = (f"parent={tiny_parent}", f"output={out}", *settings)
+    kill_when(launch(*args, nproc=2), lambda: logged_steps(partial / "metrics.jsonl") >= 3)
     assert not out.exists() and [p.name for p in (partial / "train").iterdir()] == ["iter_0000002"]
     run = recipe(*args, nproc=2)  # the same command again
     assert run.returncode == 0, run.stderr[-3000:]
-    expected, resumed = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, out))
+    expected, resumed = (json.loads((s / "summary.json").read_text()) for s in (reference, out))
     assert len(resumed["train_losses"]) == 6 and resumed["train_losses"] == expected["train_losses"]
+    assert [step for step, _ in resumed["valid_losses"]] == [3, 6] and resumed["valid_losses"] == expected["valid_losses"]
     assert resumed["member_perplexity"] == expected["member_perplexity"]
-    reference, weights = merged_weights(trained_stage), merged_weights(out)
+    reference, weights = merged_weights(reference), merged_weights(out)
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_a_stage_killed_mid_training_resumes_to_exactly_the_uninterrupted_run(tiny_parent, trained_stage, tmp_path):
+    assert_killed_mid_training_resumes_exactly(tiny_parent, trained_stage, tmp_path / "stage", *TRAINED)
+
+
+def test_the_distributed_optimizer_trains_as_the_plain_one_and_resumes_exactly(tiny_parent, trained_stage, tmp_path):
+    """Adam's state sharded over DP=2 (gradients reduce-scattered, parameters all-gathered): the plain
+    optimizer's losses (fp32, another reduction order: rel 1e-5), and its own run again exactly when
+    killed and resumed from its sharded checkpoint."""
+    sharded = (*TRAINED, "optimizer.use_distributed_optimizer=true")
+    whole = tmp_path / "whole"
+    run = recipe(f"parent={tiny_parent}", f"output={whole}", *sharded, nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plain, distributed = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, whole))
+    assert distributed["train_losses"] == pytest.approx(plain["train_losses"], rel=1e-5)
+    assert_killed_mid_training_resumes_exactly(tiny_parent, whole, tmp_path / "killed", *sharded)
 
 
 def test_a_stage_trains_the_same_at_tp1_x_dp2_and_tp2_x_dp1(tiny_parent, trained_stage, tmp_path):

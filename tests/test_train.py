@@ -58,3 +58,15 @@ def test_the_loss_averages_only_the_tokens_the_mask_keeps():
     assert full == pytest.approx((first_half + second_half) / 2, rel=1e-6)
     assert first_half != pytest.approx(second_half)
 
+
+
+def test_validation_averages_the_same_leading_batches_every_time_and_leaves_training_untouched():
+    t = trainer(Schedule(3, global_batch=4))
+    valid = DataParallelBatches(token_samples(TOKENS[20:]), 2, 4, 0, 1)
+    t.step()
+    with torch.no_grad():
+        expected = sum(masked_loss(t.model, valid.micro_batches(start)[m]).item()
+                       for start in (0, 4) for m in range(2)) / 4
+    assert t.validate(valid, iters=2) == pytest.approx(expected, rel=1e-6)
+    assert t.validate(valid, iters=2) == pytest.approx(expected, rel=1e-6)  # no data position moves
+    assert t.model.training and t.iteration == 1

@@ -155,6 +155,34 @@ def test_transform_refuses_plans_it_cannot_apply():
         apply_plan(model, plan_ranks(SHAPES, keep=0.5), BATCHES)
 
 
+class TELayerNormColumnParallelLinear(torch.nn.Module):
+    """Test-only stand-in for Transformer Engine's fused norm + column-parallel linear (TE is not
+    installed here): what the transform can see of one, a weight and the fused norm's weight."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        self.weight = linear.weight
+        self.layer_norm_weight = torch.nn.Parameter(torch.ones(linear.input_size))
+
+
+def test_a_slot_with_its_norm_fused_inside_is_refused_before_any_work():
+    init_model_parallel(1, seed=5)
+    model = build_gpt(ARCH)
+    attention = decoder_layers(model)[1].self_attention
+    attention.linear_qkv = TELayerNormColumnParallelLinear(attention.linear_qkv)
+    fused = "layer 1 linear_qkv is a TELayerNormColumnParallelLinear: its input norm is fused inside the linear layer"
+    with pytest.raises(ValueError, match=fused):
+        plan_for(model, BATCHES, keep=0.5)
+    with pytest.raises(ValueError, match=fused):
+        PLRDTransform(plan_ranks(SHAPES, keep=0.5), lambda: BATCHES)([model])
+    assert all(type(slot.module).__name__ in ("ColumnParallelLinear", "RowParallelLinear")  # nothing decomposed
+               for slot in layer_slots(decoder_layers(model)[0]))
+    attention.linear_qkv = torch.nn.Linear(64, 128)
+    with pytest.raises(ValueError, match="layer 1 linear_qkv is a Linear, which PLRD cannot decompose; supported: "
+                                         "ColumnParallelLinear and LowRankColumnParallelLinear"):
+        plan_for(model, BATCHES, keep=0.5)
+
+
 @pytest.mark.parametrize("tp_size", [2], indirect=True)
 def test_spectra_are_the_same_at_tp1_and_tp2_and_plan_the_model(tp_size):
     def spectra(tp):

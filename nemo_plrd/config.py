@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron.core.distributed import DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer import OptimizerConfig, distrib_optimizer
 
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
@@ -195,6 +195,10 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
     cfg = from_dict(OptimizerConfig, {"optimizer": "adam", "lr": 1e-4, "min_lr": 0.0} | values, "optimizer.")
     if cfg.optimizer not in ("adam", "sgd"):
         raise InputError(f"optimizer.optimizer={cfg.optimizer!r} is not one of ['adam', 'sgd']")
+    if cfg.use_distributed_optimizer and not distrib_optimizer.HAVE_APEX_OR_TE:
+        raise InputError("optimizer.use_distributed_optimizer=true needs Apex or Transformer Engine: without them "
+                         "megatron-core's distributed optimizer cannot save its state once resumed (its state_dict "
+                         "asserts one Adam step count for all parameters); use false, the plain optimizer, here")
     if not (cfg.lr or 0) > 0 or cfg.min_lr is None or not 0 <= cfg.min_lr <= cfg.lr:
         raise InputError(f"optimizer.lr={cfg.lr} must be > 0 and optimizer.min_lr={cfg.min_lr} in [0, lr]")
     return cfg

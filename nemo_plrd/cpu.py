@@ -18,7 +18,7 @@ import contextlib
 import functools
 import importlib
 import types
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -120,13 +120,17 @@ def _cuda_on_cpu(make):
     return on_cpu
 
 
-class _TorchOnCpu(types.ModuleType):
-    """``torch`` as those modules see it: everything torch's, but the factories put "cuda" tensors on the CPU."""
+class TorchOnCpu(types.ModuleType):
+    """``torch`` as one module sees it: everything torch's, but the factories put "cuda" tensors on
+    the CPU, and ``torch.cuda`` may be a stand-in (``cuda``) for that module's CUDA calls."""
 
-    FACTORIES = {name: _cuda_on_cpu(getattr(torch, name)) for name in ("tensor", "zeros", "ones", "empty")}
+    FACTORIES = {name: _cuda_on_cpu(getattr(torch, name)) for name in ("tensor", "zeros", "ones", "empty",
+                                                                      "rand", "randn")}
 
-    def __init__(self) -> None:
+    def __init__(self, cuda: Optional[types.ModuleType] = None) -> None:
         super().__init__("torch")
+        if cuda is not None:
+            self.cuda = cuda
 
     def __getattr__(self, name: str):
         return self.FACTORIES.get(name) or getattr(torch, name)
@@ -174,7 +178,7 @@ def enable_cpu_megatron() -> bool:
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random.initialize_rng_tracker(force_reset=True)
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
-    on_cpu = _TorchOnCpu()
+    on_cpu = TorchOnCpu()
     for name in _CUDA_FACTORY_MODULES:
         importlib.import_module(name).torch = on_cpu
     torch.Tensor.type = _cuda_type_name(torch.Tensor.type)

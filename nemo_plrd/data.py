@@ -120,6 +120,12 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
 
 
+def calibration_batches(dataset, samples: int, micro_batch: int) -> list[torch.Tensor]:
+    """The first ``samples`` token sequences of ``dataset`` in batches [micro_batch, s] (the last may be smaller)."""
+    return [torch.stack([dataset[i]["tokens"] for i in range(start, min(start + micro_batch, samples))])
+            for start in range(0, samples, micro_batch)]
+
+
 def token_samples(tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """GPTDataset-shaped samples (tokens, labels, loss mask) from rows of ``tokens`` [n, s+1]: the
     synthetic data of the demo and the tests, read through the same batches as real data."""

@@ -37,7 +37,7 @@ from nemo_plrd import report
 from nemo_plrd.assets import shakespeare_dataset, smollm2_135m
 from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
 from nemo_plrd.config import EMBEDDED_DATA, EMBEDDED_PARENT, DecomposeConfig, FamilyConfig
-from nemo_plrd.data import DataParallelBatches, gpt_datasets, megatron_tokenizer
+from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
@@ -139,8 +139,7 @@ def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dic
     calib = cfg.plrd.calibration
     samples = calib.tokens // calib.seq_length
     data, _ = _datasets(cfg, hf_source, calib.seq_length, samples)
-    calibration = [torch.stack([data[i]["tokens"] for i in range(start, min(start + calib.micro_batch, samples))])
-                   for start in range(0, samples, calib.micro_batch)]
+    calibration = calibration_batches(data, samples, calib.micro_batch)
     request = cfg.plrd.plan.request()
     plan = plan_for(model, calibration, cfg.plrd.method, **request)
     if rank0:

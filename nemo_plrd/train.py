@@ -41,8 +41,9 @@ from nemo_plrd.model import gpt_forward
 
 # The distributed optimizer's state as each data-parallel rank holds it (its buffers, one tensor
 # each): saved and loaded without gathering, resumable at the same data-parallel size (the pipeline
-# refuses another layout anyway). megatron-core's default, fully_sharded_model_space, cannot be
-# saved by dist_checkpointing here ("ShardedTensor.flattened_range is not supported").
+# refuses another layout anyway). megatron-core's default, fully_sharded_model_space, fails in
+# dist_checkpointing ("ShardedTensor.flattened_range is not supported"). Without Apex or TE the
+# distributed optimizer is refused altogether (nemo_plrd.config.optimizer_config).
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 

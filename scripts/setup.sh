@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # Create or refresh a virtualenv with everything nemo-plrd needs (default: the project-local .venv).
 #   bash scripts/setup.sh                  # .venv, exactly the tested set in constraints.txt
+#   bash scripts/setup.sh --bridge         # .venv-bridge: the Megatron-Bridge test lane (tests/bridge/)
 #   bash scripts/setup.sh --latest DIR     # a venv in DIR with the newest releases (torch stays 2.13.0)
-# Idempotent: pip runs again only when setup.py or constraints.txt changed since the last install.
+# Idempotent: pip runs again only when setup.py or the constraint set changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv
+CONSTRAINTS=constraints.txt
 LATEST=0
-if [ "${1:-}" = "--latest" ]; then
-  LATEST=1
-  VENV=${2:?usage: setup.sh --latest VENV_DIR}
-fi
+BRIDGE=0
+case "${1:-}" in
+  --latest) LATEST=1; VENV=${2:?usage: setup.sh --latest VENV_DIR} ;;
+  --bridge) BRIDGE=1; VENV=.venv-bridge; CONSTRAINTS=tests/bridge/constraints.txt ;;
+esac
 PYTHON=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
 pip=("$VENV/bin/pip" --quiet)
-# The installed set as constraints.txt lists it (its header comments aside).
+# The installed set as the constraint file lists it (its header comments aside).
 frozen() { "$VENV/bin/pip" freeze --all --exclude-editable | LC_ALL=C sort -f; }
-pinned() { grep -v '^#' constraints.txt | LC_ALL=C sort -f; }
+pinned() { grep -v '^#' "$CONSTRAINTS" | LC_ALL=C sort -f; }
 
 if [ "$LATEST" = 1 ]; then
   echo "[setup] installing the newest releases into $VENV"
@@ -32,18 +35,26 @@ if [ "$LATEST" = 1 ]; then
   exit 0
 fi
 
-stamp="$VENV/.nemo-plrd-installed-$(cat setup.py constraints.txt | sha256sum | cut -c1-16)"
+extra=()
+if [ "$BRIDGE" = 1 ]; then extra=(-r tests/bridge/requirements.txt); fi
+stamp="$VENV/.nemo-plrd-installed-$(cat setup.py "$CONSTRAINTS" "${extra[@]:1}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing nemo-plrd and the tested set (constraints.txt) into $VENV"
-  "${pip[@]}" install -c constraints.txt pip setuptools
+  echo "[setup] installing nemo-plrd and the tested set ($CONSTRAINTS) into $VENV"
+  "${pip[@]}" install -c "$CONSTRAINTS" pip setuptools
   # torch first, from the constraint set: nothing later can ask for a CUDA build.
-  "${pip[@]}" install -c constraints.txt torch
-  "${pip[@]}" install -c constraints.txt -e ".[test]"
+  "${pip[@]}" install -c "$CONSTRAINTS" torch
+  if [ "$BRIDGE" = 1 ]; then
+    # megatron-core >= 0.17 and megatron-bridge declare Python >= 3.12 but run on 3.11 (their wheels
+    # are cp311 / pure Python), and Bridge's own requirements pull CUDA builds: both go in without
+    # their dependencies, and tests/bridge/requirements.txt names what they import at start-up.
+    "${pip[@]}" install --no-deps --ignore-requires-python -c "$CONSTRAINTS" megatron-core megatron-bridge
+  fi
+  "${pip[@]}" install -c "$CONSTRAINTS" -e ".[test]" "${extra[@]}"
   # Anything extra or at another version means this venv is not what CI tested.
   if ! drift=$(diff <(pinned) <(frozen)); then
-    echo "[setup] $VENV differs from constraints.txt ('<' pinned, '>' installed):" >&2
+    echo "[setup] $VENV differs from $CONSTRAINTS ('<' pinned, '>' installed):" >&2
     echo "$drift" >&2
-    echo "[setup] remove $VENV and run again, or regenerate constraints.txt (see its header)" >&2
+    echo "[setup] remove $VENV and run again, or regenerate $CONSTRAINTS (see its header)" >&2
     exit 1
   fi
   rm -f "$VENV"/.nemo-plrd-installed-*

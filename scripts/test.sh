@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Install what is missing, then run the whole test suite:
 #   1. single-process tests (math, configs, CLI, conversion);
-#   2. tensor-parallel tests, all in one 2-process torchrun group (TP=1 and TP=2 cases).
-# Extra arguments go to both pytest runs. `--latest` first runs the suite in a throw-away venv
+#   2. tensor-parallel tests, all in one 2-process torchrun group (TP=1 and TP=2 cases);
+#   3. the Megatron-Bridge lane in its own venv, .venv-bridge (scripts/setup.sh --bridge): tests/bridge/
+#      against Bridge's real code, and the training, data and decomposition tests again on its
+#      megatron-core 0.19. Skipped with --latest (its set is pinned).
+# Extra arguments go to every pytest run. `--latest` first runs the suite in a throw-away venv
 # with the newest releases instead of the tested set (what a user installing today gets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +26,7 @@ fi
 python=$VENV/bin/python
 
 status=0
-"$python" -m pytest -q --ignore=tests/distributed "$@" || status=$?
+"$python" -m pytest -q --ignore=tests/distributed --ignore=tests/bridge "$@" || status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
 
 # Rank 0 reports on the console; rank 1's output goes to a log, shown if the run fails
@@ -39,4 +42,8 @@ if [ "$status" -ne 0 ]; then
   done
 fi
 rm -rf "$logs"
-exit "$status"
+if [ "$status" -ne 0 ] || [ "$VENV" != .venv ]; then exit "$status"; fi
+
+bash scripts/setup.sh --bridge
+.venv-bridge/bin/python -m pytest -q -p no:cacheprovider tests/bridge tests/test_train.py tests/test_data.py \
+  tests/test_decompose.py "$@"

@@ -1,0 +1,48 @@
+"""The ``plrd:`` section on Megatron-Bridge's ``ConfigContainer``, read as Bridge reads the rest.
+
+YAML and ``key=value`` overrides go through Bridge's own ``process_config_with_overrides``, so
+``plrd.plan.keep=0.4`` is an override like ``train.train_iters=100``. Bridge skips keys it does
+not know (with a log warning) and sets values without checking their types; the project's
+validator (``nemo_plrd.config.from_dict``) therefore reads the same YAML section and overrides
+first, refusing an unknown or ill-typed ``plrd.*`` key by its full name before Bridge runs, and
+checks Bridge's result again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+from omegaconf import OmegaConf
+
+from nemo_plrd.config import PLRDConfig, from_dict, override_key, with_overrides
+
+
+@dataclass(kw_only=True)
+class PLRDConfigContainer(ConfigContainer):
+    """Bridge's whole job config plus how the stage decomposes."""
+
+    plrd: PLRDConfig
+
+
+def with_plrd(cfg: ConfigContainer, plrd: PLRDConfig) -> PLRDConfigContainer:
+    """A Bridge recipe's ``ConfigContainer`` (e.g. from ``megatron.bridge.recipes``) with ``plrd`` added."""
+    return PLRDConfigContainer(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
+                               plrd=plrd)
+
+
+def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Path] = None,
+                        overrides: Sequence[str] = ()) -> PLRDConfigContainer:
+    """``cfg`` with the YAML file and overrides applied by Bridge, its ``plrd`` section validated."""
+    plrd = OmegaConf.create({"plrd": dataclasses.asdict(cfg.plrd)})
+    if config_file is not None and Path(config_file).is_file():
+        plrd = OmegaConf.merge(plrd, {"plrd": OmegaConf.load(config_file).get("plrd") or {}})
+    with_overrides(plrd, [line for line in overrides if override_key(line).split(".")[0] == "plrd"])
+    from_dict(PLRDConfig, OmegaConf.to_container(plrd, resolve=True)["plrd"], "plrd.")  # before Bridge
+    cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))
+    cfg.plrd = from_dict(PLRDConfig, dataclasses.asdict(cfg.plrd), "plrd.")  # and what Bridge made of it
+    return cfg

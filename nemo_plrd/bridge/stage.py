@@ -1,0 +1,137 @@
+"""A PLRD stage inside a Megatron-Bridge pretraining job: the model it builds and the hook that decomposes it.
+
+The provider builds ``nemo_plrd.spec``'s layer spec (megatron's local linears and separate
+norms, the slots the transform understands; Bridge's default Transformer Engine spec fuses the
+norms into ``linear_qkv`` / ``linear_fc1``). A fresh stage registers two pre-wrap hooks, run
+after the model is built and before DDP wraps it: Bridge's HF weight loading (``AutoBridge``),
+then ``PLRDHook``, which calibrates on the job's own data, plans, decomposes and records the
+ranks beside the job's checkpoints. A stage whose job was interrupted is rebuilt factored at
+the recorded ranks and Bridge resumes it from its last checkpoint; nothing is decomposed again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.bridge.models import AutoBridge
+from megatron.bridge.training.callbacks import Callback, CallbackContext
+
+from nemo_plrd.bridge.checkpoint import PLAN_FILE, TRACKER
+from nemo_plrd.bridge.config import PLRDConfigContainer
+from nemo_plrd.checkpoint import load_checkpoint, read_metadata
+from nemo_plrd.config import PLRDConfig
+from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
+from nemo_plrd.errors import InputError
+from nemo_plrd.parallel import exists_on_rank0
+from nemo_plrd.plan import RankPlan
+from nemo_plrd.spec import low_rank_block_spec
+from nemo_plrd.transform import PLRDTransform, plan_for
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class PLRDHook:
+    """Calibrate on the job's train split, plan, decompose; the plan goes to ``save / PLAN_FILE``."""
+
+    plrd: PLRDConfig
+    dataset: object  # the job's GPTDatasetConfig: its blend, split and seed
+    hf_path: str  # the parent's tokenizer
+    save: Path
+
+    def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        calib = self.plrd.calibration
+        samples = calib.tokens // calib.seq_length
+        blend = (list(self.dataset.blend[0]), self.dataset.blend[1] and list(self.dataset.blend[1]))
+        train, _, _ = gpt_datasets(blend, self.dataset.split, calib.seq_length, [samples, None, None],
+                                   megatron_tokenizer(self.hf_path), self.dataset.random_seed)
+        batches = calibration_batches(train, samples, calib.micro_batch)
+        plan = plan_for(model[0], batches, self.plrd.method, **self.plrd.plan.request())
+        model = PLRDTransform(plan, lambda: batches, self.plrd.method, self.plrd.solver, self.plrd.ridge)(model)
+        if torch.distributed.get_rank() == 0:
+            self.save.mkdir(parents=True, exist_ok=True)
+            plan.save(self.save / PLAN_FILE)
+        return model
+
+
+class StageMetrics(Callback):
+    """Rank 0 appends each step's loss, learning rate and gradient norm to ``save / metrics.jsonl``,
+    the file a local stage writes (``nemo_plrd.train.run``)."""
+
+    def __init__(self, save: Path):
+        self.path = save / METRICS
+
+    def on_train_step_end(self, context: CallbackContext) -> None:
+        if torch.distributed.get_rank() != 0 or not context.loss_dict:
+            return
+        row = {"step": context.state.train_state.step + 1,  # the step counter moves after the callbacks
+               "loss": float(context.loss_dict["lm loss"]), "lr": context.optimizer.param_groups[0]["lr"],
+               "grad_norm": context.grad_norm}
+        with self.path.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+
+def _keep_saved_steps(metrics: Path, iteration: int) -> None:
+    """A resumed job takes the steps after its last checkpoint again: their old lines go."""
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= iteration]
+        metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] = None) -> PLRDConfigContainer:
+    """Make ``cfg`` (its provider built from the HF config at ``hf_path``) a PLRD stage, in place.
+
+    Stage 1 starts from the HF model at ``hf_path``; a later stage from ``parent``, the previous
+    stage's nemo-plrd checkpoint (``conversion/bridge_to_plrd.py`` makes one of a Bridge stage's),
+    built factored at its ranks and re-truncated to the new plan.
+    """
+    if cfg.checkpoint.save is None:
+        raise InputError("checkpoint.save must be set: a PLRD stage records its ranks beside its checkpoints")
+    if cfg.dataset.blend is None:
+        raise InputError("dataset.blend must name the stage's data: PLRD calibrates on its train split")
+    save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the
+    # latter proxies its TransformerConfig's fields, so both read and take the same attributes here
+    if exists_on_rank0(save / TRACKER) and exists_on_rank0(save / PLAN_FILE):  # interrupted: resume
+        plan = RankPlan.from_json((save / PLAN_FILE).read_text())
+        provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
+        provider.hetereogenous_dist_checkpoint = True  # as the transform left it (see nemo_plrd.model)
+        cfg.checkpoint.load = str(save)
+        _keep_saved_steps(save / METRICS, int((save / TRACKER).read_text()))
+        return cfg
+    provider.perform_initialization = False  # the parent's weights replace it
+    if parent is None:
+        provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks={})
+        bridge = AutoBridge.from_hf_pretrained(hf_path, torch_dtype=provider.params_dtype)
+
+        def load_parent(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+            bridge.load_hf_weights(model)
+            return model
+    else:
+        arch, ranks = read_metadata(parent)
+        if (arch.num_layers, arch.hidden_size) != (provider.num_layers, provider.hidden_size):
+            raise InputError(f"parent {parent} has {arch.num_layers} layers of width {arch.hidden_size}; the job's "
+                             f"model has {provider.num_layers} of {provider.hidden_size} (--hf-path {hf_path})")
+        provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=ranks)
+        provider.hetereogenous_dist_checkpoint = True
+
+        def load_parent(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+            load_checkpoint(model[0], parent)  # resharded to the job's TP size
+            return model
+
+    for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save)):
+        _add_pre_wrap_hook(provider, hook)
+    return cfg
+
+
+def _add_pre_wrap_hook(model_config, hook) -> None:
+    """After the hooks already there: a ``GPTModelProvider`` registers it, a megatron-training
+    ``ModelConfig`` (megatron-core >= 0.19) lists it in ``pre_wrap_hooks``."""
+    if hasattr(model_config, "register_pre_wrap_hook"):
+        model_config.register_pre_wrap_hook(hook)
+    else:
+        model_config.pre_wrap_hooks.append(hook)

@@ -1,0 +1,114 @@
+"""The ``plrd:`` section on Bridge's ConfigContainer, through Bridge's own process_config_with_overrides."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer, LoggerConfig, MockGPTDatasetConfig,
+                                             OptimizerConfig, SchedulerConfig, TokenizerConfig, TrainingConfig)
+from megatron.bridge.training.utils.omegaconf_utils import OverridesError
+
+from nemo_plrd.bridge.config import PLRDConfigContainer, process_plrd_config, with_plrd
+from nemo_plrd.config import CalibrationConfig, PLRDConfig, PlanConfig
+
+
+def container() -> PLRDConfigContainer:
+    bridge = ConfigContainer(
+        train=TrainingConfig(train_iters=4, global_batch_size=4, micro_batch_size=2),
+        model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128),
+        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4), scheduler=SchedulerConfig(),
+        dataset=MockGPTDatasetConfig(seq_length=64, random_seed=1234), logger=LoggerConfig(),
+        tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=128), checkpoint=CheckpointConfig())
+    return with_plrd(bridge, PLRDConfig(plan=PlanConfig(keep=0.6), calibration=CalibrationConfig(tokens=512)))
+
+
+def test_yaml_and_overrides_land_in_the_plrd_section_and_in_bridge_s_own(tmp_path):
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("plrd:\n  plan: {keep: null, target_params: 80000}\n  method: svd\ntrain:\n  train_iters: 8\n")
+    cfg = process_plrd_config(container(), recipe, ["plrd.calibration.tokens=1024", "plrd.plan.multiple=16",
+                                                    "optimizer.lr=3e-4"])
+    assert isinstance(cfg, PLRDConfigContainer) and isinstance(cfg.plrd, PLRDConfig)
+    assert cfg.plrd.plan.request() == {"target_params": 80000, "allocation": "uniform", "multiple": 16}
+    assert (cfg.plrd.method, cfg.plrd.calibration.tokens, cfg.plrd.calibration.seq_length) == ("svd", 1024, 512)
+    assert (cfg.train.train_iters, cfg.optimizer.lr) == (8, 3e-4)
+
+
+@pytest.mark.parametrize("yaml, overrides, message", [
+    ("", ["plrd.stage=abc"], "unknown key(s) ['plrd.stage']; allowed here: ['plrd.plan', 'plrd.calibration'"),
+    ("", ["+plrd.no_such_key=1"], "unknown key(s) ['plrd.no_such_key']"),  # Bridge would drop it silently
+    ("plrd:\n  plan: {kep: 0.5}\n", [], "unknown key(s) ['plrd.plan.kep']"),  # Bridge would too
+    ("", ["plrd.calibration.tokens=abc"], "plrd.calibration.tokens='abc' must be int"),
+    ("", ["plrd.plan.keep=1.5"], "keep=1.5 must be a fraction in (0, 1)"),
+    ("", ["plrd.method=qr"], "method='qr' is not one of ('activation', 'svd')"),
+])
+def test_unknown_and_ill_typed_plrd_keys_are_refused_naming_the_key(tmp_path, yaml, overrides, message):
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text(yaml or "{}\n")
+    cfg = container()
+    before = dataclasses.asdict(cfg.plrd)
+    with pytest.raises(ValueError) as error:
+        process_plrd_config(cfg, recipe, overrides)
+    assert message in str(error.value)
+    assert dataclasses.asdict(cfg.plrd) == before  # refused before Bridge touched the container
+
+
+def test_bridge_s_own_sections_keep_bridge_s_checks():
+    with pytest.raises(OverridesError, match="train.no_such_key"):
+        process_plrd_config(container(), None, ["train.no_such_key=1"])
+
+
+def test_the_shipped_gpu_stage_yaml_lands_on_the_recipe(tmp_path):
+    """recipes/bridge/llama_stage.yaml over nemo_plrd.bridge.recipe.llama_stage (a tiny HF LLaMA here)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from nemo_plrd.assets import smollm2_135m
+    from nemo_plrd.bridge.recipe import llama_stage
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_135m() / name, tmp_path / name)
+    yaml = Path(__file__).resolve().parents[2] / "recipes" / "bridge" / "llama_stage.yaml"
+    cfg = process_plrd_config(llama_stage(str(tmp_path)), yaml, ["plrd.plan.keep=0.4", "checkpoint.save=/runs/s1"])
+    assert (cfg.model.tensor_model_parallel_size, cfg.model.sequence_parallel, cfg.model.num_layers) == (2, True, 2)
+    assert (cfg.train.train_iters, cfg.train.global_batch_size, cfg.dataset.seq_length) == (240, 256, 4096)
+    assert (cfg.mixed_precision, cfg.checkpoint.save, cfg.plrd.plan.keep) == ("bf16_mixed", "/runs/s1", 0.4)
+    assert cfg.plrd.calibration.tokens == 262144 and cfg.tokenizer.tokenizer_model == str(tmp_path)
+
+
+def test_a_resumed_stage_on_a_megatron_training_model_config_builds_the_factored_spec(tmp_path):
+    """ConfigContainer.model may be megatron-core 0.19's GPTModelConfig instead of Bridge's provider
+    (it proxies its TransformerConfig's fields): a resumed stage's layer spec is factored at the
+    recorded ranks and the job loads its own checkpoint."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.training.models.gpt import GPTModelConfig
+
+    from nemo_plrd.bridge.stage import prepare_stage
+    from nemo_plrd.layers import LowRankColumnParallelLinear
+    from nemo_plrd.plan import plan_ranks
+    from nemo_plrd.model import LlamaArch
+
+    arch = LlamaArch(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
+                     vocab_size=128, max_sequence_length=64)
+    plan = plan_ranks([arch.slot_shapes()] * 2, keep=0.5)
+    cfg = container()
+    cfg.model = GPTModelConfig(transformer=TransformerConfig(
+        num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu), vocab_size=128)
+    cfg.dataset.blend = ([str(tmp_path / "data")], None)
+    cfg.checkpoint.save = str(tmp_path / "stage")
+    (tmp_path / "stage").mkdir()
+    plan.save(tmp_path / "stage" / "plrd_plan.json")
+    (tmp_path / "stage" / "latest_checkpointed_iteration.txt").write_text("2")
+    prepare_stage(cfg, hf_path="unused when resuming")
+    assert cfg.checkpoint.load == cfg.checkpoint.save and cfg.model.hetereogenous_dist_checkpoint
+    block = cfg.model.transformer_layer_spec(cfg.model)
+    qkv = block.layer_specs[0].submodules.self_attention.submodules.linear_qkv
+    assert qkv.module is LowRankColumnParallelLinear and qkv.params == {"rank": plan.rank(0, "linear_qkv")}

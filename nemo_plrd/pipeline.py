@@ -43,7 +43,7 @@ from nemo_plrd.evaluate import evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
 from nemo_plrd.model import LlamaArch, parameter_count
 from nemo_plrd.parallel import init_model_parallel
-from nemo_plrd.train import Schedule, Trainer, perplexity, run
+from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
 from nemo_plrd.transform import apply_plan, plan_for
 
 CONFIG = "config.json"
@@ -182,9 +182,8 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
     if latest.name != DECOMPOSED:
         trainer.load_state(dist_checkpointing.load(trainer.state(is_loading=True), str(latest)))
     metrics = partial / "metrics.jsonl"
-    if _rank0() and metrics.is_file():  # steps logged after the last save are taken again
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= trainer.iteration]
-        metrics.write_text("".join(line + "\n" for line in kept))
+    if _rank0():
+        keep_saved_steps(metrics, trainer.iteration)
 
     def save(t: Trainer) -> None:
         path = partial / "train" / ITERATION.format(t.iteration)

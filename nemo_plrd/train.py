@@ -162,6 +162,13 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def keep_saved_steps(metrics: Path, iteration: int) -> None:
+    """A resumed run takes the steps after its last checkpoint again: their old metric lines go."""
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= iteration]
+        metrics.write_text("".join(line + "\n" for line in kept))
+
+
 def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, metrics: Optional[Path],
         log_interval: int = 1, progress: bool = False, valid: Optional[DataParallelBatches] = None,
         eval_interval: int = 0, eval_iters: int = 0) -> None:

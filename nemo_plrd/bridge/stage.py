@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,7 @@ from nemo_plrd.errors import InputError
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.spec import low_rank_block_spec
+from nemo_plrd.train import keep_saved_steps
 from nemo_plrd.transform import PLRDTransform, plan_for
 
 METRICS = "metrics.jsonl"
@@ -76,13 +78,6 @@ class StageMetrics(Callback):
             out.write(json.dumps(row) + "\n")
 
 
-def _keep_saved_steps(metrics: Path, iteration: int) -> None:
-    """A resumed job takes the steps after its last checkpoint again: their old lines go."""
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= iteration]
-        metrics.write_text("".join(line + "\n" for line in kept))
-
-
 def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] = None) -> PLRDConfigContainer:
     """Make ``cfg`` (its provider built from the HF config at ``hf_path``) a PLRD stage, in place.
 
@@ -101,7 +96,8 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         provider.hetereogenous_dist_checkpoint = True  # as the transform left it (see nemo_plrd.model)
         cfg.checkpoint.load = str(save)
-        _keep_saved_steps(save / METRICS, int((save / TRACKER).read_text()))
+        if int(os.environ.get("RANK", "0")) == 0:  # before Bridge initialises torch.distributed: one writer
+            keep_saved_steps(save / METRICS, int((save / TRACKER).read_text()))
         return cfg
     provider.perform_initialization = False  # the parent's weights replace it
     if parent is None:

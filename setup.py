@@ -30,6 +30,10 @@ setup(
         "matplotlib",  # the family report's plot
     ],
     # apex and transformer-engine are used when present; never the unrelated PyPI `apex`.
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # plrd submit --launcher nemo-run; nemo-run 0.11 imports only with leptonai < 0.47
+        "slurm": ["nemo-run>=0.11.1", "leptonai<0.47"],
+    },
     entry_points={"console_scripts": ["plrd=nemo_plrd.cli:main"]},
 )

@@ -69,12 +69,41 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--tokenizer", default="smollm2-135m",
                          help="HF model or tokenizer directory (default: the embedded SmolLM2-135M's)")
     prepare.add_argument("--json-key", default="text", help="the text field of each JSONL line (default: text)")
-    args = parser.parse_args(argv)
+    plan = commands.add_parser("plan", help="a family recipe's plan per stage, from the architecture alone")
+    plan.add_argument("recipe", help="a family recipe, e.g. recipes/llama2_7b_family.yaml")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style overrides of the recipe")
+    submit = commands.add_parser("submit", help="a Bridge family recipe's stages as chained SLURM jobs")
+    submit.add_argument("recipe", help="a Bridge family recipe, e.g. recipes/llama2_7b_family.yaml")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style overrides of the recipe")
+    submit.add_argument("--nodes", type=_positive, required=True, help="nodes per stage job")
+    submit.add_argument("--gpus-per-node", type=_positive, required=True)
+    submit.add_argument("--partition")
+    submit.add_argument("--account")
+    submit.add_argument("--time", help="wall-clock limit per stage job, e.g. 04:00:00")
+    submit.add_argument("--container-image", help="pyxis container, e.g. nvcr.io/nvidia/nemo:26.06")
+    submit.add_argument("--mounts", action="append", default=[], metavar="SRC:DST",
+                        help="container mount (repeatable), e.g. /lustre:/lustre")
+    submit.add_argument("--workdir", default=os.getcwd(),
+                        help="this nemo-plrd checkout as the nodes see it (default: the current directory)")
+    submit.add_argument("--port", type=_positive, default=29500, help="rendezvous port on each job's first node")
+    submit.add_argument("--launcher", choices=("sbatch", "nemo-run"), default="sbatch",
+                        help="sbatch scripts chained with --dependency=afterok, or a nemo-run Experiment")
+    submit.add_argument("--dry-run", action="store_true", help="print the jobs and their order; submit nothing")
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow the options too (argparse collects a positional list only before them)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
 
     if args.command == "eval":
         return _eval(parser, args)
     if args.command == "prepare-data":
         return _prepare_data(parser, args)
+    if args.command == "plan":
+        return _plan(parser, args)
+    if args.command == "submit":
+        return _submit(parser, args)
 
     if args.command == "demo":
         from nemo_plrd.model import SMOLLM2_135M
@@ -126,6 +155,40 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     except InputError as error:
         parser.error(str(error))
     print(f"wrote {prefix}.bin, {prefix}.idx: use it as dataset.blend=[[{prefix}], null]")
+    return 0
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from nemo_plrd.family_plan import family_table, load_family, recipe_plan
+
+    try:
+        arch, parent, stages = recipe_plan(load_family(args.recipe, args.overrides))
+    except InputError as error:
+        parser.error(str(error))
+    print(family_table(arch, stages, parent))
+    return 0
+
+
+def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from nemo_plrd.bridge.family import BridgeFamilyConfig
+    from nemo_plrd.family_plan import load_family
+    from nemo_plrd.slurm import Cluster, submit
+
+    try:
+        family = load_family(args.recipe, args.overrides)
+        if not isinstance(family, BridgeFamilyConfig):
+            raise InputError(f"{args.recipe} is a local family (keep:, stage:); run it with recipes/family.py, "
+                             "or give a Bridge family recipe (target_params:, job:)")
+        cluster = Cluster(args.nodes, args.gpus_per_node, args.partition, args.account, args.time,
+                          args.container_image, tuple(args.mounts), args.workdir, args.port)
+        if args.launcher == "nemo-run":
+            from nemo_plrd.experiment import submit_experiment
+
+            submit_experiment(family, cluster, args.dry_run)
+        else:
+            submit(family, cluster, args.dry_run)
+    except InputError as error:
+        parser.error(str(error))
     return 0
 
 

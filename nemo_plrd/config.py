@@ -109,13 +109,7 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         from nemo_plrd.data import check_prefix
 
-        prefixes, weights = self.blend if len(self.blend) == 2 else (None, None)
-        if not (isinstance(prefixes, list) and prefixes and all(isinstance(p, str) for p in prefixes)
-                and (weights is None or (isinstance(weights, list) and len(weights) == len(prefixes)
-                                         and all(_matches(w, float) and w > 0 for w in weights)))):
-            raise InputError(f"dataset.blend={self.blend!r} must be [prefixes, weights]: a list of dataset "
-                             "prefixes and null or one positive weight per prefix (megatron's GPTDatasetConfig.blend)")
-        for prefix in prefixes:
+        for prefix in check_blend("dataset.blend", self.blend):
             if prefix != EMBEDDED_DATA:
                 check_prefix("dataset.blend", prefix)
         shares = self.split.replace("/", ",").split(",")
@@ -123,6 +117,17 @@ class DatasetConfig:
                 or not float(shares[0]) > 0:
             raise InputError(f"dataset.split={self.split!r} must be three shares 'train,valid,test' "
                              "(e.g. '90,10,0'), the train share > 0")
+
+
+def check_blend(key: str, blend: Any) -> list[str]:
+    """megatron's ``[prefixes, weights]`` shape (the files are not looked at); the prefixes."""
+    prefixes, weights = blend if isinstance(blend, list) and len(blend) == 2 else (None, None)
+    if not (isinstance(prefixes, list) and prefixes and all(isinstance(p, str) for p in prefixes)
+            and (weights is None or (isinstance(weights, list) and len(weights) == len(prefixes)
+                                     and all(_matches(w, float) and w > 0 for w in weights)))):
+        raise InputError(f"{key}={blend!r} must be [prefixes, weights]: a list of dataset prefixes and null "
+                         "or one positive weight per prefix (megatron's GPTDatasetConfig.blend)")
+    return prefixes
 
 
 @dataclass
@@ -377,6 +382,16 @@ def override_key(line: str) -> str:
 def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """``cls`` from the YAML file at ``path`` (OmegaConf: ``${a.b}`` interpolations resolve) with
     ``overrides`` applied, validated by ``from_dict``."""
+    data = with_overrides(load_yaml(path), overrides)
+    try:
+        plain = OmegaConf.to_container(data, resolve=True)
+    except OmegaConfBaseException as error:  # an interpolation that does not resolve
+        raise InputError(f"{path}: {error}") from None
+    return from_dict(cls, plain)
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """The mapping in the YAML file at ``path``, as OmegaConf reads it (interpolations not yet resolved)."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"config file {path} does not exist")
@@ -386,11 +401,7 @@ def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = 
         raise InputError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, DictConfig):
         raise InputError(f"{path} must hold a mapping of keys to values")
-    try:
-        plain = OmegaConf.to_container(with_overrides(data, overrides), resolve=True)
-    except OmegaConfBaseException as error:  # an interpolation that does not resolve
-        raise InputError(f"{path}: {error}") from None
-    return from_dict(cls, plain)
+    return data
 
 
 def _check_parent(parent: str) -> None:

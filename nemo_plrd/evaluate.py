@@ -84,7 +84,7 @@ def heldout_blocks(tokenizer, num_blocks: int) -> torch.Tensor:
 def heldout_perplexity(model, tokenizer, num_blocks: int) -> float:
     """exp(mean next-token loss) of an HF causal LM over held-out Shakespeare blocks."""
     with torch.no_grad():
-        losses = [model(input_ids=block[None], labels=block[None]).loss.item()
+        losses = [model(input_ids=block[None].to(model.device), labels=block[None].to(model.device)).loss.item()
                   for block in heldout_blocks(tokenizer, num_blocks)]
     return math.exp(sum(losses) / len(losses))
 
@@ -102,6 +102,8 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
         raise MissingInputError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     configs = task_configs(tasks)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
+    if torch.cuda.is_available():  # a cluster's evaluation step; fp32 as on CPU, so figures compare
+        model.cuda()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # it reads the config too
     output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                                      tasks=configs, limit=limit, log_samples=samples)

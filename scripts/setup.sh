@@ -37,7 +37,7 @@ fi
 
 extra=()
 if [ "$BRIDGE" = 1 ]; then extra=(-r tests/bridge/requirements.txt); fi
-stamp="$VENV/.nemo-plrd-installed-$(cat setup.py "$CONSTRAINTS" "${extra[@]:1}" | sha256sum | cut -c1-16)"
+stamp="$VENV/.nemo-plrd-installed-$(cat setup.py "$CONSTRAINTS" "${extra[@]:1}" $([ "$BRIDGE" = 1 ] && echo tests/bridge/nemo-run.txt) | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing nemo-plrd and the tested set ($CONSTRAINTS) into $VENV"
   "${pip[@]}" install -c "$CONSTRAINTS" pip setuptools
@@ -48,6 +48,8 @@ if [ ! -f "$stamp" ]; then
     # are cp311 / pure Python), and Bridge's own requirements pull CUDA builds: both go in without
     # their dependencies, and tests/bridge/requirements.txt names what they import at start-up.
     "${pip[@]}" install --no-deps --ignore-requires-python -c "$CONSTRAINTS" megatron-core megatron-bridge
+    # nemo-run and what it imports, --no-deps too: its declared requirements conflict with Bridge's set.
+    "${pip[@]}" install --no-deps -c "$CONSTRAINTS" -r tests/bridge/nemo-run.txt
   fi
   "${pip[@]}" install -c "$CONSTRAINTS" -e ".[test]" "${extra[@]}"
   # Anything extra or at another version means this venv is not what CI tested.

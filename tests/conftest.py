@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
 
@@ -17,3 +19,22 @@ def tp_size(request) -> int:
     if tp > world_size():
         pytest.skip(f"TP={tp} needs `torchrun --nproc_per_node {tp}`")
     return tp
+
+
+@pytest.fixture
+def cluster_family(tmp_path):
+    """``load(recipe)``: a Bridge family recipe whose parent, data and output are in ``tmp_path``
+    (the parent a stand-in config.json, the data empty .bin/.idx files: what ``plrd submit`` checks exist)."""
+    from nemo_plrd.bridge.family import BridgeFamilyConfig
+    from nemo_plrd.config import load_config
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"corpus{suffix}").write_text("")
+
+    def load(recipe: str) -> BridgeFamilyConfig:
+        return load_config(BridgeFamilyConfig, Path(__file__).parents[1] / "recipes" / recipe, [
+            f"parent={tmp_path / 'hf'}", f"output={tmp_path / 'family'}", f"blend=[[{tmp_path / 'corpus'}], null]"])
+
+    return load

@@ -87,6 +87,9 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     """
     if cfg.checkpoint.save is None:
         raise InputError("checkpoint.save must be set: a PLRD stage records its ranks beside its checkpoints")
+    if cfg.model.pipeline_model_parallel_size != 1:
+        raise InputError(f"model.pipeline_model_parallel_size={cfg.model.pipeline_model_parallel_size}: a PLRD stage "
+                         "needs 1 (calibration runs the whole model layer by layer; docs/scale.md)")
     if cfg.dataset.blend is None:
         raise InputError("dataset.blend must name the stage's data: PLRD calibrates on its train split")
     save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the

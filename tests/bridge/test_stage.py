@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,26 +11,12 @@ import pytest
 import torch
 import transformers
 
-from nemo_plrd.assets import shakespeare_dataset, smollm2_135m
+from nemo_plrd.assets import shakespeare_dataset
 from nemo_plrd.plan import RankPlan
 from processes import kill_everything
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML = Path(__file__).with_name("tiny_stage.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_parent(tmp_path_factory) -> Path:
-    """A tiny random LLaMA with SmolLM2's tokenizer, so the stage's data is real text."""
-    path = tmp_path_factory.mktemp("parent")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                      max_position_embeddings=256)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_135m() / name, path / name)
-    return path
 
 
 def command(hf_parent: Path, save: Path, *overrides: str, nproc: int = 1, parent: Path = None) -> list[str]:

@@ -1,0 +1,119 @@
+"""A PLRD family whose stages are Megatron-Bridge jobs (``recipes/run_plrd.py``), one cluster job each.
+
+Read without Bridge (no Bridge import here): ``plrd plan`` and ``plrd submit`` run on a login
+node or a laptop. Stage k writes ``OUTPUT/stage{k}-{size}.partial/`` (the Bridge job's
+``checkpoint.save`` in ``bridge/``, the nemo-plrd checkpoint in ``checkpoint/``, HF exports,
+lm-eval) and renames it to ``OUTPUT/stage{k}-{size}/`` when all of it is done, so a stage
+whose folder exists is complete, and stage k+1 starts from its ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_plrd.config import EvalConfig, check_blend, load_yaml, override_key, with_overrides
+from nemo_plrd.errors import InputError
+from nemo_plrd.export import FORMATS
+
+SET_BY_FAMILY = ("checkpoint.save", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks")
+
+
+@dataclass
+class JobConfig:
+    """Every stage's Bridge job: the recipe function, a YAML applied over it, then overrides (Hydra syntax)."""
+
+    recipe: str = "nemo_plrd.bridge.recipe:llama_stage"
+    config_file: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.recipe:
+            raise InputError(f"job.recipe={self.recipe!r} must be MODULE:FUNCTION")
+        taken = [line for line in self.overrides if override_key(line) in SET_BY_FAMILY]
+        if taken:
+            raise InputError(f"job.overrides {taken} cannot be set: the family sets each stage's "
+                             f"{', '.join(SET_BY_FAMILY)}")
+        self.settings()
+
+    def settings(self) -> DictConfig:
+        """The job's YAML with the overrides applied: what ``plrd plan`` reads the training budget from."""
+        data = load_yaml(self.config_file) if self.config_file else OmegaConf.create({})
+        return with_overrides(data, self.overrides)
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        value = OmegaConf.select(self.settings(), key, default=default)
+        if value is None:
+            raise InputError(f"{key} must be set in job.config_file or job.overrides: the recipe function's "
+                             "default is not read without Bridge, and the plan needs it")
+        return value
+
+
+@dataclass
+class BridgeFamilyConfig:
+    """``plrd plan`` / ``plrd submit``: one Bridge stage per entry of ``target_params`` (whole-model parameters)."""
+
+    parent: str  # the HF model directory, as the cluster's nodes see it
+    output: str
+    target_params: list[int]  # strictly decreasing, each below the parent's
+    blend: Optional[list] = None  # [prefixes, weights]: the stages' megatron indexed datasets (dataset.blend)
+    job: JobConfig = field(default_factory=JobConfig)
+    architecture: Optional[str] = None  # an HF config.json (or its folder) to plan from; default: the parent's
+    export: list[str] = field(default_factory=lambda: ["merged"])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not self.target_params or any(later >= earlier for earlier, later
+                                         in zip(self.target_params, self.target_params[1:])):
+            raise InputError(f"target_params={self.target_params} must list one or more parameter counts, "
+                             "strictly decreasing (each stage smaller than the one before)")
+        if self.blend is not None:
+            check_blend("blend", self.blend)  # the files are on the cluster: submit looks for them
+        unknown = [f for f in self.export if f not in FORMATS]
+        if not self.export or unknown or len(set(self.export)) != len(self.export):
+            raise InputError(f"export={self.export} must list distinct formats among {list(FORMATS)}, one at least "
+                             "(the next stage starts from the checkpoint, the evaluation from the first export)")
+
+    def stage_name(self, index: int) -> str:
+        size = self.target_params[index]
+        return f"stage{index + 1}-" + (f"{size / 1e9:.3g}b" if size >= 1e9 else f"{size / 1e6:.3g}m")
+
+    def stage_folder(self, index: int) -> Path:
+        return Path(self.output) / self.stage_name(index)
+
+    def hf_config(self, index: int) -> str:
+        """The HF config and tokenizer stage ``index`` starts from (a PLRD checkpoint carries its parent's)."""
+        return self.parent if index == 0 else str(self.stage_folder(index - 1) / "checkpoint" / "hf")
+
+    def start(self, index: int) -> list[str]:
+        """``recipes/run_plrd.py``'s parent arguments: the HF model, or the previous stage's checkpoint."""
+        if index == 0:
+            return ["--hf-path", self.parent]
+        return ["--parent", str(self.stage_folder(index - 1) / "checkpoint")]
+
+    def stage_overrides(self, index: int, save: Path) -> list[str]:
+        """The job's overrides, then what the family sets for stage ``index``."""
+        prefixes, weights = self.blend or ([], None)
+        blend = json.dumps([prefixes, weights], separators=(",", ":"))  # a Hydra list: quoted strings, null
+        return [*self.job.overrides, f"dataset.blend={blend}", "plrd.plan.keep=null",
+                f"plrd.plan.target_params={self.target_params[index]}",
+                f"checkpoint.save={save}"]
+
+    def plan_request(self, index: int) -> dict[str, Any]:
+        plan = OmegaConf.select(self.job.settings(), "plrd.plan", default={})
+        return {"target_params": self.target_params[index], "allocation": plan.get("allocation", "uniform"),
+                "multiple": plan.get("multiple", 8)}
+
+    def architecture_path(self) -> Path:
+        path = Path(self.architecture or self.parent)
+        return path.parent if path.name == "config.json" else path
+
+    def train_tokens(self) -> tuple[int, int]:
+        """(training tokens per stage, sequence length), from the job's settings."""
+        seq_length = int(self.job.setting("dataset.seq_length"))
+        return int(self.job.setting("train.train_iters")) * int(self.job.setting("train.global_batch_size")) \
+            * seq_length, seq_length

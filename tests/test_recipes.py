@@ -88,6 +88,15 @@ def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, 
 
 
 
+def test_a_family_distils_from_its_parent_or_from_the_previous_member(tmp_path):
+    family = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.train.loss=kd"])
+    teachers = lambda family: [family.stage_config(i, "smollm2-135m", str(tmp_path)).train.teacher for i in range(3)]
+    assert teachers(family) == ["smollm2-135m"] * 3  # the family's parent, for every stage
+    family = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.train.loss=kd",
+                                                     "stage.train.teacher=previous"])
+    assert teachers(family) == ["previous"] * 3  # each stage's own parent
+
+
 def test_yaml_interpolations_resolve_after_the_hydra_overrides(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(YAML.read_text() + "train:\n  steps: 8\n  seq_length: ${plrd.calibration.seq_length}\n")
@@ -285,6 +294,35 @@ def assert_killed_mid_training_resumes_exactly(tiny_parent, reference: Path, out
     assert resumed["member_perplexity"] == expected["member_perplexity"]
     reference, weights = merged_weights(reference), merged_weights(out)
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_a_distilled_stage_trains_on_the_kl_to_its_parent_at_tp2(tiny_parent, tmp_path):
+    """train.loss=kd: the logged training loss is the KL to the parent's logits (small: the decomposed student
+    starts near its parent), the validation loss stays the LM loss. (That the KL falls under training:
+    tests/distributed/test_distill.py.)"""
+    out = tmp_path / "kd"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "train.loss=kd",
+                 "parallel.tensor_model_parallel_size=2", nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"teacher {tiny_parent}: " in run.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["train_losses"]) == 6 and all(0 <= kl < 0.05 for kl in summary["train_losses"])
+    assert [step for step, _ in summary["valid_losses"]] == [3, 6] and summary["valid_losses"][0][1] > 5
+
+
+def test_a_teacher_of_another_architecture_is_refused_before_any_work(tiny_parent, tmp_path):
+    other = tmp_path / "other"
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_parent / name, other / name)
+    out = tmp_path / "out"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "train.loss=lm+kd", f"train.teacher={other}")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "the teacher's architecture differs from the student's (hidden_size 32 vs 64, ffn_hidden_size 64 vs 160" \
+        in run.stderr
+    assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
 def test_a_stage_killed_mid_training_resumes_to_exactly_the_uninterrupted_run(tiny_parent, trained_stage, tmp_path):

@@ -1,0 +1,105 @@
+"""Logit distillation from a teacher (the parent or the previous member): KL(teacher || student), temperature 1.
+
+Under TP both models' output layers leave each rank a [..., vocab / tp] slice of the logits
+(megatron's ``parallel_output``). As megatron's vocab-parallel cross entropy does, the
+vocabulary is never gathered: each softmax's max and normaliser take one all-reduce each over
+the TP group, and so does each token's KL, summed over the ranks' slices:
+
+    KL_t = sum_v p_t(v) (log p_t(v) - log p_s(v)),      dKL_t / dz_s(v) = p_s(v) - p_t(v)
+
+so the backward needs no communication at all. Temperature 1 and KL on the logits alone, as
+Minitron (arXiv 2407.14679) found best for recovering a compressed student.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from nemo_plrd.errors import InputError
+from nemo_plrd.model import LlamaArch, gpt_forward
+
+LOSSES = ("lm", "kd", "lm+kd")
+Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
+    """log softmax over the vocabulary split across ``group``'s ranks (this rank's slice back)."""
+    high = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - high
+    total = shifted.exp().sum(dim=-1, keepdim=True)
+    dist.all_reduce(total, group=group)
+    return shifted - total.log()
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Per-token KL(teacher || student) from vocab-parallel logits [..., v / tp]; forward: 3 + 3 all-reduces
+    of [...] elements (max and normaliser of each softmax, the KL), backward: none."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, group) -> torch.Tensor:
+        log_student = _log_softmax(student.float(), group)  # [..., v/tp]
+        log_teacher = _log_softmax(teacher.float(), group)
+        p_teacher = log_teacher.exp()
+        kl = (p_teacher * (log_teacher - log_student)).sum(dim=-1)  # [...]: this rank's share
+        dist.all_reduce(kl, group=group)
+        ctx.save_for_backward(log_student.exp() - p_teacher)  # dKL/dz_s, [..., v/tp]
+        ctx.dtype = student.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (difference,) = ctx.saved_tensors
+        return (difference * grad.unsqueeze(-1)).to(ctx.dtype), None, None
+
+
+def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position of [..., v / tp] logits, on megatron's TP group."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ")
+    return _VocabParallelKL.apply(student_logits, teacher_logits.detach(),
+                                  parallel_state.get_tensor_model_parallel_group())
+
+
+def check_teacher(student: LlamaArch, teacher: LlamaArch, student_tokenizer: dict, teacher_tokenizer: dict,
+                  where: str) -> None:
+    """A teacher must be the student's architecture (ranks aside) with the student's tokenizer: its
+    logits are compared token by token over the same vocabulary."""
+    if teacher != student:
+        differ = [f"{name} {getattr(teacher, name)} vs {getattr(student, name)}"
+                  for name in student.__dataclass_fields__ if getattr(teacher, name) != getattr(student, name)]
+        raise InputError(f"{where}: the teacher's architecture differs from the student's ({', '.join(differ)}); "
+                         "distill from the parent or the previous member of the same family")
+    if teacher_tokenizer != student_tokenizer:
+        raise InputError(f"{where}: the teacher's tokenizer differs from the student's; their logits would "
+                         "not index the same tokens")
+
+
+def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: float = 1.0) -> Loss:
+    """The training loss of a micro-batch, mean over the tokens its loss mask keeps: the LM loss, the
+    KL to ``teacher``'s logits (forward in no-grad), or LM + ``kd_weight`` x KL."""
+    if kind not in LOSSES:
+        raise InputError(f"train.loss={kind!r} is not one of {list(LOSSES)}")
+    if (kind != "lm") != (teacher is not None):
+        raise ValueError(f"loss {kind!r} {'needs' if kind != 'lm' else 'takes no'} teacher")
+
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = gpt_forward(model, batch["tokens"])  # [b, s, v/tp]
+        mask = batch["loss_mask"].to(logits.device)
+        per_token = torch.zeros_like(mask, dtype=torch.float32)
+        if kind != "lm":
+            teacher.eval()
+            with torch.no_grad():
+                teacher_logits = gpt_forward(teacher, batch["tokens"])
+            per_token = per_token + (kd_weight if kind == "lm+kd" else 1.0) * vocab_parallel_kl(logits, teacher_logits)
+        if kind != "kd":  # after the KL: megatron's cross entropy shifts its input in place
+            per_token = per_token + vocab_parallel_cross_entropy(logits.float(), batch["labels"].to(logits.device))
+        return (per_token * mask).sum() / mask.sum()
+
+    return loss

@@ -22,6 +22,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from nemo_plrd.errors import InputError
 from nemo_plrd.model import LlamaArch, gpt_forward
+from nemo_plrd.train import masked_loss
 
 LOSSES = ("lm", "kd", "lm+kd")
 Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -83,11 +84,13 @@ def check_teacher(student: LlamaArch, teacher: LlamaArch, student_tokenizer: dic
 
 def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: float = 1.0) -> Loss:
     """The training loss of a micro-batch, mean over the tokens its loss mask keeps: the LM loss, the
-    KL to ``teacher``'s logits (forward in no-grad), or LM + ``kd_weight`` x KL."""
+    KL to ``teacher``'s logits (forward in no-grad), or LM (from the same logits) + ``kd_weight`` x KL."""
     if kind not in LOSSES:
         raise InputError(f"train.loss={kind!r} is not one of {list(LOSSES)}")
     if (kind != "lm") != (teacher is not None):
         raise ValueError(f"loss {kind!r} {'needs' if kind != 'lm' else 'takes no'} teacher")
+    if kind == "lm":
+        return masked_loss  # megatron's own loss path (GPTModel given labels), as without distillation
 
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = gpt_forward(model, batch["tokens"])  # [b, s, v/tp]
@@ -98,7 +101,7 @@ def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: 
             with torch.no_grad():
                 teacher_logits = gpt_forward(teacher, batch["tokens"])
             per_token = per_token + (kd_weight if kind == "lm+kd" else 1.0) * vocab_parallel_kl(logits, teacher_logits)
-        if kind != "kd":  # after the KL: megatron's cross entropy shifts its input in place
+        if kind == "lm+kd":  # after the KL: megatron's cross entropy shifts its input in place
             per_token = per_token + vocab_parallel_cross_entropy(logits.float(), batch["labels"].to(logits.device))
         return (per_token * mask).sum() / mask.sum()
 

@@ -98,18 +98,19 @@ def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch
     return model, arch
 
 
-def describe_parent(source: str | Path) -> tuple[LlamaArch, Path]:
-    """(arch, folder of the HF config + tokenizer) of what ``load_parent`` would load, without its weights."""
+def describe_parent(source: str | Path) -> tuple[LlamaArch, Optional[list[dict]], Path]:
+    """(arch, ranks per layer or None for a dense HF model, folder of the HF config + tokenizer) of what
+    ``load_parent`` would load, without its weights."""
     from transformers import AutoConfig
 
     from nemo_plrd.hf import arch_from_hf
 
     path = Path(source)
     if (path / "metadata.json").is_file():
-        return read_metadata(path)[0], path / "hf"
+        return *read_metadata(path), path / "hf"
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{path} is neither a PLRD checkpoint nor an HF model directory (no config.json)")
-    return arch_from_hf(AutoConfig.from_pretrained(path)), path
+    return arch_from_hf(AutoConfig.from_pretrained(path)), None, path
 
 
 def load_parent(source: str | Path) -> tuple[torch.nn.Module, LlamaArch, Path]:

@@ -121,6 +121,14 @@ class DatasetConfig:
                              "(e.g. '90,10,0'), the train share > 0")
 
 
+def check_export(export: list[str], at_least_one: Optional[str] = None) -> None:
+    """Distinct export formats; with ``at_least_one`` (why), an empty list is refused too."""
+    unknown = [f for f in export if f not in FORMATS]
+    if unknown or len(set(export)) != len(export) or (at_least_one and not export):
+        raise InputError(f"export={export} must list distinct formats among {list(FORMATS)}"
+                         + (f", one at least ({at_least_one})" if at_least_one else ""))
+
+
 def check_blend(key: str, blend: Any) -> list[str]:
     """megatron's ``[prefixes, weights]`` shape (the files are not looked at); the prefixes."""
     prefixes, weights = blend if isinstance(blend, list) and len(blend) == 2 else (None, None)
@@ -256,9 +264,7 @@ class DecomposeConfig:
     def __post_init__(self) -> None:
         _check_parent(self.parent)
         self.ddp_config()  # refused now, not after the decomposition (the optimizer's config with it)
-        unknown = [f for f in self.export if f not in FORMATS]
-        if unknown or len(set(self.export)) != len(self.export):
-            raise InputError(f"export={self.export} must list distinct formats among {list(FORMATS)}")
+        check_export(self.export)
         if self.train.steps and self.train.eval_iters and not float(self.dataset.split.replace("/", ",").split(",")[1]):
             raise InputError(f"train.eval_iters={self.train.eval_iters} needs a valid share in dataset.split="
                              f"{self.dataset.split!r} (or train.eval_iters=0)")

@@ -92,17 +92,17 @@ def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: 
     if kind == "lm":
         return masked_loss  # megatron's own loss path (GPTModel given labels), as without distillation
 
+    teacher.eval()
+
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = gpt_forward(model, batch["tokens"])  # [b, s, v/tp]
-        mask = batch["loss_mask"].to(logits.device)
-        per_token = torch.zeros_like(mask, dtype=torch.float32)
-        if kind != "lm":
-            teacher.eval()
-            with torch.no_grad():
-                teacher_logits = gpt_forward(teacher, batch["tokens"])
-            per_token = per_token + (kd_weight if kind == "lm+kd" else 1.0) * vocab_parallel_kl(logits, teacher_logits)
+        with torch.no_grad():
+            teacher_logits = gpt_forward(teacher, batch["tokens"])
+        per_token = vocab_parallel_kl(logits, teacher_logits)
         if kind == "lm+kd":  # after the KL: megatron's cross entropy shifts its input in place
-            per_token = per_token + vocab_parallel_cross_entropy(logits.float(), batch["labels"].to(logits.device))
+            per_token = kd_weight * per_token + vocab_parallel_cross_entropy(
+                logits.float(), batch["labels"].to(logits.device))
+        mask = batch["loss_mask"].to(logits.device)
         return (per_token * mask).sum() / mask.sum()
 
     return loss

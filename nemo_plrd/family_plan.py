@@ -9,7 +9,6 @@ energy; its totals match, its per-layer ranks are only known after calibration.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from nemo_plrd.model import LlamaArch
@@ -109,7 +108,7 @@ def recipe_plan(family) -> tuple[LlamaArch, RankPlan, list[StagePlan]]:
     from transformers import AutoConfig
 
     from nemo_plrd.bridge.family import BridgeFamilyConfig
-    from nemo_plrd.checkpoint import METADATA, read_metadata
+    from nemo_plrd.checkpoint import describe_parent
     from nemo_plrd.config import EMBEDDED_PARENT
     from nemo_plrd.hf import arch_from_hf
     from nemo_plrd.model import SMOLLM2_135M
@@ -120,14 +119,9 @@ def recipe_plan(family) -> tuple[LlamaArch, RankPlan, list[StagePlan]]:
         tokens, seq_length = family.train_tokens()
         parent = parent_plan(arch)
         budgets = [(tokens, seq_length)] * len(requests)
-    else:
-        ranks = None
-        if family.parent == EMBEDDED_PARENT:
-            arch = SMOLLM2_135M
-        elif (Path(family.parent) / METADATA).is_file():
-            arch, ranks = read_metadata(family.parent)
-        else:
-            arch = arch_from_hf(AutoConfig.from_pretrained(family.parent))
+    else:  # the embedded parent's architecture is known without building its asset
+        arch, ranks, _ = (SMOLLM2_135M, None, None) if family.parent == EMBEDDED_PARENT else \
+            describe_parent(family.parent)
         stages = [family.stage_config(index, family.parent, family.output) for index in range(len(family.keep))]
         requests = [stage.plrd.plan.request() for stage in stages]
         budgets = [(stage.train.tokens, stage.train.seq_length) for stage in stages]

@@ -216,7 +216,8 @@ def _teacher_source(cfg: DecomposeConfig) -> Path:
 
 def check_teacher_source(cfg: DecomposeConfig) -> None:
     """Before any work: the teacher must have the student's architecture and tokenizer (configs only)."""
-    (student, student_hf), (teacher, teacher_hf) = map(describe_parent, (_folder(cfg.parent), _teacher_source(cfg)))
+    (student, _, student_hf), (teacher, _, teacher_hf) = map(describe_parent,
+                                                             (_folder(cfg.parent), _teacher_source(cfg)))
     check_teacher(student, teacher, AutoTokenizer.from_pretrained(student_hf).get_vocab(),
                   AutoTokenizer.from_pretrained(teacher_hf).get_vocab(), f"train.teacher={cfg.train.teacher!r}")
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,10 +13,10 @@ import safetensors.torch
 import torch
 import transformers
 
-from nemo_plrd.assets import smollm2_135m
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, load_config
 from nemo_plrd.plan import RankPlan
 from processes import kill_everything
+from tiny_llama import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "recipes" / "smollm2_135m.yaml"
@@ -141,14 +140,7 @@ def recipe(*args, nproc: int = 1, name: str = "decompose", config: Path = YAML) 
 @pytest.fixture(scope="module")
 def tiny_parent(tmp_path_factory) -> Path:
     """A tiny random LLaMA with SmolLM2's tokenizer, so the calibration and eval text is real."""
-    path = tmp_path_factory.mktemp("parent")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_135m() / name, path / name)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("parent"))
 
 
 def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path):
@@ -311,12 +303,7 @@ def test_a_distilled_stage_trains_on_the_kl_to_its_parent_at_tp2(tiny_parent, tm
 
 
 def test_a_teacher_of_another_architecture_is_refused_before_any_work(tiny_parent, tmp_path):
-    other = tmp_path / "other"
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(other)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_parent / name, other / name)
+    other = save_tiny_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
     out = tmp_path / "out"
     run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "train.loss=lm+kd", f"train.teacher={other}")
     assert run.returncode == 2, run.stderr[-3000:]

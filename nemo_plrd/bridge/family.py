@@ -9,6 +9,7 @@ whose folder exists is complete, and stage k+1 starts from its ``checkpoint/``.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_plrd.config import EvalConfig, check_blend, load_yaml, override_key, with_overrides
+from nemo_plrd.config import EvalConfig, check_blend, check_export, load_yaml, override_key, with_overrides
 from nemo_plrd.errors import InputError
-from nemo_plrd.export import FORMATS
 
 SET_BY_FAMILY = ("checkpoint.save", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks")
 
@@ -38,15 +38,16 @@ class JobConfig:
         if taken:
             raise InputError(f"job.overrides {taken} cannot be set: the family sets each stage's "
                              f"{', '.join(SET_BY_FAMILY)}")
-        self.settings()
+        self.settings  # read (and refused if bad) now
 
+    @functools.cached_property
     def settings(self) -> DictConfig:
-        """The job's YAML with the overrides applied: what ``plrd plan`` reads the training budget from."""
+        """The job's YAML with the overrides applied, read once: what ``plrd plan`` reads the training budget from."""
         data = load_yaml(self.config_file) if self.config_file else OmegaConf.create({})
         return with_overrides(data, self.overrides)
 
     def setting(self, key: str, default: Any = None) -> Any:
-        value = OmegaConf.select(self.settings(), key, default=default)
+        value = OmegaConf.select(self.settings, key, default=default)
         if value is None:
             raise InputError(f"{key} must be set in job.config_file or job.overrides: the recipe function's "
                              "default is not read without Bridge, and the plan needs it")
@@ -73,10 +74,8 @@ class BridgeFamilyConfig:
                              "strictly decreasing (each stage smaller than the one before)")
         if self.blend is not None:
             check_blend("blend", self.blend)  # the files are on the cluster: submit looks for them
-        unknown = [f for f in self.export if f not in FORMATS]
-        if not self.export or unknown or len(set(self.export)) != len(self.export):
-            raise InputError(f"export={self.export} must list distinct formats among {list(FORMATS)}, one at least "
-                             "(the next stage starts from the checkpoint, the evaluation from the first export)")
+        check_export(self.export, at_least_one="the next stage starts from the checkpoint, the evaluation from "
+                                               "the first export")
 
     def stage_name(self, index: int) -> str:
         size = self.target_params[index]
@@ -104,7 +103,7 @@ class BridgeFamilyConfig:
                 f"checkpoint.save={save}"]
 
     def plan_request(self, index: int) -> dict[str, Any]:
-        plan = OmegaConf.select(self.job.settings(), "plrd.plan", default={})
+        plan = OmegaConf.select(self.job.settings, "plrd.plan", default={})
         return {"target_params": self.target_params[index], "allocation": plan.get("allocation", "uniform"),
                 "multiple": plan.get("multiple", 8)}
 

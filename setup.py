@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4",
         "lm-eval>=0.4.5",
         "gguf",  # the embedded default parent ships as a GGUF file
+        "mwparserfromhell",  # the embedded Wikipedia articles are wikitext
         "accelerate",  # transformers needs it to load GGUF
         "psutil",  # megatron dist_checkpointing
         "filelock",  # one process builds each cached asset

@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from nemo_plrd.assets import shakespeare, smollm2_135m
+from nemo_plrd.assets import corpus, smollm2_135m
 from nemo_plrd.calibrate import SecondMoment, capture_layer_inputs, run_layer
 from nemo_plrd.decompose import column_factors
 from nemo_plrd.hf import _qkv_to_hf, hf_arch, load_hf_weights
@@ -88,7 +88,7 @@ def main() -> None:
         parser.error("--methods must include whitening: every ratio is taken against it")
 
     init_model_parallel(1)
-    parent, text = smollm2_135m(), shakespeare()
+    parent, text = smollm2_135m(), corpus("shakespeare")
     arch, tokenizer = hf_arch(parent), AutoTokenizer.from_pretrained(parent)
     calibration = list(token_blocks(text["train"], tokenizer, SEQ, args.calibration_tokens // SEQ).split(4))
     heldout = token_blocks(text["heldout"], tokenizer, SEQ + 1, args.eval_tokens // SEQ)

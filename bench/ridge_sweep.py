@@ -14,7 +14,7 @@ import argparse
 
 from transformers import AutoTokenizer
 
-from nemo_plrd.assets import shakespeare, smollm2_135m
+from nemo_plrd.assets import corpus, smollm2_135m
 from nemo_plrd.data import token_blocks
 from nemo_plrd.hf import import_hf
 from nemo_plrd.parallel import init_model_parallel
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     init_model_parallel(1)
-    parent, text = smollm2_135m(), shakespeare()
+    parent, text = smollm2_135m(), corpus("shakespeare")
     tokenizer = AutoTokenizer.from_pretrained(parent)
     calibration = list(token_blocks(text["train"], tokenizer, SEQ, BLOCKS).split(4))
     validation = token_blocks(text["train"], tokenizer, SEQ + 1, BLOCKS, start_block=VALIDATION_START)

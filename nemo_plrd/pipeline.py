@@ -34,19 +34,19 @@ from megatron.core import dist_checkpointing, parallel_state
 from transformers import AutoTokenizer
 
 from nemo_plrd import report
-from nemo_plrd.assets import shakespeare_dataset, smollm2_135m
+from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
 from nemo_plrd.checkpoint import (build_model, describe_parent, load_model, load_parent, read_metadata,
                                   save_checkpoint)
-from nemo_plrd.config import EMBEDDED_DATA, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig
+from nemo_plrd.config import BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.distill import check_teacher, stage_loss
 from nemo_plrd.errors import InputError
-from nemo_plrd.evaluate import evaluate, heldout_blocks, write_results
+from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
 from nemo_plrd.model import LlamaArch, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
-from nemo_plrd.transform import apply_plan, plan_for
+from nemo_plrd.transform import apply_plan, model_ranks, plan_for
 
 CONFIG = "config.json"
 ITERATION = "iter_{:07d}"
@@ -115,7 +115,7 @@ def _folder(source: str) -> Path:
 
 def _blend(cfg: DecomposeConfig, hf_source: Path) -> tuple[list[str], Optional[list[float]]]:
     prefixes, weights = cfg.dataset.blend
-    return [shakespeare_dataset(hf_source) if p == EMBEDDED_DATA else p for p in prefixes], weights
+    return [corpus_dataset(p, hf_source) if p in CORPORA else p for p in prefixes], weights
 
 
 def _datasets(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: int, valid_samples: int = 0):
@@ -127,16 +127,17 @@ def _datasets(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: i
     return train, valid
 
 
-@functools.lru_cache(maxsize=4)
-def _heldout(hf_source: Path, num_blocks: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _heldout(hf_source: Path, num_blocks: int, name: str) -> torch.Tensor:
     """The held-out blocks every report scores, tokenised once per run."""
-    return heldout_blocks(AutoTokenizer.from_pretrained(hf_source), num_blocks)
+    return heldout_blocks(AutoTokenizer.from_pretrained(hf_source), num_blocks, name)
 
 
-def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: Path) -> Optional[float]:
-    """The megatron model's held-out perplexity (None with eval.perplexity_blocks=0)."""
-    blocks = _heldout(hf_source, cfg.eval.perplexity_blocks)
-    return perplexity(model, blocks) if len(blocks) else None
+def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: Path) -> Optional[dict[str, float]]:
+    """{corpus: the megatron model's held-out perplexity} (None with eval.perplexity_blocks=0)."""
+    if not cfg.eval.perplexity_blocks:
+        return None
+    return {name: perplexity(model, _heldout(hf_source, cfg.eval.perplexity_blocks, name)) for name in cfg.eval.heldout}
 
 
 def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dict]:
@@ -145,23 +146,30 @@ def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dic
     model, arch, hf_source = load_parent(_folder(cfg.parent))
     calib = cfg.plrd.calibration
     samples = calib.tokens // calib.seq_length
-    data, _ = _datasets(cfg, hf_source, calib.seq_length, samples)
-    calibration = calibration_batches(data, samples, calib.micro_batch)
+
+    def calibrate() -> list[torch.Tensor]:
+        data, _ = _datasets(cfg, hf_source, calib.seq_length, samples)
+        return calibration_batches(data, samples, calib.micro_batch)
+
     request = cfg.plrd.plan.request()
-    plan = plan_for(model, calibration, cfg.plrd.method, **request)
+    calibration = calibrate() if cfg.plrd.plan.allocation == "spectrum" else None  # the plan needs the spectra
+    plan = plan_for(model, calibration or (), cfg.plrd.method, **request)
+    changes = plan.layer_ranks() != model_ranks(model)  # plrd.plan.ranks={} keeps every slot: the dense control
     if rank0:
         print(plan.table(), flush=True)
     figures = {"parent": cfg.parent, "parent_params": parameter_count(model),
                "parent_perplexity": heldout_perplexity(model, cfg, hf_source)}
-    apply_plan(model, plan, calibration, cfg.plrd.method, progress=rank0, solver=cfg.plrd.solver,
-               ridge=cfg.plrd.ridge)
+    if changes:
+        apply_plan(model, plan, calibration or calibrate(), cfg.plrd.method, progress=rank0, solver=cfg.plrd.solver,
+                   ridge=cfg.plrd.ridge)
     figures |= {"member_params": parameter_count(model),
                 "parent_linear_params": figures["parent_params"] - plan.other_params,
                 "member_linear_params": plan.slot_params,
-                "decomposed_perplexity": heldout_perplexity(model, cfg, hf_source),
-                "heldout_tokens": _heldout(hf_source, cfg.eval.perplexity_blocks)[:, 1:].numel(),
+                "decomposed_perplexity": heldout_perplexity(model, cfg, hf_source) if changes else
+                figures["parent_perplexity"],
+                "heldout_tokens": cfg.eval.perplexity_blocks * (HELDOUT_BLOCK - 1), "in_domain": cfg.in_domain,
                 "plan": request, "method": cfg.plrd.method,
-                "calibration_tokens": samples * calib.seq_length, "hf_source": str(hf_source)}
+                "calibration_tokens": samples * calib.seq_length if changes else 0, "hf_source": str(hf_source)}
     if rank0:
         plan.save(partial / "plan.json")
         (partial / "plan.txt").write_text(plan.table() + "\n")
@@ -289,7 +297,8 @@ def evaluate_member(cfg: DecomposeConfig, folder: Path, results: Path) -> dict:
     """lm-eval on the stage's first export in ``folder``, written to ``results`` (kept: read back on a rerun)."""
     if not (results / "results.json").is_file():
         start = time.perf_counter()
-        result = evaluate(folder / f"hf-{cfg.export[0]}", cfg.eval.tasks, cfg.eval.limit, cfg.eval.perplexity_blocks)
+        result = evaluate(folder / f"hf-{cfg.export[0]}", cfg.eval.tasks, cfg.eval.limit, cfg.eval.perplexity_blocks,
+                          cfg.eval.heldout)
         result["seconds"] = time.perf_counter() - start
         write_results(result, results)
     result = json.loads((results / "results.json").read_text())
@@ -318,23 +327,32 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
         dist.barrier()  # rank 0 renames the stage's folder: its checkpoint is the next parent
         stages.append(stage)
         parent = str(Path(stage.output) / "checkpoint")
+    baselines = {name: cfg.baseline_config(name, str(partial)) for name in cfg.baselines}
+    for name, baseline in baselines.items():
+        if _rank0():
+            done = " (done: kept as it is)" if Path(baseline.output).is_dir() else ""
+            progress(f"\n=== baseline {name}: {BASELINES[name]}, from {cfg.parent}{done}")
+        run_stage(baseline, evaluate_now=False)
+        dist.barrier()
     if not _rank0():
         return None
 
-    members = []
-    for stage in stages:
+    def figures(stage: DecomposeConfig) -> dict:
         folder = Path(stage.output)
-        figures = json.loads((folder / "summary.json").read_text())
-        figures["parent"] = figures["parent"].replace(str(partial), cfg.output)  # where it will be after the rename
+        result = json.loads((folder / "summary.json").read_text())
+        result["parent"] = result["parent"].replace(str(partial), cfg.output)  # where it will be after the rename
         if stage.eval.tasks:
-            figures |= evaluate_member(stage, folder, partial / "eval" / folder.name)
-        members.append(figures)
+            result |= evaluate_member(stage, folder, partial / "eval" / folder.name)
+        return result
+
+    members = [figures(stage) for stage in stages]
+    baseline_figures = {name: figures(baseline) for name, baseline in baselines.items()}
     parent_eval = evaluate_parent(cfg.parent, stages[0], partial / "eval" / "parent")
-    lines = report.family_report(cfg, parent_eval, members)
-    (partial / "family.json").write_text(json.dumps({"keep": cfg.keep, "parent_eval": parent_eval, "members": members},
-                                                    indent=1) + "\n")
+    lines = report.family_report(cfg, parent_eval, members, baseline_figures)
+    (partial / "family.json").write_text(json.dumps({"keep": cfg.keep, "parent_eval": parent_eval, "members": members,
+                                                     "baselines": baseline_figures}, indent=1) + "\n")
     (partial / "family.md").write_text("\n".join(lines) + f"\n\n{time.perf_counter() - start:.0f} s\n")
-    report.plot_family(cfg, members, partial / "family.png")
+    report.plot_family(cfg, members, baseline_figures, partial / "family.png")
     partial.rename(out)
     return lines
 
@@ -346,5 +364,6 @@ def evaluate_parent(parent: str, stage: DecomposeConfig, results: Path) -> Optio
     if not stage.eval.tasks or (folder / "metadata.json").is_file():
         return None
     if not (results / "results.json").is_file():
-        write_results(evaluate(folder, stage.eval.tasks, stage.eval.limit, stage.eval.perplexity_blocks), results)
+        write_results(evaluate(folder, stage.eval.tasks, stage.eval.limit, stage.eval.perplexity_blocks,
+                               stage.eval.heldout), results)
     return json.loads((results / "results.json").read_text())

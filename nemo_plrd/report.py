@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -18,6 +19,25 @@ def fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def combined_perplexity(perplexities: dict[str, float], names: Sequence[str]) -> float:
+    """exp(mean loss) over the blocks of the corpora ``names`` (each scores the same number of blocks)."""
+    return math.exp(sum(math.log(perplexities[name]) for name in names) / len(names))
+
+
+def in_domain(figures: dict, key: str) -> Optional[float]:
+    """The in-domain held-out perplexity of ``figures[key]`` (a {corpus: perplexity}, or None)."""
+    return None if figures[key] is None else combined_perplexity(figures[key], figures["in_domain"])
+
+
+def gap_closed(figures: dict, control: Optional[dict]) -> str:
+    """The share of the gap between the perplexity right after the decomposition and the control's
+    (the parent trained on the same tokens) that training closed."""
+    if control is None or figures["member_perplexity"] is None or not figures["train_losses"]:
+        return ""
+    decomposed, trained = in_domain(figures, "decomposed_perplexity"), in_domain(figures, "member_perplexity")
+    return f"{(decomposed - trained) / (decomposed - in_domain(control, 'member_perplexity')):.0%}"
+
+
 def stage_summary(cfg, figures: dict) -> list[str]:
     """A stage's summary.md: parent vs member, the settings, lm-eval's table if it ran."""
     from nemo_plrd.evaluate import markdown
@@ -26,11 +46,17 @@ def stage_summary(cfg, figures: dict) -> list[str]:
              f"{figures['member_params']:,} ({figures['member_params'] / figures['parent_params']:.1%})"),
             ("linear-layer parameters", f"{figures['parent_linear_params']:,}", f"{figures['member_linear_params']:,}")]
     if figures["parent_perplexity"] is not None:
-        rows.append((f"held-out perplexity ({figures['heldout_tokens']} tokens)",
-                     f"{figures['parent_perplexity']:.2f}", f"{figures['decomposed_perplexity']:.2f}"))
-        if figures["train_losses"]:
+        trained = bool(figures["train_losses"])
+        rows.append((f"held-out perplexity, in-domain ({', '.join(figures['in_domain'])}; "
+                     f"{figures['heldout_tokens']:,} tokens each)",
+                     fmt(in_domain(figures, "parent_perplexity")), fmt(in_domain(figures, "decomposed_perplexity"))))
+        if trained:
             rows.append((f"  after training on {figures['train_tokens']:,} tokens", "",
-                         f"{figures['member_perplexity']:.2f}"))
+                         fmt(in_domain(figures, "member_perplexity"))))
+        for name, parent in figures["parent_perplexity"].items():
+            member = fmt(figures["decomposed_perplexity"][name]) + (
+                f" -> {fmt(figures['member_perplexity'][name])}" if trained else "")
+            rows.append((f"  {name}" + ("" if name in figures["in_domain"] else " (unseen genre)"), fmt(parent), member))
     prefixes, weights = cfg.dataset.blend
     data = ", ".join(prefixes) if weights is None else ", ".join(f"{w:g} x {p}" for p, w in zip(prefixes, weights))
     settings = (f"method {cfg.plrd.method} (solver {cfg.plrd.solver}, ridge {cfg.plrd.ridge:g}), plan "
@@ -54,32 +80,58 @@ def stage_summary(cfg, figures: dict) -> list[str]:
     return lines
 
 
-def family_report(cfg, parent_eval: Optional[dict], members: list[dict]) -> list[str]:
-    """One table row for the parent and one per member; accuracies where lm-eval ran."""
-    tasks = list(members[0]["eval"]["tasks"]) if "eval" in members[0] else []
+def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselines: dict[str, dict]) -> list[str]:
+    """The perplexity table (parent, control, members, one-shot) and, where lm-eval ran, the accuracy table."""
+    from nemo_plrd.config import BASELINES
 
-    def accuracies(result: Optional[dict]) -> list[str]:
-        return [f"{result['tasks'][task]['acc']:.3f}" if result else "" for task in tasks]
+    first, control, oneshot = members[0], baselines.get("control"), baselines.get("one-shot")
+    corpora = list(first["parent_perplexity"] or {})
+    header = ["model", "keep", "parameters", "trained on", "in-domain ppl: decomposed", "trained", "gap closed",
+              *[name if name in first["in_domain"] else f"{name} (unseen)" for name in corpora]]
 
-    parent = members[0]
-    header = ["model", "keep", "parameters", "held-out ppl (decomposed)", "held-out ppl (trained)", *tasks]
-    rows = [["parent", "", f"{parent['parent_params'] / 1e6:.1f}M", "", fmt(parent["parent_perplexity"]),
-             *accuracies(parent_eval)]]
-    for keep, member in zip(cfg.keep, members):
-        rows.append([f"stage {len(rows)}", f"{keep:g}", f"{member['member_params'] / 1e6:.1f}M",
-                     fmt(member["decomposed_perplexity"]), fmt(member["member_perplexity"]) if member["train_losses"]
-                     else "(not trained)", *accuracies(member.get("eval"))])
-    train = members[0]["train_tokens"]
-    return [f"# PLRD family of {cfg.parent}", "", format_table(header, rows), "",
-            f"Held-out perplexity on {parent['heldout_tokens']:,} tokens; "
-            + (f"each stage trained on {train:,} tokens" if train else "no training between stages")
-            + (f"; lm-eval accuracy (acc), limit {parent['eval']['limit']} items per task" if tasks else "")
-            + "."]
+    def row(model: str, keep: str, figures: dict, params: int, key: str, decomposed: bool = True) -> list[str]:
+        tokens = f"{figures['train_tokens']:,}" if key == "member_perplexity" and figures["train_losses"] else ""
+        return [model, keep, f"{params / 1e6:.1f}M", tokens,
+                fmt(in_domain(figures, "decomposed_perplexity")) if decomposed else "", fmt(in_domain(figures, key)),
+                gap_closed(figures, control) if decomposed else "",
+                *[fmt(figures[key][name]) if figures[key] else "-" for name in corpora]]
+
+    rows = [row("parent", "", first, first["parent_params"], "parent_perplexity", decomposed=False)]
+    models = [("parent", parent_eval)]
+    if control:
+        rows.append(row("control", "1", control, control["member_params"], "member_perplexity", decomposed=False))
+        models.append(("control", control.get("eval")))
+    for index, (keep, member) in enumerate(zip(cfg.keep, members), 1):
+        rows.append(row(f"stage {index}", f"{keep:g}", member, member["member_params"], "member_perplexity"))
+        models.append((f"stage {index}", member.get("eval")))
+    if oneshot:
+        rows.append(row("one-shot", f"{cfg.keep[-1]:g}", oneshot, oneshot["member_params"], "member_perplexity"))
+        models.append(("one-shot", oneshot.get("eval")))
+    lines = [f"# PLRD family of {cfg.parent}", "", format_table(header, rows), "",
+             f"Held-out perplexity on {first['heldout_tokens']:,} tokens of each corpus's held-out documents; "
+             f"in-domain: over those of the corpora the stages train on ({', '.join(first['in_domain'])}). "
+             + ("Gap closed: the share of the gap between a member's perplexity right after its decomposition and "
+                "the control's (the parent trained on one stage's tokens) that its training closed. " if control else "")
+             + "".join(f"{name.capitalize()}: {BASELINES[name]}. " for name in baselines)
+             + (f"Each stage trained on {first['train_tokens']:,} tokens." if first["train_losses"] else
+                "No training between stages.")]
+    tasks = list(first["eval"]["tasks"]) if "eval" in first else []
+    if tasks:
+        from nemo_plrd.evaluate import with_stderr
+
+        items = first["eval"]["items"]
+        lines += ["", format_table(["model", *tasks], [[name, *[with_stderr(result["tasks"][task]) if result else ""
+                                                               for task in tasks]] for name, result in models]), "",
+                  "lm-eval accuracy (acc) ± its standard error; items per task: "
+                  + ", ".join(f"{task} {items[task]}" for task in tasks) + "."]
+    return lines
 
 
-def plot_family(cfg, members: list[dict], path: Path) -> None:
-    """Held-out perplexity against parameters: the parent, each member as decomposed, then as trained."""
-    if members[0]["parent_perplexity"] is None:
+def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path) -> None:
+    """In-domain held-out perplexity against parameters: the parent, each member as decomposed and as
+    trained, the baselines; and the unseen genres' perplexity of the trained family."""
+    first = members[0]
+    if first["parent_perplexity"] is None:
         return  # eval.perplexity_blocks=0: nothing to plot
     import matplotlib
 
@@ -87,25 +139,34 @@ def plot_family(cfg, members: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    params = [members[0]["parent_params"] / 1e6] + [m["member_params"] / 1e6 for m in members]
-    trained = [members[0]["parent_perplexity"]] + [m["member_perplexity"] for m in members]
-    axes.plot(params, trained, "o-", label="parent, then each member after training")
-    for keep, member, x in zip(cfg.keep, members, params[1:]):
-        axes.annotate(f"keep {keep:g}", (x, member["member_perplexity"]), textcoords="offset points",
-                      xytext=(4, 6), fontsize=8)
-        axes.plot([x, x], [member["decomposed_perplexity"], member["member_perplexity"]], ":", color="gray")
-    axes.plot(params[1:], [m["decomposed_perplexity"] for m in members], "x", color="tab:red",
-              label="each member right after its decomposition")
+    figure, axes = plt.subplots(figsize=(7.2, 4.6))
+    params = [first["parent_params"] / 1e6] + [m["member_params"] / 1e6 for m in members]
+    trained = [in_domain(first, "parent_perplexity")] + [in_domain(m, "member_perplexity") for m in members]
+    axes.plot(params, trained, "o-", label="in-domain: parent, then each member after training")
+    for keep, member, x, y in zip(cfg.keep, members, params[1:], trained[1:]):
+        axes.annotate(f"keep {keep:g}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        axes.plot([x, x], [in_domain(member, "decomposed_perplexity"), y], ":", color="gray")
+    axes.plot(params[1:], [in_domain(m, "decomposed_perplexity") for m in members], "x", color="tab:red",
+              label="in-domain: each member right after its decomposition")
+    for name in (n for n in first["parent_perplexity"] if n not in first["in_domain"]):
+        axes.plot(params, [first["parent_perplexity"][name]] + [m["member_perplexity"][name] for m in members],
+                  "s--", color="tab:purple", alpha=0.7, markersize=4, label=f"{name} (unseen genre), trained")
+    for name, marker, color in (("control", "*", "tab:green"), ("one-shot", "D", "tab:orange")):
+        if name in baselines:
+            b = baselines[name]
+            axes.plot([b["member_params"] / 1e6], [in_domain(b, "member_perplexity")], marker, color=color,
+                      markersize=10 if marker == "*" else 7, label=f"in-domain: {name}, trained")
     axes.set(xlabel="parameters (millions)", ylabel="held-out perplexity", yscale="log",
              title=f"PLRD family of {Path(cfg.parent).name}")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     axes.yaxis.set_major_formatter(plain)
-    axes.yaxis.set_minor_formatter(plain)
-    axes.tick_params(axis="y", which="minor", labelsize=7)
+    low, high = axes.get_ylim()
+    if high / low < 20:  # within about a decade the minor ticks need labels; across several they crowd
+        axes.yaxis.set_minor_formatter(plain)
+        axes.tick_params(axis="y", which="minor", labelsize=7)
     axes.invert_xaxis()  # the family grows smaller to the right
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

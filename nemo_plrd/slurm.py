@@ -102,7 +102,8 @@ def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
         limit = ["--limit", str(family.eval.limit)] if family.eval.limit else []
         steps.append(Step("eval", str(partial / "eval" / "results.json"), [
             "python", "-m", "nemo_plrd.cli", "eval", str(first_export), "--tasks", ",".join(family.eval.tasks),
-            *limit, "--perplexity-blocks", str(family.eval.perplexity_blocks), "--out", str(partial / "eval")]))
+            *limit, "--perplexity-blocks", str(family.eval.perplexity_blocks), "--heldout", ",".join(family.eval.heldout),
+            "--out", str(partial / "eval")]))
     return steps
 
 

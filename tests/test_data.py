@@ -7,10 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import transformers
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from nemo_plrd.assets import shakespeare, smollm2_135m
+from nemo_plrd.assets import CORPORA, HELD_OUT_EVERY, _split, corpus, corpus_dataset, smollm2_135m
 from nemo_plrd.data import DataParallelBatches, gpt_datasets, megatron_tokenizer, prepare_dataset, read_documents
+from nemo_plrd.evaluate import HELDOUT_BLOCK, heldout_blocks
 from nemo_plrd.errors import InputError
 from nemo_plrd.parallel import init_distributed
 
@@ -23,7 +25,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def documents() -> list[str]:
     """Real text: 40 passages of the training plays, of different lengths."""
-    text = shakespeare()["train"].read_text()
+    text = corpus("shakespeare")["train"].read_text()
     return [text[i * 5000:i * 5000 + 400 + 50 * i] for i in range(40)]
 
 
@@ -64,6 +66,47 @@ def test_every_global_batch_is_megatrons_consecutive_samples_split_over_dp_ranks
         assert torch.equal(torch.cat(taken), expected)
     sample = train[5]
     assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # labels: the next tokens
+
+
+@pytest.mark.parametrize("name", list(CORPORA))
+def test_an_embedded_corpus_holds_out_whole_documents_that_training_never_reads(name, tokenizer):
+    split = _split(name)
+    documents = len(split["train"]) + len(split["heldout"])
+    assert len(split["heldout"]) == documents // HELD_OUT_EVERY and len(split["train"]) > 5 * len(split["heldout"])
+    assert not set(split["heldout"]) & set(split["train"])
+    assert all(len(document) > 200 for document in split["train"] + split["heldout"])  # whole documents, not lines
+    text = corpus(name)["heldout"].read_text()
+    assert len(tokenizer.tokenize(text)) >= 8 * HELDOUT_BLOCK  # the reports' 8 blocks, from several documents
+    if name == "wikipedia":  # prose, not markup
+        assert not any(mark in text for mark in ("{{", "[[", "<ref", "'''", "|}"))
+    if name == "kjv":
+        assert text.startswith("Now it came to pass in the days when the judges ruled") and "[" not in text
+
+
+def test_held_out_blocks_are_spread_over_the_documents_and_a_corpus_is_prepared_once(tokenizer):
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_135m())
+    blocks = heldout_blocks(hf, 4, "news")
+    ids = hf(corpus("news")["heldout"].read_text(), return_tensors="pt").input_ids[0]
+    available = ids.numel() // HELDOUT_BLOCK
+    starts = [round(i * (available - 1) / 3) * HELDOUT_BLOCK for i in range(4)]
+    assert torch.equal(blocks, torch.stack([ids[s:s + HELDOUT_BLOCK] for s in starts]))
+    with pytest.raises(InputError, match=f"the held-out news text holds {available} blocks"):
+        heldout_blocks(hf, available + 1, "news")
+    prefix = corpus_dataset("news", smollm2_135m())
+    assert corpus_dataset("news", smollm2_135m()) == prefix  # cached
+    dataset = IndexedDataset(prefix)
+    assert len(dataset.document_indices) - 1 == len(_split("news")["train"])
+    assert dataset[0].tolist() == tokenizer.tokenize(_split("news")["train"][0]) + [tokenizer.eod]
+
+
+def test_a_weighted_blend_draws_from_every_corpus_in_turn(tokenizer):
+    """Calibration reads a blend's first samples: with weights, megatron interleaves the corpora
+    from the first sample on, so the first few already hold every genre."""
+    init_distributed()
+    prefixes = [corpus_dataset(name, smollm2_135m()) for name in ("news", "shakespeare")]
+    train, valid, test = gpt_datasets((prefixes, [1.0, 1.0]), "90,10,0", 64, [8, None, None], tokenizer)
+    assert valid is None and test is None  # not asked for
+    assert sorted(int(train[i]["dataset_id"]) for i in range(8)) == [0] * 4 + [1] * 4
 
 
 def test_a_split_without_documents_is_refused_instead_of_searched_forever(prefix, tokenizer):

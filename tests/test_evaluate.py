@@ -45,16 +45,22 @@ def test_scores_come_from_the_model():
 def test_cli_writes_stable_results_for_every_task(tmp_path):
     runs = []
     for name in ("a", "b"):
-        done = plrd_eval(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--out", tmp_path / name)
+        done = plrd_eval(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--heldout", "shakespeare,news",
+                         "--out", tmp_path / name)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "held-out perplexity" in done.stdout
         runs.append(json.loads((tmp_path / name / "results.json").read_text()))
     first, second = runs
     assert set(first["tasks"]) == {"arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "mmlu"}
     assert all(0 <= value <= 1 for task in first["tasks"].values() for value in task.values())
-    assert 5 < first["perplexity"] < 500  # SmolLM2 on Shakespeare: tens
+    assert all(first["tasks"][task]["acc_stderr"] > 0 for task in ("piqa", "mmlu"))  # 2 items: std error ~0.5
+    assert first["items"] == {task: 2 for task in first["tasks"]}
+    assert set(first["perplexity"]) == {"shakespeare", "news"}
+    assert all(5 < value < 500 for value in first["perplexity"].values())  # SmolLM2 on either: tens
     assert first["tasks"] == second["tasks"] and first["perplexity"] == pytest.approx(second["perplexity"], rel=1e-6)
-    assert (tmp_path / "a" / "results.md").read_text().count("\n") == 9  # header + 7 tasks + perplexity
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert table.count("\n") == 10 and "held-out perplexity: news" in table  # header + 7 tasks + 2 corpora
+    assert " ± " in table
 
 
 def test_bad_input_is_refused(tmp_path):
@@ -62,4 +68,7 @@ def test_bad_input_is_refused(tmp_path):
     assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
     unknown = plrd_eval(smollm2_135m(), "--tasks", "arc_easy,squad", "--out", tmp_path / "out")
     assert unknown.returncode == 2 and "unknown task(s) ['squad']; the tasks are" in unknown.stderr
+    corpus = plrd_eval(smollm2_135m(), "--heldout", "shakespeare,poetry", "--out", tmp_path / "out")
+    assert corpus.returncode == 2 and "eval.heldout=['shakespeare', 'poetry'] must name distinct embedded corpora, " \
+        "one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']" in corpus.stderr
     assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ import transformers
 
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, load_config
 from nemo_plrd.plan import RankPlan
+from nemo_plrd.report import in_domain
 from processes import kill_everything
 from tiny_llama import save_tiny_llama
 
@@ -76,6 +77,9 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
     (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
+    (["eval.heldout=[shakespeare, poetry]"], "eval.heldout=['shakespeare', 'poetry'] must name distinct embedded "
+                                             "corpora, one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']"),
+    (["dataset.blend=[[shakespeare, poetry], null]"], "dataset.blend: 'poetry' is not a megatron indexed dataset"),
     (["plrd=0.5"], "plrd must be a mapping of keys to values, got 0.5"),
     (["plrd.plan"], "override 'plrd.plan' is not key=value (e.g. plrd.plan.keep=0.5): missing EQUAL"),
 ])
@@ -85,6 +89,21 @@ def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, 
     assert message in str(error.value)
 
 
+
+
+def test_the_baselines_train_the_parent_with_the_stages_settings(tmp_path):
+    family = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.train.steps=10",
+                                                     "stage.train.loss=kd"])
+    control, oneshot = (family.baseline_config(name, str(tmp_path)) for name in family.baselines)
+    assert family.baselines == ["control", "one-shot"]
+    assert control.parent == oneshot.parent == "smollm2-135m" and control.output == str(tmp_path / "control")
+    assert control.plrd.plan.request() == {"ranks": {}, "allocation": "uniform", "multiple": 8}  # every slot kept
+    assert (control.train.steps, oneshot.train.steps, oneshot.plrd.plan.keep) == (10, 30, 0.25)  # 3 stages x 10
+    assert oneshot.output == str(tmp_path / "one-shot-keep0.25") and oneshot.train.teacher == "smollm2-135m"
+    assert control.optimizer == family.stage_config(0, "smollm2-135m", str(tmp_path)).optimizer
+    with pytest.raises(ValueError, match=r"baselines=\['control', 'oneshot'\] must list distinct names of "
+                                         r"\['control', 'one-shot'\]"):
+        load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "baselines=[control, oneshot]"])
 
 
 def test_a_family_distils_from_its_parent_or_from_the_previous_member(tmp_path):
@@ -201,30 +220,46 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     """Each stage trains (the exported model is the trained one: lm-eval's perplexity is the trained
     member's), stage 2 starts from stage 1's trained checkpoint, and the report and plot are written."""
     out = tmp_path / "family"
-    run = recipe(f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "stage.plrd.calibration.tokens=512",
+    run = recipe(f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "baselines=[control, one-shot]",
+                 "stage.plrd.calibration.tokens=512",
                  "stage.plrd.calibration.seq_length=128", "stage.train.steps=6", "stage.train.seq_length=64",
                  "stage.optimizer.lr=1e-3", "stage.train.warmup_steps=1", "stage.export=[factored]",
                  "stage.parallel.tensor_model_parallel_size=2",
                  "stage.eval.tasks=[arc_easy]", "stage.eval.limit=3", "stage.eval.perplexity_blocks=2",
                  nproc=2, name="family", config=FAMILY_YAML)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "eval", "family.json", "family.md", "family.png",
-                                                     "stage1-keep0.6", "stage2-keep0.3"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "control", "eval", "family.json", "family.md",
+                                                     "family.png", "one-shot-keep0.3", "stage1-keep0.6", "stage2-keep0.3"]
     assert not Path(f"{out}.partial").exists()
     family = json.loads((out / "family.json").read_text())
-    members = family["members"]
+    members, control, oneshot = family["members"], family["baselines"]["control"], family["baselines"]["one-shot"]
     # the parent row: lm-eval on the HF parent measures what the megatron import measured
     assert family["parent_eval"]["perplexity"] == pytest.approx(members[0]["parent_perplexity"], rel=1e-4)
-    for member in members:
-        assert len(member["train_losses"]) == 6 and member["tp"] == 2
-        assert member["member_perplexity"] < member["decomposed_perplexity"]  # training helped
+    assert set(members[0]["parent_perplexity"]) == {"shakespeare", "wikipedia", "kjv", "news"}
+    for member in members + [oneshot]:
+        assert member["tp"] == 2 and member["in_domain"] == ["shakespeare", "wikipedia", "kjv"]
+        assert in_domain(member, "member_perplexity") < in_domain(member, "decomposed_perplexity")  # training helped
         assert member["eval"]["perplexity"] == pytest.approx(member["member_perplexity"], rel=1e-4)
     first, second = members
+    assert [len(m["train_losses"]) for m in (first, second, control, oneshot)] == [6, 6, 6, 12]  # one-shot: 2 x 6
     assert second["parent_perplexity"] == pytest.approx(first["member_perplexity"], rel=1e-4)
     assert second["parent"] == str(out / "stage1-keep0.6" / "checkpoint")  # the path after the final rename
     assert second["member_params"] < first["member_params"] < first["parent_params"]
+    # the control: the parent as it is (no calibration, no slot changed), then trained like a stage
+    assert control["parent"] == oneshot["parent"] == str(tiny_parent)
+    assert control["member_params"] == control["parent_params"] == first["parent_params"]
+    assert control["calibration_tokens"] == 0 and control["decomposed_perplexity"] == control["parent_perplexity"]
+    assert control["parent_perplexity"] == pytest.approx(first["parent_perplexity"], rel=1e-5)
+    # the one-shot member: the last stage's size from the parent in one step (its plan is not capped by
+    # stage 1's ranks, so it may land a rank step away)
+    assert oneshot["member_params"] == pytest.approx(second["member_params"], rel=0.02)
     report = (out / "family.md").read_text()
-    assert "stage 2" in report and f"{second['member_perplexity']:.2f}" in report
+    assert "stage 2" in report and f"{in_domain(second, 'member_perplexity'):.2f}" in report
+    gap = lambda m: (in_domain(m, "decomposed_perplexity") - in_domain(m, "member_perplexity")) / (
+        in_domain(m, "decomposed_perplexity") - in_domain(control, "member_perplexity"))
+    rows = {" ".join(line.split()[:2]): line for line in report.splitlines()}
+    assert f" {gap(second):.0%} " in rows["stage 2"] and f" {gap(oneshot):.0%} " in rows["one-shot 0.3"]
+    assert "news (unseen)" in report and " ± " in report and "items per task: arc_easy 3." in report
     assert plt.imread(out / "family.png").shape[2] in (3, 4)
 
 
@@ -288,18 +323,32 @@ def assert_killed_mid_training_resumes_exactly(tiny_parent, reference: Path, out
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
 
 
-def test_a_distilled_stage_trains_on_the_kl_to_its_parent_at_tp2(tiny_parent, tmp_path):
+DISTILLED = [*TRAINED, "train.loss=kd", "parallel.tensor_model_parallel_size=2"]
+
+
+@pytest.fixture(scope="module")
+def distilled_stage(tiny_parent, tmp_path_factory) -> tuple[Path, str]:
+    """An uninterrupted distilled stage at TP=2 and what it printed."""
+    out = tmp_path_factory.mktemp("distilled") / "kd"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *DISTILLED, nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, run.stdout
+
+
+def test_a_distilled_stage_trains_on_the_kl_to_its_parent_at_tp2(tiny_parent, distilled_stage):
     """train.loss=kd: the logged training loss is the KL to the parent's logits (small: the decomposed student
     starts near its parent), the validation loss stays the LM loss. (That the KL falls under training:
     tests/distributed/test_distill.py.)"""
-    out = tmp_path / "kd"
-    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "train.loss=kd",
-                 "parallel.tensor_model_parallel_size=2", nproc=2)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"teacher {tiny_parent}: " in run.stdout
+    out, stdout = distilled_stage
+    assert f"teacher {tiny_parent}: " in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["train_losses"]) == 6 and all(0 <= kl < 0.05 for kl in summary["train_losses"])
     assert [step for step, _ in summary["valid_losses"]] == [3, 6] and summary["valid_losses"][0][1] > 5
+
+
+def test_a_distilled_stage_killed_mid_training_resumes_exactly(tiny_parent, distilled_stage, tmp_path):
+    """The teacher is reloaded from the parent on the rerun; nothing of it is in the training state."""
+    assert_killed_mid_training_resumes_exactly(tiny_parent, distilled_stage[0], tmp_path / "kd", *DISTILLED)
 
 
 def test_a_teacher_of_another_architecture_is_refused_before_any_work(tiny_parent, tmp_path):

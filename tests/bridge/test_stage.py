@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from nemo_plrd.assets import shakespeare_dataset
+from nemo_plrd.assets import corpus_dataset
 from nemo_plrd.plan import RankPlan
 from processes import kill_everything
 
@@ -26,7 +26,7 @@ def command(hf_parent: Path, save: Path, *overrides: str, nproc: int = 1, parent
     start = ["--hf-path", str(hf_parent)] if parent is None else ["--parent", str(parent)]
     return [*launcher, str(Path(__file__).with_name("on_cpu.py")), str(ROOT / "recipes" / "run_plrd.py"),
             *start, "--config-file", str(YAML), f"checkpoint.save={save}",
-            f"dataset.blend=[[{shakespeare_dataset(hf_parent)}], null]", *overrides]
+            f"dataset.blend=[[{corpus_dataset('shakespeare', hf_parent)}], null]", *overrides]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}

@@ -73,7 +73,8 @@ def family_table(arch: LlamaArch, stages: Sequence[StagePlan], parent: Optional[
         "dense slots", "GFLOP/token (fwd)", "train tokens"]
     seq_length = stages[0].seq_length if stages else arch.max_sequence_length
     rows = [_row("parent", parent, parent, arch, seq_length, "-")]
-    rows += [_row(stage.name, stage.plan, parent, arch, stage.seq_length, f"{stage.tokens / 1e6:,.1f}M")
+    rows += [_row(stage.name, stage.plan, parent, arch, stage.seq_length,
+                  f"{stage.tokens / 1e6:,.1f}M" if stage.tokens >= 1e5 else f"{stage.tokens:,}")
              for stage in stages]
     return format_table(header, rows)
 

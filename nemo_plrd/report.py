@@ -158,12 +158,10 @@ def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path
                       markersize=10 if marker == "*" else 7, label=f"in-domain: {name}, trained")
     axes.set(xlabel="parameters (millions)", ylabel="held-out perplexity", yscale="log",
              title=f"PLRD family of {Path(cfg.parent).name}")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    axes.yaxis.set_major_formatter(plain)
-    low, high = axes.get_ylim()
-    if high / low < 20:  # within about a decade the minor ticks need labels; across several they crowd
-        axes.yaxis.set_minor_formatter(plain)
-        axes.tick_params(axis="y", which="minor", labelsize=7)
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    # minor ticks at 2 and 5 x 10^k labelled too: enough to read values off, few enough not to crowd
+    axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
+    axes.tick_params(axis="y", which="minor", labelsize=7)
     axes.invert_xaxis()  # the family grows smaller to the right
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper left")

@@ -257,7 +257,7 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     assert "stage 2" in report and f"{in_domain(second, 'member_perplexity'):.2f}" in report
     gap = lambda m: (in_domain(m, "decomposed_perplexity") - in_domain(m, "member_perplexity")) / (
         in_domain(m, "decomposed_perplexity") - in_domain(control, "member_perplexity"))
-    rows = {" ".join(line.split()[:2]): line for line in report.splitlines()}
+    rows = {" ".join(line.split()[:2]): line for line in report.split("\n\n")[1].splitlines()}  # perplexity table
     assert f" {gap(second):.0%} " in rows["stage 2"] and f" {gap(oneshot):.0%} " in rows["one-shot 0.3"]
     assert "news (unseen)" in report and " ± " in report and "items per task: arc_easy 3." in report
     assert plt.imread(out / "family.png").shape[2] in (3, 4)

@@ -10,9 +10,14 @@ settings under ``stage:``. When all stages are trained, rank 0 evaluates every m
 lm-eval (so no rank waits on another's evaluation). OUTPUT holds:
 
     stage1-keep0.6/ ...     each stage as recipes/decompose.py writes it (checkpoint, exports)
-    eval/                   lm-eval of the parent and of every member
-    family.md, family.json  one row per member: parameters, held-out perplexity after the
-                            decomposition and after training, lm-eval accuracies
+    control/, one-shot-keep0.25/
+                            the baselines (``baselines:``), each a stage of its own: the parent
+                            trained dense like one stage; the parent decomposed straight to the
+                            last keep and trained on all the stages' tokens
+    eval/                   lm-eval of the parent, every member and every baseline
+    family.md, family.json  one row per model: parameters, held-out perplexity (in-domain and per
+                            corpus) after the decomposition and after training, the share of the
+                            gap to the control closed; lm-eval accuracies with standard errors
     family.png              held-out perplexity against parameters, before and after training
 
 Everything goes to OUTPUT.partial first and is renamed when complete. Interrupted, the same

@@ -71,7 +71,7 @@ def test_the_local_family_recipe_plans_too(capsys):
     assert main(["plan", str(ROOT / "recipes" / "smollm2_135m_family.yaml")]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert [row.split()[0] for row in rows[1:]] == ["parent", "stage1-keep0.6", "stage2-keep0.4", "stage3-keep0.25"]
-    assert rows[1].split()[1] == "0.135B" and rows[-1].split()[-1] == "0.0M"  # 24 x 4 x 256 tokens
+    assert rows[1].split()[1] == "0.135B" and rows[-1].split()[-1] == "24,576"  # 24 x 4 x 256 tokens
 
 
 # ---------------------------------------------------------------- rendering and submitting

@@ -104,7 +104,8 @@ def smollm2_135m() -> Path:
         quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         config = quantised.config
-        del config.quantization_config
+        if hasattr(config, "quantization_config"):  # recorded from the GGUF by transformers 5.24, not by 5.12 (the Bridge lane)
+            del config.quantization_config
         model = type(quantised)(config)
         model.load_state_dict(quantised.state_dict())
         model.save_pretrained(out)

@@ -98,11 +98,11 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, tmp_p
     local = tmp_path / "local"
     result = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "decompose.py"), "--config", str(ROOT / "recipes" / "smollm2_135m.yaml"),
-         f"parent={tiny_parent}", f"output={local}", "plrd.plan.keep=0.6", "plrd.calibration.tokens=512",
-         "plrd.calibration.seq_length=128", "train.steps=6", "train.seq_length=64", "train.micro_batch=2",
-         "train.global_batch=4", "train.warmup_steps=1", "optimizer.lr=1e-2", "optimizer.min_lr=1e-3",
-         "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "export=[]", "eval.tasks=[]",
-         "eval.perplexity_blocks=0"], capture_output=True, text=True, timeout=900, env=ENV)
+         f"parent={tiny_parent}", f"output={local}", "dataset.blend=[[shakespeare], null]", "plrd.plan.keep=0.6",
+         "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "train.steps=6", "train.seq_length=64",
+         "train.micro_batch=2", "train.global_batch=4", "train.warmup_steps=1", "optimizer.lr=1e-2",
+         "optimizer.min_lr=1e-3", "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "export=[]",
+         "eval.tasks=[]", "eval.perplexity_blocks=0"], capture_output=True, text=True, timeout=900, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert RankPlan.from_json((bridge / "plrd_plan.json").read_text()) == \
         RankPlan.from_json((local / "plan.json").read_text())

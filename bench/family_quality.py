@@ -2,9 +2,11 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/family_quality.py [--scale 4] [--limit 200] [--output runs/quality]
 
-Runs the main job's recipe (recipes/smollm2_135m_family.yaml: same data, same seed, both
-baselines) twice with ``scale`` times its training steps per stage: once with the LM loss,
-once with logit distillation from the parent (``stage.train.loss=kd``). Every model is
+Runs the main job's recipe (recipes/smollm2_135m_family.yaml: same data, same seed) twice with
+``scale`` times its training steps per stage: once with the LM loss and both baselines, once with
+logit distillation from the parent (``stage.train.loss=kd``) and its one-shot member. Both are
+measured against the one control, the parent trained with the LM loss: distilled from itself the
+parent would get no gradient and stay the parent. Every model is
 evaluated on ``limit`` items per lm-eval task (the whole split where it is smaller), so the
 standard errors are small enough to tell members apart. One table: per model and loss the
 in-domain held-out perplexity, its ratio to the control's, the share of the decomposition's
@@ -30,10 +32,12 @@ LOSSES = ("lm", "kd")
 def run_family(loss: str, scale: int, limit: int, output: Path) -> dict:
     """The family trained with ``loss`` (recipes/family.py); its family.json."""
     steps, warmup, interval = 24 * scale, 4 * scale, 12 * scale  # the recipe's 24, 4 and 12, scaled
+    baselines = "[control, one-shot]" if loss == "lm" else "[one-shot]"
     subprocess.run([sys.executable, str(ROOT / "recipes" / "family.py"), "--config", str(RECIPE),
-                    f"stage.train.loss={loss}", f"stage.train.steps={steps}", f"stage.train.warmup_steps={warmup}",
-                    f"stage.train.save_interval={interval}", f"stage.train.eval_interval={interval}",
-                    f"stage.eval.limit={limit}", f"output={output}"], check=True)
+                    f"baselines={baselines}", f"stage.train.loss={loss}", f"stage.train.steps={steps}",
+                    f"stage.train.warmup_steps={warmup}", f"stage.train.save_interval={interval}",
+                    f"stage.train.eval_interval={interval}", f"stage.eval.limit={limit}", f"output={output}"],
+                   check=True)
     return json.loads((output / "family.json").read_text())
 
 
@@ -54,6 +58,7 @@ def main() -> None:
     for loss in LOSSES:
         header += [f"{loss}: in-domain ppl", "/ control", "gap closed", "news (unseen)", "mean acc"]
     first = families["lm"]
+    control = first["baselines"]["control"]
     keep = [f"stage {i} (keep {k:g})" for i, k in enumerate(first["keep"], 1)]
     names = ["control", *keep, f"one-shot (keep {first['keep'][-1]:g})"]
     rows = []
@@ -61,7 +66,6 @@ def main() -> None:
         row = None
         for loss in LOSSES:
             family = families[loss]
-            control = family["baselines"]["control"]
             figures = ([control] + family["members"] + [family["baselines"]["one-shot"]])[index]
             ppl = in_domain(figures, "member_perplexity")
             row = row or [name, f"{figures['member_params'] / 1e6:.1f}M"]

@@ -200,12 +200,7 @@ class TrainConfig:
         for name in ("save_interval", "eval_interval", "eval_iters"):
             if getattr(self, name) < 0:
                 raise InputError(f"train.{name}={getattr(self, name)} must be >= 0")
-        if self.loss not in LOSSES:
-            raise InputError(f"train.loss={self.loss!r} is not one of {list(LOSSES)}")
-        if not self.kd_weight > 0:
-            raise InputError(f"train.kd_weight={self.kd_weight} must be > 0")
-        if self.teacher not in TEACHERS:
-            _check_parent(self.teacher, "train.teacher")
+        check_distillation(self.loss, self.kd_weight, self.teacher)
 
     @property
     def tokens(self) -> int:
@@ -298,7 +293,8 @@ class DecomposeConfig:
         return from_dict(DistributedDataParallelConfig, {"use_distributed_optimizer": distributed} | self.ddp, "ddp.")
 
 
-BASELINES = {"control": "the parent kept dense, trained like one stage",
+BASELINES = {"control": "the parent kept dense, trained like one stage (with the LM loss where the stages distil from "
+                        "the parent alone: distilled from itself, the parent gets no gradient)",
              "one-shot": "the parent decomposed straight to the last member's size, trained on all the stages' tokens"}
 
 
@@ -347,7 +343,10 @@ class FamilyConfig:
     def baseline_config(self, name: str, folder: str) -> DecomposeConfig:
         """The baseline's config, its output in ``folder``: from the family's parent, with the stages' settings."""
         if name == "control":
-            return self._config(self.parent, Path(folder) / name, {"ranks": {}})  # no slot changes rank
+            control = self._config(self.parent, Path(folder) / name, {"ranks": {}})  # no slot changes rank
+            if control.train.loss == "kd" and control.train.teacher in ("previous", self.parent):  # KL(p || p) = 0
+                return dataclasses.replace(control, train=dataclasses.replace(control.train, loss="lm"))
+            return control
         steps = OmegaConf.select(OmegaConf.create(self.stage), "train.steps", default=TrainConfig.steps)
         return self._config(self.parent, Path(folder) / f"{name}-keep{self.keep[-1]:g}", {"keep": self.keep[-1]},
                             {"train": {"steps": steps * len(self.keep)}})
@@ -466,6 +465,16 @@ def _check_parent(parent: str, key: str = "parent") -> None:
     if parent != EMBEDDED_PARENT and not Path(parent).is_dir():
         raise InputError(f"{key}={parent!r} is not a directory; give an HF model directory, "
                          f"a PLRD checkpoint, or {EMBEDDED_PARENT!r}")
+
+
+def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:
+    """``train.loss``, ``train.kd_weight`` and ``train.teacher``: the same keys in a local and in a Bridge stage."""
+    if loss not in LOSSES:
+        raise InputError(f"train.loss={loss!r} is not one of {list(LOSSES)}")
+    if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not kd_weight > 0:
+        raise InputError(f"train.kd_weight={kd_weight} must be > 0")
+    if teacher not in TEACHERS:
+        _check_parent(teacher, "train.teacher")
 
 
 def _check_positive(section: str, **values: int) -> None:

@@ -13,6 +13,7 @@ Minitron (arXiv 2407.14679) found best for recovering a compressed student.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -20,8 +21,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from nemo_plrd.checkpoint import describe_parent, load_parent
 from nemo_plrd.errors import InputError
-from nemo_plrd.model import LlamaArch, gpt_forward
+from nemo_plrd.model import LlamaArch, gpt_forward, parameter_count
 from nemo_plrd.train import masked_loss
 
 LOSSES = ("lm", "kd", "lm+kd")
@@ -82,6 +84,38 @@ def check_teacher(student: LlamaArch, teacher: LlamaArch, student_tokenizer: dic
                          "not index the same tokens")
 
 
+def check_teacher_source(student: Path, teacher: Path, where: str) -> None:
+    """``check_teacher`` on two PLRD checkpoints or HF model directories, from their configs alone
+    (before any work: a mismatch is refused before hours of decomposition)."""
+    from transformers import AutoTokenizer
+
+    (student_arch, _, student_hf), (teacher_arch, _, teacher_hf) = map(describe_parent, (student, teacher))
+    check_teacher(student_arch, teacher_arch, AutoTokenizer.from_pretrained(student_hf).get_vocab(),
+                  AutoTokenizer.from_pretrained(teacher_hf).get_vocab(), where)
+
+
+def load_teacher(source: Path) -> torch.nn.Module:
+    """The teacher from a PLRD checkpoint or an HF model directory, at megatron's current TP size, frozen."""
+    teacher, _, _ = load_parent(source)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if dist.get_rank() == 0:
+        print(f"teacher {source}: {parameter_count(teacher):,} parameters, "
+              f"{sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20:.0f} MiB on this rank",
+              flush=True)
+    return teacher
+
+
+def distillation_loss(kind: str, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      kd_weight: float = 1.0) -> torch.Tensor:
+    """Per-token loss [b, s] of ``kind`` (kd or lm+kd) from the student's and the teacher's vocab-parallel
+    logits [b, s, v / tp]: the KL, or the LM loss (megatron's vocab-parallel cross entropy) + ``kd_weight`` x KL."""
+    per_token = vocab_parallel_kl(logits, teacher_logits)
+    if kind == "lm+kd":  # after the KL: megatron's cross entropy shifts its input in place
+        per_token = kd_weight * per_token + vocab_parallel_cross_entropy(logits.float(), labels.to(logits.device))
+    return per_token
+
+
 def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: float = 1.0) -> Loss:
     """The training loss of a micro-batch, mean over the tokens its loss mask keeps: the LM loss, the
     KL to ``teacher``'s logits (forward in no-grad), or LM (from the same logits) + ``kd_weight`` x KL."""
@@ -98,10 +132,7 @@ def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: 
         logits = gpt_forward(model, batch["tokens"])  # [b, s, v/tp]
         with torch.no_grad():
             teacher_logits = gpt_forward(teacher, batch["tokens"])
-        per_token = vocab_parallel_kl(logits, teacher_logits)
-        if kind == "lm+kd":  # after the KL: megatron's cross entropy shifts its input in place
-            per_token = kd_weight * per_token + vocab_parallel_cross_entropy(
-                logits.float(), batch["labels"].to(logits.device))
+        per_token = distillation_loss(kind, logits, teacher_logits, batch["labels"], kd_weight)
         mask = batch["loss_mask"].to(logits.device)
         return (per_token * mask).sum() / mask.sum()
 

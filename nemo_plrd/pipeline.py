@@ -35,11 +35,10 @@ from transformers import AutoTokenizer
 
 from nemo_plrd import report
 from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
-from nemo_plrd.checkpoint import (build_model, describe_parent, load_model, load_parent, read_metadata,
-                                  save_checkpoint)
+from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
 from nemo_plrd.config import BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
-from nemo_plrd.distill import check_teacher, stage_loss
+from nemo_plrd import distill
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
@@ -194,7 +193,7 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
 
     batches = in_batches(data)
     trainer = Trainer(model, cfg.optimizer_config(), schedule, batches, cfg.ddp_config(),
-                      stage_loss(cfg.train.loss, load_teacher(cfg), cfg.train.kd_weight))
+                      distill.stage_loss(cfg.train.loss, load_teacher(cfg), cfg.train.kd_weight))
     if latest.name != DECOMPOSED:
         trainer.load_state(dist_checkpointing.load(trainer.state(is_loading=True), str(latest)))
     metrics = partial / "metrics.jsonl"
@@ -224,24 +223,12 @@ def _teacher_source(cfg: DecomposeConfig) -> Path:
 
 def check_teacher_source(cfg: DecomposeConfig) -> None:
     """Before any work: the teacher must have the student's architecture and tokenizer (configs only)."""
-    (student, _, student_hf), (teacher, _, teacher_hf) = map(describe_parent,
-                                                             (_folder(cfg.parent), _teacher_source(cfg)))
-    check_teacher(student, teacher, AutoTokenizer.from_pretrained(student_hf).get_vocab(),
-                  AutoTokenizer.from_pretrained(teacher_hf).get_vocab(), f"train.teacher={cfg.train.teacher!r}")
+    distill.check_teacher_source(_folder(cfg.parent), _teacher_source(cfg), f"train.teacher={cfg.train.teacher!r}")
 
 
 def load_teacher(cfg: DecomposeConfig) -> Optional[torch.nn.Module]:
     """The distillation teacher (None for the LM loss) at the student's TP layout, frozen."""
-    if cfg.train.loss == "lm":
-        return None
-    source = _teacher_source(cfg)
-    teacher, _, _ = load_parent(source)
-    teacher.requires_grad_(False)
-    if _rank0():
-        print(f"teacher {source}: {parameter_count(teacher):,} parameters, "
-              f"{sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20:.0f} MiB on this rank",
-              flush=True)
-    return teacher
+    return None if cfg.train.loss == "lm" else distill.load_teacher(_teacher_source(cfg))
 
 
 def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]:

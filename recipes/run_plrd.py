@@ -9,7 +9,8 @@
 (default ``nemo_plrd.bridge.recipe:llama_stage``); the YAML file and the overrides are applied by
 Bridge's ``process_config_with_overrides`` (``plrd.*`` keys validated by nemo-plrd first). The
 stage loads the HF weights, calibrates on the job's train split, decomposes, and trains with
-Bridge's ``pretrain``; its ranks go to ``checkpoint.save/plrd_plan.json``, its metrics to
+Bridge's ``pretrain`` (``train.loss=kd`` or ``lm+kd``: distilled from ``train.teacher``, as a
+local stage is); its ranks go to ``checkpoint.save/plrd_plan.json``, its metrics to
 ``checkpoint.save/metrics.jsonl``. Run again after an interruption, the same command resumes
 from the last checkpoint.
 """
@@ -31,16 +32,18 @@ def main() -> None:
         parser.error("give one of --hf-path (stage 1) and --parent (a later stage)")
     hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
 
-    from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
     from nemo_plrd.bridge.config import process_plrd_config
+    from nemo_plrd.bridge.distill import loss_key, stage_forward_step
     from nemo_plrd.bridge.stage import StageMetrics, prepare_stage
 
     module, _, function = args.recipe.partition(":")
     cfg = getattr(importlib.import_module(module), function)(hf_path=hf_path)
-    cfg = prepare_stage(process_plrd_config(cfg, args.config_file, args.overrides), hf_path, args.parent)
-    pretrain(cfg, forward_step, callbacks=[StageMetrics(Path(cfg.checkpoint.save))])
+    cfg = process_plrd_config(cfg, args.config_file, args.overrides)
+    step = stage_forward_step(cfg, hf_path, args.parent)  # the teacher checked before any work
+    cfg = prepare_stage(cfg, hf_path, args.parent)
+    pretrain(cfg, step, callbacks=[StageMetrics(Path(cfg.checkpoint.save), loss_key(cfg.train.loss))])
 
 
 if __name__ == "__main__":  # checkpoint writers re-import the main module

@@ -101,9 +101,23 @@ def test_the_baselines_train_the_parent_with_the_stages_settings(tmp_path):
     assert (control.train.steps, oneshot.train.steps, oneshot.plrd.plan.keep) == (10, 30, 0.25)  # 3 stages x 10
     assert oneshot.output == str(tmp_path / "one-shot-keep0.25") and oneshot.train.teacher == "smollm2-135m"
     assert control.optimizer == family.stage_config(0, "smollm2-135m", str(tmp_path)).optimizer
+    assert (control.train.loss, oneshot.train.loss) == ("lm", "kd")  # distilled from itself, the parent would not move
     with pytest.raises(ValueError, match=r"baselines=\['control', 'oneshot'\] must list distinct names of "
                                          r"\['control', 'one-shot'\]"):
         load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "baselines=[control, oneshot]"])
+
+
+@pytest.mark.parametrize("overrides, loss", [
+    (["stage.train.teacher=previous"], "lm"),  # the control's own parent: the family's parent again
+    (["stage.train.loss=lm+kd"], "lm+kd"),  # the LM term moves it; the KL to the parent holds it near
+    (["stage.train.teacher=OTHER"], "kd"),  # a teacher that is not the parent teaches the control too
+])
+def test_the_control_is_distilled_only_from_a_teacher_other_than_itself(tmp_path, overrides, loss):
+    other = tmp_path / "other"
+    other.mkdir()
+    overrides = [override.replace("OTHER", str(other)) for override in overrides]
+    family = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.train.loss=kd", *overrides])
+    assert family.baseline_config("control", str(tmp_path)).train.loss == loss
 
 
 def test_a_family_distils_from_its_parent_or_from_the_previous_member(tmp_path):

@@ -5,7 +5,8 @@ YAML and ``key=value`` overrides go through Bridge's own ``process_config_with_o
 not know (with a log warning) and sets values without checking their types; the project's
 validator (``nemo_plrd.config.from_dict``) therefore reads the same YAML section and overrides
 first, refusing an unknown or ill-typed ``plrd.*`` key by its full name before Bridge runs, and
-checks Bridge's result again.
+checks Bridge's result again. Bridge's ``train:`` section gains the local stage's loss keys
+(``train.loss``, ``train.kd_weight``, ``train.teacher``), checked the same way.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.training.config import ConfigContainer, TrainingConfig
 from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 from omegaconf import OmegaConf
 
-from nemo_plrd.config import PLRDConfig, from_dict, override_key, with_overrides
+from nemo_plrd.config import PLRDConfig, check_distillation, from_dict, override_key, with_overrides
+
+
+@dataclass(kw_only=True)
+class PLRDTrainingConfig(TrainingConfig):
+    """Bridge's training loop with the local stage's loss keys (``nemo_plrd.config.TrainConfig``), so
+    ``train.loss=kd`` means the same in both: the LM loss, logit distillation or both."""
+
+    loss: str = "lm"  # lm (next-token cross entropy), kd (KL to the teacher's logits) or lm+kd
+    kd_weight: float = 1.0  # lm+kd: lm + kd_weight x kd
+    teacher: str = "parent"  # parent (stage 1's HF parent), previous (this stage's parent) or a model directory
 
 
 @dataclass(kw_only=True)
@@ -43,6 +54,10 @@ def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Pa
         plrd = OmegaConf.merge(plrd, {"plrd": OmegaConf.load(config_file).get("plrd") or {}})
     with_overrides(plrd, [line for line in overrides if override_key(line).split(".")[0] == "plrd"])
     from_dict(PLRDConfig, OmegaConf.to_container(plrd, resolve=True)["plrd"], "plrd.")  # before Bridge
+    if not isinstance(cfg.train, PLRDTrainingConfig):  # a recipe function's own: Bridge would skip train.loss
+        cfg.train = PLRDTrainingConfig(**{f.name: getattr(cfg.train, f.name)
+                                          for f in dataclasses.fields(cfg.train) if f.init})
     cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))
     cfg.plrd = from_dict(PLRDConfig, dataclasses.asdict(cfg.plrd), "plrd.")  # and what Bridge made of it
+    check_distillation(cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher)
     return cfg

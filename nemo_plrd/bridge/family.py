@@ -98,9 +98,11 @@ class BridgeFamilyConfig:
         """The job's overrides, then what the family sets for stage ``index``."""
         prefixes, weights = self.blend or ([], None)
         blend = json.dumps([prefixes, weights], separators=(",", ":"))  # a Hydra list: quoted strings, null
+        distilled = OmegaConf.select(self.job.settings, "train.loss", default="lm") != "lm" and \
+            OmegaConf.select(self.job.settings, "train.teacher", default="parent") == "parent"
         return [*self.job.overrides, f"dataset.blend={blend}", "plrd.plan.keep=null",
-                f"plrd.plan.target_params={self.target_params[index]}",
-                f"checkpoint.save={save}"]
+                f"plrd.plan.target_params={self.target_params[index]}", f"checkpoint.save={save}",
+                *([f"train.teacher={self.parent}"] if distilled else [])]  # a later stage's job knows only --parent
 
     def plan_request(self, index: int) -> dict[str, Any]:
         plan = OmegaConf.select(self.job.settings, "plrd.plan", default={})

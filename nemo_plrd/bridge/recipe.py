@@ -10,10 +10,9 @@ from __future__ import annotations
 from megatron.bridge.models import AutoBridge
 from transformers import AutoConfig
 from megatron.bridge.training.config import (CheckpointConfig, DistributedDataParallelConfig, GPTDatasetConfig,
-                                             LoggerConfig, OptimizerConfig, SchedulerConfig, TokenizerConfig,
-                                             TrainingConfig)
+                                             LoggerConfig, OptimizerConfig, SchedulerConfig, TokenizerConfig)
 
-from nemo_plrd.bridge.config import PLRDConfigContainer
+from nemo_plrd.bridge.config import PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.config import PLRDConfig, PlanConfig
 
 
@@ -25,7 +24,7 @@ def llama_stage(hf_path: str, keep: float = 0.6, seq_length: int = 4096) -> PLRD
     provider.seq_length = seq_length
     return PLRDConfigContainer(
         model=provider,
-        train=TrainingConfig(train_iters=1000, global_batch_size=256, micro_batch_size=1),
+        train=PLRDTrainingConfig(train_iters=1000, global_batch_size=256, micro_batch_size=1),
         optimizer=OptimizerConfig(optimizer="adam", lr=1e-4, min_lr=1e-5, weight_decay=0.01, adam_beta2=0.95,
                                   clip_grad=1.0, use_distributed_optimizer=False),
         scheduler=SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=50, start_weight_decay=0.01,

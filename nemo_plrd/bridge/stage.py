@@ -62,17 +62,17 @@ class PLRDHook:
 
 
 class StageMetrics(Callback):
-    """Rank 0 appends each step's loss, learning rate and gradient norm to ``save / metrics.jsonl``,
-    the file a local stage writes (``nemo_plrd.train.run``)."""
+    """Rank 0 appends each step's loss (Bridge's ``key`` in its loss dict), learning rate and gradient
+    norm to ``save / metrics.jsonl``, the file a local stage writes (``nemo_plrd.train.run``)."""
 
-    def __init__(self, save: Path):
-        self.path = save / METRICS
+    def __init__(self, save: Path, key: str = "lm loss"):
+        self.path, self.key = save / METRICS, key
 
     def on_train_step_end(self, context: CallbackContext) -> None:
         if torch.distributed.get_rank() != 0 or not context.loss_dict:
             return
         row = {"step": context.state.train_state.step + 1,  # the step counter moves after the callbacks
-               "loss": float(context.loss_dict["lm loss"]), "lr": context.optimizer.param_groups[0]["lr"],
+               "loss": float(context.loss_dict[self.key]), "lr": context.optimizer.param_groups[0]["lr"],
                "grad_norm": context.grad_norm}
         with self.path.open("a") as out:
             out.write(json.dumps(row) + "\n")

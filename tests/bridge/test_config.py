@@ -9,7 +9,10 @@ from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer, 
                                              OptimizerConfig, SchedulerConfig, TokenizerConfig, TrainingConfig)
 from megatron.bridge.training.utils.omegaconf_utils import OverridesError
 
-from nemo_plrd.bridge.config import PLRDConfigContainer, process_plrd_config, with_plrd
+from tiny_llama import save_tiny_llama
+
+from nemo_plrd.bridge.config import PLRDConfigContainer, PLRDTrainingConfig, process_plrd_config, with_plrd
+from nemo_plrd.bridge.distill import DistillationStep, stage_forward_step
 from nemo_plrd.config import CalibrationConfig, PLRDConfig, PlanConfig
 
 
@@ -51,6 +54,31 @@ def test_unknown_and_ill_typed_plrd_keys_are_refused_naming_the_key(tmp_path, ya
         process_plrd_config(cfg, recipe, overrides)
     assert message in str(error.value)
     assert dataclasses.asdict(cfg.plrd) == before  # refused before Bridge touched the container
+
+
+def test_the_local_stage_s_loss_keys_land_on_bridge_s_training_config():
+    cfg = process_plrd_config(container(), None, ["train.loss=lm+kd", "train.kd_weight=0.5", "train.train_iters=8"])
+    assert isinstance(cfg.train, PLRDTrainingConfig)  # the recipe's plain TrainingConfig, converted
+    assert (cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher, cfg.train.train_iters) == ("lm+kd", 0.5, "parent", 8)
+    for overrides, message in ((["train.loss=kl"], "train.loss='kl' is not one of ['lm', 'kd', 'lm+kd']"),
+                               (["train.kd_weight=abc"], "train.kd_weight=abc must be > 0"),
+                               (["train.teacher=/nowhere"], "train.teacher='/nowhere' is not a directory")):
+        with pytest.raises(ValueError) as error:
+            process_plrd_config(container(), None, overrides)
+        assert message in str(error.value)
+
+
+def test_a_bridge_stage_s_teacher_is_resolved_and_checked_before_any_work(tiny_parent, tmp_path):
+    cfg = process_plrd_config(container(), None, ["train.loss=kd"])
+    step = stage_forward_step(cfg, str(tiny_parent), None)
+    assert isinstance(step, DistillationStep) and step.source == tiny_parent  # stage 1: parent = --hf-path
+    with pytest.raises(ValueError, match="train.teacher='parent' names the family's parent, which a stage started "
+                                         "from --parent /ckpt does not know"):
+        stage_forward_step(cfg, str(tiny_parent), "/ckpt")
+    other = save_tiny_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
+    cfg = process_plrd_config(container(), None, ["train.loss=kd", f"train.teacher={other}"])
+    with pytest.raises(ValueError, match=r"the teacher's architecture differs from the student's \(hidden_size 32 vs 64"):
+        stage_forward_step(cfg, str(tiny_parent), None)
 
 
 def test_bridge_s_own_sections_keep_bridge_s_checks():

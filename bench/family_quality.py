@@ -2,11 +2,11 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/family_quality.py [--scale 4] [--limit 200] [--output runs/quality]
 
-Runs the main job's recipe (recipes/smollm2_135m_family.yaml: same data, same seed) twice with
-``scale`` times its training steps per stage: once with the LM loss and both baselines, once with
-logit distillation from the parent (``stage.train.loss=kd``) and its one-shot member. Both are
-measured against the one control, the parent trained with the LM loss: distilled from itself the
-parent would get no gradient and stay the parent. Every model is
+Runs the main job's recipe (recipes/smollm2_135m_family.yaml: same data, same seed) three times
+with ``scale`` times its training steps per stage: once with the LM loss and both baselines, then
+with the LM loss plus logit distillation from the parent (``stage.train.loss=lm+kd``, the
+recipe's default) and with distillation alone (``kd``), each with its one-shot member. All are
+measured against the one control, the parent trained with the LM loss. Every model is
 evaluated on ``limit`` items per lm-eval task (the whole split where it is smaller), so the
 standard errors are small enough to tell members apart. One table: per model and loss the
 in-domain held-out perplexity, its ratio to the control's, the share of the decomposition's
@@ -26,7 +26,7 @@ from nemo_plrd.report import format_table, gap_closed, in_domain
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2_135m_family.yaml"
-LOSSES = ("lm", "kd")
+LOSSES = ("lm", "lm+kd", "kd")
 
 
 def run_family(loss: str, scale: int, limit: int, output: Path) -> dict:

@@ -353,8 +353,7 @@ class FamilyConfig:
 
     def _config(self, parent: str, output: Path, plan: dict, *more: dict) -> DecomposeConfig:
         data = OmegaConf.merge(self.stage, {"parent": parent, "output": str(output), "plrd": {"plan": plan}}, *more)
-        if OmegaConf.select(data, "train.loss", default="lm") != "lm" and \
-                OmegaConf.select(data, "train.teacher", default="parent") == "parent":  # the family's parent
+        if distils_from_family_parent(data):
             data = OmegaConf.merge(data, {"train": {"teacher": self.parent}})
         return from_dict(DecomposeConfig, OmegaConf.to_container(data), "stage.")
 
@@ -465,6 +464,12 @@ def _check_parent(parent: str, key: str = "parent") -> None:
     if parent != EMBEDDED_PARENT and not Path(parent).is_dir():
         raise InputError(f"{key}={parent!r} is not a directory; give an HF model directory, "
                          f"a PLRD checkpoint, or {EMBEDDED_PARENT!r}")
+
+
+def distils_from_family_parent(settings: DictConfig) -> bool:
+    """Whether a stage's settings distil from ``train.teacher: parent``, which the family resolves to its own parent."""
+    return OmegaConf.select(settings, "train.loss", default="lm") != "lm" and \
+        OmegaConf.select(settings, "train.teacher", default="parent") == "parent"
 
 
 def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:

@@ -33,12 +33,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from transformers import AutoTokenizer
 
-from nemo_plrd import report
+from nemo_plrd import distill, report
 from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
 from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
 from nemo_plrd.config import BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
-from nemo_plrd import distill
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf

@@ -109,15 +109,15 @@ def test_a_stage_script_asks_for_the_nodes_and_launches_one_rendezvous_over_them
     assert "--hf-path" in render(family, 0, CLUSTER).split("recipes/run_plrd.py")[1].split()[0]
 
 
-@pytest.mark.parametrize("teacher, expected", [([], "PARENT"), (["train.teacher=previous"], None)])
-def test_a_distilling_family_names_its_parent_as_every_stage_s_teacher(family, teacher, expected):
+@pytest.mark.parametrize("teacher, named_by_family", [([], True), (["train.teacher=previous"], False)])
+def test_a_distilling_family_names_its_parent_as_every_stage_s_teacher(family, teacher, named_by_family):
     """A later stage's job knows only its --parent: the family passes its own parent as the teacher."""
     job = dataclasses.replace(family.job, overrides=[*family.job.overrides, "train.loss=kd", *teacher])
     family = dataclasses.replace(family, job=job)
     for index in range(len(family.target_params)):
         overrides = family.stage_overrides(index, Path("/save"))
         named = [line for line in overrides if line.startswith("train.teacher=")]
-        assert named == ([] if expected is None else [f"train.teacher={family.parent}"]) + teacher
+        assert named == ([f"train.teacher={family.parent}"] if named_by_family else []) + teacher
 
 
 @pytest.fixture

@@ -49,9 +49,8 @@ def teacher_source(teacher: str, hf_path: str, parent: Optional[str]) -> Path:
 class DistillationStep:
     """Bridge's forward step with ``loss`` (kd or lm+kd) to the teacher at ``source``."""
 
-    def __init__(self, loss: str, kd_weight: float, source: Path, check_nan: bool, check_spiky: bool):
+    def __init__(self, loss: str, kd_weight: float, source: Path):
         self.loss, self.kd_weight, self.source = loss, kd_weight, source
-        self.check_nan, self.check_spiky = check_nan, check_spiky
         self.teacher: Optional[torch.nn.Module] = None
 
     def __call__(self, state, data_iterator: Iterable, model: torch.nn.Module,
@@ -72,8 +71,10 @@ class DistillationStep:
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs)
         per_token = distill.distillation_loss(self.loss, logits, teacher_logits, labels, self.kd_weight)
-        reduce = functools.partial(masked_next_token_loss, loss_mask, check_for_nan_in_loss=self.check_nan,
-                                   check_for_spiky_loss=self.check_spiky)
+        reruns = state.cfg.rerun_state_machine  # as Bridge's own step reads them
+        reduce = functools.partial(masked_next_token_loss, loss_mask,
+                                   check_for_nan_in_loss=reruns.check_for_nan_in_loss,
+                                   check_for_spiky_loss=reruns.check_for_spiky_loss)
         return per_token, functools.partial(_named, reduce, loss_key(self.loss))
 
 
@@ -90,6 +91,4 @@ def stage_forward_step(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[
         return forward_step
     source = teacher_source(cfg.train.teacher, hf_path, parent)
     distill.check_teacher_source(Path(parent or hf_path), source, f"train.teacher={cfg.train.teacher!r}")
-    reruns = cfg.rerun_state_machine
-    return DistillationStep(cfg.train.loss, cfg.train.kd_weight, source, reruns.check_for_nan_in_loss,
-                            reruns.check_for_spiky_loss)
+    return DistillationStep(cfg.train.loss, cfg.train.kd_weight, source)

@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_plrd.config import EvalConfig, check_blend, check_export, load_yaml, override_key, with_overrides
+from nemo_plrd.config import (EvalConfig, check_blend, check_export, distils_from_family_parent, load_yaml,
+                              override_key, with_overrides)
 from nemo_plrd.errors import InputError
 
 SET_BY_FAMILY = ("checkpoint.save", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks")
@@ -98,8 +99,7 @@ class BridgeFamilyConfig:
         """The job's overrides, then what the family sets for stage ``index``."""
         prefixes, weights = self.blend or ([], None)
         blend = json.dumps([prefixes, weights], separators=(",", ":"))  # a Hydra list: quoted strings, null
-        distilled = OmegaConf.select(self.job.settings, "train.loss", default="lm") != "lm" and \
-            OmegaConf.select(self.job.settings, "train.teacher", default="parent") == "parent"
+        distilled = distils_from_family_parent(self.job.settings)
         return [*self.job.overrides, f"dataset.blend={blend}", "plrd.plan.keep=null",
                 f"plrd.plan.target_params={self.target_params[index]}", f"checkpoint.save={save}",
                 *([f"train.teacher={self.parent}"] if distilled else [])]  # a later stage's job knows only --parent

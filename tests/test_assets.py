@@ -40,3 +40,23 @@ def test_two_processes_on_an_empty_cache_build_once_and_both_get_the_asset(tmp_p
     assert len(log.read_text().split()) == 1  # built once: the other process waited, then found it
     assert "waiting for another process to build" in "".join(err for _, err in outputs)
     assert not (tmp_path / "cache" / "asset.partial").exists()
+
+
+def test_a_corpus_extracted_by_other_code_is_cached_under_another_name(monkeypatch):
+    """A fixed extraction must not read the copy the old one cached: the cache name follows the
+    pinned distribution and the extracting code, and nothing else."""
+    import dataclasses
+
+    from nemo_plrd import assets
+
+    news, key = assets.CORPORA["news"], assets._corpus_key("news")
+    assert key == assets._corpus_key("news") and key.startswith("corpus-news-")
+    assert key != assets._corpus_key("kjv")
+
+    def fixed_news(file):  # another extraction of the same distribution
+        return assets._news(file)[1:]
+
+    for changed in (dataclasses.replace(news, documents=fixed_news),
+                    dataclasses.replace(news, requirement="gensim==4.3.3")):
+        monkeypatch.setitem(assets.CORPORA, "news", changed)
+        assert assets._corpus_key("news") != key

@@ -138,8 +138,10 @@ def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: 
     return {name: perplexity(model, _heldout(hf_source, cfg.eval.perplexity_blocks, name)) for name in cfg.eval.heldout}
 
 
-def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dict]:
-    """The parent, calibrated and decomposed to the stage's plan; the figures measured on the way."""
+def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[dict] = None
+              ) -> tuple[torch.nn.Module, dict]:
+    """The parent, calibrated and decomposed to the stage's plan; the figures measured on the way
+    (the parent's held-out perplexity only where the caller does not know it already)."""
     rank0 = _rank0()
     model, arch, hf_source = load_parent(_folder(cfg.parent))
     calib = cfg.plrd.calibration
@@ -156,7 +158,7 @@ def decompose(cfg: DecomposeConfig, partial: Path) -> tuple[torch.nn.Module, dic
     if rank0:
         print(plan.table(), flush=True)
     figures = {"parent": cfg.parent, "parent_params": parameter_count(model),
-               "parent_perplexity": heldout_perplexity(model, cfg, hf_source)}
+               "parent_perplexity": parent_perplexity or heldout_perplexity(model, cfg, hf_source)}
     if changes:
         apply_plan(model, plan, calibration or calibrate(), cfg.plrd.method, progress=rank0, solver=cfg.plrd.solver,
                    ridge=cfg.plrd.ridge)
@@ -230,10 +232,14 @@ def load_teacher(cfg: DecomposeConfig) -> Optional[torch.nn.Module]:
     return None if cfg.train.loss == "lm" else distill.load_teacher(_teacher_source(cfg))
 
 
-def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]:
+def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity: Optional[dict] = None
+              ) -> Optional[dict]:
     """The stage (megatron's parallel state initialised by ``init_parallel``); on rank 0 its figures.
 
     A stage whose ``output`` exists is complete: its figures are read back, nothing is redone.
+    ``parent_perplexity``: the parent's held-out perplexity where a family has measured it already (a
+    stage's parent is the member the previous stage trained), so the forward passes are not repeated;
+    every rank passes the same (they are collective).
     """
     start = time.perf_counter()
     out, partial = Path(cfg.output), Path(cfg.output + ".partial")
@@ -248,7 +254,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True) -> Optional[dict]
         if _rank0():  # a decomposition interrupted before its record was written: done again
             shutil.rmtree(partial / "train", ignore_errors=True)
         dist.barrier()
-        model, figures = decompose(cfg, partial)
+        model, figures = decompose(cfg, partial, parent_perplexity)
         latest = _latest(partial / "train")
     else:
         model, _ = (build_model if cfg.train.steps and latest.name != DECOMPOSED else load_model)(latest)
@@ -291,6 +297,11 @@ def evaluate_member(cfg: DecomposeConfig, folder: Path, results: Path) -> dict:
     return {"eval": result, "eval_seconds": result["seconds"]}
 
 
+def summary(stage: DecomposeConfig) -> dict:
+    """A finished stage's figures, as every rank reads them (rank 0 wrote them before the barrier)."""
+    return json.loads((Path(stage.output) / "summary.json").read_text())
+
+
 def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Optional[list[str]]:
     """The family (parallel state initialised for its stages); on rank 0 the report's lines."""
     start = time.perf_counter()
@@ -302,30 +313,30 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
             return (out / "family.md").read_text().splitlines()
         return None
     claim(partial, cfg)
-    parent, stages = cfg.parent, []
+    parent, stages, measured = cfg.parent, [], None  # measured: the held-out perplexity of ``parent``
     for index, keep in enumerate(cfg.keep):
         stage = cfg.stage_config(index, parent, str(partial))
         if _rank0():
             done = " (done: kept as it is)" if Path(stage.output).is_dir() else ""
             progress(f"\n=== stage {index + 1} of {len(cfg.keep)}: keep {keep:g} of the dense linear-layer "
                      f"parameters, from {parent}{done}")
-        run_stage(stage, evaluate_now=False)
+        run_stage(stage, evaluate_now=False, parent_perplexity=measured)
         dist.barrier()  # rank 0 renames the stage's folder: its checkpoint is the next parent
         stages.append(stage)
-        parent = str(Path(stage.output) / "checkpoint")
+        parent, measured = str(Path(stage.output) / "checkpoint"), summary(stage)["member_perplexity"]
     baselines = {name: cfg.baseline_config(name, str(partial)) for name in cfg.baselines}
     for name, baseline in baselines.items():
         if _rank0():
             done = " (done: kept as it is)" if Path(baseline.output).is_dir() else ""
             progress(f"\n=== baseline {name}: {BASELINES[name]}, from {cfg.parent}{done}")
-        run_stage(baseline, evaluate_now=False)
+        run_stage(baseline, evaluate_now=False, parent_perplexity=summary(stages[0])["parent_perplexity"])
         dist.barrier()
     if not _rank0():
         return None
 
     def figures(stage: DecomposeConfig) -> dict:
         folder = Path(stage.output)
-        result = json.loads((folder / "summary.json").read_text())
+        result = summary(stage)
         result["parent"] = result["parent"].replace(str(partial), cfg.output)  # where it will be after the rename
         if stage.eval.tasks:
             result |= evaluate_member(stage, folder, partial / "eval" / folder.name)

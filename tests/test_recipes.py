@@ -256,14 +256,16 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
         assert member["eval"]["perplexity"] == pytest.approx(member["member_perplexity"], rel=1e-4)
     first, second = members
     assert [len(m["train_losses"]) for m in (first, second, control, oneshot)] == [6, 6, 6, 12]  # one-shot: 2 x 6
-    assert second["parent_perplexity"] == pytest.approx(first["member_perplexity"], rel=1e-4)
+    # a stage's parent is the member the stage before measured (not measured again); its export, the
+    # HF model lm-eval loads, measures the same (above)
+    assert second["parent_perplexity"] == first["member_perplexity"]
+    assert control["parent_perplexity"] == oneshot["parent_perplexity"] == first["parent_perplexity"]
     assert second["parent"] == str(out / "stage1-keep0.6" / "checkpoint")  # the path after the final rename
     assert second["member_params"] < first["member_params"] < first["parent_params"]
     # the control: the parent as it is (no calibration, no slot changed), then trained like a stage
     assert control["parent"] == oneshot["parent"] == str(tiny_parent)
     assert control["member_params"] == control["parent_params"] == first["parent_params"]
     assert control["calibration_tokens"] == 0 and control["decomposed_perplexity"] == control["parent_perplexity"]
-    assert control["parent_perplexity"] == pytest.approx(first["parent_perplexity"], rel=1e-5)
     # the one-shot member: the last stage's size from the parent in one step (its plan is not capped by
     # stage 1's ranks, so it may land a rank step away)
     assert oneshot["member_params"] == pytest.approx(second["member_params"], rel=0.02)

@@ -30,7 +30,8 @@ from nemo_plrd.errors import InputError
 
 
 def loss_key(loss: str) -> str:
-    """The training loss's key in Bridge's loss dict and log: ``lm loss`` (Bridge's own), ``kd loss`` or ``lm+kd loss``."""
+    """The training loss's key in Bridge's loss dict and log: ``lm loss`` (Bridge's own), ``kd loss``
+    or ``lm+kd loss``."""
     return f"{loss} loss"
 
 

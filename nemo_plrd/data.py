@@ -4,10 +4,12 @@
 ``.bin`` / ``.idx`` pair (``IndexedDatasetBuilder``), an end-of-document token closing each
 document, as megatron's ``preprocess_data.py`` writes them. ``gpt_datasets`` builds megatron's
 ``GPTDataset`` splits through ``BlendedMegatronDatasetBuilder``: blends with weights, the
-train / valid / test split, megatron's document shuffling and sample index, cached beside the
-data. ``DataParallelBatches`` hands each data-parallel rank its micro-batches of every global
-batch in the order megatron's pretraining sampler does, from a count of consumed samples, so a
-resumed run reads exactly the samples the interrupted one would have.
+train / valid / test split, megatron's document shuffling and sample index, cached by megatron
+under ``$PLRD_CACHE/megatron-indices`` in a distributed job (keyed by the prefixes, weights, split,
+seed and sizes; the data's own folder may be read-only), beside the data otherwise.
+``DataParallelBatches`` hands each data-parallel rank its micro-batches of every global batch in
+the order megatron's pretraining sampler does, from a count of consumed samples, so a resumed run
+reads exactly the samples the interrupted one would have.
 
 ``token_blocks`` cuts a text file into contiguous blocks: the held-out perplexity text of the
 reports, which is scored whole and in order rather than sampled.
@@ -24,6 +26,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from nemo_plrd.assets import cache_dir
 from nemo_plrd.errors import InputError, MissingInputError
 
 SPLITS = ("train", "valid", "test")
@@ -109,7 +112,10 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
 
     config = GPTDatasetConfig(random_seed=seed, sequence_length=sequence_length, blend=blend, split=split,
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
-                              eod_mask_loss=False, create_attention_mask=False)
+                              eod_mask_loss=False, create_attention_mask=False,
+                              # megatron's cache is written by rank 0 of a process group (it asks for one)
+                              path_to_cache=str(cache_dir() / "megatron-indices") if torch.distributed.is_initialized()
+                              else None)
     for prefix in blend[0]:  # megatron loops forever looking for samples in a split with no documents
         documents = IndexedDataset(prefix).sequence_lengths.shape[0]
         for name, wanted, bounds in zip(SPLITS, num_samples, config.split_matrix):

@@ -5,7 +5,7 @@
 #   3. the Megatron-Bridge lane in its own venv, .venv-bridge (scripts/setup.sh --bridge): tests/bridge/
 #      against Bridge's real code, and the training, data and decomposition tests again on its
 #      megatron-core 0.19. Skipped with --latest (its set is pinned).
-# Extra arguments go to every pytest run. `--latest` first runs the suite in a throw-away venv
+# Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is 30 min). `--latest` first runs the suite in a throw-away venv
 # with the newest releases instead of the tested set (what a user installing today gets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ fi
 python=$VENV/bin/python
 
 status=0
-"$python" -m pytest -q --ignore=tests/distributed --ignore=tests/bridge "$@" || status=$?
+"$python" -m pytest -q --durations=10 --ignore=tests/distributed --ignore=tests/bridge "$@" || status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
 
 # Rank 0 reports on the console; rank 1's output goes to a log, shown if the run fails
@@ -45,5 +45,5 @@ rm -rf "$logs"
 if [ "$status" -ne 0 ] || [ "$VENV" != .venv ]; then exit "$status"; fi
 
 bash scripts/setup.sh --bridge
-.venv-bridge/bin/python -m pytest -q -p no:cacheprovider tests/bridge tests/test_train.py tests/test_data.py \
-  tests/test_decompose.py "$@"
+.venv-bridge/bin/python -m pytest -q --durations=10 -p no:cacheprovider tests/bridge tests/test_train.py \
+  tests/test_data.py tests/test_decompose.py "$@"

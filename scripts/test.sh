@@ -5,8 +5,9 @@
 #   3. the Megatron-Bridge lane in its own venv, .venv-bridge (scripts/setup.sh --bridge): tests/bridge/
 #      against Bridge's real code, and the training, data and decomposition tests again on its
 #      megatron-core 0.19. Skipped with --latest (its set is pinned).
-# Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is 30 min). `--latest` first runs the suite in a throw-away venv
-# with the newest releases instead of the tested set (what a user installing today gets).
+# Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is
+# 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases instead of
+# the tested set (what a user installing today gets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

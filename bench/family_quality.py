@@ -1,12 +1,16 @@
 """The family at a bigger budget than the main job: LM loss vs distillation, progressive vs one-shot.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/family_quality.py [--scale 4] [--limit 200] [--output runs/quality]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/family_quality.py [--scale 4] [--batch 4] [--limit 200]
+        [--losses lm lm+kd kd] [--concurrent] [--output runs/quality] [override ...]
 
-Runs the main job's recipe (recipes/smollm2_135m_family.yaml: same data, same seed) three times
-with ``scale`` times its training steps per stage: once with the LM loss and both baselines, then
-with the LM loss plus logit distillation from the parent (``stage.train.loss=lm+kd``, the
+Runs the main job's recipe (recipes/smollm2_135m_family.yaml: same data, same seed) once per loss
+with ``scale`` times its training steps per stage and ``batch`` sequences of 256 tokens per step
+(the recipe's 4; on a GPU a bigger batch buys tokens almost for free): with the LM loss and both
+baselines, then with the LM loss plus logit distillation from the parent (``lm+kd``, the
 recipe's default) and with distillation alone (``kd``), each with its one-shot member. All are
-measured against the one control, the parent trained with the LM loss. Every model is
+measured against the one control, the parent trained with the LM loss. Trailing overrides go to
+every family (e.g. ``stage.eval.batch_size=64`` on a GPU); ``--concurrent`` runs the families side
+by side (one GPU holds them all). Every model is
 evaluated on ``limit`` items per lm-eval task (the whole split where it is smaller), so the
 standard errors are small enough to tell members apart. One table: per model and loss the
 in-domain held-out perplexity, its ratio to the control's, the share of the decomposition's
@@ -29,16 +33,28 @@ RECIPE = ROOT / "recipes" / "smollm2_135m_family.yaml"
 LOSSES = ("lm", "lm+kd", "kd")
 
 
-def run_family(loss: str, scale: int, limit: int, output: Path) -> dict:
-    """The family trained with ``loss`` (recipes/family.py); its family.json."""
+def family_command(loss: str, scale: int, batch: int, limit: int, output: Path, overrides: list[str]) -> list[str]:
+    """recipes/family.py training the family with ``loss``."""
     steps, warmup, interval = 24 * scale, 4 * scale, 12 * scale  # the recipe's 24, 4 and 12, scaled
     baselines = "[control, one-shot]" if loss == "lm" else "[one-shot]"
-    subprocess.run([sys.executable, str(ROOT / "recipes" / "family.py"), "--config", str(RECIPE),
-                    f"baselines={baselines}", f"stage.train.loss={loss}", f"stage.train.steps={steps}",
-                    f"stage.train.warmup_steps={warmup}", f"stage.train.save_interval={interval}",
-                    f"stage.train.eval_interval={interval}", f"stage.eval.limit={limit}", f"output={output}"],
-                   check=True)
-    return json.loads((output / "family.json").read_text())
+    return [sys.executable, str(ROOT / "recipes" / "family.py"), "--config", str(RECIPE),
+            f"baselines={baselines}", f"stage.train.loss={loss}", f"stage.train.steps={steps}",
+            f"stage.train.micro_batch={batch}", f"stage.train.global_batch={batch}",
+            f"stage.train.warmup_steps={warmup}", f"stage.train.save_interval={interval}",
+            f"stage.train.eval_interval={interval}", f"stage.eval.limit={limit}", f"output={output}", *overrides]
+
+
+def run_families(commands: list[list[str]], concurrent: bool) -> None:
+    """One after another, or all at once (a GPU that one small model leaves idle between kernels holds
+    several families: their Python, checkpoint and evaluation time overlap)."""
+    if not concurrent:
+        for command in commands:
+            subprocess.run(command, check=True)
+        return
+    processes = [subprocess.Popen(command) for command in commands]
+    failed = [command for command, process in zip(commands, processes) if process.wait()]
+    if failed:
+        raise SystemExit(f"{len(failed)} famil{'y' if len(failed) == 1 else 'ies'} failed: {failed}")
 
 
 def mean_accuracy(figures: dict) -> str:
@@ -49,13 +65,23 @@ def mean_accuracy(figures: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=4, help="training steps per stage, x the main job's 24")
+    parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step (the recipe's 4)")
     parser.add_argument("--limit", type=int, default=200, help="lm-eval items per task")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
+                        help="the families to train; lm is always one (it trains the control)")
+    parser.add_argument("--concurrent", action="store_true", help="run the families side by side (on a GPU)")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="for every family, e.g. stage.eval.tasks=[piqa]")
     args = parser.parse_args()
-    families = {loss: run_family(loss, args.scale, args.limit, args.output / f"x{args.scale}-{loss}") for loss in LOSSES}
+    losses = ["lm", *(loss for loss in LOSSES if loss in args.losses and loss != "lm")]
+    outputs = {loss: args.output / f"steps{args.scale}x-batch{args.batch}-{loss}" for loss in losses}
+    run_families([family_command(loss, args.scale, args.batch, args.limit, output, args.overrides)
+                  for loss, output in outputs.items()], args.concurrent)
+    families = {loss: json.loads((output / "family.json").read_text()) for loss, output in outputs.items()}
 
     header = ["model", "params"]
-    for loss in LOSSES:
+    for loss in losses:
         header += [f"{loss}: in-domain ppl", "/ control", "gap closed", "news (unseen)", "mean acc"]
     first = families["lm"]
     control = first["baselines"]["control"]
@@ -64,7 +90,7 @@ def main() -> None:
     rows = []
     for index, name in enumerate(names):
         row = None
-        for loss in LOSSES:
+        for loss in losses:
             family = families[loss]
             figures = ([control] + family["members"] + [family["baselines"]["one-shot"]])[index]
             ppl = in_domain(figures, "member_perplexity")
@@ -74,10 +100,12 @@ def main() -> None:
                     f"{figures['member_perplexity']['news']:.2f}", mean_accuracy(figures)]
         rows.append(row)
     parent = first["members"][0]
-    print(f"\nfamily of SmolLM2-135M, {24 * args.scale} steps of 4 x 256 tokens per stage "
-          f"({args.scale}x the main job); parent: in-domain ppl {in_domain(parent, 'parent_perplexity'):.2f}, "
-          f"news {parent['parent_perplexity']['news']:.2f}; lm-eval limit {args.limit} items per task\n")
-    print(format_table(header, rows))
+    text = (f"family of SmolLM2-135M, {24 * args.scale} steps of {args.batch} x 256 tokens per stage "
+            f"({args.scale * args.batch // 4}x the main job's tokens); parent: in-domain ppl "
+            f"{in_domain(parent, 'parent_perplexity'):.2f}, news {parent['parent_perplexity']['news']:.2f}; "
+            f"lm-eval limit {args.limit} items per task\n\n{format_table(header, rows)}\n")
+    (args.output / "quality.md").write_text(text)
+    print(f"\n{text}\nwrote {args.output / 'quality.md'}")
 
 
 if __name__ == "__main__":

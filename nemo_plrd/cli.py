@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--heldout", default="all",
                           help="comma-separated embedded corpora whose held-out text is scored: "
                                "shakespeare,wikipedia,kjv,news (default all)")
+    evaluate.add_argument("--batch-size", type=_positive, default=8,
+                          help="lm-eval requests per forward pass (default 8; larger on a GPU)")
     evaluate.add_argument("--out", default=None, help="results folder (default: plrd-eval/<model dir name>)")
     prepare = commands.add_parser("prepare-data", help="text / JSONL files -> a megatron indexed dataset (.bin/.idx)")
     prepare.add_argument("inputs", nargs="+", help="UTF-8 text files (one document each) or .jsonl files (one per line)")
@@ -134,8 +136,9 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return list(every) if value == "all" else [name.strip() for name in value.split(",") if name.strip()]
 
     try:
-        cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA))
-        result = evaluate(args.model_dir, cfg.tasks, cfg.limit, cfg.perplexity_blocks, cfg.heldout)
+        cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
+                         args.batch_size)
+        result = evaluate(args.model_dir, cfg.tasks, cfg.limit, cfg.perplexity_blocks, cfg.heldout, cfg.batch_size)
     except InputError as error:
         parser.error(str(error))
     out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)

@@ -237,9 +237,11 @@ class EvalConfig:
     limit: Optional[int] = None  # items per task
     perplexity_blocks: int = 8  # of 512 tokens per corpus, measured on the megatron model before and after
     heldout: list[str] = field(default_factory=lambda: list(CORPORA))
+    batch_size: int = 8  # lm-eval's requests per forward pass: raise it on a GPU (scores do not depend on it)
 
     def __post_init__(self) -> None:
         check_tasks(self.tasks)
+        _check_positive("eval", batch_size=self.batch_size)
         if self.limit is not None:
             _check_positive("eval", limit=self.limit)
         if self.perplexity_blocks < 0:

@@ -290,7 +290,7 @@ def evaluate_member(cfg: DecomposeConfig, folder: Path, results: Path) -> dict:
     if not (results / "results.json").is_file():
         start = time.perf_counter()
         result = evaluate(folder / f"hf-{cfg.export[0]}", cfg.eval.tasks, cfg.eval.limit, cfg.eval.perplexity_blocks,
-                          cfg.eval.heldout)
+                          cfg.eval.heldout, cfg.eval.batch_size)
         result["seconds"] = time.perf_counter() - start
         write_results(result, results)
     result = json.loads((results / "results.json").read_text())
@@ -362,5 +362,5 @@ def evaluate_parent(parent: str, stage: DecomposeConfig, results: Path) -> Optio
         return None
     if not (results / "results.json").is_file():
         write_results(evaluate(folder, stage.eval.tasks, stage.eval.limit, stage.eval.perplexity_blocks,
-                               stage.eval.heldout), results)
+                               stage.eval.heldout, stage.eval.batch_size), results)
     return json.loads((results / "results.json").read_text())

@@ -103,7 +103,7 @@ def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
         steps.append(Step("eval", str(partial / "eval" / "results.json"), [
             "python", "-m", "nemo_plrd.cli", "eval", str(first_export), "--tasks", ",".join(family.eval.tasks),
             *limit, "--perplexity-blocks", str(family.eval.perplexity_blocks), "--heldout", ",".join(family.eval.heldout),
-            "--out", str(partial / "eval")]))
+            "--batch-size", str(family.eval.batch_size), "--out", str(partial / "eval")]))
     return steps
 
 

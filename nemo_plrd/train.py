@@ -104,17 +104,17 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro_batches = self.batches.micro_batches(self.consumed_samples)
-        total = torch.zeros(())
+        losses = []
         for batch in micro_batches:
             loss = self.loss(self.ddp, batch)
             (loss / len(micro_batches)).backward()
-            total += loss.detach().cpu()
+            losses.append(loss.detach())
         finalize_model_grads([self.ddp])
         lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.schedule.global_batch)
         self.iteration += 1
-        loss = total / len(micro_batches)
+        loss = sum(losses) / len(micro_batches)  # on the model's device: NCCL reduces no CPU tensor
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         return {"loss": loss.item() / parallel_state.get_data_parallel_world_size(), "lr": lr,
                 "grad_norm": float(grad_norm)}
@@ -124,11 +124,9 @@ class Trainer:
         same samples at every validation, so the curve follows the model, not the data (and, whatever
         the training loss, compares across stages and runs)."""
         self.ddp.eval()
-        total = torch.zeros(())
         with torch.no_grad():
-            for index in range(iters):
-                for batch in batches.micro_batches(index * batches.global_batch):
-                    total += masked_loss(self.ddp, batch).cpu()
+            total = sum(masked_loss(self.ddp, batch) for index in range(iters)
+                        for batch in batches.micro_batches(index * batches.global_batch))
         self.ddp.train()
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         return total.item() / (iters * batches.num_micro_batches * parallel_state.get_data_parallel_world_size())

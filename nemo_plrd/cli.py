@@ -138,7 +138,7 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                          args.batch_size)
-        result = evaluate(args.model_dir, cfg.tasks, cfg.limit, cfg.perplexity_blocks, cfg.heldout, cfg.batch_size)
+        result = evaluate(args.model_dir, **vars(cfg))
     except InputError as error:
         parser.error(str(error))
     out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)

@@ -231,7 +231,8 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
 class EvalConfig:
     """lm-eval tasks on the first export (none: no lm-eval) and held-out perplexity: ``perplexity_blocks``
     blocks (0: none) of each ``heldout`` corpus's held-out documents, which no calibration or training
-    reads; the reports' headline perplexity is over those of the corpora the stage trains on."""
+    reads; the reports' headline perplexity is over those of the corpora the stage trains on. The
+    fields are ``nemo_plrd.evaluate.evaluate``'s keyword arguments, so every caller passes them all."""
 
     tasks: list[str] = field(default_factory=list)
     limit: Optional[int] = None  # items per task

@@ -289,8 +289,7 @@ def evaluate_member(cfg: DecomposeConfig, folder: Path, results: Path) -> dict:
     """lm-eval on the stage's first export in ``folder``, written to ``results`` (kept: read back on a rerun)."""
     if not (results / "results.json").is_file():
         start = time.perf_counter()
-        result = evaluate(folder / f"hf-{cfg.export[0]}", cfg.eval.tasks, cfg.eval.limit, cfg.eval.perplexity_blocks,
-                          cfg.eval.heldout, cfg.eval.batch_size)
+        result = evaluate(folder / f"hf-{cfg.export[0]}", **vars(cfg.eval))
         result["seconds"] = time.perf_counter() - start
         write_results(result, results)
     result = json.loads((results / "results.json").read_text())
@@ -361,6 +360,5 @@ def evaluate_parent(parent: str, stage: DecomposeConfig, results: Path) -> Optio
     if not stage.eval.tasks or (folder / "metadata.json").is_file():
         return None
     if not (results / "results.json").is_file():
-        write_results(evaluate(folder, stage.eval.tasks, stage.eval.limit, stage.eval.perplexity_blocks,
-                               stage.eval.heldout, stage.eval.batch_size), results)
+        write_results(evaluate(folder, **vars(stage.eval)), results)
     return json.loads((results / "results.json").read_text())

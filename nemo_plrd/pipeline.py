@@ -214,6 +214,7 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
     run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0(),
         valid=None if valid is None else in_batches(valid),
         eval_interval=cfg.train.eval_interval, eval_iters=cfg.train.eval_iters)
+    model.float()  # bf16_mixed trained it in bf16: held-out perplexity, checkpoint and export read fp32 as before
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
@@ -229,7 +230,7 @@ def check_teacher_source(cfg: DecomposeConfig) -> None:
 
 def load_teacher(cfg: DecomposeConfig) -> Optional[torch.nn.Module]:
     """The distillation teacher (None for the LM loss) at the student's TP layout, frozen."""
-    return None if cfg.train.loss == "lm" else distill.load_teacher(_teacher_source(cfg))
+    return None if cfg.train.loss == "lm" else distill.load_teacher(_teacher_source(cfg), cfg.params_dtype)
 
 
 def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity: Optional[dict] = None

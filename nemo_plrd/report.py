@@ -65,8 +65,8 @@ def stage_summary(cfg, figures: dict) -> list[str]:
                 f"TP={figures['tp']} x DP={figures['dp']}")
     if figures["train_losses"]:
         train, optimizer = cfg.train, cfg.optimizer_config()
-        settings += (f"; trained {train.steps} steps of {train.global_batch}x{train.seq_length} tokens, "
-                     f"{optimizer.optimizer} lr {optimizer.lr:g} (warm-up {train.warmup_steps}, {train.decay_style} "
+        settings += (f"; trained {train.steps} steps of {train.global_batch}x{train.seq_length} tokens "
+                     f"({cfg.mixed_precision or 'fp32'}), {optimizer.optimizer} lr {optimizer.lr:g} (warm-up {train.warmup_steps}, {train.decay_style} "
                      f"to {optimizer.min_lr:g}), loss {figures['train_losses'][0]:.3f} -> "
                      f"{figures['train_losses'][-1]:.3f}")
         if figures["valid_losses"]:

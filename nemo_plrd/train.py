@@ -8,6 +8,9 @@ weight decay off for norms and biases, gradient clipping) and ``OptimizerParamSc
 (warm-up, then cosine / linear / WSD decay to ``min_lr``), counted in samples as megatron
 counts them. A global batch is ``micro_batch`` x data-parallel size x the number of
 micro-batches whose gradients accumulate, read in megatron's order (``DataParallelBatches``).
+With ``OptimizerConfig.bf16`` it is megatron's mixed precision: ``Float16Module`` runs the model
+in bf16 and hands back fp32 outputs, the optimizer keeps fp32 main weights (its checkpointed
+state holds them), gradients accumulate where ``DistributedDataParallelConfig`` says.
 
 ``Trainer.state`` is everything a resumed run needs (model, optimizer, scheduler, iteration,
 consumed samples, RNG) as one ``dist_checkpointing`` state dict, so an interrupted stage
@@ -16,6 +19,7 @@ continues from its last save and takes exactly the steps the uninterrupted run w
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -33,6 +37,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.module import Float16Module
 from tqdm import tqdm
 
 from nemo_plrd.data import DataParallelBatches
@@ -81,8 +86,12 @@ class Trainer:
         ddp = ddp or DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer)
         if ddp.use_distributed_optimizer != optimizer.use_distributed_optimizer:
             raise ValueError("DistributedDataParallelConfig and OptimizerConfig disagree on use_distributed_optimizer")
+        if optimizer.fp16:
+            raise ValueError("fp16 training needs loss scaling, which this loop does not do: use bf16 or fp32")
         self.model, self.schedule, self.batches, self.loss = model, schedule, batches, loss
-        self.ddp = DistributedDataParallel(model.config, ddp, module=model)
+        # bf16: the wrapper casts ``model`` itself to bf16 (the caller's .float() undoes it after training)
+        module = Float16Module(_bf16(model.config), model) if optimizer.bf16 else model
+        self.ddp = DistributedDataParallel(model.config, ddp, module=module)
         self.optimizer = get_megatron_optimizer(optimizer, [self.ddp])
         samples = schedule.global_batch
         self.scheduler = OptimizerParamScheduler(
@@ -147,6 +156,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = state["iteration"]
         _set_rng_state(state["rng"])
+
+
+def _bf16(config):
+    """``config`` marked bf16 for ``Float16Module`` alone: the model keeps the config it was built with."""
+    config = copy.copy(config)
+    config.bf16 = True
+    return config
 
 
 def _rng_state() -> ShardedObject:

@@ -74,3 +74,11 @@ def test_bad_input_is_refused(tmp_path):
     assert corpus.returncode == 2 and "eval.heldout=['shakespeare', 'poetry'] must name distinct embedded corpora, " \
         "one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']" in corpus.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_limit_on_mmlu_scores_items_of_every_subject():
+    """MMLU's 57 subjects are one split of files in alphabetical order; with a limit of 57 the items
+    scored are one per subject (before: the first 57 of abstract algebra)."""
+    result = evaluate(smollm2_135m(), tasks=("mmlu",), limit=57, perplexity_blocks=1, heldout=("news",), samples=True)
+    subjects = [sample["doc"]["subject"] for sample in result["samples"]["mmlu"]]
+    assert len(subjects) == 57 and len(set(subjects)) == 57

@@ -78,6 +78,8 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
     (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
     (["eval.batch_size=0"], "eval.batch_size=0 must be a positive integer"),
+    (["mixed_precision=fp16_mixed"], "mixed_precision='fp16_mixed' is not one of null (fp32) or 'bf16_mixed'"),
+    (["+optimizer.bf16=true"], "optimizer.bf16 cannot be set: it follows mixed_precision"),
     (["eval.heldout=[shakespeare, poetry]"], "eval.heldout=['shakespeare', 'poetry'] must name distinct embedded "
                                              "corpora, one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']"),
     (["dataset.blend=[[shakespeare, poetry], null]"], "dataset.blend: 'poetry' is not a megatron indexed dataset"),
@@ -392,6 +394,19 @@ def test_a_stage_trains_the_same_at_tp1_x_dp2_and_tp2_x_dp1(tiny_parent, trained
     assert (dp2["tp"], dp2["dp"], tp2["tp"], tp2["dp"]) == (1, 2, 2, 1)
     assert tp2["train_losses"] == pytest.approx(dp2["train_losses"], rel=1e-5)
     assert tp2["train_losses"][-1] < tp2["train_losses"][0]
+
+
+def test_a_bf16_mixed_stage_trains_like_the_fp32_one_and_leaves_fp32_weights(tiny_parent, trained_stage, tmp_path):
+    """mixed_precision=bf16_mixed: the same steps on the same batches within bf16's error; the trained
+    member's perplexity, checkpoint and export are fp32, as the fp32 stage's are."""
+    out = tmp_path / "bf16"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "mixed_precision=bf16_mixed", nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    fp32, bf16 = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, out))
+    assert bf16["train_losses"] == pytest.approx(fp32["train_losses"], rel=1e-3)
+    assert bf16["train_losses"] != fp32["train_losses"]  # it did compute in bf16
+    assert bf16["member_perplexity"] == pytest.approx(fp32["member_perplexity"], rel=1e-3)
+    assert {w.dtype for w in merged_weights(out).values()} == {torch.float32}
 
 
 def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.optimizer import OptimizerConfig
 
 from nemo_plrd.data import DataParallelBatches, token_samples
@@ -70,3 +71,31 @@ def test_validation_averages_the_same_leading_batches_every_time_and_leaves_trai
     assert t.validate(valid, iters=2) == pytest.approx(expected, rel=1e-6)
     assert t.validate(valid, iters=2) == pytest.approx(expected, rel=1e-6)  # no data position moves
     assert t.model.training and t.iteration == 1
+
+
+def test_bf16_mixed_computes_in_bf16_on_fp32_main_weights_and_tracks_fp32():
+    """megatron's mixed precision: bf16 weights that are the rounding of the optimizer's fp32 main weights
+    (so updates below bf16's resolution are not lost), and losses within bf16's error of an fp32 run."""
+    fp32, bf16 = trainer(Schedule(6, global_batch=4)), trainer(Schedule(6, global_batch=4), bf16=True)
+    losses = {name: [t.step()["loss"] for _ in range(6)] for name, t in (("fp32", fp32), ("bf16", bf16))}
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2) and losses["bf16"] != losses["fp32"]
+    (inner,) = bf16.optimizer.chained_optimizers  # megatron's Float16OptimizerWithFloat16Params
+    main, model = (sum(groups, []) for groups in (inner.fp32_from_float16_groups, inner.float16_groups))
+    assert len(main) == len(list(bf16.model.parameters())) and all(m.dtype == torch.float32 for m in main)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    assert all(torch.equal(m.bfloat16(), p) for m, p in zip(main, model))
+    assert any(not torch.equal(m, p.float()) for m, p in zip(main, model))
+
+
+def test_a_bf16_mixed_run_resumed_from_its_checkpoint_takes_the_uninterrupted_steps(tmp_path):
+    """The model's bf16 weights and the optimizer's fp32 main weights both come back from the checkpoint."""
+    straight = trainer(Schedule(4, global_batch=4), bf16=True)
+    expected = [straight.step()["loss"] for _ in range(4)]
+    first = trainer(Schedule(4, global_batch=4), bf16=True)
+    losses = [first.step()["loss"] for _ in range(2)]
+    dist_checkpointing.save(first.state(), str(tmp_path))
+    resumed = trainer(Schedule(4, global_batch=4), bf16=True)  # its weights and main weights: the step-0 ones
+    resumed.load_state(dist_checkpointing.load(resumed.state(is_loading=True), str(tmp_path)))
+    losses += [resumed.step()["loss"] for _ in range(2)]
+    assert losses == expected
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters()))

@@ -65,8 +65,7 @@ class DistillationStep:
         if packed is not None:
             raise InputError("train.loss=kd does not take packed sequences: give the stage unpacked data")
         if self.teacher is None:
-            dtype = get_model_config(model).params_dtype
-            self.teacher = distill.load_teacher(self.source).to(device=tokens.device, dtype=dtype)
+            self.teacher = distill.load_teacher(self.source, get_model_config(model).params_dtype).to(tokens.device)
         inputs = {"input_ids": tokens, "position_ids": position_ids, "attention_mask": attention_mask}
         logits = model(**inputs)  # [b, s, v/tp]: no labels, no loss inside the model
         with torch.no_grad():

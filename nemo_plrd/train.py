@@ -38,6 +38,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
 from tqdm import tqdm
 
 from nemo_plrd.data import DataParallelBatches
@@ -158,7 +159,7 @@ class Trainer:
         _set_rng_state(state["rng"])
 
 
-def _bf16(config):
+def _bf16(config: TransformerConfig) -> TransformerConfig:
     """``config`` marked bf16 for ``Float16Module`` alone: the model keeps the config it was built with."""
     config = copy.copy(config)
     config.bf16 = True

@@ -397,10 +397,12 @@ def test_a_stage_trains_the_same_at_tp1_x_dp2_and_tp2_x_dp1(tiny_parent, trained
 
 
 def test_a_bf16_mixed_stage_trains_like_the_fp32_one_and_leaves_fp32_weights(tiny_parent, trained_stage, tmp_path):
-    """mixed_precision=bf16_mixed: the same steps on the same batches within bf16's error; the trained
-    member's perplexity, checkpoint and export are fp32, as the fp32 stage's are."""
+    """mixed_precision=bf16_mixed at TP=2 (its collectives in bf16) against fp32 at TP=1 x DP=2: the
+    same steps on the same batches within bf16's error; the trained member's perplexity, checkpoint
+    and export are fp32, as the fp32 stage's are."""
     out = tmp_path / "bf16"
-    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "mixed_precision=bf16_mixed", nproc=2)
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "mixed_precision=bf16_mixed",
+                 "parallel.tensor_model_parallel_size=2", nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
     fp32, bf16 = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, out))
     assert bf16["train_losses"] == pytest.approx(fp32["train_losses"], rel=1e-3)

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--tasks", default="all",
                           help="comma-separated: arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,mmlu (default all)")
     evaluate.add_argument("--limit", type=_positive, default=None, help="items per task (default: all)")
-    evaluate.add_argument("--perplexity-blocks", type=_positive, default=8,
-                          help="held-out blocks of 512 tokens per corpus")
+    evaluate.add_argument("--perplexity-blocks", type=int, default=8,
+                          help="held-out blocks of 512 tokens per corpus (0: none)")
     evaluate.add_argument("--heldout", default="all",
                           help="comma-separated embedded corpora whose held-out text is scored: "
                                "shakespeare,wikipedia,kjv,news (default all)")

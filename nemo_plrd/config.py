@@ -274,7 +274,8 @@ class DecomposeConfig:
     def __post_init__(self) -> None:
         _check_parent(self.parent)
         if self.mixed_precision not in MIXED_PRECISION:
-            raise InputError(f"mixed_precision={self.mixed_precision!r} is not one of null (fp32) or 'bf16_mixed'")
+            raise InputError(f"mixed_precision={self.mixed_precision!r} must be null (fp32) or one of "
+                             f"{[name for name in MIXED_PRECISION if name]}")
         self.ddp_config()  # refused now, not after the decomposition (the optimizer's config with it)
         check_export(self.export)
         if self.train.steps and self.train.eval_iters and not float(self.dataset.split.replace("/", ",").split(",")[1]):
@@ -293,7 +294,7 @@ class DecomposeConfig:
         return optimizer_config(**self.optimizer, bf16=self.mixed_precision == "bf16_mixed")
 
     @property
-    def params_dtype(self) -> torch.dtype:
+    def train_dtype(self) -> torch.dtype:
         """The dtype of the weights training computes with (the student's and the teacher's)."""
         return torch.bfloat16 if self.mixed_precision == "bf16_mixed" else torch.float32
 

@@ -14,18 +14,22 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from nemo_plrd.assets import CORPORA, cache_dir, corpus, eval_sets
 from nemo_plrd.errors import InputError, MissingInputError
+from nemo_plrd.files import write_text_atomic
 from nemo_plrd.report import format_table
+
+if TYPE_CHECKING:
+    import datasets
 
 HELDOUT_BLOCK = 513  # 512 tokens and the next one
 
 
-def subjects_in_turn(docs):
+def subjects_in_turn(docs: datasets.Dataset) -> datasets.Dataset:
     """MMLU's items reordered so that its 57 subjects take turns (each subject's first item, then each
     one's second, ...): ``limit`` items then come from as many subjects as they can (all 57 from a
     limit of 57 on), not from the first files alone (abstract algebra's 100 items, then anatomy's).
@@ -51,7 +55,6 @@ _LM_EVAL_TASKS = {
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}),
     "mmlu": ("mmlu/default/_default_template_yaml", {"process_docs": subjects_in_turn}),
 }
-
 
 
 def offline_environment() -> None:
@@ -140,7 +143,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
                         if name.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
     result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": scores,
               "items": {task: output["n-samples"][f"plrd_{task}"]["effective"] for task in tasks},
-              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
+              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout) if perplexity_blocks else {}}
     if samples:
         result["samples"] = {task: output["samples"][f"plrd_{task}"] for task in tasks}
     return result
@@ -160,9 +163,7 @@ def markdown(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir: Path) -> None:
-    """results.json and results.md, each written to a temp name and renamed."""
+    """results.json and results.md, each whole or not at all (a family reads results.json back as done)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(result, indent=1)), ("results.md", markdown(result) + "\n")):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+    write_text_atomic(out_dir / "results.md", markdown(result) + "\n")
+    write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))

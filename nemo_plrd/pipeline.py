@@ -41,6 +41,7 @@ from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_dataset
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
+from nemo_plrd.files import write_text_atomic
 from nemo_plrd.model import LlamaArch, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
@@ -86,9 +87,7 @@ def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
             verdict[0] = ["existing", [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed]]
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_name(CONFIG + ".tmp")
-            tmp.write_text(json.dumps(config, indent=1) + "\n")
-            tmp.rename(record)
+            write_text_atomic(record, json.dumps(config, indent=1) + "\n")
             verdict[0] = ["new", []]
     dist.broadcast_object_list(verdict, src=0)
     state, changed = verdict[0]
@@ -175,7 +174,7 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
         (partial / "plan.txt").write_text(plan.table() + "\n")
     save_checkpoint(model, partial / "train" / DECOMPOSED, arch, hf_source)
     if rank0:  # written after the checkpoint: its presence says the decomposition is saved
-        (partial / "decomposed.json").write_text(json.dumps(figures, indent=1) + "\n")
+        write_text_atomic(partial / "decomposed.json", json.dumps(figures, indent=1) + "\n")
     return model, figures
 
 
@@ -230,7 +229,7 @@ def check_teacher_source(cfg: DecomposeConfig) -> None:
 
 def load_teacher(cfg: DecomposeConfig) -> Optional[torch.nn.Module]:
     """The distillation teacher (None for the LM loss) at the student's TP layout, frozen."""
-    return None if cfg.train.loss == "lm" else distill.load_teacher(_teacher_source(cfg), cfg.params_dtype)
+    return None if cfg.train.loss == "lm" else distill.load_teacher(_teacher_source(cfg), cfg.train_dtype)
 
 
 def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity: Optional[dict] = None
@@ -246,6 +245,8 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
     out, partial = Path(cfg.output), Path(cfg.output + ".partial")
     if out.exists():
         claim(out, cfg, finished=True)
+        if _rank0():  # a run stopped between the rename and this cleanup left the optimizer's state
+            shutil.rmtree(out / "train", ignore_errors=True)
         return json.loads((out / "summary.json").read_text()) if _rank0() else None
     if cfg.train.steps and cfg.train.loss != "lm":
         check_teacher_source(cfg)
@@ -281,8 +282,8 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         figures |= evaluate_member(cfg, partial, partial / "eval")
     (partial / "summary.json").write_text(json.dumps(figures, indent=1) + "\n")
     (partial / "summary.md").write_text("\n".join(report.stage_summary(cfg, figures)) + "\n")
-    shutil.rmtree(partial / "train")  # the optimizer's state: the stage is done
     partial.rename(out)
+    shutil.rmtree(out / "train")  # the optimizer's state: the stage is done
     return figures
 
 

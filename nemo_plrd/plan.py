@@ -16,7 +16,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -24,6 +23,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from nemo_plrd.errors import InputError
+from nemo_plrd.files import write_text_atomic
 from nemo_plrd.report import format_table
 from nemo_plrd.slots import SLOTS, check_slot_names
 
@@ -112,10 +112,7 @@ class RankPlan:
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a reader never sees a half-written plan."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json())
 
 
 def _table_row(run: list[SlotPlan]) -> tuple:

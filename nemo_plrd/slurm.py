@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import check_prefix
 from nemo_plrd.errors import InputError
+from nemo_plrd.files import write_text_atomic
 
 HEAD_NODE = "${HEAD_NODE}"  # the rendezvous host: the job's first node, set in the script
 JOB_ID = "${SLURM_JOB_ID}"  # the rendezvous id
@@ -213,9 +214,7 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
             previous = f"<job id of {family.stage_name(index)}>"
             continue
         launch_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(script)
-        os.replace(tmp, path)
+        write_text_atomic(path, script)
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise InputError(f"{shlex.join(command)} failed ({result.returncode}): {result.stderr.strip()}"

@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from tqdm import tqdm
 
 from nemo_plrd.data import DataParallelBatches
+from nemo_plrd.files import write_text_atomic
 from nemo_plrd.model import gpt_forward
 
 
@@ -84,7 +85,8 @@ class Trainer:
                  loss: Callable[[torch.nn.Module, dict], torch.Tensor] = masked_loss):
         if optimizer.lr is None or optimizer.min_lr is None:
             raise ValueError("OptimizerConfig needs lr and min_lr: the schedule warms up to one and decays to the other")
-        ddp = ddp or DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer)
+        ddp = ddp or DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer,
+                                                   grad_reduce_in_fp32=optimizer.bf16)  # as bf16_mixed sets it
         if ddp.use_distributed_optimizer != optimizer.use_distributed_optimizer:
             raise ValueError("DistributedDataParallelConfig and OptimizerConfig disagree on use_distributed_optimizer")
         if optimizer.fp16:
@@ -183,7 +185,7 @@ def keep_saved_steps(metrics: Path, iteration: int) -> None:
     """A resumed run takes the steps after its last checkpoint again: their old metric lines go."""
     if metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= iteration]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(metrics, "".join(line + "\n" for line in kept))
 
 
 def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, metrics: Optional[Path],

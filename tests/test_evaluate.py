@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from nemo_plrd.assets import smollm2_135m
-from nemo_plrd.evaluate import evaluate
+from nemo_plrd.evaluate import evaluate, markdown
 
 
 def plrd_eval(*args) -> subprocess.CompletedProcess:
@@ -31,7 +31,8 @@ def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
 
 def test_scores_come_from_the_model():
     parent = smollm2_135m()
-    result = evaluate(parent, tasks=("arc_easy",), limit=3, perplexity_blocks=1, samples=True)
+    result = evaluate(parent, tasks=("arc_easy",), limit=3, perplexity_blocks=0, samples=True)
+    assert result["perplexity"] == {} and "perplexity" not in markdown(result)  # 0 blocks: none measured
     model = transformers.AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(parent)
     correct = []
@@ -73,6 +74,8 @@ def test_bad_input_is_refused(tmp_path):
     corpus = plrd_eval(smollm2_135m(), "--heldout", "shakespeare,poetry", "--out", tmp_path / "out")
     assert corpus.returncode == 2 and "eval.heldout=['shakespeare', 'poetry'] must name distinct embedded corpora, " \
         "one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']" in corpus.stderr
+    blocks = plrd_eval(smollm2_135m(), "--perplexity-blocks", "-1", "--out", tmp_path / "out")
+    assert blocks.returncode == 2 and "eval.perplexity_blocks=-1 must be >= 0" in blocks.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -83,6 +83,7 @@ def test_bf16_mixed_computes_in_bf16_on_fp32_main_weights_and_tracks_fp32():
     main, model = (sum(groups, []) for groups in (inner.fp32_from_float16_groups, inner.float16_groups))
     assert len(main) == len(list(bf16.model.parameters())) and all(m.dtype == torch.float32 for m in main)
     assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    assert all(p.main_grad.dtype == torch.float32 for p in bf16.model.parameters())  # accumulated in fp32
     assert all(torch.equal(m.bfloat16(), p) for m, p in zip(main, model))
     assert any(not torch.equal(m, p.float()) for m, p in zip(main, model))
 

@@ -1,0 +1,15 @@
+"""Files a resumed run reads as facts: written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` at ``path`` through a temp name in the same folder and a rename: a run cut short
+    leaves the old file or none, never a half-written one that looks finished."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -226,8 +226,14 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
     bar.close()
 
 
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token loss) over ``blocks`` [n, s+1] of held-out tokens."""
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, progress: Optional[tqdm] = None
+               ) -> float:
+    """exp(mean next-token loss) over ``blocks`` [n, s+1] of held-out tokens (``progress`` advanced by
+    each batch's predicted tokens)."""
+    losses = []
     with torch.no_grad():
-        losses = [lm_loss(model, batch).item() * batch.shape[0] for batch in blocks.split(batch_size)]
+        for batch in blocks.split(batch_size):
+            losses.append(lm_loss(model, batch).item() * batch.shape[0])
+            if progress is not None:
+                progress.update(batch[:, 1:].numel())
     return math.exp(sum(losses) / blocks.shape[0])

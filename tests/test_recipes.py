@@ -189,6 +189,9 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
                                                        "hf-factored", "hf-merged", "plan.json", "plan.txt",
                                                        "summary.json", "summary.md"]
     assert not Path(f"{first}.partial").exists()
+    bars = [line for line in run.stderr.replace("\r", "\n").splitlines()
+            if line.startswith("held-out perplexity: 100%")]  # rank 0's: the parent's, the decomposed model's
+    assert len(bars) >= 2 and all("tok/s]" in bar for bar in bars)
     plan = RankPlan.from_json((first / "plan.json").read_text())
     summary = json.loads((first / "summary.json").read_text())
     assert summary["tp"] == 2 and summary["member_params"] == plan.params < summary["parent_params"]

@@ -106,7 +106,9 @@ def heldout_blocks(tokenizer, num_blocks: int, name: str) -> torch.Tensor:
 
 
 def heldout_perplexity(model, tokenizer, num_blocks: int, names: Sequence[str]) -> dict[str, float]:
-    """{corpus: exp(mean next-token loss)} of an HF causal LM over each corpus's held-out blocks."""
+    """{corpus: exp(mean next-token loss)} of an HF causal LM over each corpus's held-out blocks ({} for none)."""
+    if not num_blocks:
+        return {}
     result = {}
     with torch.no_grad():
         for name in names:
@@ -143,7 +145,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
                         if name.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
     result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": scores,
               "items": {task: output["n-samples"][f"plrd_{task}"]["effective"] for task in tasks},
-              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout) if perplexity_blocks else {}}
+              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
     if samples:
         result["samples"] = {task: output["samples"][f"plrd_{task}"] for task in tasks}
     return result

@@ -8,7 +8,8 @@ Everything is written under ``OUTPUT.partial`` and renamed to ``OUTPUT`` when co
 step leaves a record the next run reads, so the same command, run again after an interruption
 at any point, redoes only what was not saved:
 
-- a finished stage or family (``OUTPUT`` exists) is not touched again;
+- a finished stage or family (``OUTPUT`` exists) is not run again (only the optimizer's state,
+  removed right after the rename, goes if a stop came between the two);
 - the decomposed model is saved before training (``train/iter_0000000``), and training saves
   model, optimizer, scheduler, RNG and data position every ``train.save_interval`` steps; a
   rerun resumes from the last save and takes exactly the steps the uninterrupted run would;

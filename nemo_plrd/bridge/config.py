@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, TypeVar
 
 from megatron.bridge.training.config import ConfigContainer, TrainingConfig
 from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 from omegaconf import OmegaConf
 
 from nemo_plrd.config import PLRDConfig, check_distillation, from_dict, override_key, with_overrides
+from nemo_plrd.errors import InputError
+
+Config = TypeVar("Config")
 
 
 @dataclass(kw_only=True)
@@ -40,23 +43,31 @@ class PLRDConfigContainer(ConfigContainer):
     plrd: PLRDConfig
 
 
+def _promoted(cfg: Any, subclass: type[Config], **more: Any) -> Config:
+    """Bridge's config dataclass ``cfg`` as ``subclass``, nemo-plrd's extension of its type, every field kept."""
+    return subclass(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}, **more)
+
+
 def with_plrd(cfg: ConfigContainer, plrd: PLRDConfig) -> PLRDConfigContainer:
-    """A Bridge recipe's ``ConfigContainer`` (e.g. from ``megatron.bridge.recipes``) with ``plrd`` added."""
-    return PLRDConfigContainer(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
-                               plrd=plrd)
+    """A Bridge recipe's ``ConfigContainer`` (e.g. from ``megatron.bridge.recipes``) with ``plrd`` added:
+    what a ``--recipe`` function of ``recipes/run_plrd.py`` built on one of Bridge's returns."""
+    return _promoted(cfg, PLRDConfigContainer, plrd=plrd)
 
 
 def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Path] = None,
                         overrides: Sequence[str] = ()) -> PLRDConfigContainer:
     """``cfg`` with the YAML file and overrides applied by Bridge, its ``plrd`` section validated."""
+    if not isinstance(cfg, PLRDConfigContainer):
+        raise InputError(f"the recipe returned a {type(cfg).__name__}, not a PLRDConfigContainer: "
+                         "nemo_plrd.bridge.config.with_plrd(cfg, PLRDConfig(...)) adds the plrd section to a "
+                         "Bridge recipe's ConfigContainer")
     plrd = OmegaConf.create({"plrd": dataclasses.asdict(cfg.plrd)})
     if config_file is not None and Path(config_file).is_file():
         plrd = OmegaConf.merge(plrd, {"plrd": OmegaConf.load(config_file).get("plrd") or {}})
     with_overrides(plrd, [line for line in overrides if override_key(line).split(".")[0] == "plrd"])
     from_dict(PLRDConfig, OmegaConf.to_container(plrd, resolve=True)["plrd"], "plrd.")  # before Bridge
     if not isinstance(cfg.train, PLRDTrainingConfig):  # a recipe function's own: Bridge would skip train.loss
-        cfg.train = PLRDTrainingConfig(**{f.name: getattr(cfg.train, f.name)
-                                          for f in dataclasses.fields(cfg.train) if f.init})
+        cfg.train = _promoted(cfg.train, PLRDTrainingConfig)
     cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))
     cfg.plrd = from_dict(PLRDConfig, dataclasses.asdict(cfg.plrd), "plrd.")  # and what Bridge made of it
     check_distillation(cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher)

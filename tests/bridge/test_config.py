@@ -14,16 +14,27 @@ from tiny_llama import save_tiny_llama
 from nemo_plrd.bridge.config import PLRDConfigContainer, PLRDTrainingConfig, process_plrd_config, with_plrd
 from nemo_plrd.bridge.distill import DistillationStep, stage_forward_step
 from nemo_plrd.config import CalibrationConfig, PLRDConfig, PlanConfig
+from nemo_plrd.errors import InputError
 
 
-def container() -> PLRDConfigContainer:
-    bridge = ConfigContainer(
+def bridge_container() -> ConfigContainer:
+    """What a Bridge recipe function returns (a tiny model on mock data)."""
+    return ConfigContainer(
         train=TrainingConfig(train_iters=4, global_batch_size=4, micro_batch_size=2),
         model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128),
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4), scheduler=SchedulerConfig(),
         dataset=MockGPTDatasetConfig(seq_length=64, random_seed=1234), logger=LoggerConfig(),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=128), checkpoint=CheckpointConfig())
-    return with_plrd(bridge, PLRDConfig(plan=PlanConfig(keep=0.6), calibration=CalibrationConfig(tokens=512)))
+
+
+def container() -> PLRDConfigContainer:
+    return with_plrd(bridge_container(), PLRDConfig(plan=PlanConfig(keep=0.6), calibration=CalibrationConfig(tokens=512)))
+
+
+def test_a_recipe_returning_bridge_s_own_container_is_refused_naming_the_helper_that_adds_plrd():
+    with pytest.raises(InputError, match=r"the recipe returned a ConfigContainer, not a PLRDConfigContainer: "
+                                         r"nemo_plrd\.bridge\.config\.with_plrd\(cfg, PLRDConfig\(\.\.\.\)\) adds"):
+        process_plrd_config(bridge_container())
 
 
 def test_yaml_and_overrides_land_in_the_plrd_section_and_in_bridge_s_own(tmp_path):

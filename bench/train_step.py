@@ -1,6 +1,7 @@
 """What a stage's training step costs: the LM loss vs distillation, fp32 vs bf16 mixed precision (CPU).
 
     .venv/bin/python bench/train_step.py [--keep 0.6] [--repeats 3] [--micro-batch 4 --seq-length 256]
+                                         [--fp32-only]
 
 SmolLM2-135M's architecture (random weights: speed does not depend on them), the student at
 the member's uniform plan, the teacher the dense parent; the stages' own ``Trainer`` (TP=1)
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from timing import interleaved_medians  # bench/ is on sys.path when this runs as a script
 
@@ -37,25 +37,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--fp32-only", action="store_true",
+                        help="on a CPU without AVX-512 bf16, where bf16 matrix products crawl")
     args = parser.parse_args()
+    precisions = ["fp32"] if args.fp32_only else list(PRECISIONS)
     init_model_parallel(1)
 
     steps = args.repeats + 1  # the warm-up round and the timed ones
     tokens = torch.randint(0, SMOLLM2_135M.vocab_size, (steps * args.micro_batch, args.seq_length + 1),
                            generator=torch.Generator().manual_seed(0))
-    teachers = {precision: build_gpt(SMOLLM2_135M).requires_grad_(False).to(dtype)
-                for precision, dtype in PRECISIONS.items()}
+    teachers = {precision: build_gpt(SMOLLM2_135M).requires_grad_(False).to(PRECISIONS[precision])
+                for precision in precisions}
     ranks = plan_for(teachers["fp32"], keep=args.keep).layer_ranks()
     trainers = {}
-    for precision, dtype in PRECISIONS.items():
-        bf16 = dtype == torch.bfloat16
+    for precision in precisions:
         for loss in ("lm", "lm+kd"):
             batches = DataParallelBatches(token_samples(tokens), args.micro_batch, args.micro_batch, 0, 1)
             trainers[loss, precision] = Trainer(
-                build_gpt(SMOLLM2_135M, ranks), OptimizerConfig(lr=1e-4, min_lr=1e-4, bf16=bf16),
+                build_gpt(SMOLLM2_135M, ranks),
+                OptimizerConfig(lr=1e-4, min_lr=1e-4, bf16=PRECISIONS[precision] == torch.bfloat16),
                 Schedule(steps, args.micro_batch, decay_style="constant"), batches,
-                DistributedDataParallelConfig(grad_reduce_in_fp32=bf16),
-                stage_loss(loss, teachers[precision] if loss != "lm" else None))
+                loss=stage_loss(loss, teachers[precision] if loss != "lm" else None))
     seconds = interleaved_medians({name: t.step for name, t in trainers.items()}, args.repeats)
     tokens_per_step = args.micro_batch * args.seq_length
     base = seconds["lm", "fp32"]

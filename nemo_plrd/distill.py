@@ -34,9 +34,9 @@ def _log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
     """log softmax over the vocabulary split across ``group``'s ranks, this rank's slice [..., v/tp] back.
 
     torch's fused row-wise kernel normalises the local slice in one pass over the logits (max, subtract,
-    exp, sum and subtract took five, each [b, s, v/tp] in and out of memory: the KL ran 2.5x slower). A
-    row's local log-normaliser is then one element's difference, and the ranks' combine in two
-    all-reduces of [...] elements (none at TP=1)."""
+    exp, sum and subtract took five, each [b, s, v/tp] in and out of memory). A row's local
+    log-normaliser is then one element's difference, and the ranks' combine in two all-reduces of
+    [...] elements (none at TP=1)."""
     local = torch.log_softmax(logits, dim=-1)
     if dist.get_world_size(group) == 1:
         return local

@@ -66,8 +66,9 @@ def stage_summary(cfg, figures: dict) -> list[str]:
     if figures["train_losses"]:
         train, optimizer = cfg.train, cfg.optimizer_config()
         settings += (f"; trained {train.steps} steps of {train.global_batch}x{train.seq_length} tokens "
-                     f"({cfg.mixed_precision or 'fp32'}), {optimizer.optimizer} lr {optimizer.lr:g} (warm-up {train.warmup_steps}, {train.decay_style} "
-                     f"to {optimizer.min_lr:g}), loss {figures['train_losses'][0]:.3f} -> "
+                     f"({cfg.mixed_precision or 'fp32'}), {optimizer.optimizer} lr {optimizer.lr:g} "
+                     f"(warm-up {train.warmup_steps}, {train.decay_style} to {optimizer.min_lr:g}), "
+                     f"loss {figures['train_losses'][0]:.3f} -> "
                      f"{figures['train_losses'][-1]:.3f}")
         if figures["valid_losses"]:
             settings += ", validation loss " + " -> ".join(f"{loss:.3f} (step {step})"

@@ -2,9 +2,11 @@
 # Install what is missing, then run the whole test suite:
 #   1. single-process tests (math, configs, CLI, conversion);
 #   2. tensor-parallel tests, all in one 2-process torchrun group (TP=1 and TP=2 cases);
-#   3. the Megatron-Bridge lane in its own venv, .venv-bridge (scripts/setup.sh --bridge): tests/bridge/
+#   3. the Megatron-Bridge lane (scripts/test_bridge.sh) in its own venv, .venv-bridge: tests/bridge/
 #      against Bridge's real code, and the training, data and decomposition tests again on its
 #      megatron-core 0.19. Skipped with --latest (its set is pinned).
+# Lanes 1 and 3 each run one single-threaded process, so lane 3 runs beside lanes 1 and 2 (its
+# output printed when it ends): on 2 cores the suite takes the longest lane's time, not the sum.
 # Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is
 # 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases instead of
 # the tested set (what a user installing today gets).
@@ -26,6 +28,16 @@ else
 fi
 python=$VENV/bin/python
 
+if [ "$VENV" = .venv ]; then
+  bridge_log=$(mktemp)
+  # A session of its own, so that an early exit (a failed lane, Ctrl-C) stops it and all it started:
+  # SIGTERM reaches pytest and the torchrun launchers, which stop their workers.
+  setsid bash scripts/test_bridge.sh "$@" >"$bridge_log" 2>&1 &
+  bridge=$!
+  trap 'kill -TERM -- "-$bridge" 2>/dev/null || true; rm -f "$bridge_log"' EXIT
+  echo "[test] the Bridge lane runs beside the others; its output follows theirs"
+fi
+
 status=0
 "$python" -m pytest -q --durations=10 --ignore=tests/distributed --ignore=tests/bridge "$@" || status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
@@ -45,6 +57,8 @@ fi
 rm -rf "$logs"
 if [ "$status" -ne 0 ] || [ "$VENV" != .venv ]; then exit "$status"; fi
 
-bash scripts/setup.sh --bridge
-.venv-bridge/bin/python -m pytest -q --durations=10 -p no:cacheprovider tests/bridge tests/test_train.py \
-  tests/test_data.py tests/test_decompose.py "$@"
+status=0
+wait "$bridge" || status=$?
+echo "=== the Bridge lane (.venv-bridge: megatron-core 0.19, Megatron-Bridge)"
+cat "$bridge_log"
+if [ "$status" -ne 5 ]; then exit "$status"; fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The Megatron-Bridge test lane alone (scripts/test.sh runs it beside the others): install what is
+# missing into .venv-bridge, then run tests/bridge/ against Bridge's real code and the training, data
+# and decomposition tests again on its megatron-core 0.19. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+bash scripts/setup.sh --bridge
+exec .venv-bridge/bin/python -m pytest -q --durations=10 -p no:cacheprovider tests/bridge tests/test_train.py \
+  tests/test_data.py tests/test_decompose.py "$@"

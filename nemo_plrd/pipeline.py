@@ -352,10 +352,10 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
     members = [figures(stage) for stage in stages]
     baseline_figures = {name: figures(baseline) for name, baseline in baselines.items()}
     parent_eval = evaluate_parent(cfg.parent, stages[0], partial / "eval" / "parent")
-    lines = report.family_report(cfg, parent_eval, members, baseline_figures)
+    lines = report.family_report(cfg, parent_eval, members, baseline_figures, time.perf_counter() - start)
     (partial / "family.json").write_text(json.dumps({"keep": cfg.keep, "parent_eval": parent_eval, "members": members,
                                                      "baselines": baseline_figures}, indent=1) + "\n")
-    (partial / "family.md").write_text("\n".join(lines) + f"\n\n{time.perf_counter() - start:.0f} s\n")
+    (partial / "family.md").write_text("\n".join(lines) + "\n")
     report.plot_family(cfg, members, baseline_figures, partial / "family.png")
     partial.rename(out)
     return lines

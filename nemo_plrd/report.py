@@ -19,6 +19,13 @@ def fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def duration(seconds: float) -> str:
+    """E.g. 41 s, 10 min 11 s, 1 h 02 min."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
 def combined_perplexity(perplexities: dict[str, float], names: Sequence[str]) -> float:
     """exp(mean loss) over the blocks of the corpora ``names`` (each scores the same number of blocks)."""
     return math.exp(sum(math.log(perplexities[name]) for name in names) / len(names))
@@ -74,15 +81,19 @@ def stage_summary(cfg, figures: dict) -> list[str]:
             settings += ", validation loss " + " -> ".join(f"{loss:.3f} (step {step})"
                                                           for step, loss in figures["valid_losses"])
     lines = [f"# {Path(cfg.output).name}", "", f"parent: {figures['parent']}", "",
-             format_table(("", "parent", "member"), rows), "", settings, "", f"{figures['seconds']:.0f} s"]
+             format_table(("", "parent", "member"), rows), "", settings, "",
+             f"Took {duration(figures['seconds'])} to decompose, train and export (a resumed stage: from its restart)."]
     if "eval" in figures:
-        lines += ["", f"lm-eval on hf-{cfg.export[0]} (limit {cfg.eval.limit}, {figures['eval_seconds']:.0f} s):", "",
+        lines += ["", f"lm-eval on hf-{cfg.export[0]} (limit {cfg.eval.limit}, {duration(figures['eval_seconds'])}):",
+                  "",
                   markdown(figures["eval"])]
     return lines
 
 
-def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselines: dict[str, dict]) -> list[str]:
-    """The perplexity table (parent, control, members, one-shot) and, where lm-eval ran, the accuracy table."""
+def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselines: dict[str, dict],
+                  seconds: float) -> list[str]:
+    """The perplexity table (parent, control, members, one-shot), where lm-eval ran the accuracy table, and
+    where the run's ``seconds`` went."""
     from nemo_plrd.config import BASELINES
 
     first, control, oneshot = members[0], baselines.get("control"), baselines.get("one-shot")
@@ -97,17 +108,13 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
                 gap_closed(figures, control) if decomposed else "",
                 *[fmt(figures[key][name]) if figures[key] else "-" for name in corpora]]
 
-    rows = [row("parent", "", first, first["parent_params"], "parent_perplexity", decomposed=False)]
-    models = [("parent", parent_eval)]
-    if control:
-        rows.append(row("control", "1", control, control["member_params"], "member_perplexity", decomposed=False))
-        models.append(("control", control.get("eval")))
-    for index, (keep, member) in enumerate(zip(cfg.keep, members), 1):
-        rows.append(row(f"stage {index}", f"{keep:g}", member, member["member_params"], "member_perplexity"))
-        models.append((f"stage {index}", member.get("eval")))
-    if oneshot:
-        rows.append(row("one-shot", f"{cfg.keep[-1]:g}", oneshot, oneshot["member_params"], "member_perplexity"))
-        models.append(("one-shot", oneshot.get("eval")))
+    derived = ([("control", "1", control)] if control else []) + [
+        (f"stage {index}", f"{keep:g}", member) for index, (keep, member) in enumerate(zip(cfg.keep, members), 1)] + (
+        [("one-shot", f"{cfg.keep[-1]:g}", oneshot)] if oneshot else [])
+    rows = [row("parent", "", first, first["parent_params"], "parent_perplexity", decomposed=False)] + [
+        row(name, keep, figures, figures["member_params"], "member_perplexity", decomposed=name != "control")
+        for name, keep, figures in derived]
+    models = [("parent", parent_eval)] + [(name, figures.get("eval")) for name, _, figures in derived]
     lines = [f"# PLRD family of {cfg.parent}", "", format_table(header, rows), "",
              f"Held-out perplexity on {first['heldout_tokens']:,} tokens of each corpus's held-out documents; "
              f"in-domain: over those of the corpora the stages train on ({', '.join(first['in_domain'])}). "
@@ -125,6 +132,9 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
                                                                for task in tasks]] for name, result in models]), "",
                   "lm-eval accuracy (acc) ± its standard error; items per task: "
                   + ", ".join(f"{task} {items[task]}" for task in tasks) + "."]
+    lines += ["", f"Took {duration(seconds)}; decomposing, training and exporting each model: "
+              + ", ".join(f"{name} {duration(figures['seconds'])}" for name, _, figures in derived)
+              + " (a resumed run's times count from its restart)."]
     return lines
 
 

@@ -10,7 +10,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_plrd.cpu import CpuRNGStatesTracker, TorchNorm
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear, break_even_rank
 from nemo_plrd.model import SMOLLM2_135M, LlamaArch
-from nemo_plrd.report import format_table
+from nemo_plrd.report import duration, format_table
 from nemo_plrd.spec import low_rank_block_spec, low_rank_layer_spec, spec_submodules
 
 
@@ -75,6 +75,11 @@ def test_smollm2_slot_shapes_and_break_even_ranks():
 def test_format_table_aligns_columns():
     assert format_table(("a", "bb"), [(1, 22), (333, 4)]).splitlines() == [
         "  a  bb", "  1  22", "333   4"]
+
+
+def test_duration_reads_as_people_say_it():
+    assert [duration(s) for s in (0.4, 59.6, 611, 3600, 7325)] == ["0 s", "1 min 0 s", "10 min 11 s", "1 h 00 min",
+                                                                    "2 h 02 min"]
 
 
 def test_spec_submodules_reads_both_shapes_of_a_layer_spec_entry():

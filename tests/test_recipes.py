@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -282,6 +283,9 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     rows = {" ".join(line.split()[:2]): line for line in report.split("\n\n")[1].splitlines()}  # perplexity table
     assert f" {gap(second):.0%} " in rows["stage 2"] and f" {gap(oneshot):.0%} " in rows["one-shot 0.3"]
     assert "news (unseen)" in report and " ± " in report and "items per task: arc_easy 3." in report
+    took = report.splitlines()[-1]  # where the time went, by model, in the order of the table
+    assert took.startswith("Took ") and re.findall(r"(control|stage \d|one-shot) \d+ (?:s|min|h)\b", took) == [
+        "control", "stage 1", "stage 2", "one-shot"], took
     assert plt.imread(out / "family.png").shape[2] in (3, 4)
 
 

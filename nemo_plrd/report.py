@@ -85,8 +85,7 @@ def stage_summary(cfg, figures: dict) -> list[str]:
              f"Took {duration(figures['seconds'])} to decompose, train and export (a resumed stage: from its restart)."]
     if "eval" in figures:
         lines += ["", f"lm-eval on hf-{cfg.export[0]} (limit {cfg.eval.limit}, {duration(figures['eval_seconds'])}):",
-                  "",
-                  markdown(figures["eval"])]
+                  "", markdown(figures["eval"])]
     return lines
 
 

@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Progressive Low-Rank Decomposition (PLRD) for Megatron-Core / Megatron-Bridge",
     packages=find_packages(include=["nemo_plrd", "nemo_plrd.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1",

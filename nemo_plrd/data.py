@@ -51,7 +51,10 @@ def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{number} is not a JSON line: {error}") from None
             if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
                 raise InputError(f"{path}:{number} has no string field {json_key!r} (--json-key)")
             yield record[json_key]
@@ -126,6 +129,10 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
     # megatron sizes every split of a weighted blend: one not asked for gets one sample, then is dropped
     sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
     splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    for name, wanted, split in zip(SPLITS, num_samples, splits):
+        if wanted and len(split) < wanted:  # megatron repeats no epoch of an unweighted blend of several prefixes
+            raise InputError(f"dataset.blend={[blend[0], blend[1]]} gives the {name} split {len(split)} samples of "
+                             f"{sequence_length} tokens, fewer than the {wanted} asked for; give the prefixes weights")
     return [None if wanted is None else split for split, wanted in zip(splits, num_samples)]
 
 
@@ -148,8 +155,8 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class DataParallelBatches:
-    """Megatron's pretraining order: global batch g is samples [g * global_batch, (g + 1) * global_batch);
-    micro-batch m of data-parallel rank d holds the ``micro_batch`` samples from
+    """Megatron's pretraining order: global batch g is samples [g * global_batch, (g + 1) * global_batch)
+    after ``first_sample``; micro-batch m of data-parallel rank d holds the ``micro_batch`` samples from
     m * micro_batch * dp_size + d * micro_batch on."""
 
     dataset: object
@@ -157,6 +164,7 @@ class DataParallelBatches:
     global_batch: int
     dp_rank: int
     dp_size: int
+    first_sample: int = 0  # the samples before it were read by an earlier run (a family's earlier stages)
 
     def __post_init__(self) -> None:
         if self.global_batch % (self.micro_batch * self.dp_size):
@@ -170,7 +178,7 @@ class DataParallelBatches:
     def micro_batches(self, consumed: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the global batch that starts after ``consumed`` samples."""
         stride = self.micro_batch * self.dp_size
-        starts = (consumed + m * stride + self.dp_rank * self.micro_batch for m in range(self.num_micro_batches))
+        starts = (self.first_sample + consumed + m * stride + self.dp_rank * self.micro_batch for m in range(self.num_micro_batches))
         return [collate([self.dataset[i] for i in range(start, start + self.micro_batch)]) for start in starts]
 
 

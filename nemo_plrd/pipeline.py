@@ -184,20 +184,27 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
     return model, figures
 
 
+def train_batches(cfg: DecomposeConfig, hf_source: Path) -> tuple[DataParallelBatches, Optional[DataParallelBatches]]:
+    """This rank's batches of the stage's training samples (its share of the stream), and of the valid split."""
+    data, valid = _datasets(cfg, hf_source, cfg.train.seq_length,
+                            cfg.train.stream_samples or cfg.train.first_sample + cfg.train.samples,
+                            cfg.train.eval_iters * cfg.train.global_batch)
+
+    def in_batches(split, first_sample: int = 0) -> DataParallelBatches:
+        return DataParallelBatches(split, cfg.train.micro_batch, cfg.train.global_batch,
+                                   parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                                   first_sample)
+
+    return in_batches(data, cfg.train.first_sample), None if valid is None else in_batches(valid)
+
+
 def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest: Path, partial: Path,
           hf_source: Path) -> list[dict]:
     """Continued pretraining from the checkpoint ``latest``; the metrics of every logged step (read
     back from the metrics file, so a resumed stage reports the steps taken before the interruption too)."""
     schedule = Schedule(cfg.train.steps, cfg.train.global_batch, cfg.train.warmup_steps, cfg.train.decay_style,
                         cfg.train.wsd_decay_steps)
-    data, valid = _datasets(cfg, hf_source, cfg.train.seq_length, cfg.train.steps * cfg.train.global_batch,
-                            cfg.train.eval_iters * cfg.train.global_batch)
-
-    def in_batches(split) -> DataParallelBatches:
-        return DataParallelBatches(split, cfg.train.micro_batch, cfg.train.global_batch,
-                                   parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-
-    batches = in_batches(data)
+    batches, valid = train_batches(cfg, hf_source)
     trainer = Trainer(model, cfg.optimizer_config(), schedule, batches, cfg.ddp_config(),
                       distill.stage_loss(cfg.train.loss, load_teacher(cfg), cfg.train.kd_weight))
     if latest.name != DECOMPOSED:
@@ -216,8 +223,7 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
         dist.barrier()
 
     interval = cfg.train.save_interval or cfg.train.steps
-    run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0(),
-        valid=None if valid is None else in_batches(valid),
+    run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0(), valid=valid,
         eval_interval=cfg.train.eval_interval, eval_iters=cfg.train.eval_iters)
     model.float()  # bf16_mixed trained it in bf16: held-out perplexity, checkpoint and export read fp32 as before
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -271,7 +277,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
     arch = read_metadata(latest)[0]
     logged = train(cfg, model, arch, latest, partial, hf_source) if cfg.train.steps else []
     losses = [row["loss"] for row in logged]
-    figures["member_perplexity"] = heldout_perplexity(model, cfg, hf_source) if losses else \
+    figures["member_perplexity"] = heldout_perplexity(model, cfg, hf_source) if cfg.train.steps else \
         figures["decomposed_perplexity"]
     figures["valid_losses"] = [[row["step"], row["valid_loss"]] for row in logged if "valid_loss" in row]
 

@@ -56,7 +56,7 @@ class Cluster:
         if pp != 1:
             raise InputError(f"model.pipeline_model_parallel_size={pp}: a PLRD stage needs 1 (its calibration runs "
                              "the whole model layer by layer in one process; docs/scale.md)")
-        tp = int(family.job.setting("model.tensor_model_parallel_size", 1))
+        tp = family.tensor_parallel_size
         if tp > self.gpus_per_node or world % tp:
             raise InputError(f"model.tensor_model_parallel_size={tp} must be at most --gpus-per-node="
                              f"{self.gpus_per_node} (TP stays inside a node) and divide the {world} GPUs")
@@ -77,28 +77,34 @@ class Step:
     every_node: bool = False  # srun one task per node (training), else one task on one node
 
 
-def launch(cluster: Cluster, script: str, args: list[str], every_node: bool) -> list[str]:
-    """torchrun running ``script``: all nodes in one c10d rendezvous, or one node on its own."""
-    where = ([f"--nnodes={cluster.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={HEAD_NODE}:{cluster.port}",
-              f"--rdzv-id={JOB_ID}"] if every_node else ["--standalone"])
-    return ["torchrun", *where, f"--nproc-per-node={cluster.gpus_per_node}", script, *args]
+def launch(cluster: Cluster, script: str, args: list[str]) -> list[str]:
+    """torchrun running ``script`` on every GPU of every node, in one c10d rendezvous."""
+    return ["torchrun", f"--nnodes={cluster.nodes}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={HEAD_NODE}:{cluster.port}", f"--rdzv-id={JOB_ID}",
+            f"--nproc-per-node={cluster.gpus_per_node}", script, *args]
+
+
+def launch_tp(tp: int, script: str, args: list[str]) -> list[str]:
+    """torchrun running a conversion ``script`` on one node at the stage's TP (the scripts' TP is their world
+    size): the layout training ran, so valid for the model, where a whole node's GPUs need not be."""
+    return ["torchrun", "--standalone", f"--nproc-per-node={tp}", script, *args]
 
 
 def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[Step]:
     partial = Path(f"{family.stage_folder(index)}.partial")
     checkpoint, first_export = partial / "checkpoint", partial / f"hf-{family.export[0]}"
+    tp = family.tensor_parallel_size
     run = ["recipes/run_plrd.py", *family.start(index), "--recipe", family.job.recipe,
            *(["--config-file", family.job.config_file] if family.job.config_file else []),
            *family.stage_overrides(index, partial / "bridge")]
     steps = [
-        Step("train", str(checkpoint), launch(cluster, run[0], run[1:], every_node=True), every_node=True),
-        Step("convert", str(checkpoint), launch(cluster, "conversion/bridge_to_plrd.py", [
-            str(partial / "bridge"), str(checkpoint), "--hf-path", family.hf_config(index)], every_node=False)),
+        Step("train", str(checkpoint), launch(cluster, run[0], run[1:]), every_node=True),
+        Step("convert", str(checkpoint), launch_tp(tp, "conversion/bridge_to_plrd.py", [
+            str(partial / "bridge"), str(checkpoint), "--hf-path", family.hf_config(index)])),
     ]
     for format in family.export:
-        steps.append(Step(f"export {format}", str(partial / f"hf-{format}"), launch(
-            cluster, "conversion/megatron_to_hf.py", [str(checkpoint), str(partial / f"hf-{format}"),
-                                                      "--format", format], every_node=False)))
+        steps.append(Step(f"export {format}", str(partial / f"hf-{format}"), launch_tp(
+            tp, "conversion/megatron_to_hf.py", [str(checkpoint), str(partial / f"hf-{format}"), "--format", format])))
     if family.eval.tasks:
         limit = ["--limit", str(family.eval.limit)] if family.eval.limit else []
         steps.append(Step("eval", str(partial / "eval" / "results.json"), [

@@ -200,7 +200,7 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
 
     ``save(trainer)`` runs every ``save_interval`` steps and after the last; with ``valid`` and
     ``eval_iters`` the validation loss is measured every ``eval_interval`` steps and after the
-    last. Rank 0 appends one JSON line per ``log_interval`` steps (and per validation) to
+    last. Rank 0 appends one JSON line per ``log_interval`` steps (and per validation, and the last) to
     ``metrics`` (loss, lr, grad norm, tokens/s, consumed tokens, valid_loss) and shows them on the
     progress bar.
     """
@@ -221,7 +221,7 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
             figures["valid_loss"] = trainer.validate(valid, eval_iters)
             if progress:
                 bar.write(f"step {trainer.iteration}: validation loss {figures['valid_loss']:.4f}")
-        if rank0 and metrics is not None and (trainer.iteration % log_interval == 0 or "valid_loss" in figures):
+        if rank0 and metrics is not None and (trainer.iteration % log_interval == 0 or last or "valid_loss" in figures):
             with metrics.open("a") as out:
                 out.write(json.dumps(figures) + "\n")
         bar.update()

@@ -30,6 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.hf_path is None) == (args.parent is None):
         parser.error("give one of --hf-path (stage 1) and --parent (a later stage)")
+    if args.recipe.count(":") != 1 or not all(args.recipe.split(":")):
+        parser.error(f"--recipe {args.recipe!r} must be MODULE:FUNCTION")
     hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
 
     from megatron.bridge.training.pretrain import pretrain

@@ -2,7 +2,7 @@
 # Create or refresh a virtualenv with everything nemo-plrd needs (default: the project-local .venv).
 #   bash scripts/setup.sh                  # .venv, exactly the tested set in constraints.txt
 #   bash scripts/setup.sh --bridge         # .venv-bridge: the Megatron-Bridge test lane (tests/bridge/)
-#   bash scripts/setup.sh --latest DIR     # a venv in DIR with the newest releases (torch stays 2.13.0)
+#   bash scripts/setup.sh --latest DIR     # a venv in DIR with the newest releases (torch stays pinned)
 # Idempotent: pip runs again only when setup.py or the constraint set changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 pip=("$VENV/bin/pip" --quiet)
+TORCH=$(grep '^torch==' constraints.txt | cut -d= -f3)  # the CPU build, e.g. 2.13.0+cpu
+# PyPI's Linux torch is the CUDA build; the CPU build is on PyTorch's own index. Taken from the indexes
+# pip is configured with where they have it (a local wheel house, a mirror), else from PyTorch's.
+install_torch() {
+  "${pip[@]}" install "$@" || {
+    echo "[setup] no $TORCH on pip's configured indexes; trying https://download.pytorch.org/whl/cpu"
+    "${pip[@]}" install --extra-index-url https://download.pytorch.org/whl/cpu "$@"; }
+}
 # The installed set as the constraint file lists it (its header comments aside).
 frozen() { "$VENV/bin/pip" freeze --all --exclude-editable | LC_ALL=C sort -f; }
 pinned() { grep -v '^#' "$CONSTRAINTS" | LC_ALL=C sort -f; }
@@ -29,9 +37,9 @@ if [ "$LATEST" = 1 ]; then
   echo "[setup] installing the newest releases into $VENV"
   "${pip[@]}" install --upgrade pip setuptools
   # torch stays pinned in every call: an unpinned `torch` pulls GBs of CUDA wheels (an eager upgrade
-  # would take one); 2.13.0 is the CPU build here.
-  "${pip[@]}" install "torch==2.13.0"
-  "${pip[@]}" install --upgrade --upgrade-strategy eager -e ".[test]" "torch==2.13.0"
+  # would take one).
+  install_torch "torch==$TORCH"
+  "${pip[@]}" install --upgrade --upgrade-strategy eager -e ".[test]" "torch==$TORCH"
   exit 0
 fi
 
@@ -42,7 +50,7 @@ if [ ! -f "$stamp" ]; then
   echo "[setup] installing nemo-plrd and the tested set ($CONSTRAINTS) into $VENV"
   "${pip[@]}" install -c "$CONSTRAINTS" pip setuptools
   # torch first, from the constraint set: nothing later can ask for a CUDA build.
-  "${pip[@]}" install -c "$CONSTRAINTS" torch
+  install_torch -c "$CONSTRAINTS" torch
   if [ "$BRIDGE" = 1 ]; then
     # megatron-core >= 0.17 and megatron-bridge declare Python >= 3.12 but run on 3.11 (their wheels
     # are cp311 / pure Python), and Bridge's own requirements pull CUDA builds: both go in without

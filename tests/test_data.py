@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +15,13 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from nemo_plrd.assets import (CORPORA, HELD_OUT_EVERY, SMOLLM2, _pip_download, _split, corpus, corpus_dataset,
                                gguf_tokenizer, smollm2_135m)
 from nemo_plrd.data import DataParallelBatches, gpt_datasets, megatron_tokenizer, prepare_dataset, read_documents
+from nemo_plrd.config import FamilyConfig, load_config
 from nemo_plrd.evaluate import HELDOUT_BLOCK, heldout_blocks
 from nemo_plrd.errors import InputError
-from nemo_plrd.parallel import init_distributed
+from nemo_plrd.parallel import init_distributed, init_model_parallel
+from nemo_plrd.pipeline import train_batches
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,9 @@ def test_jsonl_lines_are_documents_and_a_missing_key_is_named(tmp_path):
     path.write_text(json.dumps({"body": "one"}) + "\n")
     with pytest.raises(InputError, match=r"docs.jsonl:1 has no string field 'text'"):
         list(read_documents(path))
+    path.write_text(json.dumps({"text": "one"}) + "\n{text: two}\n")
+    with pytest.raises(InputError, match=r"docs.jsonl:2 is not a JSON line: Expecting property name"):
+        list(read_documents(path))
 
 
 def test_every_global_batch_is_megatrons_consecutive_samples_split_over_dp_ranks(prefix, tokenizer):
@@ -81,6 +89,36 @@ def test_every_global_batch_is_megatrons_consecutive_samples_split_over_dp_ranks
         assert torch.equal(torch.cat(taken), expected)
     sample = train[5]
     assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # labels: the next tokens
+
+
+def test_an_unweighted_blend_short_of_the_samples_asked_for_is_refused_naming_it(documents, tokenizer, tmp_path):
+    """megatron sizes an unweighted blend of several prefixes to one epoch of each, whatever is asked."""
+    init_distributed()
+    halves = [str(prepare_dataset(documents[i::2], tokenizer, tmp_path / f"half{i}")) for i in range(2)]
+    with pytest.raises(InputError, match=r"dataset.blend=\[\[.*half0', .*half1'\], None\] gives the train split \d+ "
+                                         r"samples of 32 tokens, fewer than the 1000 asked for; give the prefixes weights"):
+        gpt_datasets((halves, None), "80,20,0", 32, [1000, None, None], tokenizer)
+    assert len(gpt_datasets((halves, [1.0, 1.0]), "80,20,0", 32, [1000, None, None], tokenizer)[0]) >= 1000
+
+
+def test_a_family_s_stages_read_the_one_shot_baseline_s_stream_one_after_another(prefix, tmp_path):
+    """Stage k trains on samples [k N, (k + 1) N) of the stream the one-shot baseline reads whole: the
+    same samples in all, none read twice. The stream spans two epochs of the data here, and megatron
+    orders a dataset by the epochs it spans, so each stage orders the whole stream, not its own part."""
+    init_model_parallel(1)
+    family = load_config(FamilyConfig, ROOT / "recipes" / "smollm2_135m_family.yaml", [
+        f"output={tmp_path}", f"stage.dataset.blend=[[{prefix}], null]", "stage.dataset.split='80,20,0'",
+        "stage.train.seq_length=32", "stage.train.steps=50", "stage.train.warmup_steps=1", "baselines=[one-shot]"])
+    hf_source, n = smollm2_135m(), 50 * 4
+    alone = gpt_datasets(([prefix], None), "80,20,0", 32, [n, None, None], megatron_tokenizer(hf_source))[0]
+    assert len(alone) < 3 * n  # one epoch of the data holds less than the stream
+    whole, _ = train_batches(family.baseline_config("one-shot", str(tmp_path)), hf_source)
+    for index in range(3):
+        stage, _ = train_batches(family.stage_config(index, family.parent, str(tmp_path)), hf_source)
+        for consumed in range(0, n, 4 * 7):
+            assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(
+                stage.micro_batches(consumed), whole.micro_batches(index * n + consumed), strict=True))
+    assert not all(torch.equal(alone[i]["tokens"], whole.dataset[i]["tokens"]) for i in range(n))  # why
 
 
 @pytest.mark.parametrize("name", list(CORPORA))

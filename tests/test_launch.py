@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import transformers
+from omegaconf import OmegaConf
 
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.cli import main
+from nemo_plrd.config import with_overrides
 from nemo_plrd.errors import InputError
 from nemo_plrd.family_plan import load_family, parent_plan, plan_family, recipe_plan
 from nemo_plrd.hf import arch_from_hf
@@ -101,12 +103,32 @@ def test_a_stage_script_asks_for_the_nodes_and_launches_one_rendezvous_over_them
     stage1 = family.stage_folder(0) / "checkpoint"
     assert f"--parent {stage1} " in train
     for override in ("model.tensor_model_parallel_size=8", "plrd.plan.multiple=64", "plrd.plan.keep=null",
-                     "plrd.plan.target_params=5000000000", f"checkpoint.save={family.stage_folder(1)}.partial/bridge",
+                     "plrd.plan.target_params=5000000000", f"""'checkpoint.save="{family.stage_folder(1)}.partial/bridge"'""",
                      f"""'dataset.blend=[["{Path(family.blend[0][0])}"],null]'"""):
         assert f" {override}" in train
     assert f"--hf-path {stage1}/hf" in script  # the conversion's HF config: the parent checkpoint's
     assert "--tasks arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,mmlu" in script
     assert "--hf-path" in render(family, 0, CLUSTER).split("recipes/run_plrd.py")[1].split()[0]
+
+
+def test_conversion_and_export_run_at_the_stage_s_tp_not_on_every_gpu_of_the_node(family):
+    """The conversion scripts' TP is their world size: a whole node's GPUs may not divide the model's heads."""
+    job = dataclasses.replace(family.job, overrides=[*family.job.overrides, "model.tensor_model_parallel_size=2"])
+    script = render(dataclasses.replace(family, job=job), 1, CLUSTER)
+    assert "torchrun --standalone --nproc-per-node=2 conversion/bridge_to_plrd.py" in script
+    assert "torchrun --standalone --nproc-per-node=2 conversion/megatron_to_hf.py" in script
+    assert "--nproc-per-node=8 recipes/run_plrd.py" in script  # training: every GPU, TP 2 x DP 16
+
+
+def test_paths_reach_the_stage_job_exactly_through_hydra(cluster_family, tmp_path):
+    """Overrides the family writes are read back by Hydra's parser as the paths given, whatever they hold."""
+    odd = tmp_path / "runs, v2 (café)=#1"
+    family = dataclasses.replace(cluster_family("llama2_7b_family.yaml"), output=str(odd), blend=[[str(odd / "d")], None])
+    job = dataclasses.replace(family.job, overrides=[*family.job.overrides, "train.loss=kd"])
+    family = dataclasses.replace(family, job=job, parent=str(odd / "hf"))
+    read = with_overrides(OmegaConf.create({}), family.stage_overrides(1, odd / "save"))
+    assert read.checkpoint.save == str(odd / "save") and read.train.teacher == str(odd / "hf")
+    assert OmegaConf.to_container(read.dataset.blend) == [[str(odd / "d")], None]
 
 
 @pytest.mark.parametrize("teacher, named_by_family", [([], True), (["train.teacher=previous"], False)])
@@ -117,7 +139,7 @@ def test_a_distilling_family_names_its_parent_as_every_stage_s_teacher(family, t
     for index in range(len(family.target_params)):
         overrides = family.stage_overrides(index, Path("/save"))
         named = [line for line in overrides if line.startswith("train.teacher=")]
-        assert named == ([f"train.teacher={family.parent}"] if named_by_family else []) + teacher
+        assert named == ([f'train.teacher="{family.parent}"'] if named_by_family else []) + teacher
 
 
 @pytest.fixture
@@ -211,3 +233,9 @@ def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_pa
                             env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode == 1 and f"the parent {family.stage_folder(0)}/checkpoint is missing" in result.stderr
     assert not log.exists() and not Path(f"{family.stage_folder(1)}.partial").exists()
+
+
+def test_a_stage_job_refuses_a_recipe_that_is_not_module_colon_function():
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf", "--recipe",
+                          "nemo_plrd.bridge.recipe"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--recipe 'nemo_plrd.bridge.recipe' must be MODULE:FUNCTION" in run.stderr

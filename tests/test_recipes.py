@@ -68,7 +68,8 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["dataset.blend=[[shakespeare], [1, 2]]"], "dataset.blend=[['shakespeare'], [1, 2]] must be [prefixes, weights]"),
     (["dataset.split='90,10'"], "dataset.split='90,10' must be three shares"),
     (["dataset.split=90,10,0"], "override 'dataset.split=90,10,0' is a sweep (a list of choices); quote a value "
-                                "with commas, e.g. dataset.split='90,10,0'"),
+                                "with commas, and on a command line quote that for the shell too: "
+                                "\"dataset.split='90,10,0'\""),
     (["+plrd.no_such_key=1"], "unknown key(s) ['plrd.no_such_key']"),
     (["plrd.stage=abc"], "unknown key(s) ['plrd.stage']"),
     (["~plrd.plan"], "missing key(s) ['plrd.plan']"),
@@ -149,6 +150,12 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     assert [s.plrd.plan.keep for s in stages] == cfg.keep == [0.6, 0.4, 0.25]
     assert [Path(s.output).name for s in stages] == ["stage1-keep0.6", "stage2-keep0.4", "stage3-keep0.25"]
     assert all(s.optimizer_config().lr == 3e-4 and s.train.steps > 0 and s.eval.tasks for s in stages)
+    samples = stages[0].train.samples  # the stages read one stream, one after another; the baselines from its start
+    assert [(s.train.first_sample, s.train.stream_samples) for s in stages] == [(i * samples, 3 * samples)
+                                                                                 for i in range(3)]
+    baselines = [cfg.baseline_config(name, f"{tmp_path / 'family.partial'}").train for name in ("control", "one-shot")]
+    assert [(b.first_sample, b.stream_samples, b.samples) for b in baselines] == [(0, 3 * samples, samples),
+                                                                                   (0, 3 * samples, 3 * samples)]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -158,6 +165,7 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     (["keep=[0.9, 0]"], "keep=0 must be a fraction in (0, 1)"),
     (["stage.plrd.plan.keep=0.5"], "stage.plrd.plan.keep cannot be set: the family sets each stage's"),
     (["stage.output=x"], "stage.output cannot be set"),
+    (["+stage.train.first_sample=8"], "stage.train.first_sample cannot be set: the family sets"),
     (["stage.train.stepz=3"], "unknown key(s) ['stage.train.stepz']"),
     (["stage.train.steps=-1"], "train.steps=-1 and train.warmup_steps=4 must satisfy"),
 ])

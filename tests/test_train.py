@@ -1,6 +1,7 @@
 """Continued pretraining with megatron's optimizer and scheduler: the schedule a recipe asks for,
 weight decay where megatron puts it, and the loss over the tokens the mask keeps."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from megatron.core.optimizer import OptimizerConfig
 from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import init_model_parallel
-from nemo_plrd.train import Schedule, Trainer, masked_loss
+from nemo_plrd.train import Schedule, Trainer, masked_loss, run
 
 ARCH = LlamaArch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
                  vocab_size=64, max_sequence_length=32)
@@ -100,3 +101,11 @@ def test_a_bf16_mixed_run_resumed_from_its_checkpoint_takes_the_uninterrupted_st
     losses += [resumed.step()["loss"] for _ in range(2)]
     assert losses == expected
     assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters()))
+
+
+def test_the_last_step_is_logged_whatever_the_log_interval(tmp_path):
+    """A stage reads its trained figures from the metrics file: a log_interval past the last step must
+    not leave it empty (the stage would report the member as untrained)."""
+    steps = trainer(Schedule(3, global_batch=4))
+    run(steps, save=lambda t: None, save_interval=3, metrics=tmp_path / "metrics.jsonl", log_interval=10)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3]

@@ -24,6 +24,12 @@ from nemo_plrd.errors import InputError
 SET_BY_FAMILY = ("checkpoint.save", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks")
 
 
+def hydra_value(value: Any) -> str:
+    """``value`` as a Hydra override's value: strings double-quoted (a path may hold ``,`` ``=`` ``(`` ``#``),
+    lists as lists, None as null; Hydra reads back exactly ``value``."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 @dataclass
 class JobConfig:
     """Every stage's Bridge job: the recipe function, a YAML applied over it, then overrides (Hydra syntax)."""
@@ -85,6 +91,10 @@ class BridgeFamilyConfig:
     def stage_folder(self, index: int) -> Path:
         return Path(self.output) / self.stage_name(index)
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.job.setting("model.tensor_model_parallel_size", 1))
+
     def hf_config(self, index: int) -> str:
         """The HF config and tokenizer stage ``index`` starts from (a PLRD checkpoint carries its parent's)."""
         return self.parent if index == 0 else str(self.stage_folder(index - 1) / "checkpoint" / "hf")
@@ -98,11 +108,10 @@ class BridgeFamilyConfig:
     def stage_overrides(self, index: int, save: Path) -> list[str]:
         """The job's overrides, then what the family sets for stage ``index``."""
         prefixes, weights = self.blend or ([], None)
-        blend = json.dumps([prefixes, weights], separators=(",", ":"))  # a Hydra list: quoted strings, null
         distilled = distils_from_family_parent(self.job.settings)
-        return [*self.job.overrides, f"dataset.blend={blend}", "plrd.plan.keep=null",
-                f"plrd.plan.target_params={self.target_params[index]}", f"checkpoint.save={save}",
-                *([f"train.teacher={self.parent}"] if distilled else [])]  # a later stage's job knows only --parent
+        return [*self.job.overrides, f"dataset.blend={hydra_value([prefixes, weights])}", "plrd.plan.keep=null",
+                f"plrd.plan.target_params={self.target_params[index]}", f"checkpoint.save={hydra_value(str(save))}",
+                *([f"train.teacher={hydra_value(self.parent)}"] if distilled else [])]  # a later stage knows only --parent
 
     def plan_request(self, index: int) -> dict[str, Any]:
         plan = OmegaConf.select(self.job.settings, "plrd.plan", default={})

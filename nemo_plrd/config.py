@@ -15,6 +15,7 @@ error names the bad key or value and what is allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,6 +499,18 @@ def load_yaml(path: str | Path) -> DictConfig:
     if not isinstance(data, DictConfig):
         raise InputError(f"{path} must hold a mapping of keys to values")
     return data
+
+
+def config_differences(before: dict, now: dict) -> list[str]:
+    """'key: then -> now' for every dotted key whose value differs between a recorded config and ``now``."""
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(data, dict):
+            return {prefix.rstrip("."): data}
+        return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    then, now = flat(before), flat(json.loads(json.dumps(now)))  # now as a record reads back: tuples are lists
+    return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(then.keys() | now.keys())
+            if then.get(key) != now.get(key)]
 
 
 def _in_stream(cfg: DecomposeConfig, first_sample: int, stream_samples: int) -> DecomposeConfig:

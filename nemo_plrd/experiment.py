@@ -22,7 +22,7 @@ def stage_tasks(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
     """(task name, nodes, inline bash) of stage ``index``'s two tasks."""
     train, *finish = stage_steps(family, index, cluster)
     name = family.stage_name(index)
-    head = preamble(family, index, cluster)
+    head = preamble(family, index, cluster, rendezvous=False)  # HEAD_NODE comes with the executor's environment
     return [(f"{name}-train", cluster.nodes, "\n".join([*head, *step_lines([train], 1, lambda step: [])])),
             (f"{name}-finish", 1, "\n".join([*head, *step_lines(finish, 2, lambda step: []),
                                               *completion(family, index)]))]
@@ -37,10 +37,12 @@ def stage_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool
         raise InputError(f"--launcher nemo-run needs nemo-run: pip install nemo-plrd[slurm] ({error})") from None
     check_submission(family, cluster, dry_run)
     launch = Path(family.output).resolve() / "launch" / "nemo-run"
-    executor = run.SlurmExecutor(
-        account=cluster.account or "", job_name_prefix="plrd-", partition=cluster.partition,
-        time=cluster.time or "04:00:00",
+    executor = run.SlurmExecutor(  # no --account / --time unless given: the cluster's defaults, as sbatch's launcher
+        account=cluster.account, job_name_prefix="plrd-", partition=cluster.partition, time=cluster.time,
         nodes=cluster.nodes, ntasks_per_node=1, gpus_per_node=cluster.gpus_per_node, exclusive=True,
+        # the rendezvous host: nemo-run's script finds it on the batch host; the tasks run in the container,
+        # which need not hold scontrol
+        env_vars={"HEAD_NODE": f"${{{run.SlurmExecutor.HEAD_NODE_IP_VAR}}}"},
         container_image=cluster.container_image, container_mounts=list(cluster.container_mounts),
         additional_parameters={"kill_on_invalid_dep": "yes"},
         # the local tunnel's job dir is the experiments' own folder, so the scripts sbatch gets are the rendered ones

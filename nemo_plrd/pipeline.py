@@ -38,7 +38,7 @@ from transformers import AutoTokenizer
 from nemo_plrd import distill, report
 from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
 from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
-from nemo_plrd.config import BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig
+from nemo_plrd.config import BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig, config_differences
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
@@ -64,12 +64,6 @@ def _rank0() -> bool:
     return dist.get_rank() == 0
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix.rstrip("."): data}
-    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
 def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
     """Record ``cfg`` in ``folder`` (created if missing), or check it against the one recorded there.
 
@@ -84,9 +78,7 @@ def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
         if finished and not record.is_file():
             verdict[0] = ["foreign", []]
         elif record.is_file():
-            before, now = _flat(json.loads(record.read_text())), _flat(json.loads(json.dumps(config)))
-            changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
-            verdict[0] = ["existing", [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed]]
+            verdict[0] = ["existing", config_differences(json.loads(record.read_text()), config)]
         else:
             folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(record, json.dumps(config, indent=1) + "\n")

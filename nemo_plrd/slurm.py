@@ -130,9 +130,9 @@ def srun(cluster: Cluster, every_node: bool) -> list[str]:
     return ["srun", *where, "--kill-on-bad-exit=1", *container]
 
 
-def preamble(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[str]:
+def preamble(family: BridgeFamilyConfig, index: int, cluster: Cluster, rendezvous: bool = True) -> list[str]:
     """The shell lines before a stage's steps: the checkout, a complete stage's early exit, the parent's
-    check, the rendezvous host."""
+    check, and (``rendezvous``: on the batch host, where scontrol is) the rendezvous host."""
     folder = family.stage_folder(index)
     lines = ["set -euo pipefail",
              f"cd {shlex.quote(cluster.workdir)}",
@@ -144,7 +144,7 @@ def preamble(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[s
         lines.append(f"if [ ! -d {shlex.quote(str(parent))} ]; then echo 'error: the parent {parent} is missing: "
                      f"stage {index} did not complete' >&2; exit 1; fi")
     return lines + [f"mkdir -p {shlex.quote(str(folder))}.partial",
-                    'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)']
+                    *(['HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'] if rendezvous else [])]
 
 
 def step_lines(steps: list[Step], number: int, prefix: Callable[[Step], list[str]]) -> list[str]:

@@ -12,7 +12,7 @@ stage loads the HF weights, calibrates on the job's train split, decomposes, and
 Bridge's ``pretrain`` (``train.loss=kd`` or ``lm+kd``: distilled from ``train.teacher``, as a
 local stage is); its ranks go to ``checkpoint.save/plrd_plan.json``, its metrics to
 ``checkpoint.save/metrics.jsonl``. Run again after an interruption, the same command resumes
-from the last checkpoint.
+from the last checkpoint (other ``plrd.*`` settings or another parent are refused).
 """
 
 import argparse

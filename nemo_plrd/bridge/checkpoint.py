@@ -22,6 +22,7 @@ from nemo_plrd.plan import RankPlan
 
 PLAN_FILE = "plrd_plan.json"  # in checkpoint.save: the ranks a resumed job rebuilds the model at
 TRACKER = "latest_checkpointed_iteration.txt"  # megatron's: the newest iteration saved
+STAGE_FILE = "plrd_stage.json"  # in checkpoint.save: the PLRD settings and parent the stage started with
 
 
 def load_bridge_stage(save: str | Path, hf_path: str | Path,

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
 from megatron.bridge.training.config import ConfigContainer, TrainingConfig
-from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict_config, process_config_with_overrides
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from nemo_plrd.config import PLRDConfig, check_distillation, from_dict, override_key, with_overrides
 from nemo_plrd.errors import InputError
@@ -61,11 +62,15 @@ def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Pa
         raise InputError(f"the recipe returned a {type(cfg).__name__}, not a PLRDConfigContainer: "
                          "nemo_plrd.bridge.config.with_plrd(cfg, PLRDConfig(...)) adds the plrd section to a "
                          "Bridge recipe's ConfigContainer")
-    plrd = OmegaConf.create({"plrd": dataclasses.asdict(cfg.plrd)})
+    job = create_omegaconf_dict_config(cfg)[0]  # the whole job, as Bridge reads it: plrd.* may refer to any section
     if config_file is not None and Path(config_file).is_file():
-        plrd = OmegaConf.merge(plrd, {"plrd": OmegaConf.load(config_file).get("plrd") or {}})
-    with_overrides(plrd, [line for line in overrides if override_key(line).split(".")[0] == "plrd"])
-    from_dict(PLRDConfig, OmegaConf.to_container(plrd, resolve=True)["plrd"], "plrd.")  # before Bridge
+        job = OmegaConf.merge(job, OmegaConf.load(config_file))
+    with_overrides(job, [line for line in overrides if override_key(line).split(".")[0] == "plrd"])
+    try:
+        plrd = OmegaConf.to_container(job.plrd, resolve=True)
+    except OmegaConfBaseException as error:
+        raise InputError(f"plrd: {error}") from None
+    from_dict(PLRDConfig, plrd, "plrd.")  # before Bridge
     if not isinstance(cfg.train, PLRDTrainingConfig):  # a recipe function's own: Bridge would skip train.loss
         cfg.train = _promoted(cfg.train, PLRDTrainingConfig)
     cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))

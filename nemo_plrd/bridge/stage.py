@@ -11,6 +11,7 @@ the recorded ranks and Bridge resumes it from its last checkpoint; nothing is de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -22,12 +23,13 @@ import torch
 from megatron.bridge.models import AutoBridge
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
-from nemo_plrd.bridge.checkpoint import PLAN_FILE, TRACKER
+from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
 from nemo_plrd.bridge.config import PLRDConfigContainer
 from nemo_plrd.checkpoint import load_checkpoint, read_metadata
-from nemo_plrd.config import PLRDConfig
+from nemo_plrd.config import PLRDConfig, config_differences
 from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
+from nemo_plrd.files import write_text_atomic
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.spec import low_rank_block_spec
@@ -39,12 +41,14 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class PLRDHook:
-    """Calibrate on the job's train split, plan, decompose; the plan goes to ``save / PLAN_FILE``."""
+    """Calibrate on the job's train split, plan, decompose; the plan goes to ``save / PLAN_FILE``, the
+    settings it was made with (``started``) to ``save / STAGE_FILE``."""
 
     plrd: PLRDConfig
     dataset: object  # the job's GPTDatasetConfig: its blend, split and seed
     hf_path: str  # the parent's tokenizer
     save: Path
+    started: dict
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         calib = self.plrd.calibration
@@ -57,6 +61,7 @@ class PLRDHook:
         model = PLRDTransform(plan, lambda: batches, self.plrd.method, self.plrd.solver, self.plrd.ridge)(model)
         if torch.distributed.get_rank() == 0:
             self.save.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.save / STAGE_FILE, json.dumps(self.started, indent=1) + "\n")
             plan.save(self.save / PLAN_FILE)
         return model
 
@@ -94,13 +99,21 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         raise InputError("dataset.blend must name the stage's data: PLRD calibrates on its train split")
     save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the
     # latter proxies its TransformerConfig's fields, so both read and take the same attributes here
-    if exists_on_rank0(save / TRACKER) and exists_on_rank0(save / PLAN_FILE):  # interrupted: resume
+    started = {"plrd": dataclasses.asdict(cfg.plrd), "hf_path": hf_path, "parent": parent}
+    resume = exists_on_rank0(save / TRACKER) and exists_on_rank0(save / PLAN_FILE)  # an interrupted job
+    if resume and (save / STAGE_FILE).is_file():
+        changed = config_differences(json.loads((save / STAGE_FILE).read_text()), started)
+        if changed:
+            raise InputError(f"checkpoint.save={str(save)!r} holds a stage started with other settings; rerun with "
+                             f"the same to resume it, or choose a new checkpoint.save. Differences (then -> now): "
+                             f"{'; '.join(changed)}")
+    if int(os.environ.get("RANK", "0")) == 0:  # before Bridge initialises torch.distributed: one writer
+        keep_saved_steps(save / METRICS, int((save / TRACKER).read_text()) if resume else 0)  # afresh: none kept
+    if resume:
         plan = RankPlan.from_json((save / PLAN_FILE).read_text())
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         provider.hetereogenous_dist_checkpoint = True  # as the transform left it (see nemo_plrd.model)
         cfg.checkpoint.load = str(save)
-        if int(os.environ.get("RANK", "0")) == 0:  # before Bridge initialises torch.distributed: one writer
-            keep_saved_steps(save / METRICS, int((save / TRACKER).read_text()))
         return cfg
     provider.perform_initialization = False  # the parent's weights replace it
     if parent is None:
@@ -122,7 +135,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
             load_checkpoint(model[0], parent)  # resharded to the job's TP size
             return model
 
-    for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save)):
+    for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started)):
         _add_pre_wrap_hook(provider, hook)
     return cfg
 

@@ -1,7 +1,9 @@
 """The ``plrd:`` section on Bridge's ConfigContainer, through Bridge's own process_config_with_overrides."""
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from megatron.bridge.models.gpt_provider import GPTModelProvider
@@ -151,3 +153,53 @@ def test_a_resumed_stage_on_a_megatron_training_model_config_builds_the_factored
     block = cfg.model.transformer_layer_spec(cfg.model)
     qkv = block.layer_specs[0].submodules.self_attention.submodules.linear_qkv
     assert qkv.module is LowRankColumnParallelLinear and qkv.params == {"rank": plan.rank(0, "linear_qkv")}
+
+
+def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None) -> tuple[PLRDConfigContainer, Path]:
+    """A stage's config whose checkpoint.save holds an interrupted job (a tracker, a plan and, given
+    ``plan``, the settings it started with: plan and calibration on 512 tokens, from hf_path 'hf')."""
+    from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
+
+    cfg = container()
+    cfg.dataset.blend = ([str(tmp_path / "data")], None)
+    cfg.checkpoint.save = str(tmp_path / "stage")
+    save = tmp_path / "stage"
+    save.mkdir()
+    (save / TRACKER).write_text("2")
+    (save / PLAN_FILE).write_text("{}")
+    if plan is not None:
+        started = PLRDConfig(plan=plan, calibration=CalibrationConfig(tokens=512))
+        (save / STAGE_FILE).write_text(json.dumps({"plrd": dataclasses.asdict(started), "hf_path": "hf",
+                                                   "parent": None}))
+    (save / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    return cfg, save
+
+
+def test_a_stage_resumed_with_other_plrd_settings_is_refused_naming_them(tmp_path):
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    cfg, save = stage_folder(tmp_path, PlanConfig(keep=0.4))  # the job asks for keep=0.6
+    with pytest.raises(InputError, match=r"checkpoint.save='.*stage' holds a stage started with other settings; "
+                                         r"rerun with the same to resume it.*plrd.plan.keep: 0.4 -> 0.6$"):
+        prepare_stage(cfg, hf_path="hf")
+    assert len((save / "metrics.jsonl").read_text().splitlines()) == 3  # refused before anything changed
+
+
+def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_first_save(tmp_path, tiny_parent):
+    from nemo_plrd.bridge.checkpoint import TRACKER
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    cfg, save = stage_folder(tmp_path)
+    (save / TRACKER).unlink()  # killed before any checkpoint: the job starts afresh
+    prepare_stage(cfg, hf_path=str(tiny_parent))
+    assert (save / "metrics.jsonl").read_text() == ""
+
+
+def test_the_plrd_section_may_refer_to_the_rest_of_the_job(tmp_path):
+    """As Bridge resolves its YAML: an interpolation in plrd: reads the other sections, and a bad one is named."""
+    yaml = tmp_path / "stage.yaml"
+    yaml.write_text("plrd:\n  calibration:\n    seq_length: ${dataset.seq_length}\n")
+    assert process_plrd_config(container(), yaml).plrd.calibration.seq_length == 64  # the job's dataset.seq_length
+    yaml.write_text("plrd:\n  calibration:\n    seq_length: ${dataset.no_such}\n")
+    with pytest.raises(InputError, match=r"^plrd: Interpolation key 'dataset.no_such' not found"):
+        process_plrd_config(container(), yaml)

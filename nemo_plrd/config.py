@@ -330,7 +330,7 @@ class DecomposeConfig:
 
 BASELINES = {"control": "the parent kept dense, trained like one stage (with the LM loss where the stages distil from "
                         "the parent alone: distilled from itself, the parent gets no gradient)",
-             "one-shot": "the parent decomposed straight to the last member's size, trained on all the stages' tokens"}
+             "one-shot": "the parent decomposed straight to the last member's size, trained on all the stages' samples"}
 
 
 @dataclass

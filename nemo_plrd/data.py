@@ -177,8 +177,8 @@ class DataParallelBatches:
 
     def micro_batches(self, consumed: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the global batch that starts after ``consumed`` samples."""
-        stride = self.micro_batch * self.dp_size
-        starts = (self.first_sample + consumed + m * stride + self.dp_rank * self.micro_batch for m in range(self.num_micro_batches))
+        stride, first = self.micro_batch * self.dp_size, self.first_sample + consumed
+        starts = (first + m * stride + self.dp_rank * self.micro_batch for m in range(self.num_micro_batches))
         return [collate([self.dataset[i] for i in range(start, start + self.micro_batch)]) for start in starts]
 
 

@@ -47,8 +47,9 @@ from nemo_plrd.model import gpt_forward
 
 
 # The distributed optimizer's state as each data-parallel rank holds it (its buffers, one tensor
-# each): saved and loaded without gathering, resumable at the same data-parallel size (the pipeline
-# refuses another layout anyway). megatron-core's default, fully_sharded_model_space, fails in
+# each): saved and loaded without gathering; megatron reshards it to another data-parallel size
+# on load, not to another TP size (a resumed stage keeps its TP: nemo_plrd.pipeline.claim).
+# megatron-core's default, fully_sharded_model_space, fails in
 # dist_checkpointing ("ShardedTensor.flattened_range is not supported"). Without Apex or TE the
 # distributed optimizer is refused altogether (nemo_plrd.config.optimizer_config).
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -174,11 +175,15 @@ def _bf16(config: TransformerConfig) -> TransformerConfig:
 
 
 def _rng_state() -> ShardedObject:
-    """This rank's RNG streams (torch's and megatron's tracker), one object per (TP, DP) rank."""
-    tp, dp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+    """This rank's RNG streams (torch's and megatron's tracker), one object per TP rank.
+
+    Data-parallel ranks are seeded alike and draw alike, so they hold replicas (as in
+    Megatron-LM's checkpoints): a run resumes at another data-parallel size.
+    """
     state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    shape = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_world_size())
-    return ShardedObject("rng_state", state, shape, (tp, dp), replica_id=0)
+    return ShardedObject("rng_state", state, (parallel_state.get_tensor_model_parallel_world_size(),),
+                         (parallel_state.get_tensor_model_parallel_rank(),),
+                         replica_id=parallel_state.get_data_parallel_rank())
 
 
 def _set_rng_state(state: dict) -> None:

@@ -399,6 +399,24 @@ def test_a_stage_killed_mid_training_resumes_to_exactly_the_uninterrupted_run(ti
     assert_killed_mid_training_resumes_exactly(tiny_parent, trained_stage, tmp_path / "stage", *TRAINED)
 
 
+def test_a_stage_killed_at_dp2_resumes_at_dp1_to_the_uninterrupted_run(tiny_parent, trained_stage, tmp_path):
+    """Resumed on fewer ranks (a job requeued on other nodes): the same global batch, now two micro-batches
+    accumulated on one rank, continues from the checkpoint saved at DP=2 and ends where the uninterrupted
+    DP=2 run ended (fp32; the gradients sum in another order, hence the tolerance)."""
+    out = tmp_path / "stage"
+    partial = Path(f"{out}.partial")
+    args = (f"parent={tiny_parent}", f"output={out}", *TRAINED)
+    kill_when(launch(*args, nproc=2), lambda: logged_steps(partial / "metrics.jsonl") >= 3)
+    assert [p.name for p in (partial / "train").iterdir()] == ["iter_0000002"]
+    run = recipe(*args, nproc=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected, resumed = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, out))
+    assert (resumed["tp"], resumed["dp"]) == (1, 1)
+    assert resumed["train_losses"][:2] == expected["train_losses"][:2]  # the steps taken at DP=2, read back
+    assert resumed["train_losses"] == pytest.approx(expected["train_losses"], rel=1e-5)
+    assert resumed["member_perplexity"] == pytest.approx(expected["member_perplexity"], rel=1e-5)
+
+
 def test_a_stage_trains_the_same_at_tp1_x_dp2_and_tp2_x_dp1(tiny_parent, trained_stage, tmp_path):
     """The same global batch, split over data-parallel ranks or taken by one tensor-parallel pair:
     the same losses (fp32; the reductions run in another order, hence the tolerance)."""

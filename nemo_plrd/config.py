@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,8 +353,9 @@ class FamilyConfig:
 
     def __post_init__(self) -> None:
         _check_parent(self.parent)
-        if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])):
-            raise InputError(f"keep={self.keep} must list one or more fractions, strictly decreasing "
+        if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])) \
+                or not 0 < self.keep[-1] <= self.keep[0] < 1:
+            raise InputError(f"keep={self.keep} must list one or more fractions in (0, 1), strictly decreasing "
                              "(each stage smaller than the one before)")
         if any(name not in BASELINES for name in self.baselines) or len(set(self.baselines)) < len(self.baselines):
             raise InputError(f"baselines={self.baselines} must list distinct names of {list(BASELINES)}")
@@ -418,16 +420,24 @@ def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
         raise InputError(f"missing key(s) {missing}")
     hints = typing.get_type_hints(cls)
     values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = from_dict(hint, value, f"{where}{name}.")
-        elif _matches(value, hint):
-            values[name] = value
-        else:
-            hint_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            raise InputError(f"{where}{name}={value!r} must be {hint_name}")
-    return cls(**values)
+    try:
+        for name, value in data.items():
+            hint = hints[name]
+            if dataclasses.is_dataclass(hint):
+                values[name] = from_dict(hint, value, f"{where}{name}.")
+            elif _matches(value, hint):
+                values[name] = value
+            else:
+                hint_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                raise InputError(f"{where}{name}={value!r} must be {hint_name}")
+        return cls(**values)
+    except InputError as error:
+        # A value check names its key from its own section down (ridge=-1, train.steps=0): the
+        # user typed it from the top (plrd.ridge=-1, stage.train.steps=0).
+        key = re.match(r"([a-z_]\w*)[.=]", str(error))
+        if where and key and key.group(1) in fields:
+            raise type(error)(f"{where}{error}") from None
+        raise
 
 
 def _matches(value: Any, hint: Any) -> bool:

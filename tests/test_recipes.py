@@ -42,11 +42,11 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["plrd.plan.kep=0.5"], r"unknown key(s) ['plrd.plan.kep']; allowed here: ['plrd.plan.keep', "),
     (["plrd.plan.keep=half"], "plrd.plan.keep='half' must be Optional[float]"),
-    (["plrd.plan.keep=1.5"], "keep=1.5 must be a fraction in (0, 1)"),
+    (["plrd.plan.keep=1.5"], "plrd.plan.keep=1.5 must be a fraction in (0, 1)"),
     (["plrd.plan.target_params=80000000"], "give exactly one of ranks, keep, target_params (got ['keep', 'target_params'])"),
     (["plrd.plan.keep=null", "plrd.plan.ranks={linear_qkv: 64, attention: 8}"], "unknown slot name(s) ['attention']"),
-    (["plrd.method=qr"], "method='qr' is not one of ('activation', 'svd')"),
-    (["plrd.ridge=-1"], "ridge=-1 must be a number >= 0"),
+    (["plrd.method=qr"], "plrd.method='qr' is not one of ('activation', 'svd')"),
+    (["plrd.ridge=-1"], "plrd.ridge=-1 must be a number >= 0"),
     (["plrd.calibration.tokens=0"], "plrd.calibration.tokens=0 must be a positive integer"),
     (["train.steps=4", "train.warmup_steps=5"], "train.steps=4 and train.warmup_steps=5 must satisfy"),
     (["optimizer.lr=0"], "optimizer.lr=0 must be > 0"),
@@ -159,15 +159,23 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["keep=[0.4, 0.6]"], "keep=[0.4, 0.6] must list one or more fractions, strictly decreasing"),
+    (["keep=[0.4, 0.6]"], "keep=[0.4, 0.6] must list one or more fractions in (0, 1), strictly decreasing"),
     (["keep=[]"], "keep=[] must list one or more fractions"),
-    (["keep=[0.6, 1.5]"], "keep=[0.6, 1.5] must list one or more fractions, strictly decreasing"),
-    (["keep=[0.9, 0]"], "keep=0 must be a fraction in (0, 1)"),
+    (["keep=[0.6, 1.5]"], "keep=[0.6, 1.5] must list one or more fractions in (0, 1), strictly decreasing"),
+    (["keep=[0.9, 0]"], "keep=[0.9, 0] must list one or more fractions in (0, 1)"),
+    (["keep=[1.5]"], "keep=[1.5] must list one or more fractions in (0, 1)"),
     (["stage.plrd.plan.keep=0.5"], "stage.plrd.plan.keep cannot be set: the family sets each stage's"),
     (["stage.output=x"], "stage.output cannot be set"),
     (["+stage.train.first_sample=8"], "stage.train.first_sample cannot be set: the family sets"),
     (["stage.train.stepz=3"], "unknown key(s) ['stage.train.stepz']"),
-    (["stage.train.steps=-1"], "train.steps=-1 and train.warmup_steps=4 must satisfy"),
+    # every stage's value checks name the key as typed: under stage.
+    (["stage.train.steps=-1"], "stage.train.steps=-1 and train.warmup_steps=4 must satisfy"),
+    (["stage.plrd.ridge=-1"], "stage.plrd.ridge=-1 must be a number >= 0"),
+    (["stage.plrd.calibration.tokens=0"], "stage.plrd.calibration.tokens=0 must be a positive integer"),
+    (["stage.optimizer.lr=0"], "stage.optimizer.lr=0 must be > 0"),
+    (["stage.export=[gguf]"], "stage.export=['gguf'] must list distinct formats"),
+    (["+stage.ddp.use_distributed_optimizer=true"], "stage.ddp.use_distributed_optimizer cannot be set"),
+    (["stage.dataset.blend=[[/no/such/data], null]"], "stage.dataset.blend: '/no/such/data' is not a megatron"),
 ])
 def test_bad_family_configs_are_refused_before_any_stage_runs(tmp_path, overrides, message):
     with pytest.raises(ValueError) as error:

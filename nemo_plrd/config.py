@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -385,7 +386,8 @@ class FamilyConfig:
         if name == "control":
             control = self._config(self.parent, Path(folder) / name, {"ranks": {}})  # no slot changes rank
             control = _in_stream(control, 0, len(self.keep) * control.train.samples)
-            if control.train.loss == "kd" and control.train.teacher in ("previous", self.parent):  # KL(p || p) = 0
+            teacher = control.train.teacher
+            if control.train.loss == "kd" and (teacher == "previous" or _same_model(teacher, self.parent)):  # KL(p||p)=0
                 return dataclasses.replace(control, train=dataclasses.replace(control.train, loss="lm"))
             return control
         steps = OmegaConf.select(OmegaConf.create(self.stage), "train.steps", default=TrainConfig.steps)
@@ -527,6 +529,11 @@ def _in_stream(cfg: DecomposeConfig, first_sample: int, stream_samples: int) -> 
     """``cfg`` reading a family's stream of ``stream_samples`` samples from ``first_sample`` on."""
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, first_sample=first_sample,
                                                               stream_samples=stream_samples))
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two parents or teachers are one model: the same name, or one directory however spelled."""
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and os.path.samefile(a, b))
 
 
 def _check_parent(parent: str, key: str = "parent") -> None:

@@ -116,6 +116,7 @@ def test_the_baselines_train_the_parent_with_the_stages_settings(tmp_path):
     (["stage.train.teacher=previous"], "lm"),  # the control's own parent: the family's parent again
     (["stage.train.loss=lm+kd"], "lm+kd"),  # the LM term moves it; the KL to the parent holds it near
     (["stage.train.teacher=OTHER"], "kd"),  # a teacher that is not the parent teaches the control too
+    (["parent=OTHER", "stage.train.teacher=OTHER/."], "lm"),  # the parent's directory spelled another way
 ])
 def test_the_control_is_distilled_only_from_a_teacher_other_than_itself(tmp_path, overrides, loss):
     other = tmp_path / "other"

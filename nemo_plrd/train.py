@@ -47,8 +47,8 @@ from nemo_plrd.model import gpt_forward
 
 
 # The distributed optimizer's state as each data-parallel rank holds it (its buffers, one tensor
-# each): saved and loaded without gathering; megatron reshards it to another data-parallel size
-# on load, not to another TP size (a resumed stage keeps its TP: nemo_plrd.pipeline.claim).
+# each): saved and loaded without gathering; megatron documents it as reshardable over data
+# parallelism alone (a resumed stage keeps its TP: nemo_plrd.pipeline.claim).
 # megatron-core's default, fully_sharded_model_space, fails in
 # dist_checkpointing ("ShardedTensor.flattened_range is not supported"). Without Apex or TE the
 # distributed optimizer is refused altogether (nemo_plrd.config.optimizer_config).

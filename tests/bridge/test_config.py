@@ -55,8 +55,8 @@ def test_yaml_and_overrides_land_in_the_plrd_section_and_in_bridge_s_own(tmp_pat
     ("", ["+plrd.no_such_key=1"], "unknown key(s) ['plrd.no_such_key']"),  # Bridge would drop it silently
     ("plrd:\n  plan: {kep: 0.5}\n", [], "unknown key(s) ['plrd.plan.kep']"),  # Bridge would too
     ("", ["plrd.calibration.tokens=abc"], "plrd.calibration.tokens='abc' must be int"),
-    ("", ["plrd.plan.keep=1.5"], "keep=1.5 must be a fraction in (0, 1)"),
-    ("", ["plrd.method=qr"], "method='qr' is not one of ('activation', 'svd')"),
+    ("", ["plrd.plan.keep=1.5"], "plrd.plan.keep=1.5 must be a fraction in (0, 1)"),
+    ("", ["plrd.method=qr"], "plrd.method='qr' is not one of ('activation', 'svd')"),
 ])
 def test_unknown_and_ill_typed_plrd_keys_are_refused_naming_the_key(tmp_path, yaml, overrides, message):
     recipe = tmp_path / "stage.yaml"
@@ -65,7 +65,7 @@ def test_unknown_and_ill_typed_plrd_keys_are_refused_naming_the_key(tmp_path, ya
     before = dataclasses.asdict(cfg.plrd)
     with pytest.raises(ValueError) as error:
         process_plrd_config(cfg, recipe, overrides)
-    assert message in str(error.value)
+    assert str(error.value).startswith(message)  # the key first, named from the top
     assert dataclasses.asdict(cfg.plrd) == before  # refused before Bridge touched the container
 
 

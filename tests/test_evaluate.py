@@ -64,6 +64,9 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
     table = (tmp_path / "a" / "results.md").read_text()
     assert table.count("\n") == 10 and "held-out perplexity: news" in table  # header + 7 tasks + 2 corpora
     assert " ± " in table
+    again = plrd_eval(smollm2_135m(), "--limit", "2", "--out", tmp_path / "a")  # another model's results, maybe
+    assert again.returncode == 2 and f"--out {tmp_path / 'a'} already holds results" in again.stderr
+    assert (tmp_path / "a" / "results.md").read_text() == table
 
 
 def test_bad_input_is_refused(tmp_path):

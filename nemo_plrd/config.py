@@ -294,6 +294,7 @@ class DecomposeConfig:
 
     def __post_init__(self) -> None:
         _check_parent(self.parent)
+        self.output = _check_output(self.output)
         if self.mixed_precision not in MIXED_PRECISION:
             raise InputError(f"mixed_precision={self.mixed_precision!r} must be null (fp32) or one of "
                              f"{[name for name in MIXED_PRECISION if name]}")
@@ -357,6 +358,7 @@ class FamilyConfig:
 
     def __post_init__(self) -> None:
         _check_parent(self.parent)
+        self.output = _check_output(self.output)
         if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])) \
                 or not 0 < self.keep[-1] <= self.keep[0] < 1:
             raise InputError(f"keep={self.keep} must list one or more fractions in (0, 1), strictly decreasing "
@@ -528,6 +530,14 @@ def _in_stream(cfg: DecomposeConfig, first_sample: int, stream_samples: int) -> 
     """``cfg`` reading a family's stream of ``stream_samples`` samples from ``first_sample`` on."""
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, first_sample=first_sample,
                                                               stream_samples=stream_samples))
+
+
+def _check_output(output: str) -> str:
+    """``output`` as one spelling (``runs/x/`` is ``runs/x``: its ``.partial`` folder sits beside it, not in it)."""
+    normal = os.path.normpath(output)
+    if Path(normal).name in ("", ".", ".."):
+        raise InputError(f"output={output!r} must name a new folder (e.g. runs/my-family)")
+    return normal
 
 
 def _same_model(a: str, b: str) -> bool:

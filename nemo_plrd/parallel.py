@@ -11,6 +11,7 @@ import os
 import socket
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from nemo_plrd.cpu import enable_cpu_megatron
 from nemo_plrd.errors import InputError
+
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -88,16 +91,21 @@ def tp_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def exists_on_rank0(path: Path) -> bool:
-    """Whether ``path`` exists, as rank 0 sees it, on every rank.
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` as rank 0 computes it, on every rank (one broadcast of a small object).
 
     A file-system check that each rank makes for itself can split the group: a rank that
     looks late sees what rank 0 has meanwhile written (or a stale network-file-system
-    cache), raises alone, and the other ranks wait forever in the next collective.
-    One rank looks; every rank gets its answer (a one-element broadcast).
+    cache), takes another branch, and the other ranks wait forever in the next collective.
+    One rank looks; every rank gets its answer.
     """
     if not dist.is_initialized():
-        return path.exists()
-    answer = [path.exists() if dist.get_rank() == 0 else None]
+        return decide()
+    answer = [decide() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(answer, src=0)
     return answer[0]
+
+
+def exists_on_rank0(path: Path) -> bool:
+    """Whether ``path`` exists, as rank 0 sees it, on every rank."""
+    return rank0_decides(path.exists)

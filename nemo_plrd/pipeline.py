@@ -16,7 +16,8 @@ at any point, redoes only what was not saved:
 - a final checkpoint or export already renamed into place is kept.
 
 The config a run started with is kept beside its outputs (``config.json``); a rerun with a
-different config is refused, naming what differs.
+different config is refused, naming what differs, and so is a second run of an output that
+another run is still writing (``sole_run``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import functools
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 from megatron.core import dist_checkpointing, parallel_state
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -45,7 +48,7 @@ from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_re
 from nemo_plrd.export import export_hf
 from nemo_plrd.files import write_text_atomic
 from nemo_plrd.model import LlamaArch, parameter_count
-from nemo_plrd.parallel import init_model_parallel
+from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
 from nemo_plrd.transform import apply_plan, model_ranks, plan_for
 
@@ -91,6 +94,40 @@ def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
     if changed:
         raise InputError(f"{folder} was started with another config; rerun with the same settings to resume it, "
                          f"or choose a new output. Differences (then -> now): {'; '.join(changed)}")
+
+
+@contextmanager
+def sole_run(output: str) -> Iterator[None]:
+    """The one run writing ``output``: a second one (a double launch, a job requeued while the first
+    still runs) is refused, instead of deleting the first one's checkpoints under it.
+
+    Rank 0 holds a lock in ``OUTPUT.partial`` while the run lasts (the kernel drops it when the
+    process dies, so a killed run leaves nothing to clear); a finished output is only read.
+    """
+    partial = Path(output + ".partial")
+    lock = FileLock(partial / ".lock") if _rank0() and not Path(output).exists() else None
+    if lock is not None:
+        partial.mkdir(parents=True, exist_ok=True)
+    free = rank0_decides(lambda: lock is None or _try_acquire(lock))
+    if not free:
+        raise InputError(f"output={output!r} is being written by another run (it holds {partial / '.lock'}); "
+                         "let it finish, or stop it, then run this again")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+            (Path(output) / ".lock").unlink(missing_ok=True)  # renamed with the finished output
+            if partial.is_dir() and [p.name for p in partial.iterdir()] == [".lock"]:  # refused before any work
+                shutil.rmtree(partial)
+
+
+def _try_acquire(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+        return True
+    except Timeout:
+        return False
 
 
 def _latest(train_dir: Path) -> Optional[Path]:
@@ -151,6 +188,7 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
     request = cfg.plrd.plan.request()
     calibration = calibrate() if cfg.plrd.plan.allocation == "spectrum" else None  # the plan needs the spectra
     plan = plan_for(model, calibration or (), cfg.plrd.method, **request)
+    plan = rank0_decides(lambda: plan)  # one plan for every rank, whatever a near-tie in the spectra did elsewhere
     changes = plan.layer_ranks() != model_ranks(model)  # plrd.plan.ranks={} keeps every slot: the dense control
     if rank0:
         print(plan.table(), flush=True)
@@ -247,7 +285,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
     """
     start = time.perf_counter()
     out, partial = Path(cfg.output), Path(cfg.output + ".partial")
-    if out.exists():
+    if exists_on_rank0(out):
         claim(out, cfg, finished=True)
         if _rank0():  # a run stopped between the rename and this cleanup left the optimizer's state
             shutil.rmtree(out / "train", ignore_errors=True)
@@ -255,13 +293,13 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
     if cfg.train.steps and cfg.train.loss != "lm":
         check_teacher_source(cfg)
     claim(partial, cfg)
-    latest = _latest(partial / "train")
-    if latest is None or not (partial / "decomposed.json").is_file():
+    latest, decomposed = rank0_decides(lambda: (_latest(partial / "train"), (partial / "decomposed.json").is_file()))
+    if latest is None or not decomposed:
         if _rank0():  # a decomposition interrupted before its record was written: done again
             shutil.rmtree(partial / "train", ignore_errors=True)
         dist.barrier()
         model, figures = decompose(cfg, partial, parent_perplexity)
-        latest = _latest(partial / "train")
+        latest = partial / "train" / DECOMPOSED
     else:
         model, _ = (build_model if cfg.train.steps and latest.name != DECOMPOSED else load_model)(latest)
         figures = json.loads((partial / "decomposed.json").read_text())
@@ -273,10 +311,10 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         figures["decomposed_perplexity"]
     figures["valid_losses"] = [[row["step"], row["valid_loss"]] for row in logged if "valid_loss" in row]
 
-    if not (partial / "checkpoint").is_dir():
+    if not exists_on_rank0(partial / "checkpoint"):
         save_checkpoint(model, partial / "checkpoint", arch, hf_source)
     for format in cfg.export:
-        if not (partial / f"hf-{format}").is_dir():
+        if not exists_on_rank0(partial / f"hf-{format}"):
             export_hf(model, partial / f"hf-{format}", hf_source, format=format)
     if not _rank0():
         return None  # the rest is rank 0's alone: lm-eval can outlast any collective's timeout
@@ -311,7 +349,7 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
     """The family (parallel state initialised for its stages); on rank 0 the report's lines."""
     start = time.perf_counter()
     out, partial = Path(cfg.output), Path(cfg.output + ".partial")
-    if out.exists():
+    if exists_on_rank0(out):
         claim(out, cfg, finished=True)
         if _rank0():
             progress(f"{out} is complete (same config): nothing to do")

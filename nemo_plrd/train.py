@@ -192,10 +192,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def keep_saved_steps(metrics: Path, iteration: int) -> None:
-    """A resumed run takes the steps after its last checkpoint again: their old metric lines go."""
+    """A resumed run takes the steps after its last checkpoint again: their old metric lines go, and
+    so does a last line cut short by the interruption (always a step after the last save)."""
     if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= iteration]
-        write_text_atomic(metrics, "".join(line + "\n" for line in kept))
+        lines = metrics.read_text().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        kept = [line for line in lines if json.loads(line)["step"] <= iteration]
+        write_text_atomic(metrics, "".join(kept))
 
 
 def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, metrics: Optional[Path],

@@ -27,7 +27,7 @@ from pathlib import Path
 from nemo_plrd.cli import recipe_config, run_script
 from nemo_plrd.config import DecomposeConfig
 from nemo_plrd.parallel import init_distributed
-from nemo_plrd.pipeline import init_parallel, run_stage
+from nemo_plrd.pipeline import init_parallel, run_stage, sole_run
 
 
 def main() -> None:
@@ -35,7 +35,9 @@ def main() -> None:
                         "plrd.plan.keep=0.4 output=runs/smollm2-135m-40")
     init_distributed()
     init_parallel(cfg)
-    if run_stage(cfg) is not None:
+    with sole_run(cfg.output):
+        figures = run_stage(cfg)
+    if figures is not None:
         print((Path(cfg.output) / "summary.md").read_text(), f"wrote {cfg.output}", sep="\n")
 
 

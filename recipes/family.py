@@ -28,7 +28,7 @@ last checkpoint, and finished evaluations are read back.
 from nemo_plrd.cli import recipe_config, run_script
 from nemo_plrd.config import FamilyConfig
 from nemo_plrd.parallel import init_distributed
-from nemo_plrd.pipeline import init_parallel, run_family
+from nemo_plrd.pipeline import init_parallel, run_family, sole_run
 
 
 def main() -> None:
@@ -36,7 +36,8 @@ def main() -> None:
                         "'keep=[0.5, 0.3]' stage.train.steps=100")
     init_distributed()
     init_parallel(cfg.stage_config(0, cfg.parent, cfg.output))  # every stage has the same layout
-    lines = run_family(cfg)
+    with sole_run(cfg.output):
+        lines = run_family(cfg)
     if lines is not None:
         print("\n".join(lines), f"\nwrote {cfg.output} (family.md, family.png, one folder per stage)", sep="\n")
 

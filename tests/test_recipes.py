@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+from filelock import FileLock
 
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, load_config
 from nemo_plrd.plan import RankPlan
@@ -77,6 +78,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["train.steps=${train.no_such}"], f"{YAML}: Interpolation key 'train.no_such' not found"),
     (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size=0 must be a positive integer"),
     (["parent=/no/such/model"], "parent='/no/such/model' is not a directory"),
+    (["output=."], "output='.' must name a new folder"),
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
     (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
@@ -166,6 +168,7 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     (["keep=[0.6, 1.5]"], "keep=[0.6, 1.5] must list one or more fractions in (0, 1), strictly decreasing"),
     (["keep=[0.9, 0]"], "keep=[0.9, 0] must list one or more fractions in (0, 1)"),
     (["keep=[1.5]"], "keep=[1.5] must list one or more fractions in (0, 1)"),
+    (["output=runs/.."], "output='runs/..' must name a new folder"),
     (["stage.plrd.plan.keep=0.5"], "stage.plrd.plan.keep cannot be set: the family sets each stage's"),
     (["stage.output=x"], "stage.output cannot be set"),
     (["+stage.train.first_sample=8"], "stage.train.first_sample cannot be set: the family sets"),
@@ -247,6 +250,20 @@ def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):
     run = recipe(f"output={out}", "plrd.plan.keep=2")
     assert run.returncode == 2 and "plrd.plan.keep=2 must be a fraction in (0, 1)" in run.stderr, run.stderr[-2000:]
     assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def test_a_second_run_of_an_output_being_written_is_refused_and_touches_nothing(tiny_parent, tmp_path):
+    """A double launch, or a job requeued while the first still runs: refused while the first holds
+    OUTPUT.partial's lock, instead of deleting its checkpoints under it."""
+    out = tmp_path / "out"
+    partial = Path(f"{out}.partial")
+    partial.mkdir()
+    (partial / "work").write_text("the first run's")
+    with FileLock(partial / ".lock"):  # the first run, still writing
+        run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"output={str(out)!r} is being written by another run" in run.stderr
+    assert sorted(p.name for p in partial.iterdir()) == [".lock", "work"] and not out.exists()
 
 
 def test_a_global_batch_that_does_not_split_over_the_data_parallel_ranks_is_refused_before_any_work(tmp_path):

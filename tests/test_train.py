@@ -12,7 +12,7 @@ from megatron.core.optimizer import OptimizerConfig
 from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import init_model_parallel
-from nemo_plrd.train import Schedule, Trainer, masked_loss, run
+from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, masked_loss, run
 
 ARCH = LlamaArch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
                  vocab_size=64, max_sequence_length=32)
@@ -109,3 +109,12 @@ def test_the_last_step_is_logged_whatever_the_log_interval(tmp_path):
     steps = trainer(Schedule(3, global_batch=4))
     run(steps, save=lambda t: None, save_interval=3, metrics=tmp_path / "metrics.jsonl", log_interval=10)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3]
+
+
+def test_a_resumed_run_drops_the_steps_after_its_checkpoint_and_a_line_cut_short(tmp_path):
+    """Killed mid-append, the metrics file ends in a partial line: a step after the last save, dropped
+    with the others (read as JSON it would stop every rerun)."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3)) + '{"step": 4, "lo')
+    keep_saved_steps(metrics, 2)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]

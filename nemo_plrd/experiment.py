@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.errors import InputError
-from nemo_plrd.slurm import Cluster, prepare_submission, completion, pending_stages, preamble, stage_steps, step_lines
+from nemo_plrd.slurm import Cluster, completion, pending_stages, preamble, prepare_submission, stage_steps, step_lines
 
 
 def stage_tasks(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[tuple[str, int, str]]:

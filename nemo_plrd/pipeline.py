@@ -96,6 +96,11 @@ def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
                          f"or choose a new output. Differences (then -> now): {'; '.join(changed)}")
 
 
+def partial_folder(output: str) -> Path:
+    """Where ``output`` is written until it is complete, then renamed."""
+    return Path(output + ".partial")
+
+
 @contextmanager
 def sole_run(output: str) -> Iterator[None]:
     """The one run writing ``output``: a second one (a double launch, a job requeued while the first
@@ -104,7 +109,7 @@ def sole_run(output: str) -> Iterator[None]:
     Rank 0 holds a lock in ``OUTPUT.partial`` while the run lasts (the kernel drops it when the
     process dies, so a killed run leaves nothing to clear); a finished output is only read.
     """
-    partial = Path(output + ".partial")
+    partial = partial_folder(output)
     lock = FileLock(partial / ".lock") if _rank0() and not Path(output).exists() else None
     if lock is not None:
         partial.mkdir(parents=True, exist_ok=True)
@@ -284,7 +289,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
     every rank passes the same (they are collective).
     """
     start = time.perf_counter()
-    out, partial = Path(cfg.output), Path(cfg.output + ".partial")
+    out, partial = Path(cfg.output), partial_folder(cfg.output)
     if exists_on_rank0(out):
         claim(out, cfg, finished=True)
         if _rank0():  # a run stopped between the rename and this cleanup left the optimizer's state
@@ -348,7 +353,7 @@ def summary(stage: DecomposeConfig) -> dict:
 def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Optional[list[str]]:
     """The family (parallel state initialised for its stages); on rank 0 the report's lines."""
     start = time.perf_counter()
-    out, partial = Path(cfg.output), Path(cfg.output + ".partial")
+    out, partial = Path(cfg.output), partial_folder(cfg.output)
     if exists_on_rank0(out):
         claim(out, cfg, finished=True)
         if _rank0():

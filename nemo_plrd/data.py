@@ -6,7 +6,8 @@ document, as megatron's ``preprocess_data.py`` writes them. ``gpt_datasets`` bui
 ``GPTDataset`` splits through ``BlendedMegatronDatasetBuilder``: blends with weights, the
 train / valid / test split, megatron's document shuffling and sample index, cached by megatron
 under ``$PLRD_CACHE/megatron-indices`` in a distributed job (keyed by the prefixes, weights, split,
-seed and sizes; the data's own folder may be read-only), beside the data otherwise.
+seed and sizes; the data's own folder may be read-only; an index a killed build cut short is
+built again), beside the data otherwise.
 ``DataParallelBatches`` hands each data-parallel rank its micro-batches of every global batch in
 the order megatron's pretraining sampler does, from a count of consumed samples, so a resumed run
 reads exactly the samples the interrupted one would have.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy
 import torch
 from tqdm import tqdm
 
@@ -119,6 +121,8 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                               # megatron's cache is written by rank 0 of a process group (it asks for one)
                               path_to_cache=str(cache_dir() / "megatron-indices") if torch.distributed.is_initialized()
                               else None)
+    if config.path_to_cache and torch.distributed.get_rank() == 0:  # megatron's rank 0 builds, the others wait
+        drop_torn_indices(Path(config.path_to_cache))
     for prefix in blend[0]:  # megatron loops forever looking for samples in a split with no documents
         documents = IndexedDataset(prefix).sequence_lengths.shape[0]
         for name, wanted, bounds in zip(SPLITS, num_samples, config.split_matrix):
@@ -134,6 +138,21 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
             raise InputError(f"dataset.blend={[blend[0], blend[1]]} gives the {name} split {len(split)} samples of "
                              f"{sequence_length} tokens, fewer than the {wanted} asked for; give the prefixes weights")
     return [None if wanted is None else split for split, wanted in zip(splits, num_samples)]
+
+
+def drop_torn_indices(folder: Path) -> None:
+    """Delete the index files in megatron's cache ``folder`` that a killed build cut short.
+
+    megatron writes its cached indices straight to their final names, and takes a split whose
+    files all exist for a finished one: a run killed during its last ``numpy.save`` would leave
+    an index that every later run with the same data settings fails to load. Without the torn
+    file, megatron builds that split's indices again.
+    """
+    for path in folder.glob("*.npy"):
+        try:
+            numpy.load(path, mmap_mode="r")  # reads the header and maps the data: no pass over it
+        except (ValueError, OSError, EOFError):
+            path.unlink(missing_ok=True)
 
 
 def calibration_batches(dataset, samples: int, micro_batch: int) -> list[torch.Tensor]:

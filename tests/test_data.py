@@ -101,6 +101,22 @@ def test_an_unweighted_blend_short_of_the_samples_asked_for_is_refused_naming_it
     assert len(gpt_datasets((halves, [1.0, 1.0]), "80,20,0", 32, [1000, None, None], tokenizer)[0]) >= 1000
 
 
+def test_indices_a_killed_build_cut_short_are_built_again_not_loaded(prefix, tokenizer, tmp_path, monkeypatch):
+    """megatron caches a split's indices under their final names; a kill during a numpy.save leaves one
+    cut short, which megatron would load (and fail on) in every later run with the same settings."""
+    monkeypatch.setenv("PLRD_CACHE", str(tmp_path))
+    init_distributed()
+    blend, sizes = ([prefix, prefix], [1.0, 2.0]), [40, 8, None]  # a weighted blend: its own indices too
+    before = gpt_datasets(blend, "80,20,0", 32, sizes, tokenizer)
+    indices = sorted((tmp_path / "megatron-indices").glob("*.npy"))
+    assert len(indices) >= 8  # each split's document, sample and shuffle index, and each blend's two
+    for number, path in enumerate(indices):  # every file cut short, one of them to nothing
+        path.write_bytes(path.read_bytes()[:number * path.stat().st_size // (2 * len(indices))])
+    after = gpt_datasets(blend, "80,20,0", 32, sizes, tokenizer)
+    for old, new in zip(before[:2], after[:2]):
+        assert len(old) == len(new) and all(torch.equal(old[i]["tokens"], new[i]["tokens"]) for i in range(len(old)))
+
+
 def test_a_family_s_stages_read_the_one_shot_baseline_s_stream_one_after_another(prefix, tmp_path):
     """Stage k trains on samples [k N, (k + 1) N) of the stream the one-shot baseline reads whole: the
     same samples in all, none read twice. The stream spans two epochs of the data here, and megatron

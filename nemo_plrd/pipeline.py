@@ -101,6 +101,36 @@ def partial_folder(output: str) -> Path:
     return Path(output + ".partial")
 
 
+RECORDS = ("decomposed.json", "summary.json", "summary.md", "results.json", "family.json")  # what name paths
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """``value`` (a record's JSON) with every path under ``old`` under ``new``."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+    if isinstance(value, list):
+        return [_moved(item, old, new) for item in value]
+    if isinstance(value, dict):
+        return {key: _moved(item, old, new) for key, item in value.items()}
+    return value
+
+
+def finish(partial: Path, out: Path) -> None:
+    """Rename ``partial`` to ``out``, its records first made to name the paths under it as they will be.
+
+    The records were written during the run (a family's member is evaluated in ``OUTPUT.partial``,
+    a later stage starts from the previous one's checkpoint there), and a finished output should not
+    send its reader to a folder that no longer exists. ``config.json`` keeps what the run was given.
+    """
+    old, new = str(partial), str(out)
+    for name in RECORDS:
+        for record in partial.rglob(name):
+            text = record.read_text()
+            write_text_atomic(record, text.replace(old + "/", new + "/") if record.suffix == ".md" else
+                              json.dumps(_moved(json.loads(text), old, new), indent=1) + "\n")
+    partial.rename(out)
+
+
 @contextmanager
 def sole_run(output: str) -> Iterator[None]:
     """The one run writing ``output``: a second one (a double launch, a job requeued while the first
@@ -329,7 +359,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         figures |= evaluate_member(cfg, partial, partial / "eval")
     (partial / "summary.json").write_text(json.dumps(figures, indent=1) + "\n")
     (partial / "summary.md").write_text("\n".join(report.stage_summary(cfg, figures)) + "\n")
-    partial.rename(out)
+    finish(partial, out)
     shutil.rmtree(out / "train")  # the optimizer's state: the stage is done
     return figures
 
@@ -385,7 +415,6 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
     def figures(stage: DecomposeConfig) -> dict:
         folder = Path(stage.output)
         result = summary(stage)
-        result["parent"] = result["parent"].replace(str(partial), cfg.output)  # where it will be after the rename
         if stage.eval.tasks:
             result |= evaluate_member(stage, folder, partial / "eval" / folder.name)
         return result
@@ -398,7 +427,7 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
                                                      "baselines": baseline_figures}, indent=1) + "\n")
     (partial / "family.md").write_text("\n".join(lines) + "\n")
     report.plot_family(cfg, members, baseline_figures, partial / "family.png")
-    partial.rename(out)
+    finish(partial, out)
     return lines
 
 

@@ -15,6 +15,7 @@ import transformers
 from filelock import FileLock
 
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, load_config
+from nemo_plrd.pipeline import RECORDS
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.report import in_domain
 from processes import kill_when
@@ -227,6 +228,7 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
         torch.testing.assert_close(factored(tokens).logits, merged(tokens).logits, rtol=0, atol=1e-4)
     # The held-out perplexity of the TP=2 megatron model is the HF export's, as lm-eval's run measured it.
     results = json.loads((first / "eval" / "results.json").read_text())
+    assert results["model"] == str(first / "hf-factored")  # where it is now, not where it was evaluated
     assert results["perplexity"] == pytest.approx(summary["member_perplexity"], rel=1e-4)
     assert 0 <= results["tasks"]["arc_easy"]["acc"] <= 1
 
@@ -304,6 +306,12 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     assert second["parent_perplexity"] == first["member_perplexity"]
     assert control["parent_perplexity"] == oneshot["parent_perplexity"] == first["parent_perplexity"]
     assert second["parent"] == str(out / "stage1-keep0.6" / "checkpoint")  # the path after the final rename
+    # every record names the paths as they are now (they were written in OUTPUT.partial); config.json keeps
+    # the settings the run was given
+    records = [path for name in RECORDS for path in out.rglob(name)]
+    assert len(records) >= 15 and not [path for path in records if ".partial" in path.read_text()]
+    for member in members + [control, oneshot]:
+        assert all(Path(path).is_dir() for path in (member["parent"], member["hf_source"], member["eval"]["model"]))
     assert second["member_params"] < first["member_params"] < first["parent_params"]
     # the control: the parent as it is (no calibration, no slot changed), then trained like a stage
     assert control["parent"] == oneshot["parent"] == str(tiny_parent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -90,14 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--mounts", action="append", default=[], metavar="SRC:DST",
                         help="container mount (repeatable), e.g. /lustre:/lustre")
     submit.add_argument("--workdir", default=os.getcwd(),
-                        help="this nemo-plrd checkout as the nodes see it (default: the current directory)")
+                        help="this nemo-plrd checkout as the nodes see it (default: the current directory); "
+                             "the jobs run in it, so the recipe's relative paths are read from it")
     submit.add_argument("--port", type=_positive, default=29500, help="rendezvous port on each job's first node")
     submit.add_argument("--launcher", choices=("sbatch", "nemo-run"), default="sbatch",
                         help="sbatch scripts chained with --dependency=afterok, or a nemo-run Experiment")
     submit.add_argument("--dry-run", action="store_true", help="print the jobs and their order; submit nothing")
     args, extra = parser.parse_known_args(argv)
     # overrides may follow the options too (argparse collects a positional list only before them)
-    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e and not e.startswith("~")
+                                                        for e in extra)):  # key=value, or ~key (Hydra's delete)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
@@ -187,19 +190,25 @@ def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from nemo_plrd.family_plan import load_family
     from nemo_plrd.slurm import Cluster, submit
 
+    recipe = os.path.abspath(args.recipe)
     try:
-        family = load_family(args.recipe, args.overrides)
-        if not isinstance(family, BridgeFamilyConfig):
-            raise InputError(f"{args.recipe} is a local family (keep:, stage:); run it with recipes/family.py, "
-                             "or give a Bridge family recipe (target_params:, job:)")
         cluster = Cluster(args.nodes, args.gpus_per_node, args.partition, args.account, args.time,
                           args.container_image, tuple(args.mounts), args.workdir, args.port)
-        if args.launcher == "nemo-run":
-            from nemo_plrd.experiment import submit_experiment
+        if not os.path.isdir(cluster.workdir) and not args.dry_run:
+            raise InputError(f"--workdir {cluster.workdir} is not a folder on this machine; submit from a node that "
+                             "sees the checkout the jobs run in, or --dry-run")
+        # the recipe's relative paths (output, parent, blend, job.config_file) as the jobs read them
+        with contextlib.chdir(cluster.workdir) if os.path.isdir(cluster.workdir) else contextlib.nullcontext():
+            family = load_family(recipe, args.overrides)
+            if not isinstance(family, BridgeFamilyConfig):
+                raise InputError(f"{args.recipe} is a local family (keep:, stage:); run it with recipes/family.py, "
+                                 "or give a Bridge family recipe (target_params:, job:)")
+            if args.launcher == "nemo-run":
+                from nemo_plrd.experiment import submit_experiment
 
-            submit_experiment(family, cluster, args.dry_run)
-        else:
-            submit(family, cluster, args.dry_run)
+                submit_experiment(family, cluster, args.dry_run)
+            else:
+                submit(family, cluster, args.dry_run)
     except InputError as error:
         parser.error(str(error))
     return 0

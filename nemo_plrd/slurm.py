@@ -7,11 +7,14 @@ existence is the stage's completion (``nemo_plrd.bridge.family``). Every step is
 what it creates exists, so a requeued or re-submitted job resumes. A job that fails cancels the
 stages after it (``--kill-on-invalid-dep=yes``), and a stage refuses to start without its parent.
 What the eval steps read from PyPI is fetched at submission into the jobs' ``$PLRD_CACHE``:
-compute nodes often have no network.
+compute nodes often have no network. A submission while the previous one's jobs are still queued
+or running is refused (``OUTPUT/launch/jobs.json``, ``squeue``).
 """
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import re
 import shlex
@@ -48,6 +51,7 @@ class Cluster:
         for name in ("nodes", "gpus_per_node", "port"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}={getattr(self, name)} must be a positive integer")
+        object.__setattr__(self, "workdir", os.path.abspath(self.workdir))  # a job's `cd` and the container's
         bad = [m for m in self.container_mounts if ":" not in m or "," in m]
         if bad:
             raise InputError(f"--mounts {bad}: each mount is SRC:DST[:FLAGS], one per --mounts")
@@ -63,7 +67,7 @@ class Cluster:
         if tp > self.gpus_per_node or world % tp:
             raise InputError(f"model.tensor_model_parallel_size={tp} must be at most --gpus-per-node="
                              f"{self.gpus_per_node} (TP stays inside a node) and divide the {world} GPUs")
-        micro = int(family.job.setting("train.micro_batch_size", 1))
+        micro = int(family.job.setting("train.micro_batch_size"))
         batch = int(family.job.setting("train.global_batch_size"))
         if batch % (micro * (world // tp)):
             raise InputError(f"train.global_batch_size={batch} is not a multiple of train.micro_batch_size={micro}"
@@ -145,8 +149,8 @@ def preamble(family: BridgeFamilyConfig, index: int, cluster: Cluster, rendezvou
              "exit 0; fi"]
     if index > 0:
         parent = family.stage_folder(index - 1) / "checkpoint"
-        lines.append(f"if [ ! -d {shlex.quote(str(parent))} ]; then echo 'error: the parent {parent} is missing: "
-                     f"stage {index} did not complete' >&2; exit 1; fi")
+        missing = shlex.quote(f"error: the parent {parent} is missing: stage {index} did not complete")
+        lines.append(f"if [ ! -d {shlex.quote(str(parent))} ]; then echo {missing} >&2; exit 1; fi")
     return lines + [f"mkdir -p {shlex.quote(str(folder))}.partial",
                     *(['HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'] if rendezvous else [])]
 
@@ -167,8 +171,7 @@ def render(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> str:
     folder = family.stage_folder(index)
     directives = {"job-name": f"plrd-{folder.name}", "nodes": cluster.nodes, "ntasks-per-node": 1,
                   "gpus-per-node": cluster.gpus_per_node, "partition": cluster.partition,
-                  "account": cluster.account, "time": cluster.time,
-                  "output": f"{Path(family.output) / 'launch'}/%x-%j.log"}
+                  "account": cluster.account, "time": cluster.time}
     lines = ["#!/bin/bash",
              f"# PLRD family {family.output}: stage {index + 1} of {len(family.target_params)}, "
              f"{family.target_params[index]:,} parameters. Rendered by `plrd submit`.",
@@ -178,6 +181,26 @@ def render(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> str:
              *step_lines(stage_steps(family, index, cluster), 1, lambda step: srun(cluster, step.every_node)),
              *completion(family, index)]
     return "\n".join(lines) + "\n"
+
+
+def jobs_record(family: BridgeFamilyConfig) -> Path:
+    """``OUTPUT/launch/jobs.json``: the job id of each stage the last submission queued."""
+    return Path(family.output) / "launch" / "jobs.json"
+
+
+def queued_jobs(family: BridgeFamilyConfig) -> dict[str, str]:
+    """The stage jobs of the last submission that SLURM still holds (pending or running), by stage name."""
+    record = jobs_record(family)
+    if not record.is_file():
+        return {}
+    submitted = json.loads(record.read_text())
+    command = ["squeue", "--noheader", "--format=%i", f"--user={getpass.getuser()}"]
+    try:
+        listed = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise InputError(f"{shlex.join(command)} failed ({error}): cannot tell whether the jobs in {record} "
+                         "still run; submit from a node with SLURM's commands") from None
+    return {name: job for name, job in submitted.items() if job in listed}
 
 
 def pending_stages(family: BridgeFamilyConfig) -> list[int]:
@@ -236,18 +259,25 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
     if not stages:
         out(f"{family.output}: every stage is complete, nothing to submit")
         return []
+    running = {} if dry_run else queued_jobs(family)
+    if running:  # a second chain would train the same stages into the same folders
+        raise InputError(f"{family.output}: stages of an earlier submission are queued or running ("
+                         f"{', '.join(f'{name}: job {job}' for name, job in running.items())}); wait for them to "
+                         f"end, or scancel them, then submit again")
     prepare_submission(family, cluster, dry_run)
     done = len(family.target_params) - len(stages)
     if done:
         out(f"skipping {done} complete stage(s): {', '.join(family.stage_name(i) for i in range(done))}")
     launch_dir = Path(family.output) / "launch"
     job_ids: list[str] = []
+    submitted: dict[str, str] = {}  # by stage name, for the next submission's check (queued_jobs)
     previous = None  # the job id of the stage before, or in a dry run its name
     for index in stages:
         script = render(family, index, cluster)
         path = launch_dir / f"{family.stage_name(index)}.sbatch"
         after = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
-        command = ["sbatch", "--parsable", *after, str(path)]
+        # the log's path in sbatch's argv, exactly: an #SBATCH line is split at spaces and strips quotes
+        command = ["sbatch", "--parsable", f"--output={launch_dir}/%x-%j.log", *after, str(path)]
         if dry_run:
             out(f"# {path}\n{script}\n# would submit: {shlex.join(command)}\n")
             previous = f"<job id of {family.stage_name(index)}>"
@@ -260,5 +290,7 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
                              + (f"; submitted before it: {', '.join(job_ids)}" if job_ids else ""))
         previous = result.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         job_ids.append(previous)
+        submitted[family.stage_name(index)] = previous
+        write_text_atomic(jobs_record(family), json.dumps(submitted, indent=1) + "\n")
         out(f"{family.stage_name(index)}: job {previous}" + (f" (after {job_ids[-2]})" if len(job_ids) > 1 else ""))
     return job_ids

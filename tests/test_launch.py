@@ -104,6 +104,7 @@ def test_a_stage_script_asks_for_the_nodes_and_launches_one_rendezvous_over_them
     stage1 = family.stage_folder(0) / "checkpoint"
     assert f"--parent {stage1} " in train
     for override in ("model.tensor_model_parallel_size=8", "plrd.plan.multiple=64", "plrd.plan.keep=null",
+                     "plrd.plan.ranks=null",
                      "plrd.plan.target_params=5000000000", f"""'checkpoint.save="{family.stage_folder(1)}.partial/bridge"'""",
                      f"""'dataset.blend=[["{Path(family.blend[0][0])}"],null]'"""):
         assert f" {override}" in train
@@ -145,9 +146,12 @@ def test_a_distilling_family_names_its_parent_as_every_stage_s_teacher(family, t
 
 @pytest.fixture
 def fake_sbatch(tmp_path, monkeypatch) -> Path:
-    """An `sbatch` on PATH that records its arguments and answers job ids 101, 102, ..."""
+    """An `sbatch` on PATH that records its arguments and answers job ids 101, 102, ..., and an `squeue`
+    that lists the ids in ``tmp_path/queue`` (the jobs the scheduler still holds; none if it is absent)."""
     bin_dir, log = tmp_path / "bin", tmp_path / "sbatch.log"
     bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/bash\n[ -e {tmp_path / 'queue'} ] && cat {tmp_path / 'queue'}\nexit 0\n")
+    (bin_dir / "squeue").chmod(0o755)
     (bin_dir / "sbatch").write_text(f"""#!/bin/bash
 echo "$@" >> {log}
 if [ -n "${{FAIL_AT:-}}" ] && [ "$(wc -l < {log})" -eq "$FAIL_AT" ]; then
@@ -164,9 +168,10 @@ def test_submit_chains_the_stages_with_afterok_and_prints_the_job_ids(family, fa
     assert submit(family, CLUSTER) == ["101", "102", "103", "104"]
     calls = fake_sbatch.read_text().splitlines()
     launch = Path(family.output) / "launch"
-    assert calls[0] == f"--parsable {launch}/stage1-5.9b.sbatch"
+    assert calls[0] == f"--parsable --output={launch}/%x-%j.log {launch}/stage1-5.9b.sbatch"
     for previous, call, name in zip(["101", "102", "103"], calls[1:], ["stage2-5b", "stage3-4.15b", "stage4-3.3b"]):
-        assert call == f"--parsable --dependency=afterok:{previous} --kill-on-invalid-dep=yes {launch}/{name}.sbatch"
+        assert call == (f"--parsable --output={launch}/%x-%j.log --dependency=afterok:{previous} "
+                        f"--kill-on-invalid-dep=yes {launch}/{name}.sbatch")
     assert (launch / "stage3-4.15b.sbatch").read_text() == render(family, 2, CLUSTER)
     assert "stage4-3.3b: job 104 (after 103)" in capsys.readouterr().out
 
@@ -181,6 +186,46 @@ def test_resubmitting_skips_complete_stages_and_a_refused_submission_names_what_
     monkeypatch.setenv("FAIL_AT", "2")
     with pytest.raises(InputError, match="invalid account; submitted before it: 101"):
         submit(family, CLUSTER)
+
+
+def test_a_submission_while_the_last_one_s_jobs_are_queued_is_refused_naming_them(family, fake_sbatch, tmp_path):
+    """Two chains would train the same stages into the same folders."""
+    assert submit(family, CLUSTER) == ["101", "102", "103", "104"]
+    (tmp_path / "queue").write_text("103\n104\n999\n")  # stages 1 and 2 ran; 3 runs, 4 waits on it
+    with pytest.raises(InputError, match=r"stages of an earlier submission are queued or running "
+                                         r"\(stage3-4.15b: job 103, stage4-3.3b: job 104\); wait for them"):
+        submit(family, CLUSTER)
+    assert len(fake_sbatch.read_text().splitlines()) == 4  # nothing submitted
+    (tmp_path / "queue").write_text("999\n")  # they ended (a failure cancels the rest: all gone)
+    assert submit(family, CLUSTER) == ["105", "106", "107", "108"]
+
+
+def test_a_script_of_a_family_under_a_path_with_quotes_and_spaces_runs(family, tmp_path):
+    """The parent check of stage 2 names the family's folder inside a shell string."""
+    odd = dataclasses.replace(family, output=str(tmp_path / "bob's run \"v2\""))
+    script = tmp_path / "stage2.sbatch"
+    script.write_text(render(odd, 1, CLUSTER))
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"the parent {odd.stage_folder(0)}/checkpoint is missing" in result.stderr
+
+
+def test_the_recipe_s_relative_paths_are_read_from_the_workdir_the_jobs_run_in(cluster_family, fake_sbatch, tmp_path,
+                                                                             monkeypatch):
+    family = cluster_family("llama2_7b_family.yaml")
+    workdir, elsewhere = tmp_path / "checkout", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (workdir / "recipes" / "bridge").mkdir(parents=True)
+    (workdir / "recipes" / "bridge" / "llama_stage.yaml").write_text(
+        (ROOT / "recipes" / "bridge" / "llama_stage.yaml").read_text())
+    (workdir / "runs" / "fam" / "stage1-5.9b").mkdir(parents=True)  # complete, as the jobs see it
+    monkeypatch.chdir(elsewhere)
+    main(["submit", str(ROOT / "recipes" / "llama2_7b_family.yaml"), "--nodes", "4", "--gpus-per-node", "8",
+          "--workdir", os.path.relpath(workdir), "output=runs/fam", f"parent={family.parent}",
+          f"blend=[[{family.blend[0][0]}], null]", "~architecture"])  # a deletion after the options, too
+    launch = workdir / "runs" / "fam" / "launch"
+    assert sorted(p.name for p in launch.iterdir()) == ["jobs.json", "stage2-5b.sbatch", "stage3-4.15b.sbatch",
+                                                        "stage4-3.3b.sbatch"]
+    assert f"cd {workdir}\n" in (launch / "stage2-5b.sbatch").read_text() and not list(elsewhere.iterdir())
 
 
 def test_submit_fetches_what_the_eval_steps_read_into_the_jobs_cache(family, fake_sbatch, tmp_path, monkeypatch):
@@ -242,6 +287,11 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
      "job.overrides ['checkpoint.save=x'] cannot be set"),
     (["target_params=[5000000000, 5000000000]"], ["--nodes", "1", "--gpus-per-node", "8"], "strictly decreasing"),
     (["blend=[corpus]"], ["--nodes", "1", "--gpus-per-node", "8"], "must be [prefixes, weights]"),
+    (['job.overrides=["dataset.blend=[[/other], null]"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "cannot be set: the family sets each stage's checkpoint.save, dataset.blend"),
+    (['job.config_file=null', 'job.overrides=["train.global_batch_size=256"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "model.tensor_model_parallel_size must be set in job.config_file or job.overrides"),
+    ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/nowhere"], "--workdir /nowhere is not a folder"),
 ])
 def test_bad_input_is_refused_naming_the_key(family, overrides, args, message, capsys):
     recipe = ROOT / "recipes" / "llama2_7b_family.yaml"

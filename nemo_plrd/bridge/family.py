@@ -21,7 +21,7 @@ from nemo_plrd.config import (EvalConfig, check_blend, check_export, distils_fro
                               override_key, with_overrides)
 from nemo_plrd.errors import InputError
 
-SET_BY_FAMILY = ("checkpoint.save", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks")
+SET_BY_FAMILY = ("checkpoint.save", "dataset.blend", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks")
 
 
 def hydra_value(value: Any) -> str:
@@ -93,7 +93,7 @@ class BridgeFamilyConfig:
 
     @property
     def tensor_parallel_size(self) -> int:
-        return int(self.job.setting("model.tensor_model_parallel_size", 1))
+        return int(self.job.setting("model.tensor_model_parallel_size"))
 
     def hf_config(self, index: int) -> str:
         """The HF config and tokenizer stage ``index`` starts from (a PLRD checkpoint carries its parent's)."""
@@ -109,7 +109,8 @@ class BridgeFamilyConfig:
         """The job's overrides, then what the family sets for stage ``index``."""
         prefixes, weights = self.blend or ([], None)
         distilled = distils_from_family_parent(self.job.settings)
-        return [*self.job.overrides, f"dataset.blend={hydra_value([prefixes, weights])}", "plrd.plan.keep=null",
+        return [*self.job.overrides, f"dataset.blend={hydra_value([prefixes, weights])}",
+                "plrd.plan.keep=null", "plrd.plan.ranks=null",  # the job's YAML may set either for one stage
                 f"plrd.plan.target_params={self.target_params[index]}", f"checkpoint.save={hydra_value(str(save))}",
                 *([f"train.teacher={hydra_value(self.parent)}"] if distilled else [])]  # a later stage knows only --parent
 

@@ -64,9 +64,9 @@ class Cluster:
             raise InputError(f"model.pipeline_model_parallel_size={pp}: a PLRD stage needs 1 (its calibration runs "
                              "the whole model layer by layer in one process; docs/scale.md)")
         tp = family.tensor_parallel_size
-        if tp > self.gpus_per_node or world % tp:
-            raise InputError(f"model.tensor_model_parallel_size={tp} must be at most --gpus-per-node="
-                             f"{self.gpus_per_node} (TP stays inside a node) and divide the {world} GPUs")
+        if self.gpus_per_node % tp:
+            raise InputError(f"model.tensor_model_parallel_size={tp} must divide --gpus-per-node="
+                             f"{self.gpus_per_node}: a TP group stays inside a node")
         micro = int(family.job.setting("train.micro_batch_size"))
         batch = int(family.job.setting("train.global_batch_size"))
         if batch % (micro * (world // tp)):

@@ -278,7 +278,9 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
 
 @pytest.mark.parametrize("overrides,args,message", [
     ([], ["--nodes", "3", "--gpus-per-node", "8"], "global_batch_size=256 is not a multiple"),
-    ([], ["--nodes", "1", "--gpus-per-node", "4"], "tensor_model_parallel_size=8 must be at most --gpus-per-node=4"),
+    ([], ["--nodes", "1", "--gpus-per-node", "4"], "tensor_model_parallel_size=8 must divide --gpus-per-node=4"),
+    ([], ["--nodes", "4", "--gpus-per-node", "12"], "tensor_model_parallel_size=8 must divide --gpus-per-node=12: a TP "
+                                                    "group stays inside a node"),  # 48 GPUs: TP 8 divides the world
     (['job.overrides=["model.pipeline_model_parallel_size=2"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "model.pipeline_model_parallel_size=2: a PLRD stage needs 1"),
     (["parent=/nowhere"], ["--nodes", "1", "--gpus-per-node", "8"], "parent='/nowhere' is not an HF model"),

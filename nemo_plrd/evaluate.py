@@ -131,21 +131,22 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise MissingInputError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    configs = task_configs(tasks)
+    configs = task_configs(tasks) if tasks else []  # checked, their data found, before the model loads
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
     if torch.cuda.is_available():  # a cluster's evaluation step; fp32 as on CPU, so figures compare
         model.cuda()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # it reads the config too
+    result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": {}, "items": {},
+              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
+    if not tasks:  # held-out perplexity alone
+        return result | ({"samples": {}} if samples else {})
     output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                                      tasks=configs, limit=limit, log_samples=samples)
-    scores = {}
     for task in tasks:
         metrics = output["results"][f"plrd_{task}"]
-        scores[task] = {name.split(",")[0]: value for name, value in metrics.items()
-                        if name.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
-    result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": scores,
-              "items": {task: output["n-samples"][f"plrd_{task}"]["effective"] for task in tasks},
-              "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
+        result["tasks"][task] = {name.split(",")[0]: value for name, value in metrics.items()
+                                 if name.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+        result["items"][task] = output["n-samples"][f"plrd_{task}"]["effective"]
     if samples:
         result["samples"] = {task: output["samples"][f"plrd_{task}"] for task in tasks}
     return result

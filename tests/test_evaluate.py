@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from nemo_plrd import evaluate as evaluate_module
 from nemo_plrd.assets import smollm2_135m
 from nemo_plrd.evaluate import evaluate, markdown
 
@@ -42,6 +43,15 @@ def test_scores_come_from_the_model():
         assert ours == pytest.approx(theirs, abs=1e-3)
         correct.append(max(range(len(ours)), key=ours.__getitem__) == sample["target"])
     assert result["tasks"]["arc_easy"]["acc"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_held_out_perplexity_alone_reads_no_lm_eval_set(monkeypatch):
+    """eval.tasks=[]: a Bridge family's members still get their held-out perplexity, and nothing is fetched
+    for lm-eval (a compute node has no network)."""
+    monkeypatch.setattr(evaluate_module, "eval_sets", lambda: pytest.fail("an lm-eval set was read"))
+    result = evaluate(smollm2_135m(), tasks=(), perplexity_blocks=1, heldout=["kjv"])
+    assert result["tasks"] == result["items"] == {} and 5 < result["perplexity"]["kjv"] < 500
+    assert markdown(result).count("held-out perplexity") == 1
 
 
 def test_cli_writes_stable_results_for_every_task(tmp_path):

@@ -122,6 +122,14 @@ def test_conversion_and_export_run_at_the_stage_s_tp_not_on_every_gpu_of_the_nod
     assert "--nproc-per-node=8 recipes/run_plrd.py" in script  # training: every GPU, TP 2 x DP 16
 
 
+def test_a_family_without_lm_eval_tasks_still_measures_its_members_held_out_perplexity(family):
+    """A Bridge stage measures no perplexity itself: the eval step is the only one, tasks or not."""
+    untasked = dataclasses.replace(family, eval=dataclasses.replace(family.eval, tasks=[]))
+    assert "-m nemo_plrd.cli eval" in render(untasked, 0, CLUSTER) and " --tasks '' " in render(untasked, 0, CLUSTER)
+    neither = dataclasses.replace(family, eval=dataclasses.replace(family.eval, tasks=[], perplexity_blocks=0))
+    assert "nemo_plrd.cli eval" not in render(neither, 0, CLUSTER)
+
+
 def test_paths_reach_the_stage_job_exactly_through_hydra(cluster_family, tmp_path):
     """Overrides the family writes are read back by Hydra's parser as the paths given, whatever they hold."""
     odd = tmp_path / "runs, v2 (café)=#1"

@@ -21,12 +21,18 @@ def main() -> None:
     parser.add_argument("--format", choices=("merged", "factored"), default="factored")
     args = parser.parse_args()
 
+    from pathlib import Path
+
     import torch.distributed as dist
 
     from nemo_plrd.checkpoint import load_model
+    from nemo_plrd.errors import MissingInputError
     from nemo_plrd.export import export_hf
     from nemo_plrd.parallel import init_distributed, init_model_parallel
 
+    if Path(args.checkpoint, "metadata.json").is_file() and not Path(args.checkpoint, "hf", "config.json").is_file():
+        raise MissingInputError(f"{args.checkpoint} holds no hf/config.json (the parent's HF config and tokenizer, "
+                                "which save_checkpoint(..., hf_source=...) copies): nothing to export it as")
     init_distributed()
     init_model_parallel(dist.get_world_size())
     model, _ = load_model(args.checkpoint)

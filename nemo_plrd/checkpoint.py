@@ -27,7 +27,8 @@ from nemo_plrd.transform import model_ranks
 
 METADATA = "plrd.json"
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+            "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "tokenizer.model",
+            "vocab.json", "merges.txt")  # the last three: a BPE tokenizer without tokenizer.json
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[LlamaArch] = None,

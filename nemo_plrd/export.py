@@ -14,6 +14,7 @@ Every rank calls ``export_hf`` (the weights are gathered over TP); rank 0 writes
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -37,9 +38,11 @@ def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
     from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig, PLRDLlamaForCausalLM
 
     with torch.device("meta"):
-        if format == "merged":
-            return AutoModelForCausalLM.from_config(parent_config, dtype=torch.float32)
-        fields = {k: v for k, v in parent_config.to_dict().items() if k not in _CLASS_KEYS}
+        if format == "merged":  # full attention, as megatron trained it (a parent's sliding window is not kept)
+            config = copy.deepcopy(parent_config)
+            config.sliding_window = None
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fields = {k: v for k, v in parent_config.to_dict().items() if k not in _CLASS_KEYS + ("sliding_window",)}
         config = PLRDLlamaConfig(**fields, plrd_ranks=ranks, qkv_bias=arch.qkv_bias)
         config.architectures = [PLRDLlamaForCausalLM.__name__]
         PLRDLlamaConfig.register_for_auto_class()
@@ -67,7 +70,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
 
 
 def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     state = to_hf(merge_factors(full), arch) if format == "merged" else to_hf_factored(full, arch)
     hf_model = _hf_model(format, parent_config, ranks, arch)
@@ -75,6 +78,8 @@ def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source) -
     hf_model.tie_weights()
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    if (Path(hf_source) / "generation_config.json").is_file():  # the parent's stop tokens and sampling defaults
+        hf_model.generation_config = GenerationConfig.from_pretrained(hf_source)
     hf_model.save_pretrained(partial)
     AutoTokenizer.from_pretrained(hf_source).save_pretrained(partial)
     partial.rename(out_dir)

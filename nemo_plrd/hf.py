@@ -33,6 +33,8 @@ def arch_from_hf(config) -> LlamaArch:
     if head_dim * config.num_attention_heads != config.hidden_size:
         raise InputError(f"head_dim={head_dim} x {config.num_attention_heads} heads != hidden size "
                          f"{config.hidden_size}: not supported")
+    if config.hidden_act != "silu":  # megatron's gated MLP here is SwiGLU
+        raise InputError(f"hidden_act={config.hidden_act!r} is not supported; supported: 'silu' (SwiGLU)")
     if getattr(config, "mlp_bias", False) or (config.model_type == "llama" and config.attention_bias):
         raise InputError("biases on o_proj / MLP projections are not supported")
     # transformers 5 keeps rope_theta in rope_parameters (rope_scaling is an alias); 4.x at the top.

@@ -73,11 +73,11 @@ def transformer_config(
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
 ) -> TransformerConfig:
-    if arch.num_query_groups % tensor_parallel_size:
-        raise InputError(
-            f"tensor_parallel_size={tensor_parallel_size} must divide the number of KV heads "
-            f"({arch.num_query_groups})"
-        )
+    sizes = {"the number of KV heads": arch.num_query_groups, "the MLP width": arch.ffn_hidden_size,
+             "the vocabulary": arch.vocab_size}  # megatron splits each over the TP ranks (no vocabulary padding)
+    for what, size in sizes.items():
+        if size % tensor_parallel_size:
+            raise InputError(f"tensor_parallel_size={tensor_parallel_size} must divide {what} ({size})")
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,

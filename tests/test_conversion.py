@@ -1,6 +1,7 @@
 """conversion/ scripts on the real SmolLM2-135M: an exact round trip, and bad input refused cleanly."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 import transformers
 
 from nemo_plrd.assets import smollm2_135m
+from tiny_llama import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,10 @@ def test_bad_input_is_refused_and_nothing_is_written(parent, tmp_path):
                    "tensor_parallel_size=2 must divide the number of KV heads (3)", out)
     assert_refused(script("megatron_to_hf", tmp_path / "missing", out),
                    "is not a megatron dist_checkpointing checkpoint", out)
+
+
+def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert script("hf_to_megatron", save_tiny_llama(tmp_path / "tiny"), ckpt).returncode == 0
+    shutil.rmtree(ckpt / "hf")
+    assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt} holds no hf/config.json", out)

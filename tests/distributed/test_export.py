@@ -16,13 +16,13 @@ from nemo_plrd.hf import arch_from_hf, to_megatron
 from nemo_plrd.model import build_gpt, gpt_forward, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.transform import apply_plan, plan_for
-from test_hf import CONFIGS, TOKENS, hf_model
+from test_hf import COMMON, CONFIGS, TOKENS, hf_model
 from tp_utils import shared_tmp, tp_gather
 
 
-def save_parent(kind: str, path):
+def save_parent(model, path):
     """A tiny random HF parent directory, with a (word-level) tokenizer as exports need one."""
-    hf_model(kind).save_pretrained(path)
+    model.save_pretrained(path)
     vocab = {f"w{i}": i for i in range(256)}
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
@@ -35,7 +35,7 @@ def test_factored_model_exports_merged_and_factored(kind, tp_size, tmp_path_fact
     root = shared_tmp(tmp_path_factory, f"{kind}{tp_size}")
     parent = f"{root}/parent"
     if dist.get_rank() == 0:
-        save_parent(kind, parent)
+        save_parent(hf_model(kind), parent)
     dist.barrier()
     arch = arch_from_hf(CONFIGS[kind]())
     init_model_parallel(tp_size)
@@ -65,7 +65,7 @@ def test_factored_model_exports_merged_and_factored(kind, tp_size, tmp_path_fact
 
 def test_export_refuses_bad_requests(tmp_path):
     init_model_parallel(1)
-    save_parent("llama", tmp_path / "parent")
+    save_parent(hf_model("llama"), tmp_path / "parent")
     model = build_gpt(arch_from_hf(CONFIGS["llama"]()))
     with pytest.raises(ValueError, match="format='gguf' is not one of"):
         export_hf(model, tmp_path / "out", tmp_path / "parent", format="gguf")
@@ -79,7 +79,7 @@ def test_a_late_rank_does_not_find_rank0s_export_and_refuse_it(tmp_path_factory)
     itself, after rank 0 had written it, raised alone and left rank 0 waiting in the final barrier."""
     root = shared_tmp(tmp_path_factory, "late")
     if dist.get_rank() == 0:
-        save_parent("llama", f"{root}/parent")
+        save_parent(hf_model("llama"), f"{root}/parent")
     dist.barrier()
     init_model_parallel(1)
     model = build_gpt(arch_from_hf(CONFIGS["llama"]()))
@@ -89,3 +89,34 @@ def test_a_late_rank_does_not_find_rank0s_export_and_refuse_it(tmp_path_factory)
         time.sleep(0.1)  # arrive after rank 0 has written, if its broadcast lets it write first
     assert export_hf(model, out, f"{root}/parent", format="merged") == out
     assert (out / "model.safetensors").is_file()
+
+
+def test_exports_compute_the_megatron_member_and_keep_the_parent_s_generation_settings(tmp_path_factory):
+    """A Mistral parent's sliding window (4 tokens here; the sequences hold 12) is not megatron's full
+    attention: both exports compute what the member megatron trained computes. The parent's stop tokens
+    and sampling defaults go with every export."""
+    root = shared_tmp(tmp_path_factory, "windowed")
+    config = transformers.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=4)
+    torch.manual_seed(0)
+    parent = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if dist.get_rank() == 0:
+        parent.generation_config = transformers.GenerationConfig(eos_token_id=[2, 7], do_sample=True, temperature=0.6)
+        save_parent(parent, f"{root}/parent")
+    dist.barrier()
+    init_model_parallel(1)
+    arch = arch_from_hf(config)
+    model = build_gpt(arch)
+    model.load_state_dict(to_megatron(parent.state_dict(), arch, 1, 0), strict=False)
+    apply_plan(model, plan_for(model, [TOKENS], keep=0.6), [TOKENS], progress=False)
+    with torch.no_grad():
+        expected = gpt_forward(model, TOKENS)
+    for format in ("merged", "factored"):
+        out = export_hf(model, f"{root}/{format}", f"{root}/parent", format=format)
+        exported = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(exported(TOKENS).logits, expected, rtol=0, atol=1e-4)
+        settings = transformers.GenerationConfig.from_pretrained(out)
+        assert (settings.eos_token_id, settings.do_sample, settings.temperature) == ([2, 7], True, 0.6)
+    with torch.no_grad():  # the window matters at this length: the parent's own last positions differ
+        assert not torch.allclose(parent(TOKENS).logits[:, 4:], transformers.AutoModelForCausalLM.from_pretrained(
+            f"{root}/parent", sliding_window=None).eval()(TOKENS).logits[:, 4:], atol=1e-3)

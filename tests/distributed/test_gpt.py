@@ -1,5 +1,7 @@
 """A GPTModel with low-rank slots trains identically at TP=1 and TP=2 and reshards on load."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +12,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from nemo_plrd.checkpoint import load_checkpoint, save_checkpoint
 from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
-from nemo_plrd.model import SMOLLM2_135M, LlamaArch, build_gpt, parameter_count
+from nemo_plrd.model import SMOLLM2_135M, LlamaArch, build_gpt, parameter_count, transformer_config
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.train import Schedule, Trainer
 
@@ -121,3 +123,6 @@ def test_smollm2_architecture_matches_hf_parameter_count():
     assert parameter_count(build_gpt(SMOLLM2_135M)) == 134_515_008
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide the number of KV heads \(3\)"):
         build_gpt(SMOLLM2_135M, tensor_parallel_size=2)
+    odd = dataclasses.replace(SMOLLM2_135M, num_query_groups=4, num_attention_heads=8, vocab_size=49153)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 must divide the vocabulary \(49153\)"):
+        transformer_config(odd, tensor_parallel_size=2)  # megatron's own check is a bare assertion

@@ -53,3 +53,5 @@ def test_unsupported_architectures_are_refused():
     config = transformers.GPT2Config()
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported; supported:"):
         arch_from_hf(config)
+    with pytest.raises(ValueError, match=r"hidden_act='gelu' is not supported; supported: 'silu' \(SwiGLU\)"):
+        arch_from_hf(transformers.LlamaConfig(**COMMON, hidden_act="gelu"))

@@ -34,6 +34,9 @@ def main() -> None:
         parser.error(f"--recipe {args.recipe!r} must be MODULE:FUNCTION")
     hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
 
+    from nemo_plrd.bridge import require_bridge
+
+    require_bridge()
     from megatron.bridge.training.pretrain import pretrain
 
     from nemo_plrd.bridge.config import process_plrd_config

@@ -16,6 +16,7 @@ import transformers
 from omegaconf import OmegaConf
 
 from nemo_plrd import assets
+from nemo_plrd.bridge import require_bridge
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.cli import main
 from nemo_plrd.config import with_overrides
@@ -331,3 +332,14 @@ def test_a_stage_job_refuses_a_recipe_that_is_not_module_colon_function():
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf", "--recipe",
                           "nemo_plrd.bridge.recipe"], capture_output=True, text=True)
     assert run.returncode == 2 and "--recipe 'nemo_plrd.bridge.recipe' must be MODULE:FUNCTION" in run.stderr
+
+
+def test_a_stage_job_refuses_a_megatron_bridge_older_than_its_api_or_none():
+    """The NeMo 26.06 container carries Bridge 0.5.0, whose API the stage does not match: refused at the
+    job's start, naming the versions, not an ImportError deep in the stage (this venv has no Bridge)."""
+    with pytest.raises(InputError, match="megatron-bridge 0.5.0 is installed; a Bridge stage needs 0.6.0 or newer"):
+        require_bridge("0.5.0")
+    require_bridge("0.6.2")
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "a Bridge stage needs megatron-bridge" in run.stderr, run.stderr[-2000:]

@@ -3,3 +3,27 @@
 ``nemo_plrd.bridge.config`` puts the stage's ``plrd:`` section on Bridge's ``ConfigContainer``;
 its modules import Bridge, this package does not, so ``nemo_plrd`` works without Bridge.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+from nemo_plrd.errors import InputError
+
+# The oldest Megatron-Bridge whose API the stage uses (0.5 has no get_model_chunk_vp_stage, and its
+# get_batch returns another tuple); checked: 0.6.2.
+OLDEST_BRIDGE = "0.6.0"
+
+
+def require_bridge(installed: str | None = None) -> None:
+    """Refuse an older Megatron-Bridge before it fails on an import deep in the stage."""
+    from packaging.version import Version
+
+    if installed is None:
+        try:
+            installed = version("megatron-bridge")
+        except PackageNotFoundError:
+            raise InputError("a Bridge stage needs megatron-bridge (tests/bridge/constraints.txt: the checked "
+                             "versions; README, 'On a cluster')") from None
+    if Version(installed) < Version(OLDEST_BRIDGE):
+        raise InputError(f"megatron-bridge {installed} is installed; a Bridge stage needs {OLDEST_BRIDGE} or newer "
+                         "(the NeMo 26.06 container carries 0.5.0; tests/bridge/constraints.txt lists the versions "
+                         "checked: megatron-bridge 0.6.2, megatron-core 0.19.2)")

@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("save", help="the Bridge stage's checkpoint.save")
     parser.add_argument("out_dir", help="checkpoint directory to create (must not exist)")
     parser.add_argument("--hf-path", required=True, help="the HF parent of the stage")
-    parser.add_argument("--iteration", type=int, help="default: the newest saved")
+    parser.add_argument("--iteration", type=int, help="default: the newest saved, which must be the last of the "
+                        "job's train.train_iters (a stage that stopped early is refused)")
     args = parser.parse_args()
 
     import torch.distributed as dist

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
-from nemo_plrd.errors import MissingInputError
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.hf import arch_from_hf
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.plan import RankPlan
@@ -23,6 +24,15 @@ from nemo_plrd.plan import RankPlan
 PLAN_FILE = "plrd_plan.json"  # in checkpoint.save: the ranks a resumed job rebuilds the model at
 TRACKER = "latest_checkpointed_iteration.txt"  # megatron's: the newest iteration saved
 STAGE_FILE = "plrd_stage.json"  # in checkpoint.save: the PLRD settings and parent the stage started with
+RUN_CONFIG = "run_config.yaml"  # Bridge's, in each iter_* folder: the job's whole config
+
+
+def _train_iters(folder: Path) -> Optional[int]:
+    """The ``train.train_iters`` of the job that saved ``folder`` (Bridge's ``run_config.yaml`` beside it)."""
+    config = folder / RUN_CONFIG
+    if not config.is_file():
+        return None
+    return (yaml.safe_load(config.read_text()).get("train") or {}).get("train_iters")
 
 
 def load_bridge_stage(save: str | Path, hf_path: str | Path,
@@ -32,10 +42,17 @@ def load_bridge_stage(save: str | Path, hf_path: str | Path,
     for name in (PLAN_FILE, TRACKER):
         if not (save / name).is_file():
             raise MissingInputError(f"{save} has no {name}: it is not the checkpoint.save of a PLRD Bridge stage")
-    iteration = int((save / TRACKER).read_text()) if iteration is None else iteration
+    newest = iteration is None
+    iteration = int((save / TRACKER).read_text()) if newest else iteration
     folder = save / f"iter_{iteration:07d}"
     if not (folder / "metadata.json").is_file():
         raise MissingInputError(f"{folder} is not a saved iteration of {save}")
+    planned = _train_iters(folder)
+    if newest and planned is not None and iteration < planned:
+        raise InputError(f"{save}: its newest checkpoint is iteration {iteration} of train.train_iters={planned}; the "
+                         "stage stopped early (train.exit_duration_in_mins, exit_interval or exit_signal_handler end "
+                         f"a job with status 0): run it again to finish, or give --iteration {iteration} to take it "
+                         "as it is")
     arch = arch_from_hf(AutoConfig.from_pretrained(hf_path))
     model = build_gpt(arch, RankPlan.from_json((save / PLAN_FILE).read_text()).layer_ranks())
     wanted = model.sharded_state_dict()

@@ -89,6 +89,11 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
                                stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     kill_when(process, lambda: (killed / "metrics.jsonl").is_file() and len(losses(killed)) >= 3)
     assert (killed / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    if tp == 1 and not distilled:  # a job that stopped early (a kill, or an exit_* setting's status 0)
+        early = subprocess.run([sys.executable, str(ROOT / "conversion" / "bridge_to_plrd.py"), str(killed),
+                                str(tmp_path / "early"), "--hf-path", str(tiny_parent)],
+                               capture_output=True, text=True, timeout=600, env=ENV)
+        assert early.returncode == 2 and "its newest checkpoint is iteration 2 of train.train_iters=6" in early.stderr
     plan = (killed / "plrd_plan.json").stat().st_mtime_ns
     result = run(tiny_parent, killed, *layout, nproc=tp)
     assert result.returncode == 0, result.stderr[-3000:]

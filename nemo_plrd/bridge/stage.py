@@ -97,10 +97,16 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                          "needs 1 (calibration runs the whole model layer by layer; docs/scale.md)")
     if cfg.dataset.blend is None:
         raise InputError("dataset.blend must name the stage's data: PLRD calibrates on its train split")
+    if cfg.checkpoint.pretrained_checkpoint is not None:
+        raise InputError(f"checkpoint.pretrained_checkpoint={cfg.checkpoint.pretrained_checkpoint!r}: a PLRD stage "
+                         "starts from --hf-path or --parent; leave it unset")
     save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the
     # latter proxies its TransformerConfig's fields, so both read and take the same attributes here
     started = {"plrd": dataclasses.asdict(cfg.plrd), "hf_path": hf_path, "parent": parent}
-    resume = exists_on_rank0(save / TRACKER) and exists_on_rank0(save / PLAN_FILE)  # an interrupted job
+    resume = exists_on_rank0(save / TRACKER)  # an interrupted job
+    if resume and not exists_on_rank0(save / PLAN_FILE):  # a stage writes its plan before any checkpoint
+        raise InputError(f"checkpoint.save={str(save)!r} holds a checkpoint of a run that is not a PLRD stage (no "
+                         f"{PLAN_FILE}); choose a new checkpoint.save")
     if resume and (save / STAGE_FILE).is_file():
         changed = config_differences(json.loads((save / STAGE_FILE).read_text()), started)
         if changed:
@@ -115,6 +121,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         provider.hetereogenous_dist_checkpoint = True  # as the transform left it (see nemo_plrd.model)
         cfg.checkpoint.load = str(save)
         return cfg
+    cfg.checkpoint.load = None  # a recipe's default would load another run into the decomposed model
     provider.perform_initialization = False  # the parent's weights replace it
     if parent is None:
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks={})

@@ -195,6 +195,30 @@ def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_firs
     assert (save / "metrics.jsonl").read_text() == ""
 
 
+def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, tiny_parent):
+    """A recipe built on Bridge's own sets checkpoint.load: Bridge would load that run into the decomposed model."""
+    from nemo_plrd.bridge.checkpoint import PLAN_FILE, TRACKER
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    folders = [tmp_path / name for name in ("fresh", "foreign", "pretrained")]
+    for folder in folders:
+        folder.mkdir()
+    cfg, save = stage_folder(folders[0])
+    (save / TRACKER).unlink()
+    cfg.checkpoint.load = str(tmp_path / "another-run")
+    prepare_stage(cfg, hf_path=str(tiny_parent))
+    assert cfg.checkpoint.load is None
+    cfg, save = stage_folder(folders[1])
+    (save / PLAN_FILE).unlink()  # a tracker and no plan: a checkpoint another run left there
+    with pytest.raises(InputError, match=r"checkpoint.save='.*foreign/stage' holds a checkpoint of a run that is not "
+                                         r"a PLRD stage \(no plrd_plan.json\); choose a new checkpoint.save"):
+        prepare_stage(cfg, hf_path=str(tiny_parent))
+    cfg, _ = stage_folder(folders[2])
+    cfg.checkpoint.pretrained_checkpoint = "/elsewhere"
+    with pytest.raises(InputError, match="checkpoint.pretrained_checkpoint='/elsewhere': a PLRD stage starts from"):
+        prepare_stage(cfg, hf_path=str(tiny_parent))
+
+
 def test_the_plrd_section_may_refer_to_the_rest_of_the_job(tmp_path):
     """As Bridge resolves its YAML: an interpolation in plrd: reads the other sections, and a bad one is named."""
     yaml = tmp_path / "stage.yaml"

@@ -13,10 +13,13 @@ model) or ``to_hf_factored`` (the factored model of ``hf_modeling``) map back.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
+from safetensors import safe_open
 
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.model import LlamaArch
@@ -73,7 +76,7 @@ def _qkv_to_hf(fused: Tensor, arch: LlamaArch) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(t.reshape(-1, *fused.shape[1:]) for t in (q, k, v))
 
 
-def to_megatron(hf: dict[str, Tensor], arch: LlamaArch, tp: int = 1, tp_rank: int = 0) -> dict[str, Tensor]:
+def to_megatron(hf: Mapping[str, Tensor], arch: LlamaArch, tp: int = 1, tp_rank: int = 0) -> dict[str, Tensor]:
     """One TP rank's shard of a megatron GPTModel state dict from an HF state dict."""
     shard = lambda t, dim: t.chunk(tp, dim)[tp_rank].clone()
     out = {"embedding.word_embeddings.weight": shard(hf["model.embed_tokens.weight"], 0),
@@ -167,11 +170,51 @@ def merge_factors(full: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_hf_weights(model: torch.nn.Module, hf_model_dir: str | Path) -> None:
-    """Fill a dense GPTModel (built for the same architecture) from an HF checkpoint directory."""
+class SafetensorsWeights(Mapping[str, Tensor]):
+    """An HF checkpoint's tensors by name, each read from its safetensors file when asked for, in fp32.
+
+    ``to_megatron`` asks for one tensor at a time and keeps only its TP rank's shard, so a rank
+    holds its shard of the model, not the whole model in fp32 (``from_pretrained`` on every rank of
+    a node: 8 x 27 GB of host memory for a 7B model at TP=8, 8 x 276 GB at 70B).
+    """
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            with safe_open(folder / "model.safetensors", framework="pt") as weights:
+                self.files = dict.fromkeys(weights.keys(), folder / "model.safetensors")
+        self.folder = folder
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.files:
+            raise MissingInputError(f"{self.folder} holds no tensor {name!r}: not a LLaMA-family checkpoint as "
+                                    "transformers saves one")
+        with safe_open(self.files[name], framework="pt") as weights:
+            return weights.get_tensor(name).float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def hf_weights(hf_model_dir: str | Path) -> Mapping[str, Tensor]:
+    """An HF checkpoint's fp32 state dict: read lazily from safetensors, else (PyTorch pickles) loaded whole."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).state_dict()
+    folder = Path(hf_model_dir)
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return SafetensorsWeights(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+def load_hf_weights(model: torch.nn.Module, hf_model_dir: str | Path) -> None:
+    """Fill a dense GPTModel (built for the same architecture) from an HF checkpoint directory."""
+    hf = hf_weights(hf_model_dir)
     arch = arch_from_hf(_config(hf_model_dir))
     state = to_megatron(hf, arch, parallel_state.get_tensor_model_parallel_world_size(),
                         parallel_state.get_tensor_model_parallel_rank())

@@ -1,14 +1,18 @@
 """HF -> megatron -> HF for tiny random LLaMA, Mistral and Qwen2: logits equal within 1e-4 (fp32)."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 import transformers
 
-from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_megatron
+from nemo_plrd.hf import SafetensorsWeights, arch_from_hf, full_state, merge_factors, to_hf, to_megatron
 from nemo_plrd.model import build_gpt, gpt_forward
 from nemo_plrd.parallel import init_model_parallel
 from megatron.core import parallel_state
-from tp_utils import tp_gather
+from tp_utils import shared_tmp, tp_gather
 
 TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -47,6 +51,26 @@ def test_hf_megatron_hf_round_trip(kind, tp_size):
         back = hf_model(kind)  # a fresh copy, overwritten with the exported weights
         back.load_state_dict(to_hf(merge_factors(full_state(model)), arch), strict=True)
         torch.testing.assert_close(back(TOKENS).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_a_sharded_safetensors_checkpoint_is_read_tensor_by_tensor_into_the_same_shards(tmp_path_factory):
+    """What a TP rank imports reads one tensor at a time (not the whole model on every rank), from the
+    shards an index names, into the shards the in-memory state dict gives."""
+    hf, tied = hf_model("qwen2"), hf_model("llama")  # the llama's checkpoint holds no lm_head
+    tmp_path = Path(shared_tmp(tmp_path_factory, "safetensors"))
+    if dist.get_rank() == 0:  # transformers saves on rank 0 of a process group
+        hf.save_pretrained(tmp_path, max_shard_size="100KB")
+        tied.save_pretrained(tmp_path / "tied")
+    dist.barrier()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    arch, lazy = arch_from_hf(hf.config), SafetensorsWeights(tmp_path)
+    for rank in range(2):
+        expected = to_megatron(hf.state_dict(), arch, 2, rank)
+        shard = to_megatron(lazy, arch, 2, rank)
+        assert shard.keys() == expected.keys() and all(torch.equal(shard[k], expected[k]) for k in expected)
+    untied = dataclasses.replace(arch_from_hf(tied.config), tie_embeddings=False)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'tied'} holds no tensor 'lm_head.weight'"):
+        to_megatron(SafetensorsWeights(tmp_path / "tied"), untied, 2, 0)
 
 
 def test_unsupported_architectures_are_refused():

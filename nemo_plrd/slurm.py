@@ -269,8 +269,7 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
     if done:
         out(f"skipping {done} complete stage(s): {', '.join(family.stage_name(i) for i in range(done))}")
     launch_dir = Path(family.output) / "launch"
-    job_ids: list[str] = []
-    submitted: dict[str, str] = {}  # by stage name, for the next submission's check (queued_jobs)
+    submitted: dict[str, str] = {}  # job ids by stage name, for the next submission's check (queued_jobs)
     previous = None  # the job id of the stage before, or in a dry run its name
     for index in stages:
         script = render(family, index, cluster)
@@ -287,10 +286,9 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise InputError(f"{shlex.join(command)} failed ({result.returncode}): {result.stderr.strip()}"
-                             + (f"; submitted before it: {', '.join(job_ids)}" if job_ids else ""))
-        previous = result.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
-        job_ids.append(previous)
+                             + (f"; submitted before it: {', '.join(submitted.values())}" if submitted else ""))
+        before, previous = previous, result.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         submitted[family.stage_name(index)] = previous
         write_text_atomic(jobs_record(family), json.dumps(submitted, indent=1) + "\n")
-        out(f"{family.stage_name(index)}: job {previous}" + (f" (after {job_ids[-2]})" if len(job_ids) > 1 else ""))
-    return job_ids
+        out(f"{family.stage_name(index)}: job {previous}" + (f" (after {before})" if before else ""))
+    return list(submitted.values())

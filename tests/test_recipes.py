@@ -497,11 +497,15 @@ def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_
     kill_when(launch(*args, nproc=1, name="family", config=FAMILY_YAML),
               lambda: (partial / "stage2-keep0.3.partial" / "decomposed.json").is_file())
     before = {p: p.stat().st_mtime_ns for p in stage1.rglob("*")}
-    assert before and not out.exists()
+    records = {p.relative_to(partial): p.read_text() for p in before if p.name in RECORDS}
+    assert before and records and not out.exists()
     run = recipe(*args, name="family", config=FAMILY_YAML)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert {p.relative_to(out): t for p, t in ((p, p.stat().st_mtime_ns) for p in (out / stage1.name).rglob("*"))} \
-        == {p.relative_to(partial): t for p, t in before.items()}  # stage 1 untouched
+    # stage 1 untouched, but for its records, which the family's rename made name the final folders
+    assert {p.relative_to(out): t for p, t in ((p, p.stat().st_mtime_ns) for p in (out / stage1.name).rglob("*"))
+            if p.name not in RECORDS} == {p.relative_to(partial): t for p, t in before.items() if p.name not in RECORDS}
+    assert {name: (out / name).read_text() for name in records} == {
+        name: text.replace(f"{partial}/", f"{out}/") for name, text in records.items()}
     family = json.loads((out / "family.json").read_text())
     assert [len(m["train_losses"]) for m in family["members"]] == [4, 4]
     again = recipe(*args, name="family", config=FAMILY_YAML)

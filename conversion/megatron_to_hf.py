@@ -25,18 +25,16 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from nemo_plrd.checkpoint import load_model
-    from nemo_plrd.errors import MissingInputError
+    from nemo_plrd.checkpoint import hf_folder, load_model
     from nemo_plrd.export import export_hf
     from nemo_plrd.parallel import init_distributed, init_model_parallel
 
-    if Path(args.checkpoint, "metadata.json").is_file() and not Path(args.checkpoint, "hf", "config.json").is_file():
-        raise MissingInputError(f"{args.checkpoint} holds no hf/config.json (the parent's HF config and tokenizer, "
-                                "which save_checkpoint(..., hf_source=...) copies): nothing to export it as")
+    # a checkpoint without its HF config is refused before its weights load (no checkpoint: load_model says so)
+    hf = hf_folder(args.checkpoint) if Path(args.checkpoint, "metadata.json").is_file() else None
     init_distributed()
     init_model_parallel(dist.get_world_size())
     model, _ = load_model(args.checkpoint)
-    export_hf(model, args.out_dir, f"{args.checkpoint}/hf", format=args.format)
+    export_hf(model, args.out_dir, hf, format=args.format)
     if dist.get_rank() == 0:
         print(f"wrote {args.out_dir} ({args.format})")
 

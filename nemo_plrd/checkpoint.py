@@ -126,8 +126,16 @@ def load_parent(source: str | Path) -> tuple[torch.nn.Module, LlamaArch, Path]:
     if not (path / "metadata.json").is_file():
         model, arch = import_hf(path)
         return model, arch, path
-    if not (path / "hf" / "config.json").is_file():
-        raise MissingInputError(f"{path} has no hf/config.json (the HF parent's config and tokenizer): "
-                                "save it with save_checkpoint(..., hf_source=...)")
+    hf = hf_folder(path)
     model, arch = load_model(path)
-    return model, arch, path / "hf"
+    return model, arch, hf
+
+
+def hf_folder(checkpoint: str | Path) -> Path:
+    """A PLRD checkpoint's ``hf/``: the HF parent's config and tokenizer, which loading it as a parent and
+    exporting it read (checked before its weights load)."""
+    hf = Path(checkpoint) / "hf"
+    if not (hf / "config.json").is_file():
+        raise MissingInputError(f"{checkpoint} has no hf/config.json (the HF parent's config and tokenizer): "
+                                "save it with save_checkpoint(..., hf_source=...)")
+    return hf

@@ -138,10 +138,8 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # it reads the config too
     result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": {}, "items": {},
               "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
-    if not tasks:  # held-out perplexity alone
-        return result | ({"samples": {}} if samples else {})
     output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-                                     tasks=configs, limit=limit, log_samples=samples)
+                                     tasks=configs, limit=limit, log_samples=samples) if tasks else None
     for task in tasks:
         metrics = output["results"][f"plrd_{task}"]
         result["tasks"][task] = {name.split(",")[0]: value for name, value in metrics.items()

@@ -74,4 +74,4 @@ def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(t
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     assert script("hf_to_megatron", save_tiny_llama(tmp_path / "tiny"), ckpt).returncode == 0
     shutil.rmtree(ckpt / "hf")
-    assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt} holds no hf/config.json", out)
+    assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt} has no hf/config.json", out)

@@ -210,15 +210,13 @@ class TrainConfig:
                 self.wsd_decay_steps is not None and not 0 < self.wsd_decay_steps <= self.steps - self.warmup_steps):
             raise InputError(f"train.wsd_decay_steps={self.wsd_decay_steps} is set exactly when decay_style is WSD, "
                              "and then in (0, steps - warmup_steps]")
-        for name in ("first_sample", "save_interval", "eval_interval", "eval_iters"):
+        for name in ("save_interval", "eval_interval", "eval_iters"):
             if getattr(self, name) < 0:
                 raise InputError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.eval_interval and not self.eval_iters:
             raise InputError(f"train.eval_interval={self.eval_interval} needs train.eval_iters > 0, the global "
                              "batches of the valid split per validation (0 turns validation off, as in megatron)")
-        if self.stream_samples is not None and self.stream_samples < self.first_sample + self.samples:
-            raise InputError(f"train.stream_samples={self.stream_samples} must hold train.first_sample="
-                             f"{self.first_sample} + train.steps x train.global_batch ({self.samples})")
+        check_stream(self.first_sample, self.stream_samples, self.samples, "train.steps x train.global_batch")
         check_distillation(self.loss, self.kd_weight, self.teacher)
 
     @property
@@ -555,6 +553,16 @@ def distils_from_family_parent(settings: DictConfig) -> bool:
     """Whether a stage's settings distil from ``train.teacher: parent``, which the family resolves to its own parent."""
     return OmegaConf.select(settings, "train.loss", default="lm") != "lm" and \
         OmegaConf.select(settings, "train.teacher", default="parent") == "parent"
+
+
+def check_stream(first_sample: int, stream_samples: Optional[int], samples: int, budget: str) -> None:
+    """A stage reads ``samples`` samples (``budget``: the settings that make them) from ``first_sample`` on
+    of a stream of ``stream_samples``: the local stage's and the Bridge stage's ``train.*`` keys alike."""
+    if first_sample < 0:
+        raise InputError(f"train.first_sample={first_sample} must be >= 0")
+    if stream_samples is not None and stream_samples < first_sample + samples:
+        raise InputError(f"train.stream_samples={stream_samples} must hold train.first_sample={first_sample} + "
+                         f"{budget} ({samples})")
 
 
 def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:

@@ -40,15 +40,15 @@ def main() -> None:
     from megatron.bridge.training.pretrain import pretrain
 
     from nemo_plrd.bridge.config import process_plrd_config
-    from nemo_plrd.bridge.distill import loss_key, stage_forward_step
-    from nemo_plrd.bridge.stage import StageMetrics, prepare_stage
+    from nemo_plrd.bridge.distill import stage_forward_step
+    from nemo_plrd.bridge.stage import prepare_stage, stage_callbacks
 
     module, _, function = args.recipe.partition(":")
     cfg = getattr(importlib.import_module(module), function)(hf_path=hf_path)
     cfg = process_plrd_config(cfg, args.config_file, args.overrides)
     step = stage_forward_step(cfg, hf_path, args.parent)  # the teacher checked before any work
     cfg = prepare_stage(cfg, hf_path, args.parent)
-    pretrain(cfg, step, callbacks=[StageMetrics(Path(cfg.checkpoint.save), loss_key(cfg.train.loss))])
+    pretrain(cfg, step, callbacks=stage_callbacks(cfg))
 
 
 if __name__ == "__main__":  # checkpoint writers re-import the main module

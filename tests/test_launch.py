@@ -142,6 +142,17 @@ def test_paths_reach_the_stage_job_exactly_through_hydra(cluster_family, tmp_pat
     assert OmegaConf.to_container(read.dataset.blend) == [[str(odd / "d")], None]
 
 
+def test_the_stages_of_a_family_read_one_stream_of_its_data_one_after_the_other(family):
+    """Stage k starts where stage k-1 stopped; every stage has megatron order the whole stream."""
+    per_stage = int(family.job.setting("train.train_iters")) * int(family.job.setting("train.global_batch_size"))
+    read = [with_overrides(OmegaConf.create({}), family.stage_overrides(index, Path("/save"))).train
+            for index in range(len(family.target_params))]
+    assert [(train.first_sample, train.stream_samples) for train in read] == \
+        [(index * per_stage, len(read) * per_stage) for index in range(len(read))]
+    with pytest.raises(InputError, match=r"job.overrides \['train.first_sample=5'\] cannot be set"):
+        dataclasses.replace(family.job, overrides=[*family.job.overrides, "train.first_sample=5"])
+
+
 @pytest.mark.parametrize("teacher, named_by_family", [([], True), (["train.teacher=previous"], False)])
 def test_a_distilling_family_names_its_parent_as_every_stage_s_teacher(family, teacher, named_by_family):
     """A later stage's job knows only its --parent: the family passes its own parent as the teacher."""

@@ -6,7 +6,8 @@ not know (with a log warning) and sets values without checking their types; the 
 validator (``nemo_plrd.config.from_dict``) therefore reads the same YAML section and overrides
 first, refusing an unknown or ill-typed ``plrd.*`` key by its full name before Bridge runs, and
 checks Bridge's result again. Bridge's ``train:`` section gains the local stage's loss keys
-(``train.loss``, ``train.kd_weight``, ``train.teacher``), checked the same way.
+(``train.loss``, ``train.kd_weight``, ``train.teacher``) and stream keys (``train.first_sample``,
+``train.stream_samples``: where a family's stage starts in the data), checked the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nemo_plrd.config import PLRDConfig, check_distillation, from_dict, override_key, with_overrides
+from nemo_plrd.config import PLRDConfig, check_distillation, check_stream, from_dict, override_key, with_overrides
 from nemo_plrd.errors import InputError
 
 Config = TypeVar("Config")
@@ -35,6 +36,12 @@ class PLRDTrainingConfig(TrainingConfig):
     loss: str = "lm"  # lm (next-token cross entropy), kd (KL to the teacher's logits) or lm+kd
     kd_weight: float = 1.0  # lm+kd: lm + kd_weight x kd
     teacher: str = "parent"  # parent (stage 1's HF parent), previous (this stage's parent) or a model directory
+    first_sample: int = 0  # where in the data this stage starts (a family's stage k: where stage k-1 stopped)
+    stream_samples: Optional[int] = None  # the samples megatron orders (None: up to this stage's last)
+
+    @property
+    def in_stream(self) -> bool:
+        return self.first_sample != 0 or self.stream_samples is not None
 
 
 @dataclass(kw_only=True)
@@ -76,4 +83,21 @@ def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Pa
     cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))
     cfg.plrd = from_dict(PLRDConfig, dataclasses.asdict(cfg.plrd), "plrd.")  # and what Bridge made of it
     check_distillation(cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher)
+    if cfg.train.in_stream:
+        _check_stream(cfg)
     return cfg
+
+
+def _check_stream(cfg: PLRDConfigContainer) -> None:
+    """The Bridge settings a stage reading from ``train.first_sample`` on can honour (``nemo_plrd.bridge.stage.StageStream``)."""
+    train = cfg.train
+    samples = train.train_samples or (train.train_iters or 0) * train.global_batch_size
+    check_stream(train.first_sample, train.stream_samples, samples,
+                 "train.train_samples" if train.train_samples else "train.train_iters x train.global_batch_size")
+    if cfg.dataset.dataloader_type not in ("single", "cyclic"):
+        raise InputError(f"dataset.dataloader_type={cfg.dataset.dataloader_type!r} with train.first_sample: a stage "
+                         "starts in the stream through megatron's pretraining samplers, 'single' or 'cyclic'")
+    for key in ("rampup_batch_size", "num_epochs"):
+        if getattr(train, key, None) is not None:
+            raise InputError(f"train.{key}={getattr(train, key)} with train.first_sample: a stage continuing the "
+                             "stream would start its ramp-up or epochs at the stream's count; leave it unset")

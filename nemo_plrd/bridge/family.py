@@ -21,7 +21,8 @@ from nemo_plrd.config import (EvalConfig, check_blend, check_export, distils_fro
                               override_key, with_overrides)
 from nemo_plrd.errors import InputError
 
-SET_BY_FAMILY = ("checkpoint.save", "dataset.blend", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks")
+SET_BY_FAMILY = ("checkpoint.save", "dataset.blend", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks",
+                 "train.first_sample", "train.stream_samples")
 
 
 def hydra_value(value: Any) -> str:
@@ -106,10 +107,13 @@ class BridgeFamilyConfig:
         return ["--parent", str(self.stage_folder(index - 1) / "checkpoint")]
 
     def stage_overrides(self, index: int, save: Path) -> list[str]:
-        """The job's overrides, then what the family sets for stage ``index``."""
+        """The job's overrides, then what the family sets for stage ``index``: its data, where in the stream it
+        starts (after the samples of the stages before it), its size and its checkpoints."""
         prefixes, weights = self.blend or ([], None)
         distilled = distils_from_family_parent(self.job.settings)
+        samples = self.stage_samples()
         return [*self.job.overrides, f"dataset.blend={hydra_value([prefixes, weights])}",
+                f"train.first_sample={index * samples}", f"train.stream_samples={len(self.target_params) * samples}",
                 "plrd.plan.keep=null", "plrd.plan.ranks=null",  # the job's YAML may set either for one stage
                 f"plrd.plan.target_params={self.target_params[index]}", f"checkpoint.save={hydra_value(str(save))}",
                 *([f"train.teacher={hydra_value(self.parent)}"] if distilled else [])]  # a later stage knows only --parent
@@ -123,8 +127,11 @@ class BridgeFamilyConfig:
         path = Path(self.architecture or self.parent)
         return path.parent if path.name == "config.json" else path
 
+    def stage_samples(self) -> int:
+        """Each stage's training samples, from the job's settings."""
+        return int(self.job.setting("train.train_iters")) * int(self.job.setting("train.global_batch_size"))
+
     def train_tokens(self) -> tuple[int, int]:
         """(training tokens per stage, sequence length), from the job's settings."""
         seq_length = int(self.job.setting("dataset.seq_length"))
-        return int(self.job.setting("train.train_iters")) * int(self.job.setting("train.global_batch_size")) \
-            * seq_length, seq_length
+        return self.stage_samples() * seq_length, seq_length

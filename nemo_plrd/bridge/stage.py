@@ -7,6 +7,7 @@ after the model is built and before DDP wraps it: Bridge's HF weight loading (``
 then ``PLRDHook``, which calibrates on the job's own data, plans, decomposes and records the
 ranks beside the job's checkpoints. A stage whose job was interrupted is rebuilt factored at
 the recorded ranks and Bridge resumes it from its last checkpoint; nothing is decomposed again.
+A family's stage reads its share of the family's data stream (``StageStream``), as a local stage does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron.bridge.training.callbacks import Callback, CallbackContext
 
 from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
 from nemo_plrd.bridge.config import PLRDConfigContainer
+from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import load_checkpoint, read_metadata
 from nemo_plrd.config import PLRDConfig, config_differences
 from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
@@ -81,6 +83,29 @@ class StageMetrics(Callback):
                "grad_norm": context.grad_norm}
         with self.path.open("a") as out:
             out.write(json.dumps(row) + "\n")
+
+
+class StageStream(Callback):
+    """A family's stage k reads the stream of ``train.stream_samples`` samples from ``train.first_sample``
+    on, where stage k-1 stopped, as a local family's stages do.
+
+    Bridge builds its datasets for ``train.train_samples`` when set (validation has already derived
+    ``train_iters``; nothing later reads it), so every stage has megatron order the same stream; a
+    fresh stage's sampler starts at ``first_sample`` as a resumed job's starts at its checkpoint's
+    count. The learning-rate schedule keeps its own step count, so it starts at 0 either way.
+    """
+
+    def on_data_init_start(self, context: CallbackContext) -> None:
+        train = context.state.cfg.train
+        train.train_samples = train.stream_samples or train.first_sample + train.train_iters * train.global_batch_size
+        if context.state.train_state.step == 0:  # resumed: the checkpoint's count, this stage's first sample on
+            context.state.train_state.consumed_train_samples = train.first_sample
+
+
+def stage_callbacks(cfg: PLRDConfigContainer) -> list[Callback]:
+    """The callbacks ``recipes/run_plrd.py`` gives Bridge's ``pretrain`` for the stage ``cfg``."""
+    metrics = StageMetrics(Path(cfg.checkpoint.save), loss_key(cfg.train.loss))
+    return [metrics, StageStream()] if cfg.train.in_stream else [metrics]
 
 
 def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] = None) -> PLRDConfigContainer:

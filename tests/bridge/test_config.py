@@ -25,7 +25,7 @@ def bridge_container() -> ConfigContainer:
         train=TrainingConfig(train_iters=4, global_batch_size=4, micro_batch_size=2),
         model=GPTModelProvider(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128),
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4), scheduler=SchedulerConfig(),
-        dataset=MockGPTDatasetConfig(seq_length=64, random_seed=1234), logger=LoggerConfig(),
+        dataset=MockGPTDatasetConfig(seq_length=64, random_seed=1234, dataloader_type="single"), logger=LoggerConfig(),
         tokenizer=TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=128), checkpoint=CheckpointConfig())
 
 
@@ -79,6 +79,21 @@ def test_the_local_stage_s_loss_keys_land_on_bridge_s_training_config():
         with pytest.raises(ValueError) as error:
             process_plrd_config(container(), None, overrides)
         assert message in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.first_sample=-4"], "train.first_sample=-4 must be >= 0"),
+    (["train.first_sample=8", "train.stream_samples=20"],
+     "train.stream_samples=20 must hold train.first_sample=8 + train.train_iters x train.global_batch_size (16)"),
+    (["train.stream_samples=32", "dataset.dataloader_type=external"],
+     "dataset.dataloader_type='external' with train.first_sample"),
+    (["train.first_sample=16", "train.rampup_batch_size=[2,2,8]"], "train.rampup_batch_size=[2, 2, 8] with train."),
+])
+def test_a_stage_continuing_a_stream_refuses_what_its_sampler_cannot_honour(overrides, message):
+    assert process_plrd_config(container(), None, ["train.first_sample=16", "train.stream_samples=32"]).train.in_stream
+    with pytest.raises(InputError) as error:
+        process_plrd_config(container(), None, overrides)
+    assert message in str(error.value)
 
 
 def test_a_bridge_stage_s_teacher_is_resolved_and_checked_before_any_work(tiny_parent, tmp_path):

@@ -101,17 +101,25 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
     assert losses(killed) == losses(reference)
 
 
-@pytest.mark.parametrize("loss, tp", [("lm", 1), ("kd", 1), ("lm+kd", 2)])
-def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_stage, tmp_path, loss, tp):
+# A family's later stage: samples 8-31 of a stream of 40 (the stage reads 6 x 4).
+STREAM = ["train.first_sample=8", "train.stream_samples=40"]
+
+
+@pytest.mark.parametrize("loss, tp, stream", [("lm", 1, []), ("kd", 1, []), ("lm+kd", 2, []), ("lm", 1, STREAM)])
+def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_stage, tmp_path, loss, tp, stream):
     """The same stage through recipes/decompose.py (nemo-plrd's loop on megatron-core, TP=1) and through
     Bridge's pretrain (at ``tp``): same parent, data, calibration, plan, batches, optimizer, schedule and
-    loss: the LM loss, or distilled from the parent (the local KL is tested against a dense reference)."""
+    loss: the LM loss, or distilled from the parent (the local KL is tested against a dense reference);
+    and a stage that starts further in its family's stream reads the same samples both ways."""
     distilled = [] if loss == "lm" else [f"train.loss={loss}", "train.kd_weight=0.5"]
     bridge = kd_stage if (loss, tp) == ("kd", 1) else tmp_path / "bridge"
     if not bridge.exists():
         result = run(tiny_parent, bridge, "optimizer.adam_beta2=0.999", f"model.tensor_model_parallel_size={tp}",
-                     *distilled, nproc=tp)
+                     *distilled, *stream, nproc=tp)
         assert result.returncode == 0, result.stderr[-3000:]
+    # Bridge's count of the stream's samples read, as a resumed job would start from it
+    read = torch.load(bridge / "latest_train_state.pt", weights_only=False)["consumed_train_samples"]
+    assert int(read) == (8 if stream else 0) + 24
     local = tmp_path / "local"
     result = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "decompose.py"), "--config", str(ROOT / "recipes" / "smollm2_135m.yaml"),
@@ -119,7 +127,8 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_st
          "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "train.steps=6", "train.seq_length=64",
          "train.micro_batch=2", "train.global_batch=4", "train.warmup_steps=1", "optimizer.lr=1e-2",
          "optimizer.min_lr=1e-3", "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "export=[]",
-         "eval.tasks=[]", "eval.perplexity_blocks=0", *distilled], capture_output=True, text=True, timeout=900, env=ENV)
+         "eval.tasks=[]", "eval.perplexity_blocks=0", *distilled, *stream], capture_output=True, text=True, timeout=900,
+        env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert RankPlan.from_json((bridge / "plrd_plan.json").read_text()) == \
         RankPlan.from_json((local / "plan.json").read_text())

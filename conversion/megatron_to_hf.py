@@ -1,6 +1,6 @@
 """megatron-core checkpoint (dense or PLRD-factored) -> Hugging Face model directory.
 
-    python conversion/megatron_to_hf.py CKPT_DIR OUT_DIR --format factored
+    python conversion/megatron_to_hf.py CKPT_DIR OUT_DIR --format factored [--dtype parent]
     torchrun --nproc_per_node 2 conversion/megatron_to_hf.py CKPT_DIR OUT_DIR   # TP = world size
 
 merged: factors multiplied out into the parent's stock HF class (plain from_pretrained).
@@ -19,6 +19,8 @@ def main() -> None:
     parser.add_argument("checkpoint", help="checkpoint written by hf_to_megatron.py or a PLRD stage")
     parser.add_argument("out_dir", help="HF directory to create (must not exist)")
     parser.add_argument("--format", choices=("merged", "factored"), default="factored")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "parent"), default="float32",
+                        help="the weights' dtype; parent: the one the parent's config.json names")
     args = parser.parse_args()
 
     from pathlib import Path
@@ -34,9 +36,9 @@ def main() -> None:
     init_distributed()
     init_model_parallel(dist.get_world_size())
     model, _ = load_model(args.checkpoint)
-    export_hf(model, args.out_dir, hf, format=args.format)
+    export_hf(model, args.out_dir, hf, format=args.format, dtype=args.dtype)
     if dist.get_rank() == 0:
-        print(f"wrote {args.out_dir} ({args.format})")
+        print(f"wrote {args.out_dir} ({args.format}, {args.dtype})")
 
 
 if __name__ == "__main__":

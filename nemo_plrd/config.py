@@ -39,7 +39,7 @@ from nemo_plrd.assets import CORPORA
 from nemo_plrd.distill import LOSSES
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
-from nemo_plrd.export import FORMATS
+from nemo_plrd.export import FORMATS, check_dtype
 from nemo_plrd.plan import check_request
 from nemo_plrd.train import ddp_defaults
 from nemo_plrd.transform import RIDGE, check_options
@@ -287,6 +287,7 @@ class DecomposeConfig:
     ddp: dict = field(default_factory=dict)  # megatron DistributedDataParallelConfig fields (see ``ddp_config``)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: list[str] = field(default_factory=lambda: list(FORMATS))
+    export_dtype: str = "float32"  # the exports' weights: float32, bfloat16, float16 or parent (the parent's own)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mixed_precision: Optional[str] = None  # training's precision (see ``optimizer_config``)
 
@@ -298,6 +299,7 @@ class DecomposeConfig:
                              f"{[name for name in MIXED_PRECISION if name]}")
         self.ddp_config()  # refused now, not after the decomposition (the optimizer's config with it)
         check_export(self.export)
+        check_dtype("export_dtype", self.export_dtype)
         if self.train.steps and self.train.eval_iters and not float(self.dataset.split.replace("/", ",").split(",")[1]):
             raise InputError(f"train.eval_iters={self.train.eval_iters} needs a valid share in dataset.split="
                              f"{self.dataset.split!r} (or train.eval_iters=0 train.eval_interval=0)")

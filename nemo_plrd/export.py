@@ -8,6 +8,10 @@ Two formats:
   saved alongside and named in ``auto_map``; loads with ``trust_remote_code=True``. Really
   smaller and faster.
 
+Either is written in fp32 (the default: what training's master weights hold), bf16 or fp16, or
+in the parent's own dtype (``parent``), as an HF user expects a member of a bf16 parent to be;
+a merged slot is multiplied out in fp32 and rounded once.
+
 Every rank calls ``export_hf`` (the weights are gathered over TP); rank 0 writes into
 ``<out>.partial`` and renames it when complete.
 """
@@ -27,8 +31,21 @@ from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
 
 FORMATS = ("merged", "factored")
+DTYPES = ("float32", "bfloat16", "float16", "parent")
 # Parent config keys that describe the parent's class, not the architecture.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
+
+
+def check_dtype(key: str, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InputError(f"{key}={dtype!r} is not one of {list(DTYPES)}")
+
+
+def _torch_dtype(dtype: str, parent_config) -> torch.dtype:
+    """``dtype`` as torch's; ``parent``: the dtype the parent's config.json names (fp32 if it names none)."""
+    if dtype == "parent":
+        dtype = getattr(parent_config, "dtype", None) or getattr(parent_config, "torch_dtype", None) or "float32"
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
 
 
 def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
@@ -50,12 +67,15 @@ def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
         return PLRDLlamaForCausalLM(config)
 
 
-def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path, format: str = "factored") -> Path:
-    """Write ``model`` to ``out_dir`` as an HF model; ``hf_source`` holds the parent's config and tokenizer."""
+def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path, format: str = "factored",
+              dtype: str = "float32") -> Path:
+    """Write ``model`` to ``out_dir`` as an HF model in ``dtype`` (one of ``DTYPES``); ``hf_source`` holds the
+    parent's config and tokenizer."""
     from transformers import AutoConfig
 
     if format not in FORMATS:
         raise InputError(f"format={format!r} is not one of {FORMATS}")
+    check_dtype("dtype", dtype)
     out_dir = Path(out_dir)
     if exists_on_rank0(out_dir):  # not per rank: a late rank would see rank 0's finished export
         raise OutputExistsError(f"{out_dir} already exists; choose a new output directory")
@@ -63,16 +83,18 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
     arch = arch_from_hf(parent_config)
     full = full_state(model)  # collective: every rank takes part
     if not dist.is_initialized() or dist.get_rank() == 0:
-        _write(full, arch, parent_config, model_ranks(model), format, out_dir, hf_source)
+        _write(full, arch, parent_config, model_ranks(model), format, out_dir, hf_source,
+               _torch_dtype(dtype, parent_config))
     if dist.is_initialized():
         dist.barrier()  # every rank returns once the directory is complete
     return out_dir
 
 
-def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source) -> None:
+def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source, dtype: torch.dtype) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     state = to_hf(merge_factors(full), arch) if format == "merged" else to_hf_factored(full, arch)
+    state = {name: tensor.to(dtype) for name, tensor in state.items()}  # save_pretrained records the dtype
     hf_model = _hf_model(format, parent_config, ranks, arch)
     hf_model.load_state_dict(state, strict=True, assign=True)
     hf_model.tie_weights()

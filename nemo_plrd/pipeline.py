@@ -350,7 +350,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         save_checkpoint(model, partial / "checkpoint", arch, hf_source)
     for format in cfg.export:
         if not exists_on_rank0(partial / f"hf-{format}"):
-            export_hf(model, partial / f"hf-{format}", hf_source, format=format)
+            export_hf(model, partial / f"hf-{format}", hf_source, format=format, dtype=cfg.export_dtype)
     if not _rank0():
         return None  # the rest is rank 0's alone: lm-eval can outlast any collective's timeout
     figures |= {"train_tokens": cfg.train.tokens, "train_losses": losses, "tp": cfg.parallel.tensor_model_parallel_size,

@@ -111,7 +111,8 @@ def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
     ]
     for format in family.export:
         steps.append(Step(f"export {format}", str(partial / f"hf-{format}"), launch_tp(
-            tp, "conversion/megatron_to_hf.py", [str(checkpoint), str(partial / f"hf-{format}"), "--format", format])))
+            tp, "conversion/megatron_to_hf.py", [str(checkpoint), str(partial / f"hf-{format}"), "--format", format,
+                                                     "--dtype", family.export_dtype])))
     if family.eval.tasks or family.eval.perplexity_blocks:  # a Bridge stage measures no perplexity of its own
         limit = ["--limit", str(family.eval.limit)] if family.eval.limit else []
         steps.append(Step("eval", str(partial / "eval" / "results.json"), [

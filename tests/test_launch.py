@@ -110,6 +110,7 @@ def test_a_stage_script_asks_for_the_nodes_and_launches_one_rendezvous_over_them
                      f"""'dataset.blend=[["{Path(family.blend[0][0])}"],null]'"""):
         assert f" {override}" in train
     assert f"--hf-path {stage1}/hf" in script  # the conversion's HF config: the parent checkpoint's
+    assert script.count(" --dtype parent\n") == 2  # both exports in the parent's dtype, as the recipe asks
     assert "--tasks arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,mmlu" in script
     assert "--hf-path" in render(family, 0, CLUSTER).split("recipes/run_plrd.py")[1].split()[0]
 
@@ -309,6 +310,7 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
      "job.overrides ['checkpoint.save=x'] cannot be set"),
     (["target_params=[5000000000, 5000000000]"], ["--nodes", "1", "--gpus-per-node", "8"], "strictly decreasing"),
     (["blend=[corpus]"], ["--nodes", "1", "--gpus-per-node", "8"], "must be [prefixes, weights]"),
+    (["export_dtype=half"], ["--nodes", "1", "--gpus-per-node", "8"], "export_dtype='half' is not one of"),
     (['job.overrides=["dataset.blend=[[/other], null]"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "cannot be set: the family sets each stage's checkpoint.save, dataset.blend"),
     (['job.config_file=null', 'job.overrides=["train.global_batch_size=256"]'], ["--nodes", "1", "--gpus-per-node", "8"],

@@ -80,6 +80,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["parent=/no/such/model"], "parent='/no/such/model' is not a directory"),
     (["output=."], "output='.' must name a new folder"),
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
+    (["export_dtype=fp16"], "export_dtype='fp16' is not one of ['float32', 'bfloat16', 'float16', 'parent']"),
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
     (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
     (["eval.batch_size=0"], "eval.batch_size=0 must be a positive integer"),
@@ -181,6 +182,7 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     (["stage.plrd.calibration.tokens=0"], "stage.plrd.calibration.tokens=0 must be a positive integer"),
     (["stage.optimizer.lr=0"], "stage.optimizer.lr=0 must be > 0 and stage.optimizer.min_lr=1e-05 in [0, lr]"),
     (["stage.export=[gguf]"], "stage.export=['gguf'] must list distinct formats"),
+    (["stage.export_dtype=int8"], "stage.export_dtype='int8' is not one of"),
     (["+stage.ddp.use_distributed_optimizer=true"], "stage.ddp.use_distributed_optimizer cannot be set"),
     (["stage.dataset.blend=[[/no/such/data], null]"], "stage.dataset.blend: '/no/such/data' is not a megatron"),
 ])

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_plrd.config import (EvalConfig, check_blend, check_export, distils_from_family_parent, load_yaml,
                               override_key, with_overrides)
 from nemo_plrd.errors import InputError
+from nemo_plrd.export import check_dtype
 
 SET_BY_FAMILY = ("checkpoint.save", "dataset.blend", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks",
                  "train.first_sample", "train.stream_samples")
@@ -73,6 +74,7 @@ class BridgeFamilyConfig:
     job: JobConfig = field(default_factory=JobConfig)
     architecture: Optional[str] = None  # an HF config.json (or its folder) to plan from; default: the parent's
     export: list[str] = field(default_factory=lambda: ["merged"])
+    export_dtype: str = "float32"  # the exports' weights: float32, bfloat16, float16 or parent (the parent's own)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -84,6 +86,7 @@ class BridgeFamilyConfig:
             check_blend("blend", self.blend)  # the files are on the cluster: submit looks for them
         check_export(self.export, at_least_one="the next stage starts from the checkpoint, the evaluation from "
                                                "the first export")
+        check_dtype("export_dtype", self.export_dtype)
 
     def stage_name(self, index: int) -> str:
         size = self.target_params[index]

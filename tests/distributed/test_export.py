@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from megatron.core import parallel_state
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 
 from nemo_plrd.export import export_hf
@@ -61,6 +62,31 @@ def test_factored_model_exports_merged_and_factored(kind, tp_size, tmp_path_fact
     config = json.loads((factored / "config.json").read_text())
     assert config["plrd_ranks"] == plan.layer_ranks()
     assert (factored / "modeling_plrd.py").is_file() and (factored / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("tp_size", [2], indirect=True)
+def test_exports_hold_the_dtype_asked_for_or_the_parent_s_each_weight_rounded_once(tp_size, tmp_path_factory):
+    """A member of an fp16 parent exported as ``parent`` is fp16 (a 7B parent's size, not fp32's double),
+    bf16 when asked; every tensor equals the fp32 export's rounded to it, and the HF config names it."""
+    root = shared_tmp(tmp_path_factory, "dtypes")
+    if dist.get_rank() == 0:
+        save_parent(hf_model("llama").half(), f"{root}/parent")
+    dist.barrier()
+    arch = arch_from_hf(CONFIGS["llama"]())
+    init_model_parallel(tp_size)
+    model = build_gpt(arch)
+    model.load_state_dict(to_megatron(hf_model("llama").state_dict(), arch, tp_size,
+                                      parallel_state.get_tensor_model_parallel_rank()), strict=False)
+    apply_plan(model, plan_for(model, [TOKENS], keep=0.6), [TOKENS], progress=False)
+    for format, dtype, written in (("merged", "parent", torch.float16), ("factored", "bfloat16", torch.bfloat16)):
+        full = load_file(export_hf(model, f"{root}/{format}-fp32", f"{root}/parent", format=format) / "model.safetensors")
+        out = export_hf(model, f"{root}/{format}-{dtype}", f"{root}/parent", format=format, dtype=dtype)
+        half = load_file(out / "model.safetensors")
+        assert half.keys() == full.keys() and all(torch.equal(half[name], full[name].to(written)) for name in full)
+        assert json.loads((out / "config.json").read_text())["dtype"] == str(written).removeprefix("torch.")
+        assert transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).dtype == written
+    with pytest.raises(ValueError, match=r"dtype='fp8' is not one of \['float32', 'bfloat16', 'float16', 'parent'\]"):
+        export_hf(model, f"{root}/fp8", f"{root}/parent", dtype="fp8")
 
 
 def test_export_refuses_bad_requests(tmp_path):

@@ -4,7 +4,9 @@ The commands are ``nemo_plrd.slurm``'s; nemo-run renders the sbatch headers, sub
 tracks the jobs under ``OUTPUT/launch/nemo-run``. Each stage is two tasks, as nemo-run runs a
 task's script on every one of its nodes: training on all nodes (the c10d rendezvous), then
 conversion, exports and lm-eval on one node. Each task depends on the one before it
-(``afterok``, and ``--kill-on-invalid-dep=yes`` so a failure cancels the rest). Needs the
+(``afterok``, and ``--kill-on-invalid-dep=yes`` so a failure cancels the rest). Their job ids go
+to ``OUTPUT/launch/jobs.json``, as ``plrd submit``'s own launcher records them, so a second
+submission while they are queued or running is refused. Needs the
 ``slurm`` extra: ``pip install nemo-plrd[slurm]``.
 """
 
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.errors import InputError
-from nemo_plrd.slurm import Cluster, completion, pending_stages, preamble, prepare_submission, stage_steps, step_lines
+from nemo_plrd.slurm import (Cluster, completion, pending_stages, preamble, prepare_submission, record_jobs,
+                             refuse_if_queued, stage_steps, step_lines)
 
 
 def stage_tasks(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[tuple[str, int, str]]:
@@ -64,8 +67,12 @@ def submit_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: boo
     if not pending_stages(family):
         print(f"{family.output}: every stage is complete, nothing to submit")
         return
+    if not dry_run:
+        refuse_if_queued(family)
     with stage_experiment(family, cluster, dry_run) as experiment:
         if dry_run:
             experiment.dryrun()
-        else:
-            experiment.run(detach=True)
+            return
+        experiment.run(detach=True)
+    # each task's SLURM job id ends its handle (``slurm_tunnel://nemo_run/ID``), for the next submission's check
+    record_jobs(family, {job.id: job.handle.rsplit("/", 1)[-1] for job in experiment.jobs})

@@ -189,6 +189,19 @@ def jobs_record(family: BridgeFamilyConfig) -> Path:
     return Path(family.output) / "launch" / "jobs.json"
 
 
+def record_jobs(family: BridgeFamilyConfig, submitted: dict[str, str]) -> None:
+    write_text_atomic(jobs_record(family), json.dumps(submitted, indent=1) + "\n")
+
+
+def refuse_if_queued(family: BridgeFamilyConfig) -> None:
+    """A second chain would train the same stages into the same folders: refused while the last one's jobs run."""
+    running = queued_jobs(family)
+    if running:
+        raise InputError(f"{family.output}: stages of an earlier submission are queued or running ("
+                         f"{', '.join(f'{name}: job {job}' for name, job in running.items())}); wait for them to "
+                         f"end, or scancel them, then submit again")
+
+
 def queued_jobs(family: BridgeFamilyConfig) -> dict[str, str]:
     """The stage jobs of the last submission that SLURM still holds (pending or running), by stage name."""
     record = jobs_record(family)
@@ -260,11 +273,8 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
     if not stages:
         out(f"{family.output}: every stage is complete, nothing to submit")
         return []
-    running = {} if dry_run else queued_jobs(family)
-    if running:  # a second chain would train the same stages into the same folders
-        raise InputError(f"{family.output}: stages of an earlier submission are queued or running ("
-                         f"{', '.join(f'{name}: job {job}' for name, job in running.items())}); wait for them to "
-                         f"end, or scancel them, then submit again")
+    if not dry_run:
+        refuse_if_queued(family)
     prepare_submission(family, cluster, dry_run)
     done = len(family.target_params) - len(stages)
     if done:
@@ -290,6 +300,6 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
                              + (f"; submitted before it: {', '.join(submitted.values())}" if submitted else ""))
         before, previous = previous, result.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
         submitted[family.stage_name(index)] = previous
-        write_text_atomic(jobs_record(family), json.dumps(submitted, indent=1) + "\n")
+        record_jobs(family, submitted)
         out(f"{family.stage_name(index)}: job {previous}" + (f" (after {before})" if before else ""))
     return list(submitted.values())

@@ -4,6 +4,7 @@
 script and answers job ids 101, 102, ...): nemo-run renders, submits and polls exactly as on a cluster.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,9 @@ echo $((100 + n))
 """)
     for tool in ("squeue", "sacct", "scontrol"):
         (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $@" >> {tmp_path}/poll.log\n')
+    # the jobs the scheduler still holds: the ids in tmp_path/queue (none if it is absent)
+    (bin_dir / "squeue").write_text(f'#!/bin/bash\necho "squeue $@" >> {tmp_path}/poll.log\n'
+                                    f'[ -e {tmp_path}/queue ] && cat {tmp_path}/queue\nexit 0\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -69,11 +73,11 @@ def test_each_stage_is_a_training_task_on_every_node_then_a_finishing_task_each_
         assert any(s.startswith(f"{guard} || srun ") and s.endswith(f" {command}") for s in script), line
 
 
-def plrd(*args: str) -> subprocess.CompletedProcess:
+def plrd(*args: str, status: int = 0) -> subprocess.CompletedProcess:
     """`plrd` as a user runs it (nemo-run's local tunnel reads stdin, which pytest's capture forbids)."""
     result = subprocess.run([sys.executable, "-m", "nemo_plrd.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
     return result
 
 
@@ -88,6 +92,23 @@ def test_submitting_through_nemo_run_chains_the_jobs_with_afterok(family, schedu
     first = (scheduler.parent / "script-1.sh").read_text()
     for directive in ("--nodes=2", "--gpus-per-node=8", "--account=acct", "--kill-on-invalid-dep=yes"):
         assert f"#SBATCH {directive}\n" in first
+
+
+def test_a_second_submission_while_the_first_one_s_jobs_are_queued_is_refused_naming_them(family, scheduler):
+    """Two chains would train the same stages into the same folders."""
+    submit = ("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--launcher",
+              "nemo-run", f"parent={family.parent}", f"output={family.output}", f"blend=[[{family.blend[0][0]}], null]")
+    plrd(*submit)
+    recorded = json.loads((Path(family.output) / "launch" / "jobs.json").read_text())
+    assert recorded == {f"{name}-{part}": str(job) for job, (name, part) in enumerate(
+        ((family.stage_name(index), part) for index in range(4) for part in ("train", "finish")), 101)}
+    (scheduler.parent / "queue").write_text("103\n104\n")  # stage 2 still held
+    refused = plrd(*submit, status=2)
+    assert "stage2-5.2b-train: job 103, stage2-5.2b-finish: job 104); wait for them" in refused.stderr
+    assert len(scheduler.read_text().splitlines()) == 8  # nothing more submitted
+    (scheduler.parent / "queue").unlink()  # the queue has emptied: submitted again
+    plrd(*submit)
+    assert len(scheduler.read_text().splitlines()) == 16
 
 
 def test_a_dry_run_submits_nothing(family, scheduler):

@@ -134,13 +134,13 @@ def test_a_family_without_lm_eval_tasks_still_measures_its_members_held_out_perp
 
 def test_paths_reach_the_stage_job_exactly_through_hydra(cluster_family, tmp_path):
     """Overrides the family writes are read back by Hydra's parser as the paths given, whatever they hold."""
-    odd = tmp_path / "runs, v2 (café)=#1"
+    odd = tmp_path / "runs, v2 (café)=#1 \\ ${HOME}\\"
     family = dataclasses.replace(cluster_family("llama2_7b_family.yaml"), output=str(odd), blend=[[str(odd / "d")], None])
     job = dataclasses.replace(family.job, overrides=[*family.job.overrides, "train.loss=kd"])
     family = dataclasses.replace(family, job=job, parent=str(odd / "hf"))
     read = with_overrides(OmegaConf.create({}), family.stage_overrides(1, odd / "save"))
     assert read.checkpoint.save == str(odd / "save") and read.train.teacher == str(odd / "hf")
-    assert OmegaConf.to_container(read.dataset.blend) == [[str(odd / "d")], None]
+    assert OmegaConf.to_container(read.dataset.blend, resolve=True) == [[str(odd / "d")], None]  # as Bridge reads it
 
 
 def test_the_stages_of_a_family_read_one_stream_of_its_data_one_after_the_other(family):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,10 +27,18 @@ SET_BY_FAMILY = ("checkpoint.save", "dataset.blend", "plrd.plan.keep", "plrd.pla
                  "train.first_sample", "train.stream_samples")
 
 
+# In a quoted Hydra string only backslashes before a quote, an interpolation or the closing quote escape
+_HYDRA_ESCAPES = re.compile(r'(\\*)("|\$\{|$)')
+
+
 def hydra_value(value: Any) -> str:
-    """``value`` as a Hydra override's value: strings double-quoted (a path may hold ``,`` ``=`` ``(`` ``#``),
-    lists as lists, None as null; Hydra reads back exactly ``value``."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """``value`` as a Hydra override's value: strings double-quoted (a path may hold ``,`` ``=`` ``(`` ``#``,
+    a backslash or ``${``), lists as lists, None as null; Hydra reads back exactly ``value``."""
+    if isinstance(value, str):
+        return '"' + _HYDRA_ESCAPES.sub(lambda m: m[1] * 2 + (f"\\{m[2]}" if m[2] else ""), value) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(hydra_value, value)) + "]"
+    return json.dumps(value)
 
 
 @dataclass

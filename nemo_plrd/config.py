@@ -514,14 +514,31 @@ def load_yaml(path: str | Path) -> DictConfig:
     return data
 
 
-def config_differences(before: dict, now: dict) -> list[str]:
-    """'key: then -> now' for every dotted key whose value differs between a recorded config and ``now``."""
+def field_defaults(cls: type) -> dict:
+    """The defaults of dataclass ``cls``'s fields as a record holds them, nested dataclasses' too (a field
+    without a default is left out)."""
+    hints, defaults = typing.get_type_hints(cls), {}
+    for spec in dataclasses.fields(cls):
+        if spec.default is not dataclasses.MISSING:
+            defaults[spec.name] = spec.default
+        elif spec.default_factory is not dataclasses.MISSING:
+            value = spec.default_factory()
+            defaults[spec.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        elif dataclasses.is_dataclass(hints[spec.name]):
+            defaults[spec.name] = field_defaults(hints[spec.name])
+    return defaults
+
+
+def config_differences(before: dict, now: dict, defaults: Optional[dict] = None) -> list[str]:
+    """'key: then -> now' for every dotted key whose value differs between a recorded config and ``now``; a key
+    the record lacks (it was written before the key existed) reads as its value in ``defaults`` (``field_defaults``)."""
     def flat(data: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(data, dict):
             return {prefix.rstrip("."): data}
         return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
-    then, now = flat(before), flat(json.loads(json.dumps(now)))  # now as a record reads back: tuples are lists
+    # now as a record reads back: tuples are lists
+    then, now = {**flat(json.loads(json.dumps(defaults or {}))), **flat(before)}, flat(json.loads(json.dumps(now)))
     return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(then.keys() | now.keys())
             if then.get(key) != now.get(key)]
 

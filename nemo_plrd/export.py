@@ -45,7 +45,11 @@ def _torch_dtype(dtype: str, parent_config) -> torch.dtype:
     """``dtype`` as torch's; ``parent``: the dtype the parent's config.json names (fp32 if it names none)."""
     if dtype == "parent":
         dtype = getattr(parent_config, "dtype", None) or getattr(parent_config, "torch_dtype", None) or "float32"
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
+        dtype = str(dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise InputError(f"dtype='parent': the parent's config names {dtype}, not one of {list(DTYPES[:3])}; "
+                             "give one of them")
+    return getattr(torch, dtype)
 
 
 def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
@@ -80,11 +84,10 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
     if exists_on_rank0(out_dir):  # not per rank: a late rank would see rank 0's finished export
         raise OutputExistsError(f"{out_dir} already exists; choose a new output directory")
     parent_config = AutoConfig.from_pretrained(hf_source)
-    arch = arch_from_hf(parent_config)
+    arch, weights = arch_from_hf(parent_config), _torch_dtype(dtype, parent_config)  # refused on every rank alike
     full = full_state(model)  # collective: every rank takes part
     if not dist.is_initialized() or dist.get_rank() == 0:
-        _write(full, arch, parent_config, model_ranks(model), format, out_dir, hf_source,
-               _torch_dtype(dtype, parent_config))
+        _write(full, arch, parent_config, model_ranks(model), format, out_dir, hf_source, weights)
     if dist.is_initialized():
         dist.barrier()  # every rank returns once the directory is complete
     return out_dir

@@ -41,7 +41,8 @@ from transformers import AutoTokenizer
 from nemo_plrd import distill, report
 from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
 from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
-from nemo_plrd.config import BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig, config_differences
+from nemo_plrd.config import (BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig, config_differences,
+                              field_defaults)
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
@@ -81,7 +82,8 @@ def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
         if finished and not record.is_file():
             verdict[0] = ["foreign", []]
         elif record.is_file():
-            verdict[0] = ["existing", config_differences(json.loads(record.read_text()), config)]
+            verdict[0] = ["existing", config_differences(json.loads(record.read_text()), config,
+                                                         field_defaults(type(cfg)))]
         else:
             folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(record, json.dumps(config, indent=1) + "\n")

@@ -1,5 +1,6 @@
 """The recipes: their configs (YAML + overrides, refused when bad), two real stages, a real family."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import torch
 import transformers
 from filelock import FileLock
 
-from nemo_plrd.config import DecomposeConfig, FamilyConfig, load_config
+from nemo_plrd.config import DecomposeConfig, FamilyConfig, config_differences, field_defaults, load_config
 from nemo_plrd.pipeline import RECORDS
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.report import in_domain
@@ -28,6 +29,16 @@ FAMILY_YAML = ROOT / "recipes" / "smollm2_135m_family.yaml"
 
 def config(tmp_path, *overrides: str) -> DecomposeConfig:
     return load_config(DecomposeConfig, YAML, [f"output={tmp_path / 'out'}", *overrides])
+
+
+def test_a_record_written_before_a_setting_existed_reads_it_as_its_default(tmp_path):
+    """A stage interrupted under an earlier nemo-plrd resumes under one with more settings (a family's
+    stages too: each is one), unless the new setting is given another value than its default."""
+    record = dataclasses.asdict(config(tmp_path))
+    record.pop("export_dtype")  # written before the key existed
+    for given, changed in (([], []), (["export_dtype=bfloat16"], ["export_dtype: 'float32' -> 'bfloat16'"])):
+        now = config(tmp_path, *given)
+        assert config_differences(record, dataclasses.asdict(now), field_defaults(type(now))) == changed
 
 
 def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):

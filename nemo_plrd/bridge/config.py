@@ -57,9 +57,16 @@ def _promoted(cfg: Any, subclass: type[Config], **more: Any) -> Config:
 
 
 def with_plrd(cfg: ConfigContainer, plrd: PLRDConfig) -> PLRDConfigContainer:
-    """A Bridge recipe's ``ConfigContainer`` (e.g. from ``megatron.bridge.recipes``) with ``plrd`` added:
-    what a ``--recipe`` function of ``recipes/run_plrd.py`` built on one of Bridge's returns."""
-    return _promoted(cfg, PLRDConfigContainer, plrd=plrd)
+    """A Bridge recipe's ``ConfigContainer`` (e.g. from ``megatron.bridge.recipes``) with ``plrd`` added and its
+    ``train`` taking the stage's keys: what a ``--recipe`` function of ``recipes/run_plrd.py`` built on one of
+    Bridge's returns."""
+    return _with_stage_training(_promoted(cfg, PLRDConfigContainer, plrd=plrd))
+
+
+def _with_stage_training(cfg: PLRDConfigContainer) -> PLRDConfigContainer:
+    if not isinstance(cfg.train, PLRDTrainingConfig):  # Bridge's own: Bridge would skip train.loss
+        cfg.train = _promoted(cfg.train, PLRDTrainingConfig)
+    return cfg
 
 
 def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Path] = None,
@@ -78,9 +85,7 @@ def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Pa
     except OmegaConfBaseException as error:
         raise InputError(f"plrd: {error}") from None
     from_dict(PLRDConfig, plrd, "plrd.")  # before Bridge
-    if not isinstance(cfg.train, PLRDTrainingConfig):  # a recipe function's own: Bridge would skip train.loss
-        cfg.train = _promoted(cfg.train, PLRDTrainingConfig)
-    cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))
+    cfg = process_config_with_overrides(_with_stage_training(cfg), config_file and str(config_file), list(overrides))
     cfg.plrd = from_dict(PLRDConfig, dataclasses.asdict(cfg.plrd), "plrd.")  # and what Bridge made of it
     check_distillation(cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher)
     if cfg.train.in_stream:
@@ -94,9 +99,9 @@ def _check_stream(cfg: PLRDConfigContainer) -> None:
     samples = train.train_samples or (train.train_iters or 0) * train.global_batch_size
     check_stream(train.first_sample, train.stream_samples, samples,
                  "train.train_samples" if train.train_samples else "train.train_iters x train.global_batch_size")
-    if cfg.dataset.dataloader_type not in ("single", "cyclic"):
+    if cfg.dataset.dataloader_type != "single":  # 'cyclic' shuffles per data-parallel bucket: another order
         raise InputError(f"dataset.dataloader_type={cfg.dataset.dataloader_type!r} with train.first_sample: a stage "
-                         "starts in the stream through megatron's pretraining samplers, 'single' or 'cyclic'")
+                         "reads the stream in megatron's order, from the 'single' pretraining sampler")
     for key in ("rampup_batch_size", "num_epochs"):
         if getattr(train, key, None) is not None:
             raise InputError(f"train.{key}={getattr(train, key)} with train.first_sample: a stage continuing the "

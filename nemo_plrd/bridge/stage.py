@@ -28,7 +28,7 @@ from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
 from nemo_plrd.bridge.config import PLRDConfigContainer
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import load_checkpoint, read_metadata
-from nemo_plrd.config import PLRDConfig, config_differences
+from nemo_plrd.config import PLRDConfig, config_differences, field_defaults
 from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
@@ -127,13 +127,16 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                          "starts from --hf-path or --parent; leave it unset")
     save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the
     # latter proxies its TransformerConfig's fields, so both read and take the same attributes here
-    started = {"plrd": dataclasses.asdict(cfg.plrd), "hf_path": hf_path, "parent": parent}
+    started = {"plrd": dataclasses.asdict(cfg.plrd), "hf_path": hf_path, "parent": parent,
+               # a resumed stage continues its samples of the same stream (the count is in its checkpoint)
+               **({"stream": [cfg.train.first_sample, cfg.train.stream_samples]} if cfg.train.in_stream else {})}
     resume = exists_on_rank0(save / TRACKER)  # an interrupted job
     if resume and not exists_on_rank0(save / PLAN_FILE):  # a stage writes its plan before any checkpoint
         raise InputError(f"checkpoint.save={str(save)!r} holds a checkpoint of a run that is not a PLRD stage (no "
                          f"{PLAN_FILE}); choose a new checkpoint.save")
     if resume and (save / STAGE_FILE).is_file():
-        changed = config_differences(json.loads((save / STAGE_FILE).read_text()), started)
+        changed = config_differences(json.loads((save / STAGE_FILE).read_text()), started,
+                                     {"plrd": field_defaults(PLRDConfig)})
         if changed:
             raise InputError(f"checkpoint.save={str(save)!r} holds a stage started with other settings; rerun with "
                              f"the same to resume it, or choose a new checkpoint.save. Differences (then -> now): "

@@ -85,8 +85,8 @@ def test_the_local_stage_s_loss_keys_land_on_bridge_s_training_config():
     (["train.first_sample=-4"], "train.first_sample=-4 must be >= 0"),
     (["train.first_sample=8", "train.stream_samples=20"],
      "train.stream_samples=20 must hold train.first_sample=8 + train.train_iters x train.global_batch_size (16)"),
-    (["train.stream_samples=32", "dataset.dataloader_type=external"],
-     "dataset.dataloader_type='external' with train.first_sample"),
+    (["train.stream_samples=32", "dataset.dataloader_type=cyclic"],
+     "dataset.dataloader_type='cyclic' with train.first_sample"),
     (["train.first_sample=16", "train.rampup_batch_size=[2,2,8]"], "train.rampup_batch_size=[2, 2, 8] with train."),
 ])
 def test_a_stage_continuing_a_stream_refuses_what_its_sampler_cannot_honour(overrides, message):
@@ -170,9 +170,10 @@ def test_a_resumed_stage_on_a_megatron_training_model_config_builds_the_factored
     assert qkv.module is LowRankColumnParallelLinear and qkv.params == {"rank": plan.rank(0, "linear_qkv")}
 
 
-def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None) -> tuple[PLRDConfigContainer, Path]:
+def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None, **record) -> tuple[PLRDConfigContainer, Path]:
     """A stage's config whose checkpoint.save holds an interrupted job (a tracker, a plan and, given
-    ``plan``, the settings it started with: plan and calibration on 512 tokens, from hf_path 'hf')."""
+    ``plan``, the settings it started with: plan and calibration on 512 tokens, from hf_path 'hf', and
+    ``record``'s keys)."""
     from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
 
     cfg = container()
@@ -185,7 +186,7 @@ def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None) -> tuple[PLR
     if plan is not None:
         started = PLRDConfig(plan=plan, calibration=CalibrationConfig(tokens=512))
         (save / STAGE_FILE).write_text(json.dumps({"plrd": dataclasses.asdict(started), "hf_path": "hf",
-                                                   "parent": None}))
+                                                   "parent": None, **record}))
     (save / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
     return cfg, save
 
@@ -198,6 +199,22 @@ def test_a_stage_resumed_with_other_plrd_settings_is_refused_naming_them(tmp_pat
                                          r"rerun with the same to resume it.*plrd.plan.keep: 0.4 -> 0.6$"):
         prepare_stage(cfg, hf_path="hf")
     assert len((save / "metrics.jsonl").read_text().splitlines()) == 3  # refused before anything changed
+
+
+def test_a_stage_of_a_family_resumed_in_another_stream_is_refused_an_earlier_record_s_settings_kept(tmp_path):
+    """Its checkpoint counts the samples read from its first one: another stream would be another order.
+    A record written before a plrd setting existed reads it as its default."""
+    from nemo_plrd.bridge.checkpoint import STAGE_FILE
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    cfg, save = stage_folder(tmp_path, PlanConfig(keep=0.6), stream=[16, 48])
+    record = json.loads((save / STAGE_FILE).read_text())
+    record["plrd"].pop("ridge")  # as an earlier nemo-plrd wrote it
+    (save / STAGE_FILE).write_text(json.dumps(record))
+    cfg.train = dataclasses.replace(cfg.train, first_sample=16, stream_samples=64)  # a family of 4 stages, not 3
+    with pytest.raises(InputError, match=r"other settings;.*Differences \(then -> now\): stream: \[16, 48\] -> "
+                                         r"\[16, 64\]$"):
+        prepare_stage(cfg, hf_path="hf")  # the record's missing plrd.ridge is no difference: listed first if it were
 
 
 def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_first_save(tmp_path, tiny_parent):

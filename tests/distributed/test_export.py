@@ -67,10 +67,12 @@ def test_factored_model_exports_merged_and_factored(kind, tp_size, tmp_path_fact
 @pytest.mark.parametrize("tp_size", [2], indirect=True)
 def test_exports_hold_the_dtype_asked_for_or_the_parent_s_each_weight_rounded_once(tp_size, tmp_path_factory):
     """A member of an fp16 parent exported as ``parent`` is fp16 (a 7B parent's size, not fp32's double),
-    bf16 when asked; every tensor equals the fp32 export's rounded to it, and the HF config names it."""
+    bf16 when asked; every tensor equals the fp32 export's rounded to it, and the HF config names it. A parent
+    in another dtype is refused, naming it."""
     root = shared_tmp(tmp_path_factory, "dtypes")
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # (HF writes a model's weights and config on rank 0 alone)
         save_parent(hf_model("llama").half(), f"{root}/parent")
+        save_parent(hf_model("llama").double(), f"{root}/parent64")
     dist.barrier()
     arch = arch_from_hf(CONFIGS["llama"]())
     init_model_parallel(tp_size)
@@ -87,6 +89,8 @@ def test_exports_hold_the_dtype_asked_for_or_the_parent_s_each_weight_rounded_on
         assert transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).dtype == written
     with pytest.raises(ValueError, match=r"dtype='fp8' is not one of \['float32', 'bfloat16', 'float16', 'parent'\]"):
         export_hf(model, f"{root}/fp8", f"{root}/parent", dtype="fp8")
+    with pytest.raises(ValueError, match=r"dtype='parent': the parent's config names float64, not one of \['float32'"):
+        export_hf(model, f"{root}/out", f"{root}/parent64", dtype="parent")  # refused on every rank, before the gather
 
 
 def test_export_refuses_bad_requests(tmp_path):

@@ -8,8 +8,12 @@ from pathlib import Path
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """``text`` at ``path`` through a temp name in the same folder and a rename: a run cut short
-    leaves the old file or none, never a half-written one that looks finished."""
+    leaves the old file or none, never a half-written one that looks finished. The text reaches the
+    disk before the name does, so a node that loses power cannot leave the new name on empty blocks."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)

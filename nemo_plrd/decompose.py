@@ -5,7 +5,8 @@ X, summarised by their second-moment statistics (docs/design.md, section 3):
 
 - column slot, W = [W_1; ...; W_p] sharded on out, input covariance C = E[x x^T]:
   with S S^T = C, the top-r eigenvectors Q of S^T (sum_i W_i^T W_i) S give
-  down = Q^T S^-1 (replicated) and up_i = W_i S Q (local rows).
+  down = Q^T S^-1 (replicated) and up_i = W_i S Q (local rows); with a ridge or a target, S
+  becomes K S^-T (docs/design.md).
 - row slot, W = [W_1 ... W_p] sharded on in, output covariance C_y = E[y y^T]:
   its top-r eigenvectors P give up = P (replicated) and down_i = P^T W_i (local columns).
 
@@ -196,7 +197,7 @@ def column_retruncate(
         new_down = torch.linalg.solve_triangular(s.T, new_down.T, upper=True).T  # P^T B S^-1
     # up R^-1 P has orthonormal columns, so balancing needs only down's row norms and folds
     # into the r x rank matrix: one GEMM of out x r x rank, in the factors' dtype, no all-reduce.
-    scale = new_down.norm(dim=1).sqrt()
+    scale = new_down.norm(dim=1).sqrt().clamp_min(1e-30)  # a direction with no energy: left at zero, not NaN
     new_up = up @ (torch.linalg.solve_triangular(r_upper, p, upper=True) * scale).to(up.dtype)
     return new_up.contiguous(), (new_down / scale[:, None]).to(up.dtype).contiguous()
 

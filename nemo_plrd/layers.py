@@ -123,6 +123,15 @@ class ReplicatedLinear(MegatronModule):
         return f"in_features={self.input_size}, out_features={self.output_size}, bias={self.bias is not None}, replicated"
 
 
+def _mark_split(weight: torch.nn.Parameter, dim: int, stride: int) -> None:
+    """Mark ``weight`` as split over TP along ``dim``, as megatron's parallel linears do. megatron-core
+    before 0.19 marks it only when it initialises the weight, and a stage whose weights are loaded
+    (``perform_initialization=False``) needs the mark all the same: the gradient norm, the checkpoint
+    layout, the full-model gather and the parameter count read it."""
+    if not getattr(weight, "tensor_model_parallel", False):
+        weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride = True, dim, stride
+
+
 class LowRankColumnParallelLinear(MegatronModule):
     """Drop-in for ``ColumnParallelLinear``: replicated ``down`` (r x in), column-parallel ``up`` (out x r).
 
@@ -178,6 +187,7 @@ class LowRankColumnParallelLinear(MegatronModule):
             tp_group=self.tp_group,
             **column_parallel_kwargs,
         )
+        _mark_split(self.up.weight, dim=0, stride=self.stride)
 
     @property
     def bias(self) -> Optional[torch.nn.Parameter]:
@@ -251,6 +261,7 @@ class LowRankRowParallelLinear(MegatronModule):
             tp_group=self.tp_group,
             **row_parallel_kwargs,
         )
+        _mark_split(self.down.weight, dim=1, stride=1)
         self.up = ReplicatedLinear(
             rank,
             output_size,

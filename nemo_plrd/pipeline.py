@@ -68,22 +68,30 @@ def _rank0() -> bool:
     return dist.get_rank() == 0
 
 
+def _keeps_work(folder: Path) -> bool:
+    """Whether a stage's folder (or a family's, through its stages and baselines) holds a saved decomposition."""
+    return (folder / "decomposed.json").is_file() or any(
+        _keeps_work(sub) for sub in folder.iterdir() if sub.is_dir() and sub.name != "train")
+
+
 def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
     """Record ``cfg`` in ``folder`` (created if missing), or check it against the one recorded there.
 
-    A different config is refused, naming every key whose value differs, and so is a
-    ``finished`` output that holds no record (not written by this pipeline). Every rank gets
-    rank 0's verdict.
+    A different config is refused, naming every key whose value differs, unless the unfinished
+    ``folder`` keeps no work (a run refused for bad input after its claim: the rerun with the input
+    fixed takes the folder over); a ``finished`` output that holds no record (not written by this
+    pipeline) is refused too. Every rank gets rank 0's verdict.
     """
     config = dataclasses.asdict(cfg)
     verdict: list = [None]
     if _rank0():
         record = folder / CONFIG
+        changed = record.is_file() and config_differences(json.loads(record.read_text()), config,
+                                                          field_defaults(type(cfg)))
         if finished and not record.is_file():
             verdict[0] = ["foreign", []]
-        elif record.is_file():
-            verdict[0] = ["existing", config_differences(json.loads(record.read_text()), config,
-                                                         field_defaults(type(cfg)))]
+        elif record.is_file() and (finished or not changed or _keeps_work(folder)):
+            verdict[0] = ["existing", changed]
         else:
             folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(record, json.dumps(config, indent=1) + "\n")

@@ -185,9 +185,10 @@ def _low_rank_module(slot: Slot, rank: int, up: torch.Tensor, down: torch.Tensor
     Dense megatron layers and ours expose the same attributes, so either can be replaced.
     """
     old = slot.module
-    # stride 2: a gated fc1's rows are [gate_i; up_i] per rank, which its checkpoint layout needs to know.
-    kind_args = (dict(gather_output=old.gather_output, stride=getattr(old, "stride", None)
-                      or getattr(old.weight, "partition_stride", 1)) if slot.kind == COLUMN
+    # stride 2: a gated fc1's rows are [gate_i; up_i] per rank (megatron's MLP builds it so), which its
+    # checkpoint layout needs to know; megatron-core < 0.19 leaves an uninitialised dense weight unmarked.
+    stride = getattr(old, "stride", None) or (2 if slot.name == "linear_fc1" and old.config.gated_linear_unit else 1)
+    kind_args = (dict(gather_output=old.gather_output, stride=stride) if slot.kind == COLUMN
                  else dict(input_is_parallel=old.input_is_parallel))
     new = LOW_RANK_LAYERS[slot.kind](
         old.input_size, old.output_size, rank=rank, config=old.config,

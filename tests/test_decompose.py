@@ -119,6 +119,17 @@ def test_target_corrected_column_retruncation_equals_decomposing_the_product(tar
     torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
 
 
+def test_retruncation_keeps_directions_without_energy_finite(data):
+    """A product of rank 3 re-truncated to 6: the three empty directions come back as zeros, not NaN."""
+    weight, cov = data
+    up, down = column_factors(weight, 3, input_cov=cov, ridge=0.0)
+    padded_up, padded_down = torch.cat([up, torch.zeros(M, 5, dtype=up.dtype)], 1), \
+        torch.cat([down, torch.zeros(5, N, dtype=down.dtype)], 0)
+    new_up, new_down = column_retruncate(padded_up, padded_down, 6, input_cov=cov, ridge=0.0)
+    assert new_up.isfinite().all() and new_down.isfinite().all()
+    torch.testing.assert_close(new_up @ new_down, up @ down, rtol=1e-8, atol=1e-10)
+
+
 def test_spectra_give_the_error_of_every_rank(data):
     """What planning assumes: the error at rank r is the tail of the slot's spectrum beyond r."""
     weight, cov = data

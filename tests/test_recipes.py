@@ -485,6 +485,18 @@ def test_a_bf16_mixed_stage_trains_like_the_fp32_one_and_leaves_fp32_weights(tin
     assert {w.dtype for w in merged_weights(out).values()} == {torch.float32}
 
 
+def test_a_stage_refused_for_bad_input_after_it_started_reruns_with_the_input_fixed(tiny_parent, tmp_path):
+    """The plan's budget is checked against the parent, after the output is claimed: nothing was kept,
+    so the rerun with another budget takes the folder over instead of asking for the same settings."""
+    out, quick = tmp_path / "stage", ["train.steps=0", "export=[]", "eval.tasks=[]", "eval.perplexity_blocks=0",
+                                       "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128"]
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *quick, "plrd.plan.keep=null", "plrd.plan.target_params=1000")
+    assert run.returncode == 2 and "is below the smallest plan" in run.stderr, run.stderr[-3000:]
+    run = recipe(f"parent={tiny_parent}", f"output={out}", *quick, "plrd.plan.keep=0.6")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["plrd"]["plan"]["keep"] == 0.6
+
+
 def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage):
     """Rerun, a finished stage is read back; only the optimizer's state that a run stopped between the
     stage's rename and its cleanup would leave is removed."""

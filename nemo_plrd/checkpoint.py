@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from nemo_plrd.errors import MissingInputError, OutputExistsError
+from nemo_plrd.files import sync_tree
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
@@ -57,6 +58,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
             for name in HF_FILES:
                 if (Path(hf_source) / name).is_file():
                     shutil.copy(Path(hf_source) / name, partial / "hf" / name)
+        sync_tree(partial)
         partial.rename(path)
     dist.barrier()
     return path

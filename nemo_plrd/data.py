@@ -6,8 +6,8 @@ document, as megatron's ``preprocess_data.py`` writes them. ``gpt_datasets`` bui
 ``GPTDataset`` splits through ``BlendedMegatronDatasetBuilder``: blends with weights, the
 train / valid / test split, megatron's document shuffling and sample index, cached by megatron
 under ``$PLRD_CACHE/megatron-indices`` in a distributed job (keyed by the prefixes, weights, split,
-seed and sizes; the data's own folder may be read-only; an index a killed build cut short is
-built again), beside the data otherwise.
+seed and sizes; the data's own folder may be read-only; jobs sharing it build one at a time, and
+an index a killed build cut short is built again), beside the data otherwise.
 ``DataParallelBatches`` hands each data-parallel rank its micro-batches of every global batch in
 the order megatron's pretraining sampler does, from a count of consumed samples, so a resumed run
 reads exactly the samples the interrupted one would have.
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy
 import torch
+from filelock import FileLock
 from tqdm import tqdm
 
 from nemo_plrd.assets import cache_dir
@@ -121,8 +123,6 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                               # megatron's cache is written by rank 0 of a process group (it asks for one)
                               path_to_cache=str(cache_dir() / "megatron-indices") if torch.distributed.is_initialized()
                               else None)
-    if config.path_to_cache and torch.distributed.get_rank() == 0:  # megatron's rank 0 builds, the others wait
-        drop_torn_indices(Path(config.path_to_cache))
     for prefix in blend[0]:  # megatron loops forever looking for samples in a split with no documents
         documents = IndexedDataset(prefix).sequence_lengths.shape[0]
         for name, wanted, bounds in zip(SPLITS, num_samples, config.split_matrix):
@@ -132,12 +132,27 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                                  f"(it has {documents}); give that split a larger share")
     # megatron sizes every split of a weighted blend: one not asked for gets one sample, then is dropped
     sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
-    splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    with cache_builder(config.path_to_cache):
+        splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     for name, wanted, split in zip(SPLITS, num_samples, splits):
         if wanted and len(split) < wanted:  # megatron repeats no epoch of an unweighted blend of several prefixes
             raise InputError(f"dataset.blend={[blend[0], blend[1]]} gives the {name} split {len(split)} samples of "
                              f"{sequence_length} tokens, fewer than the {wanted} asked for; give the prefixes weights")
     return [None if wanted is None else split for split, wanted in zip(splits, num_samples)]
+
+
+@contextmanager
+def cache_builder(folder: Optional[str]) -> Iterator[None]:
+    """Rank 0's hold on megatron's index cache ``folder`` while it builds (megatron's rank 0 builds and
+    writes, the other ranks wait for it, then read): jobs sharing the cache build one at a time, so
+    the torn files dropped first can only be a killed build's, never another job's being written."""
+    if folder is None or torch.distributed.get_rank() != 0:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with FileLock(Path(folder) / ".build.lock"):
+        drop_torn_indices(Path(folder))
+        yield
 
 
 def drop_torn_indices(folder: Path) -> None:

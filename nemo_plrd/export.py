@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_plrd.errors import InputError, OutputExistsError
+from nemo_plrd.files import sync_tree
 from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_hf_factored
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
@@ -107,4 +108,5 @@ def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source, d
         hf_model.generation_config = GenerationConfig.from_pretrained(hf_source)
     hf_model.save_pretrained(partial)
     AutoTokenizer.from_pretrained(hf_source).save_pretrained(partial)
+    sync_tree(partial)
     partial.rename(out_dir)

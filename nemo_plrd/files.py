@@ -6,6 +6,17 @@ import os
 from pathlib import Path
 
 
+def sync_tree(folder: Path) -> None:
+    """Every file under ``folder``, and the folders' entries, on disk: what a rename of ``folder`` then
+    vouches for survives a power loss (megatron syncs its shards; the files written beside them too)."""
+    for path in [*folder.rglob("*"), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """``text`` at ``path`` through a temp name in the same folder and a rename: a run cut short
     leaves the old file or none, never a half-written one that looks finished. The text reaches the

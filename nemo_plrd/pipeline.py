@@ -231,8 +231,9 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
         return calibration_batches(data, samples, calib.micro_batch)
 
     request = cfg.plrd.plan.request()
-    calibration = calibrate() if cfg.plrd.plan.allocation == "spectrum" else None  # the plan needs the spectra
-    plan = plan_for(model, calibration or (), cfg.plrd.method, **request)
+    # a keep or target_params plan by spectrum needs the spectra; explicit ranks (the control's) do not
+    calibration = calibrate() if cfg.plrd.plan.allocation == "spectrum" and "ranks" not in request else None
+    plan = plan_for(model, calibration or (), cfg.plrd.method, ridge=cfg.plrd.ridge, **request)
     plan = rank0_decides(lambda: plan)  # one plan for every rank, whatever a near-tie in the spectra did elsewhere
     changes = plan.layer_ranks() != model_ranks(model)  # plrd.plan.ranks={} keeps every slot: the dense control
     if rank0:

@@ -116,10 +116,10 @@ def _merged_shard(slot: Slot) -> torch.Tensor:
     return module.up.weight.detach() @ module.down.weight.detach()
 
 
-def _spectrum(slot: Slot, stat: Optional[SlotStatistic]) -> torch.Tensor:
+def _spectrum(slot: Slot, stat: Optional[SlotStatistic], ridge: float) -> torch.Tensor:
     cov = None if stat is None else stat.cov
     if slot.kind == COLUMN:
-        return decompose.column_spectrum(_merged_shard(slot), input_cov=cov, reduce=tp_sum, ridge=RIDGE)
+        return decompose.column_spectrum(_merged_shard(slot), input_cov=cov, reduce=tp_sum, ridge=ridge)
     if cov is not None and current_rank(slot.module) is not None:  # C_y = up C_z up^T
         up = slot.module.up.weight.detach().double()
         cov = up @ cov @ up.T
@@ -127,8 +127,9 @@ def _spectrum(slot: Slot, stat: Optional[SlotStatistic]) -> torch.Tensor:
 
 
 def slot_spectra(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (),
-                 method: str = "activation", progress: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Per layer, each slot's output-energy spectrum (descending) under ``method``'s objective.
+                 method: str = "activation", progress: bool = True, ridge: float = RIDGE) -> list[dict[str, torch.Tensor]]:
+    """Per layer, each slot's output-energy spectrum (descending) under ``method``'s objective (with the
+    ``ridge`` the decomposition will use).
 
     What ``allocation="spectrum"`` plans by. One pass through the model as it is now, so
     every slot's spectrum is measured before any slot changes.
@@ -140,14 +141,15 @@ def slot_spectra(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (
     for layer in tqdm(decoder_layers(model), desc="spectra", unit="layer", disable=not progress):
         slots = layer_slots(layer)
         stats = slot_statistics(layer, slots, inputs) if activation else {}
-        spectra.append({slot.name: _spectrum(slot, stats.get(slot.name)) for slot in slots})
+        spectra.append({slot.name: _spectrum(slot, stats.get(slot.name), ridge) for slot in slots})
         if activation:
             inputs = run_layer(layer, inputs)
     return spectra
 
 
 def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), method: str = "activation",
-             allocation: str = "uniform", spectra: Optional[list] = None, **request) -> RankPlan:
+             allocation: str = "uniform", spectra: Optional[list] = None, ridge: float = RIDGE,
+             **request) -> RankPlan:
     """``plan_ranks`` for this model: its slot shapes, other parameters and (measured unless given) spectra.
 
     ``request``: one of ranks=, keep=, target_params= (and multiple=), as ``plan_ranks`` takes.
@@ -157,8 +159,8 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
     shapes = [{slot.name: slot_shape(slot) for slot in layer} for layer in slots]
     slot_params = sum(SlotPlan(0, slot.name, *slot_shape(slot), current_rank(slot.module)).params
                       for layer in slots for slot in layer)
-    if allocation == "spectrum" and spectra is None:
-        spectra = slot_spectra(model, calibration, method)
+    if allocation == "spectrum" and spectra is None and request.get("ranks") is None:  # explicit ranks need none
+        spectra = slot_spectra(model, calibration, method, ridge=ridge)
     return plan_ranks(shapes, other_params=parameter_count(model) - slot_params, allocation=allocation,
                       spectra=spectra, max_ranks=model_ranks(model), **request)
 

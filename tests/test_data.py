@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from filelock import FileLock
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nemo_plrd.assets import (CORPORA, HELD_OUT_EVERY, SMOLLM2, _pip_download, _split, corpus, corpus_dataset,
@@ -115,6 +117,27 @@ def test_indices_a_killed_build_cut_short_are_built_again_not_loaded(prefix, tok
     after = gpt_datasets(blend, "80,20,0", 32, sizes, tokenizer)
     for old, new in zip(before[:2], after[:2]):
         assert len(old) == len(new) and all(torch.equal(old[i]["tokens"], new[i]["tokens"]) for i in range(len(old)))
+
+
+def test_a_build_waits_for_another_job_building_in_the_same_cache(prefix, tokenizer, tmp_path, monkeypatch):
+    """An index another job is still writing looks cut short; it is not dropped while that job builds."""
+    monkeypatch.setenv("PLRD_CACHE", str(tmp_path))
+    init_distributed()
+    settings = (([prefix], None), "80,20,0", 32, [40, None, None], tokenizer)
+    before = gpt_datasets(*settings)[0]
+    cache = tmp_path / "megatron-indices"
+    being_written = max(cache.glob("*.npy"), key=lambda path: path.stat().st_size)
+    whole = being_written.read_bytes()
+    being_written.write_bytes(whole[:len(whole) // 2])
+    built = []
+    with FileLock(cache / ".build.lock"):  # the other job's rank 0, building
+        waiting = threading.Thread(target=lambda: built.append(gpt_datasets(*settings)[0]))
+        waiting.start()
+        waiting.join(timeout=3)
+        assert waiting.is_alive() and being_written.stat().st_size == len(whole) // 2  # waits, drops nothing
+        being_written.write_bytes(whole)  # the other job's save completes
+    waiting.join()
+    assert all(torch.equal(before[i]["tokens"], built[0][i]["tokens"]) for i in range(len(before)))
 
 
 def test_a_family_s_stages_read_the_one_shot_baseline_s_stream_one_after_another(prefix, tmp_path):

@@ -59,7 +59,7 @@ class PLRDHook:
         train, _, _ = gpt_datasets(blend, self.dataset.split, calib.seq_length, [samples, None, None],
                                    megatron_tokenizer(self.hf_path), self.dataset.random_seed)
         batches = calibration_batches(train, samples, calib.micro_batch)
-        plan = plan_for(model[0], batches, self.plrd.method, **self.plrd.plan.request())
+        plan = plan_for(model[0], batches, self.plrd.method, ridge=self.plrd.ridge, **self.plrd.plan.request())
         model = PLRDTransform(plan, lambda: batches, self.plrd.method, self.plrd.solver, self.plrd.ridge)(model)
         if torch.distributed.get_rank() == 0:
             self.save.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,13 @@ def uninitialised(transformer_config, *args, **kwargs):
     return config
 
 
+def test_explicit_ranks_are_planned_without_calibration_whatever_the_allocation():
+    """The family's control (ranks {}: every slot kept) in a family allocated by spectrum reads no data."""
+    init_model_parallel(1)
+    plan = plan_for(build_gpt(ARCH), (), allocation="spectrum", ranks={})
+    assert plan.layer_ranks() == [dict.fromkeys(SHAPES[0])] * ARCH.num_layers
+
+
 def test_transform_refuses_plans_it_cannot_apply():
     init_model_parallel(1, seed=5)
     model = build_gpt(ARCH)
@@ -216,6 +223,10 @@ def test_spectra_are_the_same_at_tp1_and_tp2_and_plan_the_model(tp_size):
     for layer_expected, layer_got in zip(expected, got):
         for name in layer_expected:
             torch.testing.assert_close(layer_got[name], layer_expected[name], rtol=1e-6, atol=1e-6)
+    # a column slot's spectrum is measured under the ridge the decomposition will use
+    plain = slot_spectra(model, BATCHES, progress=False, ridge=0.0)
+    assert not torch.allclose(plain[0]["linear_qkv"], got[0]["linear_qkv"], rtol=1e-3)
+    torch.testing.assert_close(plain[0]["linear_fc2"], got[0]["linear_fc2"])  # a row slot has no ridge
 
     # Plan by spectrum, apply, then plan a second stage: it fits, lowers ranks, meets its target.
     plan = plan_for(model, BATCHES, allocation="spectrum", keep=0.5)

@@ -276,7 +276,7 @@ def train_batches(cfg: DecomposeConfig, hf_source: Path) -> tuple[DataParallelBa
 
 def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest: Path, partial: Path,
           hf_source: Path) -> list[dict]:
-    """Continued pretraining from the checkpoint ``latest``; the metrics of every logged step (read
+    """Continued pretraining from the checkpoint ``latest``; on rank 0 the metrics of every logged step (read
     back from the metrics file, so a resumed stage reports the steps taken before the interruption too)."""
     schedule = Schedule(cfg.train.steps, cfg.train.global_batch, cfg.train.warmup_steps, cfg.train.decay_style,
                         cfg.train.wsd_decay_steps)
@@ -302,6 +302,8 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
     run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0(), valid=valid,
         eval_interval=cfg.train.eval_interval, eval_iters=cfg.train.eval_iters)
     model.float()  # bf16_mixed trained it in bf16: held-out perplexity, checkpoint and export read fp32 as before
+    if not _rank0():  # rank 0 writes the metrics and alone reports them
+        return []
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 

@@ -197,7 +197,10 @@ def plan_ranks(
         budget = int(keep * dense)
     else:
         budget = target_params - other_params
-    smallest = sum(multiple * (out + inp) for _, _, (out, inp) in cells)
+    # a slot that no multiple of ``multiple`` factors below break-even stays dense, paid for first
+    caps = [_largest_rank_below_break_even(out, inp, multiple) for _, _, (out, inp) in cells]
+    fixed = sum(out * inp for cap, (_, _, (out, inp)) in zip(caps, cells) if cap < multiple)
+    smallest = fixed + sum(multiple * (out + inp) for cap, (_, _, (out, inp)) in zip(caps, cells) if cap >= multiple)
     if budget < smallest:
         raise InputError(
             f"the budget of {budget + other_params:,} parameters is below the smallest plan "
@@ -206,13 +209,14 @@ def plan_ranks(
     if budget >= dense:
         raise InputError(f"the budget of {budget + other_params:,} parameters is not below the dense "
                          f"model's {dense + other_params:,}: nothing to decompose")
-    caps = [max(multiple, _largest_rank_below_break_even(out, inp, multiple)) for _, _, (out, inp) in cells]
+    budget -= fixed
+    factored = [i for i, cap in enumerate(caps) if cap >= multiple]
     if max_ranks is not None:
         caps = [min(cap, max_ranks[layer].get(slot) or cap) for cap, (layer, slot, _) in zip(caps, cells)]
     costs = [out + inp for _, _, (out, inp) in cells]
 
     if allocation == "uniform":
-        share = budget / dense
+        share = budget / (dense - fixed)
         chosen = [min(cap, max(multiple, int(share * out * inp / (out + inp)) // multiple * multiple))
                   for cap, (_, _, (out, inp)) in zip(caps, cells)]
         value = lambda i, r: share * cells[i][2][0] * cells[i][2][1] / costs[i] - r  # rank deficit
@@ -227,11 +231,16 @@ def plan_ranks(
             top = min(r + multiple, len(fraction) - 1)
             return (fraction[top] - fraction[min(r, top)]) / (multiple * costs[i])
 
+    # The floor at ``multiple`` can overshoot a small share: steps back where a rank is worth least.
+    spent = sum(chosen[i] * costs[i] for i in factored)
+    while spent > budget:
+        i = min((i for i in factored if chosen[i] > multiple), key=lambda i: value(i, chosen[i] - multiple))
+        chosen[i] -= multiple
+        spent -= multiple * costs[i]
     # Spend what is left of the budget one rank step at a time, best value first. The
     # values fall as a slot's rank grows (descending spectra), so this greedy minimises
     # the summed relative error of the slots (spectrum) or the rank deficits (uniform).
-    spent = sum(r * c for r, c in zip(chosen, costs))
-    heap = [(-value(i, r), i) for i, r in enumerate(chosen)]
+    heap = [(-value(i, chosen[i]), i) for i in factored]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
@@ -240,5 +249,6 @@ def plan_ranks(
         chosen[i] += multiple
         spent += multiple * costs[i]
         heapq.heappush(heap, (-value(i, chosen[i]), i))
-    slots = tuple(SlotPlan(layer, slot, out, inp, rank) for (layer, slot, (out, inp)), rank in zip(cells, chosen))
+    slots = tuple(SlotPlan(layer, slot, out, inp, rank if i in factored else None)
+                  for i, ((layer, slot, (out, inp)), rank) in enumerate(zip(cells, chosen)))
     return RankPlan(slots, other_params)

@@ -52,6 +52,20 @@ def test_a_later_stage_never_raises_a_rank(allocation):
     assert 0.99 * 0.4 * SLOT_PARAMS <= second.slot_params <= 0.4 * SLOT_PARAMS
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
+def test_a_slot_too_small_to_factor_stays_dense_and_the_budget_still_holds(allocation):
+    """16 x 16 breaks even at rank 8: no multiple of 8 factors it. A small share of the large slots
+    (uniform: below rank 8 each) is floored at 8, the plan steps back to stay within its budget."""
+    shapes = [{"linear_qkv": (16, 16), "linear_proj": (1024, 1024), "linear_fc1": (1024, 1024),
+               "linear_fc2": (1024, 1024)}] * 2
+    spectra = [{slot: torch.linspace(1, 0.01, min(shape)) for slot, shape in layer.items()} for layer in shapes]
+    dense = sum(out * inp for layer in shapes for out, inp in layer.values())
+    plan = plan_ranks(shapes, target_params=dense // 32, allocation=allocation, spectra=spectra)
+    assert all(s.rank is None for s in plan.slots if s.slot == "linear_qkv")
+    assert all(s.rank is not None and s.rank < s.break_even for s in plan.slots if s.slot != "linear_qkv")
+    assert dense // 32 - 8 * 2048 < plan.params <= dense // 32
+
+
 def test_explicit_ranks_keep_slots_at_or_above_break_even_dense():
     plan = plan_ranks(SHAPES, ranks={"linear_qkv": 360, "linear_fc1": 128})
     assert plan.rank(3, "linear_qkv") is None  # 960x576: r* = 360

@@ -90,16 +90,22 @@ class StageStream(Callback):
     on, where stage k-1 stopped, as a local family's stages do.
 
     Bridge builds its datasets for ``train.train_samples`` when set (validation has already derived
-    ``train_iters``; nothing later reads it), so every stage has megatron order the same stream; a
-    fresh stage's sampler starts at ``first_sample`` as a resumed job's starts at its checkpoint's
-    count. The learning-rate schedule keeps its own step count, so it starts at 0 either way.
+    ``train_iters``; nothing else reads it), so while they are built it is the stream's length and
+    every stage has megatron order the same stream; it is back as the job set it before training
+    starts (and the config is saved with the checkpoints). A fresh stage's sampler starts at
+    ``first_sample`` as a resumed job's starts at its checkpoint's count. The learning-rate schedule
+    keeps its own step count, so it starts at 0 either way.
     """
 
     def on_data_init_start(self, context: CallbackContext) -> None:
         train = context.state.cfg.train
+        self.train_samples = train.train_samples
         train.train_samples = train.stream_samples or train.first_sample + train.train_iters * train.global_batch_size
         if context.state.train_state.step == 0:  # resumed: the checkpoint's count, this stage's first sample on
             context.state.train_state.consumed_train_samples = train.first_sample
+
+    def on_train_start(self, context: CallbackContext) -> None:
+        context.state.cfg.train.train_samples = self.train_samples
 
 
 def stage_callbacks(cfg: PLRDConfigContainer) -> list[Callback]:

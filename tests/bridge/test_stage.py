@@ -120,6 +120,7 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_st
     # Bridge's count of the stream's samples read, as a resumed job would start from it
     read = torch.load(bridge / "latest_train_state.pt", weights_only=False)["consumed_train_samples"]
     assert int(read) == (8 if stream else 0) + 24
+    assert "train_samples: null" in (bridge / "iter_0000006" / "run_config.yaml").read_text()  # as the job set it
     local = tmp_path / "local"
     result = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "decompose.py"), "--config", str(ROOT / "recipes" / "smollm2_135m.yaml"),

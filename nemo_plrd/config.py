@@ -584,6 +584,12 @@ def check_stream(first_sample: int, stream_samples: Optional[int], samples: int,
                          f"{budget} ({samples})")
 
 
+def stream_length(first_sample: int, stream_samples: Optional[int], samples: int) -> int:
+    """The samples megatron orders for a stage reading ``samples`` from ``first_sample`` on: its family's
+    whole stream, so every stage sees one order, or (alone) up to its last sample."""
+    return stream_samples or first_sample + samples
+
+
 def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:
     """``train.loss``, ``train.kd_weight`` and ``train.teacher``: the same keys in a local and in a Bridge stage."""
     if loss not in LOSSES:

@@ -42,7 +42,7 @@ from nemo_plrd import distill, report
 from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
 from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
 from nemo_plrd.config import (BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig, config_differences,
-                              field_defaults)
+                              field_defaults, stream_length)
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
@@ -263,7 +263,7 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
 def train_batches(cfg: DecomposeConfig, hf_source: Path) -> tuple[DataParallelBatches, Optional[DataParallelBatches]]:
     """This rank's batches of the stage's training samples (its share of the stream), and of the valid split."""
     data, valid = _datasets(cfg, hf_source, cfg.train.seq_length,
-                            cfg.train.stream_samples or cfg.train.first_sample + cfg.train.samples,
+                            stream_length(cfg.train.first_sample, cfg.train.stream_samples, cfg.train.samples),
                             cfg.train.eval_iters * cfg.train.global_batch)
 
     def in_batches(split, first_sample: int = 0) -> DataParallelBatches:

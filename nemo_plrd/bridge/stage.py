@@ -28,7 +28,7 @@ from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
 from nemo_plrd.bridge.config import PLRDConfigContainer
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import load_checkpoint, read_metadata
-from nemo_plrd.config import PLRDConfig, config_differences, field_defaults
+from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
 from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
@@ -100,7 +100,8 @@ class StageStream(Callback):
     def on_data_init_start(self, context: CallbackContext) -> None:
         train = context.state.cfg.train
         self.train_samples = train.train_samples
-        train.train_samples = train.stream_samples or train.first_sample + train.train_iters * train.global_batch_size
+        train.train_samples = stream_length(train.first_sample, train.stream_samples,
+                                            train.train_iters * train.global_batch_size)
         if context.state.train_state.step == 0:  # resumed: the checkpoint's count, this stage's first sample on
             context.state.train_state.consumed_train_samples = train.first_sample
 

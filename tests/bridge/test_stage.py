@@ -59,6 +59,19 @@ def kd_stage(tiny_parent, tmp_path_factory) -> Path:
     return save
 
 
+# A family's later stage: samples 8-31 of a stream of 40 (the stage reads 6 x 4).
+STREAM = ["train.first_sample=8", "train.stream_samples=40"]
+STREAMED = ["optimizer.adam_beta2=0.999", *STREAM]  # as the local loop's Adam, for the comparison with it
+
+
+@pytest.fixture(scope="module")
+def stream_stage(tiny_parent, tmp_path_factory) -> Path:
+    save = tmp_path_factory.mktemp("stream") / "stage1"
+    result = run(tiny_parent, save, *STREAMED)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return save
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_stage_1_loads_the_hf_parent_decomposes_it_and_trains_it(tiny_parent, tp2_stage, tmp_path, tp):
     save = tp2_stage if tp == 2 else tmp_path / "stage1"
@@ -73,14 +86,15 @@ def test_stage_1_loads_the_hf_parent_decomposes_it_and_trains_it(tiny_parent, tp
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
 
 
-@pytest.mark.parametrize("tp, distilled", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("tp, kind", [(1, "lm"), (2, "lm"), (1, "kd"), (1, "stream")])
 def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_same_losses(
-        tiny_parent, tp2_stage, kd_stage, tmp_path, tp, distilled):
+        tiny_parent, tp2_stage, kd_stage, stream_stage, tmp_path, tp, kind):
     """SIGKILL to every process once step 3 is logged (saved at step 2), the same command again: the
     factored model is rebuilt at the recorded ranks (not decomposed again) and steps 3-6 repeat
-    the uninterrupted run's losses exactly; distilled, with the teacher (never checkpointed) loaded again."""
-    layout = [f"model.tensor_model_parallel_size={tp}", *(DISTILLED if distilled else [])]
-    reference = kd_stage if distilled else tp2_stage if tp == 2 else tmp_path / "reference"
+    the uninterrupted run's losses exactly; distilled, with the teacher (never checkpointed) loaded again;
+    a family's later stage, from its checkpoint's place in the stream, not from its first sample again."""
+    layout = [f"model.tensor_model_parallel_size={tp}", *{"lm": [], "kd": DISTILLED, "stream": STREAMED}[kind]]
+    reference = {"kd": kd_stage, "stream": stream_stage}.get(kind, tp2_stage if tp == 2 else tmp_path / "reference")
     killed = tmp_path / "killed"
     if not reference.exists():
         result = run(tiny_parent, reference, *layout)
@@ -89,7 +103,7 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
                                stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     kill_when(process, lambda: (killed / "metrics.jsonl").is_file() and len(losses(killed)) >= 3)
     assert (killed / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    if tp == 1 and not distilled:  # a job that stopped early (a kill, or an exit_* setting's status 0)
+    if (tp, kind) == (1, "lm"):  # a job that stopped early (a kill, or an exit_* setting's status 0)
         early = subprocess.run([sys.executable, str(ROOT / "conversion" / "bridge_to_plrd.py"), str(killed),
                                 str(tmp_path / "early"), "--hf-path", str(tiny_parent)],
                                capture_output=True, text=True, timeout=600, env=ENV)
@@ -99,23 +113,24 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
     assert result.returncode == 0, result.stderr[-3000:]
     assert (killed / "plrd_plan.json").stat().st_mtime_ns == plan  # resumed, not decomposed again
     assert losses(killed) == losses(reference)
+    if kind == "stream":
+        read = torch.load(killed / "latest_train_state.pt", weights_only=False)["consumed_train_samples"]
+        assert int(read) == 8 + 24
 
 
-# A family's later stage: samples 8-31 of a stream of 40 (the stage reads 6 x 4).
-STREAM = ["train.first_sample=8", "train.stream_samples=40"]
-
-
-@pytest.mark.parametrize("loss, tp, stream", [("lm", 1, []), ("kd", 1, []), ("lm+kd", 2, []), ("lm", 1, STREAM)])
-def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_stage, tmp_path, loss, tp, stream):
+@pytest.mark.parametrize("loss, tp, stream", [("lm", 1, False), ("kd", 1, False), ("lm+kd", 2, False),
+                                              ("lm", 1, True)])
+def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_stage, stream_stage, tmp_path, loss, tp,
+                                                              stream):
     """The same stage through recipes/decompose.py (nemo-plrd's loop on megatron-core, TP=1) and through
     Bridge's pretrain (at ``tp``): same parent, data, calibration, plan, batches, optimizer, schedule and
     loss: the LM loss, or distilled from the parent (the local KL is tested against a dense reference);
     and a stage that starts further in its family's stream reads the same samples both ways."""
     distilled = [] if loss == "lm" else [f"train.loss={loss}", "train.kd_weight=0.5"]
-    bridge = kd_stage if (loss, tp) == ("kd", 1) else tmp_path / "bridge"
+    bridge = kd_stage if (loss, tp) == ("kd", 1) else stream_stage if stream else tmp_path / "bridge"
     if not bridge.exists():
         result = run(tiny_parent, bridge, "optimizer.adam_beta2=0.999", f"model.tensor_model_parallel_size={tp}",
-                     *distilled, *stream, nproc=tp)
+                     *distilled, nproc=tp)
         assert result.returncode == 0, result.stderr[-3000:]
     # Bridge's count of the stream's samples read, as a resumed job would start from it
     read = torch.load(bridge / "latest_train_state.pt", weights_only=False)["consumed_train_samples"]
@@ -128,7 +143,7 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_st
          "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "train.steps=6", "train.seq_length=64",
          "train.micro_batch=2", "train.global_batch=4", "train.warmup_steps=1", "optimizer.lr=1e-2",
          "optimizer.min_lr=1e-3", "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "export=[]",
-         "eval.tasks=[]", "eval.perplexity_blocks=0", *distilled, *stream], capture_output=True, text=True, timeout=900,
+         "eval.tasks=[]", "eval.perplexity_blocks=0", *distilled, *(STREAM if stream else [])], capture_output=True, text=True, timeout=900,
         env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert RankPlan.from_json((bridge / "plrd_plan.json").read_text()) == \

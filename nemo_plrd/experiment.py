@@ -73,6 +73,17 @@ def submit_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: boo
         if dry_run:
             experiment.dryrun()
             return
-        experiment.run(detach=True)
-    # each task's SLURM job id ends its handle (``slurm_tunnel://nemo_run/ID``), for the next submission's check
-    record_jobs(family, {job.id: job.handle.rsplit("/", 1)[-1] for job in experiment.jobs})
+        try:
+            experiment.run(detach=True)
+        except Exception as error:  # nemo-run stops at the first task it fails to submit: the ones before it are queued
+            submitted = submitted_jobs(experiment)
+            record_jobs(family, submitted)
+            raise InputError(f"nemo-run failed to submit the family's tasks ({error})" + (
+                f"; submitted before it, and recorded: {', '.join(f'{name}: job {job}' for name, job in submitted.items())}"
+                if submitted else "")) from error
+    record_jobs(family, submitted_jobs(experiment))
+
+
+def submitted_jobs(experiment) -> dict[str, str]:
+    """The SLURM job id of each task submitted, which ends its handle (``slurm_tunnel://nemo_run/ID``)."""
+    return {job.id: job.handle.rsplit("/", 1)[-1] for job in experiment.jobs if job.handle}

@@ -218,8 +218,10 @@ def queued_jobs(family: BridgeFamilyConfig) -> dict[str, str]:
 
 
 def pending_stages(family: BridgeFamilyConfig) -> list[int]:
-    """The stages still to run: a stage whose folder exists is complete (and so are the ones before it)."""
-    return [index for index in range(len(family.target_params)) if not family.stage_folder(index).is_dir()]
+    """The stages still to run: those after the last complete one (whose folder exists), which the next
+    starts from; an earlier stage's folder may have been removed to free space, its work is done."""
+    complete = [index for index in range(len(family.target_params)) if family.stage_folder(index).is_dir()]
+    return list(range(complete[-1] + 1 if complete else 0, len(family.target_params)))
 
 
 def prepare_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool) -> None:
@@ -276,9 +278,9 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
     if not dry_run:
         refuse_if_queued(family)
     prepare_submission(family, cluster, dry_run)
-    done = len(family.target_params) - len(stages)
-    if done:
-        out(f"skipping {done} complete stage(s): {', '.join(family.stage_name(i) for i in range(done))}")
+    if stages[0]:
+        out(f"skipping {', '.join(family.stage_name(i) for i in range(stages[0]))}: "
+            f"{family.stage_name(stages[0] - 1)} is complete")
     launch_dir = Path(family.output) / "launch"
     submitted: dict[str, str] = {}  # job ids by stage name, for the next submission's check (queued_jobs)
     previous = None  # the job id of the stage before, or in a dry run its name

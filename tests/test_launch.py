@@ -198,11 +198,13 @@ def test_submit_chains_the_stages_with_afterok_and_prints_the_job_ids(family, fa
 
 
 def test_resubmitting_skips_complete_stages_and_a_refused_submission_names_what_was_submitted(family, fake_sbatch,
-                                                                                            monkeypatch):
-    family.stage_folder(0).mkdir(parents=True)
-    family.stage_folder(1).mkdir()
+                                                                                            monkeypatch, capsys):
+    """Stage 2 is complete; stage 1's folder was removed to free space, which does not make it due again."""
+    family.stage_folder(1).mkdir(parents=True)
     assert submit(family, CLUSTER) == ["101", "102"]
-    assert fake_sbatch.read_text().splitlines()[0].endswith("stage3-4.15b.sbatch")  # no dependency: parent done
+    launch = Path(family.output) / "launch"  # stage 3 first, with no dependency: its parent is done
+    assert fake_sbatch.read_text().splitlines()[0] == f"--parsable --output={launch}/%x-%j.log {launch}/stage3-4.15b.sbatch"
+    assert "skipping stage1-5.9b, stage2-5b: stage2-5b is complete" in capsys.readouterr().out
     fake_sbatch.unlink()
     monkeypatch.setenv("FAIL_AT", "2")
     with pytest.raises(InputError, match="invalid account; submitted before it: 101"):

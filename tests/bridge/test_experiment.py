@@ -28,6 +28,10 @@ def scheduler(tmp_path, monkeypatch) -> Path:
     (bin_dir / "sbatch").write_text(f"""#!/bin/bash
 echo "$@" >> {tmp_path}/sbatch.log
 n=$(wc -l < {tmp_path}/sbatch.log)
+# the call numbered in tmp_path/fail-at is refused, as a real sbatch refuses a job
+if [ -e {tmp_path}/fail-at ] && [ $n = $(cat {tmp_path}/fail-at) ]; then
+  echo "sbatch: error: Batch job submission failed: Invalid qos specification" >&2; exit 1
+fi
 cp "${{@: -1}}" {tmp_path}/script-$n.sh  # the script as submitted
 echo $((100 + n))
 """)
@@ -109,6 +113,23 @@ def test_a_second_submission_while_the_first_one_s_jobs_are_queued_is_refused_na
     (scheduler.parent / "queue").unlink()  # the queue has emptied: submitted again
     plrd(*submit)
     assert len(scheduler.read_text().splitlines()) == 16
+
+
+def test_a_submission_failing_midway_records_the_jobs_it_queued_so_the_next_is_refused(family, scheduler):
+    """nemo-run stops at the first task sbatch refuses; the tasks queued before it are recorded as a
+    whole submission's are, so resubmitting while they are held cannot start a second chain."""
+    submit = ("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--launcher",
+              "nemo-run", f"parent={family.parent}", f"output={family.output}", f"blend=[[{family.blend[0][0]}], null]")
+    (scheduler.parent / "fail-at").write_text("3\n")
+    failed = plrd(*submit, status=2)
+    assert "Invalid qos specification" in failed.stderr
+    assert "submitted before it, and recorded: stage1-6.2b-train: job 101, stage1-6.2b-finish: job 102" in failed.stderr
+    assert json.loads((Path(family.output) / "launch" / "jobs.json").read_text()) == \
+        {"stage1-6.2b-train": "101", "stage1-6.2b-finish": "102"}
+    (scheduler.parent / "queue").write_text("101\n102\n")
+    refused = plrd(*submit, status=2)
+    assert "stage1-6.2b-train: job 101, stage1-6.2b-finish: job 102); wait for them" in refused.stderr
+    assert len(scheduler.read_text().splitlines()) == 3  # nothing more submitted
 
 
 def test_a_dry_run_submits_nothing(family, scheduler):

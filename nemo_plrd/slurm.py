@@ -16,7 +16,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -28,6 +27,12 @@ from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import check_prefix
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
+
+
+class Expanded(str):
+    """An argument holding the script's own variables (``${NAME}``), which its shell expands; every other
+    argument reaches the command exactly as written, whatever a user's path holds."""
+
 
 HEAD_NODE = "${HEAD_NODE}"  # the rendezvous host: the job's first node, set in the script
 JOB_ID = "${SLURM_JOB_ID}"  # the rendezvous id
@@ -80,14 +85,14 @@ class Step:
 
     name: str
     creates: str
-    command: list[str]  # a torchrun / python argv; HEAD_NODE and JOB_ID are expanded by the script's shell
+    command: list[str]  # a torchrun / python argv; its Expanded arguments are expanded by the script's shell
     every_node: bool = False  # srun one task per node (training), else one task on one node
 
 
 def launch(cluster: Cluster, script: str, args: list[str]) -> list[str]:
     """torchrun running ``script`` on every GPU of every node, in one c10d rendezvous."""
     return ["torchrun", f"--nnodes={cluster.nodes}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={HEAD_NODE}:{cluster.port}", f"--rdzv-id={JOB_ID}",
+            Expanded(f"--rdzv-endpoint={HEAD_NODE}:{cluster.port}"), Expanded(f"--rdzv-id={JOB_ID}"),
             f"--nproc-per-node={cluster.gpus_per_node}", script, *args]
 
 
@@ -123,9 +128,8 @@ def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
 
 
 def shell(argv: list[str]) -> str:
-    """``argv`` quoted for bash, the script's own variables (``${NAME}``) left for it to expand."""
-    return " ".join(f'"{arg}"' if re.search(r"\$\{\w+\}", arg) and "'" not in arg and '"' not in arg
-                    else shlex.quote(arg) for arg in argv)
+    """``argv`` quoted for bash: an ``Expanded`` argument's variables left for it to expand, nothing else's."""
+    return " ".join(f'"{arg}"' if isinstance(arg, Expanded) else shlex.quote(arg) for arg in argv)
 
 
 def srun(cluster: Cluster, every_node: bool) -> list[str]:

@@ -6,6 +6,7 @@ answers job ids (a fake scheduler); the stage scripts themselves are run by bash
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -230,6 +231,37 @@ def test_a_script_of_a_family_under_a_path_with_quotes_and_spaces_runs(family, t
     script.write_text(render(odd, 1, CLUSTER))
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and f"the parent {odd.stage_folder(0)}/checkpoint is missing" in result.stderr
+
+
+def test_every_step_of_a_stage_script_gets_its_paths_exactly_whatever_they_hold(family, tmp_path):
+    """A path holding ``${HOME}``, command substitutions and spaces reaches each step's argv as written
+    (only the rendezvous arguments are expanded): training saves where conversion reads."""
+    odd = tmp_path / "runs v2 ${HOME} $(echo pwned) `echo pwned`"
+    family = dataclasses.replace(family, output=str(odd))
+    (family.stage_folder(0) / "checkpoint").mkdir(parents=True)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "srun.jsonl"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                  f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node7\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = tmp_path / "stage2.sbatch"
+    script.write_text(render(family, 1, CLUSTER))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[7-10]",
+           "SLURM_JOB_ID": "42"}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    train, convert, *_ = [json.loads(line) for line in calls.read_text().splitlines()]
+    partial = Path(f"{family.stage_folder(1)}.partial")
+    assert [arg for arg in train if arg.startswith(("--rdzv-endpoint", "--rdzv-id"))] == \
+        ["--rdzv-endpoint=node7:29500", "--rdzv-id=42"]
+    assert train[train.index("--parent") + 1] == str(family.stage_folder(0) / "checkpoint")
+    save = next(arg for arg in train if arg.startswith("checkpoint.save="))
+    assert with_overrides(OmegaConf.create({}), [save]).checkpoint.save == str(partial / "bridge")
+    script_at = convert.index("conversion/bridge_to_plrd.py")
+    assert convert[script_at + 1:script_at + 3] == [str(partial / "bridge"), str(partial / "checkpoint")]
+    assert family.stage_folder(1).is_dir()  # every step ran, the folder renamed complete
 
 
 def test_the_recipe_s_relative_paths_are_read_from_the_workdir_the_jobs_run_in(cluster_family, fake_sbatch, tmp_path,

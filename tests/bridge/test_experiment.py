@@ -132,6 +132,14 @@ def test_a_submission_failing_midway_records_the_jobs_it_queued_so_the_next_is_r
     assert len(scheduler.read_text().splitlines()) == 3  # nothing more submitted
 
 
+def test_an_output_path_with_a_space_is_refused_as_nemo_run_does_not_quote_it(family, scheduler):
+    refused = plrd("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--launcher",
+                   "nemo-run", "--dry-run", f"output={family.output}/my family", status=2)
+    assert "/my family': nemo-run writes the tasks' log and work folders under it into sbatch and srun lines " \
+           "unquoted" in refused.stderr
+    assert not scheduler.exists() and not Path(family.output, "my family").exists()
+
+
 def test_a_dry_run_submits_nothing(family, scheduler):
     printed = plrd("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8",
                    "--launcher", "nemo-run", "--dry-run", f"output={family.output}").stdout

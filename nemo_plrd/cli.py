@@ -188,7 +188,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from nemo_plrd.bridge.family import BridgeFamilyConfig
     from nemo_plrd.family_plan import load_family
-    from nemo_plrd.slurm import Cluster, submit
+    from nemo_plrd.slurm import STAGE_JOB, Cluster, submit
 
     recipe = os.path.abspath(args.recipe)
     try:
@@ -197,6 +197,9 @@ def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if not os.path.isdir(cluster.workdir) and not args.dry_run:
             raise InputError(f"--workdir {cluster.workdir} is not a folder on this machine; submit from a node that "
                              "sees the checkout the jobs run in, or --dry-run")
+        if os.path.isdir(cluster.workdir) and not os.path.isfile(os.path.join(cluster.workdir, STAGE_JOB)):
+            raise InputError(f"--workdir {cluster.workdir} is not a nemo-plrd checkout (no {STAGE_JOB}): the jobs run "
+                             "its recipes and conversion scripts, and the recipe's relative paths are read from it")
         # the recipe's relative paths (output, parent, blend, job.config_file) as the jobs read them
         with contextlib.chdir(cluster.workdir) if os.path.isdir(cluster.workdir) else contextlib.nullcontext():
             family = load_family(recipe, args.overrides)

@@ -577,6 +577,10 @@ def distils_from_family_parent(settings: DictConfig) -> bool:
 def check_stream(first_sample: int, stream_samples: Optional[int], samples: int, budget: str) -> None:
     """A stage reads ``samples`` samples (``budget``: the settings that make them) from ``first_sample`` on
     of a stream of ``stream_samples``: the local stage's and the Bridge stage's ``train.*`` keys alike."""
+    for key, value, allowed in (("first_sample", first_sample, "an integer"),
+                                ("stream_samples", stream_samples, "an integer or null")):
+        if not (isinstance(value, int) and not isinstance(value, bool) or key == "stream_samples" and value is None):
+            raise InputError(f"train.{key}={value!r} must be {allowed}")  # a Bridge job's keys are set unchecked
     if first_sample < 0:
         raise InputError(f"train.first_sample={first_sample} must be >= 0")
     if stream_samples is not None and stream_samples < first_sample + samples:

@@ -82,9 +82,9 @@ def submit_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: boo
         except Exception as error:  # nemo-run stops at the first task it fails to submit: the ones before it are queued
             submitted = submitted_jobs(experiment)
             record_jobs(family, submitted)
-            raise InputError(f"nemo-run failed to submit the family's tasks ({error})" + (
-                f"; submitted before it, and recorded: {', '.join(f'{name}: job {job}' for name, job in submitted.items())}"
-                if submitted else "")) from error
+            queued = ", ".join(f"{name}: job {job}" for name, job in submitted.items())
+            raise InputError(f"nemo-run failed to submit the family's tasks ({error})"
+                             + (f"; submitted before it, and recorded: {queued}" if submitted else "")) from error
     record_jobs(family, submitted_jobs(experiment))
 
 

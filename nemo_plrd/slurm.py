@@ -34,6 +34,7 @@ class Expanded(str):
     argument reaches the command exactly as written, whatever a user's path holds."""
 
 
+STAGE_JOB = "recipes/run_plrd.py"  # in the checkout the jobs run in (--workdir)
 HEAD_NODE = "${HEAD_NODE}"  # the rendezvous host: the job's first node, set in the script
 JOB_ID = "${SLURM_JOB_ID}"  # the rendezvous id
 
@@ -106,7 +107,7 @@ def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
     partial = Path(f"{family.stage_folder(index)}.partial")
     checkpoint, first_export = partial / "checkpoint", partial / f"hf-{family.export[0]}"
     tp = family.tensor_parallel_size
-    run = ["recipes/run_plrd.py", *family.start(index), "--recipe", family.job.recipe,
+    run = [STAGE_JOB, *family.start(index), "--recipe", family.job.recipe,
            *(["--config-file", family.job.config_file] if family.job.config_file else []),
            *family.stage_overrides(index, partial / "bridge")]
     steps = [

@@ -19,6 +19,9 @@ import argparse
 import importlib
 from pathlib import Path
 
+from nemo_plrd.bridge import recipe_function
+from nemo_plrd.errors import InputError
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,8 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     if (args.hf_path is None) == (args.parent is None):
         parser.error("give one of --hf-path (stage 1) and --parent (a later stage)")
-    if args.recipe.count(":") != 1 or not all(args.recipe.split(":")):
-        parser.error(f"--recipe {args.recipe!r} must be MODULE:FUNCTION")
+    try:
+        module, function = recipe_function(args.recipe, "--recipe")
+    except InputError as error:
+        parser.error(str(error))
     hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
 
     from nemo_plrd.bridge import require_bridge
@@ -43,7 +48,6 @@ def main() -> None:
     from nemo_plrd.bridge.distill import stage_forward_step
     from nemo_plrd.bridge.stage import prepare_stage, stage_callbacks
 
-    module, _, function = args.recipe.partition(":")
     cfg = getattr(importlib.import_module(module), function)(hf_path=hf_path)
     cfg = process_plrd_config(cfg, args.config_file, args.overrides)
     step = stage_forward_step(cfg, hf_path, args.parent)  # the teacher checked before any work

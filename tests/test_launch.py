@@ -272,6 +272,7 @@ def test_the_recipe_s_relative_paths_are_read_from_the_workdir_the_jobs_run_in(c
     (workdir / "recipes" / "bridge").mkdir(parents=True)
     (workdir / "recipes" / "bridge" / "llama_stage.yaml").write_text(
         (ROOT / "recipes" / "bridge" / "llama_stage.yaml").read_text())
+    (workdir / "recipes" / "run_plrd.py").write_text((ROOT / "recipes" / "run_plrd.py").read_text())
     (workdir / "runs" / "fam" / "stage1-5.9b").mkdir(parents=True)  # complete, as the jobs see it
     monkeypatch.chdir(elsewhere)
     main(["submit", str(ROOT / "recipes" / "llama2_7b_family.yaml"), "--nodes", "4", "--gpus-per-node", "8",
@@ -350,6 +351,10 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
     (['job.config_file=null', 'job.overrides=["train.global_batch_size=256"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "model.tensor_model_parallel_size must be set in job.config_file or job.overrides"),
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/nowhere"], "--workdir /nowhere is not a folder"),
+    ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/tmp"],
+     "--workdir /tmp is not a nemo-plrd checkout (no recipes/run_plrd.py)"),
+    (["job.recipe=nemo_plrd.bridge.recipe:"], ["--nodes", "1", "--gpus-per-node", "8"],
+     "job.recipe='nemo_plrd.bridge.recipe:' must be MODULE:FUNCTION"),
 ])
 def test_bad_input_is_refused_naming_the_key(family, overrides, args, message, capsys):
     recipe = ROOT / "recipes" / "llama2_7b_family.yaml"
@@ -378,7 +383,7 @@ def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_pa
 def test_a_stage_job_refuses_a_recipe_that_is_not_module_colon_function():
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf", "--recipe",
                           "nemo_plrd.bridge.recipe"], capture_output=True, text=True)
-    assert run.returncode == 2 and "--recipe 'nemo_plrd.bridge.recipe' must be MODULE:FUNCTION" in run.stderr
+    assert run.returncode == 2 and "--recipe='nemo_plrd.bridge.recipe' must be MODULE:FUNCTION" in run.stderr
 
 
 def test_a_stage_job_refuses_a_megatron_bridge_older_than_its_api_or_none():

@@ -27,3 +27,12 @@ def require_bridge(installed: str | None = None) -> None:
         raise InputError(f"megatron-bridge {installed} is installed; a Bridge stage needs {OLDEST_BRIDGE} or newer "
                          "(the NeMo 26.06 container carries 0.5.0; tests/bridge/constraints.txt lists the versions "
                          "checked: megatron-bridge 0.6.2, megatron-core 0.19.2)")
+
+
+def recipe_function(recipe: str, key: str) -> tuple[str, str]:
+    """``recipe``'s module and function, refused (as ``key``) unless it is ``MODULE:FUNCTION``: checked where it
+    is named, so a family's submission refuses what its stage jobs would."""
+    module, colon, function = recipe.partition(":")
+    if not (module and colon and function) or ":" in function:
+        raise InputError(f"{key}={recipe!r} must be MODULE:FUNCTION, e.g. nemo_plrd.bridge.recipe:llama_stage")
+    return module, function

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_plrd.bridge import recipe_function
 from nemo_plrd.config import (EvalConfig, check_blend, check_export, distils_from_family_parent, load_yaml,
                               override_key, with_overrides)
 from nemo_plrd.errors import InputError
@@ -50,8 +51,7 @@ class JobConfig:
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if ":" not in self.recipe:
-            raise InputError(f"job.recipe={self.recipe!r} must be MODULE:FUNCTION")
+        recipe_function(self.recipe, "job.recipe")
         taken = [line for line in self.overrides if override_key(line) in SET_BY_FAMILY]
         if taken:
             raise InputError(f"job.overrides {taken} cannot be set: the family sets each stage's "

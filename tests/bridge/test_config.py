@@ -83,6 +83,9 @@ def test_the_local_stage_s_loss_keys_land_on_bridge_s_training_config():
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.first_sample=-4"], "train.first_sample=-4 must be >= 0"),
+    (["train.first_sample=abc"], "train.first_sample='abc' must be an integer"),  # Bridge sets what it is given
+    (["train.first_sample=1.5"], "train.first_sample=1.5 must be an integer"),
+    (["train.stream_samples=true"], "train.stream_samples=True must be an integer or null"),
     (["train.first_sample=8", "train.stream_samples=20"],
      "train.stream_samples=20 must hold train.first_sample=8 + train.train_iters x train.global_batch_size (16)"),
     (["train.stream_samples=32", "dataset.dataloader_type=cyclic"],

@@ -151,9 +151,11 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
 
 
 def with_stderr(scores: dict, metric: str = "acc") -> str:
-    """An accuracy and its standard error (lm-eval's bootstrap over items), e.g. "0.450 ± 0.114"."""
+    """An accuracy and its standard error over the items (lm-eval's), e.g. "0.450 ± 0.114"; alone where lm-eval
+    has none (one item: it reports "N/A")."""
     stderr = scores.get(f"{metric}_stderr")
-    return f"{scores[metric]:.3f}" + ("" if stderr is None or stderr != stderr else f" ± {stderr:.3f}")
+    known = isinstance(stderr, (int, float)) and stderr == stderr
+    return f"{scores[metric]:.3f}" + (f" ± {stderr:.3f}" if known else "")
 
 
 def markdown(result: dict) -> str:

@@ -35,6 +35,9 @@ FORMATS = ("merged", "factored")
 DTYPES = ("float32", "bfloat16", "float16", "parent")
 # Parent config keys that describe the parent's class, not the architecture.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
+# a parent's attention window: Mistral's sliding_window; Qwen2's use_sliding_window, max_window_layers and the
+# layer_types they make (transformers 5)
+_WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
 
 def check_dtype(key: str, dtype: str) -> None:
@@ -53,6 +56,18 @@ def _torch_dtype(dtype: str, parent_config) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _full_attention(parent_config):
+    """The parent's config attending to the whole context, as megatron trained the member: a parent's
+    sliding window is not kept."""
+    config = copy.deepcopy(parent_config)
+    config.sliding_window = None
+    if getattr(config, "use_sliding_window", False):
+        config.use_sliding_window = False
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+    return config
+
+
 def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
     """An empty (meta-device) HF model of the export's class, to receive the weights."""
     from transformers import AutoModelForCausalLM
@@ -60,11 +75,9 @@ def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
     from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig, PLRDLlamaForCausalLM
 
     with torch.device("meta"):
-        if format == "merged":  # full attention, as megatron trained it (a parent's sliding window is not kept)
-            config = copy.deepcopy(parent_config)
-            config.sliding_window = None
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fields = {k: v for k, v in parent_config.to_dict().items() if k not in _CLASS_KEYS + ("sliding_window",)}
+        if format == "merged":
+            return AutoModelForCausalLM.from_config(_full_attention(parent_config), dtype=torch.float32)
+        fields = {k: v for k, v in parent_config.to_dict().items() if k not in _CLASS_KEYS + _WINDOW_KEYS}
         config = PLRDLlamaConfig(**fields, plrd_ranks=ranks, qkv_bias=arch.qkv_bias)
         config.architectures = [PLRDLlamaForCausalLM.__name__]
         PLRDLlamaConfig.register_for_auto_class()

@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import transformers
 
 from nemo_plrd import evaluate as evaluate_module
 from nemo_plrd.assets import smollm2_135m
-from nemo_plrd.evaluate import evaluate, markdown
+from nemo_plrd.evaluate import evaluate, markdown, with_stderr, write_results
 
 
 def plrd_eval(*args) -> subprocess.CompletedProcess:
@@ -43,6 +44,15 @@ def test_scores_come_from_the_model():
         assert ours == pytest.approx(theirs, abs=1e-3)
         correct.append(max(range(len(ours)), key=ours.__getitem__) == sample["target"])
     assert result["tasks"]["arc_easy"]["acc"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_a_task_scored_on_one_item_is_reported_without_a_standard_error(tmp_path):
+    """lm-eval has no standard error of one item (it reports "N/A"): the accuracy is written alone."""
+    result = evaluate(smollm2_135m(), tasks=("piqa",), limit=1, perplexity_blocks=0)
+    assert result["items"]["piqa"] == 1 and result["tasks"]["piqa"]["acc_stderr"] == "N/A"
+    write_results(result, tmp_path)
+    row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if line.lstrip().startswith("piqa"))
+    assert row.split() == ["piqa", "1", f"{result['tasks']['piqa']['acc']:.3f}", f"{result['tasks']['piqa']['acc_norm']:.3f}"]
 
 
 def test_held_out_perplexity_alone_reads_no_lm_eval_set(monkeypatch):
@@ -98,3 +108,9 @@ def test_a_limit_on_mmlu_scores_items_of_every_subject():
     result = evaluate(smollm2_135m(), tasks=("mmlu",), limit=57, perplexity_blocks=1, heldout=("news",), samples=True)
     subjects = [sample["doc"]["subject"] for sample in result["samples"]["mmlu"]]
     assert len(subjects) == 57 and len(set(subjects)) == 57
+    # the report's "acc ± stderr": the standard error of the mean over the items scored
+    correct = [sample["acc"] for sample in result["samples"]["mmlu"]]
+    scores = result["tasks"]["mmlu"]
+    assert scores["acc"] == pytest.approx(statistics.mean(correct)) and 0 < scores["acc"] < 1
+    assert scores["acc_stderr"] == pytest.approx(statistics.stdev(correct) / math.sqrt(len(correct)))
+    assert with_stderr(scores) == f"{scores['acc']:.3f} ± {scores['acc_stderr']:.3f}"

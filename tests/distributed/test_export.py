@@ -121,12 +121,23 @@ def test_a_late_rank_does_not_find_rank0s_export_and_refuse_it(tmp_path_factory)
     assert (out / "model.safetensors").is_file()
 
 
-def test_exports_compute_the_megatron_member_and_keep_the_parent_s_generation_settings(tmp_path_factory):
-    """A Mistral parent's sliding window (4 tokens here; the sequences hold 12) is not megatron's full
-    attention: both exports compute what the member megatron trained computes. The parent's stop tokens
-    and sampling defaults go with every export."""
-    root = shared_tmp(tmp_path_factory, "windowed")
-    config = transformers.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=4)
+# A parent attending through a window of 4 tokens, and the same parent attending to the whole context.
+WINDOWED = {
+    "mistral": (lambda: transformers.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=4),
+                {"sliding_window": None}),
+    "qwen2": (lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=False, use_sliding_window=True,
+                                               sliding_window=4, max_window_layers=0),
+              {"use_sliding_window": False, "layer_types": ["full_attention"] * COMMON["num_hidden_layers"]}),
+}
+
+
+@pytest.mark.parametrize("kind", list(WINDOWED))
+def test_exports_compute_the_megatron_member_and_keep_the_parent_s_generation_settings(tmp_path_factory, kind):
+    """A parent's sliding window (4 tokens here; the sequences hold 12) is not megatron's full attention:
+    both exports compute what the member megatron trained computes. The parent's stop tokens and
+    sampling defaults go with every export."""
+    root = shared_tmp(tmp_path_factory, f"windowed-{kind}")
+    config, full_attention = WINDOWED[kind][0](), WINDOWED[kind][1]
     torch.manual_seed(0)
     parent = transformers.AutoModelForCausalLM.from_config(config).eval()
     if dist.get_rank() == 0:
@@ -149,4 +160,4 @@ def test_exports_compute_the_megatron_member_and_keep_the_parent_s_generation_se
         assert (settings.eos_token_id, settings.do_sample, settings.temperature) == ([2, 7], True, 0.6)
     with torch.no_grad():  # the window matters at this length: the parent's own last positions differ
         assert not torch.allclose(parent(TOKENS).logits[:, 4:], transformers.AutoModelForCausalLM.from_pretrained(
-            f"{root}/parent", sliding_window=None).eval()(TOKENS).logits[:, 4:], atol=1e-3)
+            f"{root}/parent", **full_attention).eval()(TOKENS).logits[:, 4:], atol=1e-3)

@@ -25,6 +25,10 @@ def main() -> None:
                         "job's train.train_iters (a stage that stopped early is refused)")
     args = parser.parse_args()
 
+    from nemo_plrd.files import refuse_existing
+
+    refuse_existing(args.out_dir, "checkpoint directory")  # before anything loads
+
     import torch.distributed as dist
 
     from nemo_plrd.bridge.checkpoint import load_bridge_stage

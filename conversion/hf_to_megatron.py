@@ -20,6 +20,10 @@ def main() -> None:
     parser.add_argument("out_dir", help="checkpoint directory to create (must not exist)")
     args = parser.parse_args()
 
+    from nemo_plrd.files import refuse_existing
+
+    refuse_existing(args.out_dir, "checkpoint directory")  # before anything loads
+
     import torch.distributed as dist
 
     from nemo_plrd.checkpoint import save_checkpoint

@@ -23,6 +23,10 @@ def main() -> None:
                         help="the weights' dtype; parent: the one the parent's config.json names")
     args = parser.parse_args()
 
+    from nemo_plrd.files import refuse_existing
+
+    refuse_existing(args.out_dir, "HF model directory")  # before anything loads
+
     from pathlib import Path
 
     import torch.distributed as dist

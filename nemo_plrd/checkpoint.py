@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from nemo_plrd.errors import MissingInputError, OutputExistsError
-from nemo_plrd.files import sync_tree
+from nemo_plrd.errors import MissingInputError
+from nemo_plrd.files import refuse_existing, sync_tree
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
@@ -40,8 +40,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
     state: ``nemo_plrd.train.Trainer.state``); the checkpoint still loads as a model.
     """
     path = Path(path)
-    if exists_on_rank0(path):
-        raise OutputExistsError(f"checkpoint directory {path} already exists; choose a new path")
+    refuse_existing(path, "checkpoint directory", exists_on_rank0)
     partial = path.with_name(path.name + ".partial")
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -110,7 +109,7 @@ def describe_parent(source: str | Path) -> tuple[LlamaArch, Optional[list[dict]]
 
     path = Path(source)
     if (path / "metadata.json").is_file():
-        return *read_metadata(path), path / "hf"
+        return *read_metadata(path), hf_folder(path)
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{path} is neither a PLRD checkpoint nor an HF model directory (no config.json)")
     return arch_from_hf(AutoConfig.from_pretrained(path)), None, path

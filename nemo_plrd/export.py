@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_plrd.errors import InputError, OutputExistsError
-from nemo_plrd.files import sync_tree
+from nemo_plrd.errors import InputError
+from nemo_plrd.files import refuse_existing, sync_tree
 from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_hf_factored
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
@@ -95,8 +95,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
         raise InputError(f"format={format!r} is not one of {FORMATS}")
     check_dtype("dtype", dtype)
     out_dir = Path(out_dir)
-    if exists_on_rank0(out_dir):  # not per rank: a late rank would see rank 0's finished export
-        raise OutputExistsError(f"{out_dir} already exists; choose a new output directory")
+    # rank 0's answer: a late rank would see rank 0's finished export
+    refuse_existing(out_dir, "HF model directory", exists_on_rank0)
     parent_config = AutoConfig.from_pretrained(hf_source)
     arch, weights = arch_from_hf(parent_config), _torch_dtype(dtype, parent_config)  # refused on every rank alike
     full = full_state(model)  # collective: every rank takes part

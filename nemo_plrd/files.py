@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
+
+from nemo_plrd.errors import OutputExistsError
 
 
 def sync_tree(folder: Path) -> None:
@@ -28,3 +31,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+
+
+def refuse_existing(path: str | Path, what: str, exists: Callable[[Path], bool] = Path.exists) -> None:
+    """Outputs are never overwritten: ``path`` (a ``what``) refused if it ``exists`` (under torch.distributed,
+    rank 0's answer for every rank: ``parallel.exists_on_rank0``); a script asks before it loads anything."""
+    if exists(Path(path)):
+        raise OutputExistsError(f"{what} {path} already exists; choose a new path")

@@ -32,6 +32,12 @@ def arch_from_hf(config) -> LlamaArch:
     """The architecture facts of an HF config; a clear error for what megatron's GPT cannot hold."""
     if config.model_type not in SUPPORTED:
         raise InputError(f"architecture {config.model_type!r} is not supported; supported: {SUPPORTED}")
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:  # stored weights beside their scales: read as floats they are not the model's
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", quantization)
+        raise InputError(f"quantization_config (quant_method {str(method)!r}) is not supported: the decomposition "
+                         "reads the parent's weights in floating point; give the unquantized model")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
         raise InputError(f"head_dim={head_dim} x {config.num_attention_heads} heads != hidden size "

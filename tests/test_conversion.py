@@ -11,6 +11,8 @@ import torch
 import transformers
 
 from nemo_plrd.assets import smollm2_135m
+from nemo_plrd.checkpoint import describe_parent
+from nemo_plrd.errors import MissingInputError
 from tiny_llama import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +72,23 @@ def test_bad_input_is_refused_and_nothing_is_written(parent, tmp_path):
                    "is not a megatron dist_checkpointing checkpoint", out)
 
 
+@pytest.mark.parametrize("name, what", [("hf_to_megatron", "checkpoint directory"),
+                                        ("megatron_to_hf", "HF model directory"),
+                                        ("bridge_to_plrd", "checkpoint directory")])
+def test_an_existing_output_is_refused_before_anything_loads(tmp_path, name, what):
+    """Its input is missing too: refused for the output first, so nothing was read (at 70B, hours)."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    extra = ["--hf-path", tmp_path / "missing"] if name == "bridge_to_plrd" else []
+    result = script(name, tmp_path / "missing", taken, *extra)
+    assert result.returncode == 2 and f"{what} {taken} already exists; choose a new path" in result.stderr
+    assert not list(taken.iterdir())
+
+
 def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     assert script("hf_to_megatron", save_tiny_llama(tmp_path / "tiny"), ckpt).returncode == 0
     shutil.rmtree(ckpt / "hf")
     assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt} has no hf/config.json", out)
+    with pytest.raises(MissingInputError, match=f"{ckpt} has no hf/config.json"):  # as a stage's parent or teacher
+        describe_parent(ckpt)

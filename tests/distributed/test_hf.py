@@ -79,3 +79,6 @@ def test_unsupported_architectures_are_refused():
         arch_from_hf(config)
     with pytest.raises(ValueError, match=r"hidden_act='gelu' is not supported; supported: 'silu' \(SwiGLU\)"):
         arch_from_hf(transformers.LlamaConfig(**COMMON, hidden_act="gelu"))
+    fp8 = transformers.LlamaConfig(**COMMON, quantization_config={"quant_method": "fp8", "weight_block_size": [8, 8]})
+    with pytest.raises(ValueError, match=r"quantization_config \(quant_method 'fp8'\) is not supported"):
+        arch_from_hf(fp8)

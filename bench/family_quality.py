@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nemo_plrd.report import format_table, gap_closed, in_domain
+from nemo_plrd.report import format_table, gap_closed, headline_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2_135m_family.yaml"
@@ -93,16 +93,16 @@ def main() -> None:
         for loss in losses:
             family = families[loss]
             figures = ([control] + family["members"] + [family["baselines"]["one-shot"]])[index]
-            ppl = in_domain(figures, "member_perplexity")
+            ppl = headline_perplexity(figures, "member_perplexity")
             row = row or [name, f"{figures['member_params'] / 1e6:.1f}M"]
-            row += [f"{ppl:.2f}", f"{ppl / in_domain(control, 'member_perplexity'):.2f}x",
+            row += [f"{ppl:.2f}", f"{ppl / headline_perplexity(control, 'member_perplexity'):.2f}x",
                     gap_closed(figures, control) if index else "",
                     f"{figures['member_perplexity']['news']:.2f}", mean_accuracy(figures)]
         rows.append(row)
     parent = first["members"][0]
     text = (f"family of SmolLM2-135M, {24 * args.scale} steps of {args.batch} x 256 tokens per stage "
             f"({args.scale * args.batch // 4}x the main job's tokens); parent: in-domain ppl "
-            f"{in_domain(parent, 'parent_perplexity'):.2f}, news {parent['parent_perplexity']['news']:.2f}; "
+            f"{headline_perplexity(parent, 'parent_perplexity'):.2f}, news {parent['parent_perplexity']['news']:.2f}; "
             f"lm-eval limit {args.limit} items per task\n\n{format_table(header, rows)}\n")
     (args.output / "quality.md").write_text(text)
     print(f"\n{text}\nwrote {args.output / 'quality.md'}")

@@ -82,8 +82,12 @@ def _pip_download(requirement: str) -> Path:
     that every later run took for the download.
     """
     downloads = cache_dir() / "downloads"
-    package = requirement.split("==")[0].replace("-", "_").lower()
-    found = lambda: [p for p in downloads.glob("*") if p.name.lower().replace("-", "_").startswith(package)]
+    package, version = requirement.split("==")
+    named = f"{package}-{version}".replace("-", "_").lower()  # a wheel NAME-VERSION-..., an sdist NAME-VERSION.tar.gz
+
+    def found() -> list[Path]:
+        return [path for path in downloads.glob("*") if path.name.lower().replace("-", "_").startswith(named)
+                and path.name[len(named):].startswith(("-", ".tar", ".zip"))]
     if not found():
         incoming = downloads / f".incoming-{os.getpid()}"
         shutil.rmtree(incoming, ignore_errors=True)

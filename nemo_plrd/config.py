@@ -322,8 +322,8 @@ class DecomposeConfig:
 
     @property
     def in_domain(self) -> list[str]:
-        """The held-out corpora the stage trains on (all of ``eval.heldout`` when it trains on none)."""
-        return [name for name in self.eval.heldout if name in self.dataset.blend[0]] or self.eval.heldout
+        """The held-out corpora the stage trains on (none when it trains on one's own prefixes)."""
+        return [name for name in self.eval.heldout if name in self.dataset.blend[0]]
 
     def ddp_config(self) -> DistributedDataParallelConfig:
         """megatron's DDP config; whether gradients are reduce-scattered for a distributed optimizer
@@ -600,6 +600,9 @@ def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:
         raise InputError(f"train.loss={loss!r} is not one of {list(LOSSES)}")
     if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not kd_weight > 0:
         raise InputError(f"train.kd_weight={kd_weight} must be > 0")
+    if kd_weight != 1 and loss != "lm+kd":
+        raise InputError(f"train.kd_weight={kd_weight} weighs the KL against the LM loss in train.loss=lm+kd only; "
+                         f"train.loss={loss!r} takes no weight (leave it at 1.0)")
     if teacher not in TEACHERS:
         _check_parent(teacher, "train.teacher")
 

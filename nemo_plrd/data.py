@@ -123,14 +123,18 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                               # megatron's cache is written by rank 0 of a process group (it asks for one)
                               path_to_cache=str(cache_dir() / "megatron-indices") if torch.distributed.is_initialized()
                               else None)
-    for prefix in blend[0]:  # megatron loops forever looking for samples in a split with no documents
+    # megatron loops forever looking for samples in a split with no documents; it sizes every split of a
+    # weighted blend with a share (one not asked for gets one sample, then is dropped)
+    for prefix in blend[0]:
         documents = IndexedDataset(prefix).sequence_lengths.shape[0]
         for name, wanted, bounds in zip(SPLITS, num_samples, config.split_matrix):
             begin, end = bounds or (0, 0)
-            if wanted and int(round(end * documents)) <= int(round(begin * documents)):
+            built = wanted or (bounds is not None and blend[1] is not None)
+            if built and int(round(end * documents)) <= int(round(begin * documents)):
                 raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} no documents "
-                                 f"(it has {documents}); give that split a larger share")
-    # megatron sizes every split of a weighted blend: one not asked for gets one sample, then is dropped
+                                 f"(it has {documents}); give that split a larger share"
+                                 + ("" if wanted else ", or none (0) if nothing reads it: megatron builds every "
+                                                      "split of a weighted blend"))
     sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
     with cache_builder(config.path_to_cache):
         splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()

@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 from nemo_plrd.checkpoint import describe_parent, load_parent
 from nemo_plrd.errors import InputError
 from nemo_plrd.model import LlamaArch, gpt_forward, parameter_count
-from nemo_plrd.train import masked_loss
+from nemo_plrd.train import masked_loss, masked_mean
 
 LOSSES = ("lm", "kd", "lm+kd")
 Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -155,7 +155,6 @@ def stage_loss(kind: str, teacher: Optional[torch.nn.Module] = None, kd_weight: 
         with torch.no_grad():
             teacher_logits = gpt_forward(teacher, batch["tokens"])
         per_token = distillation_loss(kind, logits, teacher_logits, batch["labels"], kd_weight)
-        mask = batch["loss_mask"].to(logits.device)
-        return (per_token * mask).sum() / mask.sum()
+        return masked_mean(per_token, batch["loss_mask"])
 
     return loss

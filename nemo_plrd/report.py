@@ -31,9 +31,17 @@ def combined_perplexity(perplexities: dict[str, float], names: Sequence[str]) ->
     return math.exp(sum(math.log(perplexities[name]) for name in names) / len(names))
 
 
-def in_domain(figures: dict, key: str) -> Optional[float]:
-    """The in-domain held-out perplexity of ``figures[key]`` (a {corpus: perplexity}, or None)."""
-    return None if figures[key] is None else combined_perplexity(figures[key], figures["in_domain"])
+def headline(figures: dict) -> tuple[str, list[str]]:
+    """(name, corpora) of a run's headline perplexity: in-domain, over the held-out corpora the stages train
+    on; where they train on none of them (a blend of one's own prefixes), unseen, over all of them."""
+    if figures["in_domain"]:
+        return "in-domain", figures["in_domain"]
+    return "unseen", list(figures["parent_perplexity"] or {})
+
+
+def headline_perplexity(figures: dict, key: str) -> Optional[float]:
+    """The headline held-out perplexity of ``figures[key]`` (a {corpus: perplexity}, or None)."""
+    return None if figures[key] is None else combined_perplexity(figures[key], headline(figures)[1])
 
 
 def gap_closed(figures: dict, control: Optional[dict]) -> str:
@@ -41,8 +49,10 @@ def gap_closed(figures: dict, control: Optional[dict]) -> str:
     (the parent trained on the same tokens) that training closed."""
     if control is None or figures["member_perplexity"] is None or not figures["train_losses"]:
         return ""
-    decomposed, trained = in_domain(figures, "decomposed_perplexity"), in_domain(figures, "member_perplexity")
-    return f"{(decomposed - trained) / (decomposed - in_domain(control, 'member_perplexity')):.0%}"
+    decomposed, trained, reached = (headline_perplexity(figures, "decomposed_perplexity"),
+                                    headline_perplexity(figures, "member_perplexity"),
+                                    headline_perplexity(control, "member_perplexity"))
+    return f"{(decomposed - trained) / (decomposed - reached):.0%}"
 
 
 def stage_summary(cfg, figures: dict) -> list[str]:
@@ -54,12 +64,14 @@ def stage_summary(cfg, figures: dict) -> list[str]:
             ("linear-layer parameters", f"{figures['parent_linear_params']:,}", f"{figures['member_linear_params']:,}")]
     if figures["parent_perplexity"] is not None:
         trained = bool(figures["train_losses"])
-        rows.append((f"held-out perplexity, in-domain ({', '.join(figures['in_domain'])}; "
+        label, corpora = headline(figures)
+        rows.append((f"held-out perplexity, {label} ({', '.join(corpora)}; "
                      f"{figures['heldout_tokens']:,} tokens each)",
-                     fmt(in_domain(figures, "parent_perplexity")), fmt(in_domain(figures, "decomposed_perplexity"))))
+                     fmt(headline_perplexity(figures, "parent_perplexity")),
+                     fmt(headline_perplexity(figures, "decomposed_perplexity"))))
         if trained:
             rows.append((f"  after training on {figures['train_tokens']:,} tokens", "",
-                         fmt(in_domain(figures, "member_perplexity"))))
+                         fmt(headline_perplexity(figures, "member_perplexity"))))
         for name, parent in figures["parent_perplexity"].items():
             member = fmt(figures["decomposed_perplexity"][name]) + (
                 f" -> {fmt(figures['member_perplexity'][name])}" if trained else "")
@@ -97,13 +109,15 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
 
     first, control, oneshot = members[0], baselines.get("control"), baselines.get("one-shot")
     corpora = list(first["parent_perplexity"] or {})
-    header = ["model", "keep", "parameters", "trained on", "in-domain ppl: decomposed", "trained", "gap closed",
+    label, combined = headline(first)
+    header = ["model", "keep", "parameters", "trained on", f"{label} ppl: decomposed", "trained", "gap closed",
               *[name if name in first["in_domain"] else f"{name} (unseen)" for name in corpora]]
 
     def row(model: str, keep: str, figures: dict, params: int, key: str, decomposed: bool = True) -> list[str]:
         tokens = f"{figures['train_tokens']:,}" if key == "member_perplexity" and figures["train_losses"] else ""
         return [model, keep, f"{params / 1e6:.1f}M", tokens,
-                fmt(in_domain(figures, "decomposed_perplexity")) if decomposed else "", fmt(in_domain(figures, key)),
+                fmt(headline_perplexity(figures, "decomposed_perplexity")) if decomposed else "",
+                fmt(headline_perplexity(figures, key)),
                 gap_closed(figures, control) if decomposed else "",
                 *[fmt(figures[key][name]) if figures[key] else "-" for name in corpora]]
 
@@ -116,7 +130,9 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
     models = [("parent", parent_eval)] + [(name, figures.get("eval")) for name, _, figures in derived]
     lines = [f"# PLRD family of {cfg.parent}", "", format_table(header, rows), "",
              f"Held-out perplexity on {first['heldout_tokens']:,} tokens of each corpus's held-out documents; "
-             f"in-domain: over those of the corpora the stages train on ({', '.join(first['in_domain'])}). "
+             + (f"in-domain: over those of the corpora the stages train on ({', '.join(combined)}). "
+                if first["in_domain"] else f"unseen: over all of them ({', '.join(combined)}), as the stages train "
+                                           "on none. ")
              + ("Gap closed: the share of the gap between a member's perplexity right after its decomposition and "
                 "the control's (the parent trained on one stage's tokens) that its training closed. " if control else "")
              + "".join(f"{name.capitalize()}: {BASELINES[name]}. " for name in baselines)
@@ -151,21 +167,23 @@ def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path
 
     figure, axes = plt.subplots(figsize=(7.2, 4.6))
     params = [first["parent_params"] / 1e6] + [m["member_params"] / 1e6 for m in members]
-    trained = [in_domain(first, "parent_perplexity")] + [in_domain(m, "member_perplexity") for m in members]
-    axes.plot(params, trained, "o-", label="in-domain: parent, then each member after training")
+    label = headline(first)[0]
+    trained = [headline_perplexity(first, "parent_perplexity")] + [headline_perplexity(m, "member_perplexity")
+                                                                   for m in members]
+    axes.plot(params, trained, "o-", label=f"{label}: parent, then each member after training")
     for keep, member, x, y in zip(cfg.keep, members, params[1:], trained[1:]):
         axes.annotate(f"keep {keep:g}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
-        axes.plot([x, x], [in_domain(member, "decomposed_perplexity"), y], ":", color="gray")
-    axes.plot(params[1:], [in_domain(m, "decomposed_perplexity") for m in members], "x", color="tab:red",
-              label="in-domain: each member right after its decomposition")
-    for name in (n for n in first["parent_perplexity"] if n not in first["in_domain"]):
-        axes.plot(params, [first["parent_perplexity"][name]] + [m["member_perplexity"][name] for m in members],
-                  "s--", color="tab:purple", alpha=0.7, markersize=4, label=f"{name} (unseen genre), trained")
-    for name, marker, color in (("control", "*", "tab:green"), ("one-shot", "D", "tab:orange")):
-        if name in baselines:
-            b = baselines[name]
-            axes.plot([b["member_params"] / 1e6], [in_domain(b, "member_perplexity")], marker, color=color,
-                      markersize=10 if marker == "*" else 7, label=f"in-domain: {name}, trained")
+        axes.plot([x, x], [headline_perplexity(member, "decomposed_perplexity"), y], ":", color="gray")
+    axes.plot(params[1:], [headline_perplexity(m, "decomposed_perplexity") for m in members], "x", color="tab:red",
+              label=f"{label}: each member right after its decomposition")
+    for corpus in (n for n in first["parent_perplexity"] if n not in first["in_domain"]):
+        axes.plot(params, [first["parent_perplexity"][corpus]] + [m["member_perplexity"][corpus] for m in members],
+                  "s--", color="tab:purple", alpha=0.7, markersize=4, label=f"{corpus} (unseen genre), trained")
+    for baseline, marker, color in (("control", "*", "tab:green"), ("one-shot", "D", "tab:orange")):
+        if baseline in baselines:
+            b = baselines[baseline]
+            axes.plot([b["member_params"] / 1e6], [headline_perplexity(b, "member_perplexity")], marker, color=color,
+                      markersize=10 if marker == "*" else 7, label=f"{label}: {baseline}, trained")
     axes.set(xlabel="parameters (millions)", ylabel="held-out perplexity", yscale="log",
              title=f"PLRD family of {Path(cfg.parent).name}")
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))

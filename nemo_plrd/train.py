@@ -73,9 +73,14 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def masked_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A GPTDataset micro-batch's mean loss over the tokens its loss mask keeps."""
-    losses = gpt_forward(model, batch["tokens"], labels=batch["labels"]).float()
-    mask = batch["loss_mask"].to(losses.device)
-    return (losses * mask).sum() / mask.sum()
+    return masked_mean(gpt_forward(model, batch["tokens"], labels=batch["labels"]).float(), batch["loss_mask"])
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``per_token`` [b, s] over the tokens ``mask`` keeps; 0 where it keeps none (a sample all
+    end-of-document tokens under eod_mask_loss), as megatron counts at least one token."""
+    mask = mask.to(per_token.device)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
 def ddp_defaults(optimizer: OptimizerConfig) -> dict:

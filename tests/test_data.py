@@ -205,6 +205,12 @@ def test_a_split_without_documents_is_refused_instead_of_searched_forever(prefix
     init_distributed()
     with pytest.raises(InputError, match=r"dataset.split='99,1,0' leaves the valid split of .* no documents"):
         gpt_datasets(([prefix], None), "99,1,0", 32, [8, 8, None], tokenizer)
+    # weighted, megatron builds the valid split too, asked for or not (calibration asks for train alone)
+    with pytest.raises(InputError, match=r"leaves the valid split of .* no documents .* or none \(0\) if nothing "
+                                         r"reads it: megatron builds every split of a weighted blend"):
+        gpt_datasets(([prefix], [1.0]), "99,1,0", 32, [8, None, None], tokenizer)
+    train, valid, _ = gpt_datasets(([prefix], [1.0]), "100,0,0", 32, [8, None, None], tokenizer)
+    assert len(train) >= 8 and valid is None
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(prefix, tokenizer):

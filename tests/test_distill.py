@@ -27,6 +27,7 @@ def test_a_teacher_with_another_tokenizer_is_refused():
 @pytest.mark.parametrize("values,message", [
     ({"loss": "kl"}, "train.loss='kl' is not one of ['lm', 'kd', 'lm+kd']"),
     ({"loss": "lm+kd", "kd_weight": 0.0}, "train.kd_weight=0.0 must be > 0"),
+    ({"loss": "kd", "kd_weight": 0.5}, "train.kd_weight=0.5 weighs the KL against the LM loss in train.loss=lm+kd only"),
     ({"loss": "kd", "teacher": "/nowhere"}, "train.teacher='/nowhere' is not a directory"),
 ])
 def test_bad_distillation_settings_are_refused(values, message):

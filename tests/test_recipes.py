@@ -18,7 +18,7 @@ from filelock import FileLock
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, config_differences, field_defaults, load_config
 from nemo_plrd.pipeline import RECORDS
 from nemo_plrd.plan import RankPlan
-from nemo_plrd.report import in_domain
+from nemo_plrd.report import family_report, headline_perplexity, plot_family
 from processes import kill_when
 from tiny_llama import save_tiny_llama
 
@@ -29,6 +29,28 @@ FAMILY_YAML = ROOT / "recipes" / "smollm2_135m_family.yaml"
 
 def config(tmp_path, *overrides: str) -> DecomposeConfig:
     return load_config(DecomposeConfig, YAML, [f"output={tmp_path / 'out'}", *overrides])
+
+
+def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_unseen(tmp_path):
+    """Trained on one's own prefixes, every held-out corpus is a genre the stages never read: the headline
+    perplexity combines all of them and says so, in the table, its note and the plot."""
+    for suffix in (".bin", ".idx"):  # a prepared dataset, as far as the config checks
+        (tmp_path / f"mine{suffix}").write_text("")
+    cfg = config(tmp_path, f"dataset.blend=[[{tmp_path / 'mine'}], null]", "eval.heldout=[news, kjv]")
+    assert cfg.in_domain == []
+    member = {"in_domain": cfg.in_domain, "parent_perplexity": {"news": 30.0, "kjv": 20.0},
+              "decomposed_perplexity": {"news": 90.0, "kjv": 40.0}, "member_perplexity": {"news": 60.0, "kjv": 30.0},
+              "parent_params": 100, "member_params": 60, "train_losses": [5.0, 4.0], "train_tokens": 1024,
+              "heldout_tokens": 4088, "seconds": 1.0}
+    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.6], output=str(tmp_path / "f"))
+    report = "\n".join(family_report(family, None, [member], {}, 1.0))
+    header, parent_row, member_row = report.splitlines()[2:5]
+    assert header.split() == ["model", "keep", "parameters", "trained", "on", "unseen", "ppl:", "decomposed",
+                              "trained", "gap", "closed", "news", "(unseen)", "kjv", "(unseen)"]
+    assert member_row.split()[-4:-2] == [f"{(90 * 40) ** 0.5:.2f}", f"{(60 * 30) ** 0.5:.2f}"]  # both corpora
+    assert "unseen: over all of them (news, kjv), as the stages train on none" in report
+    plot_family(family, [member], {}, tmp_path / "family.png")
+    assert (tmp_path / "family.png").stat().st_size > 0
 
 
 def test_a_record_written_before_a_setting_existed_reads_it_as_its_default(tmp_path):
@@ -310,7 +332,7 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     assert set(members[0]["parent_perplexity"]) == {"shakespeare", "wikipedia", "kjv", "news"}
     for member in members + [oneshot]:
         assert member["tp"] == 2 and member["in_domain"] == ["shakespeare", "wikipedia", "kjv"]
-        assert in_domain(member, "member_perplexity") < in_domain(member, "decomposed_perplexity")  # training helped
+        assert headline_perplexity(member, "member_perplexity") < headline_perplexity(member, "decomposed_perplexity")  # training helped
         assert member["eval"]["perplexity"] == pytest.approx(member["member_perplexity"], rel=1e-4)
     first, second = members
     assert [len(m["train_losses"]) for m in (first, second, control, oneshot)] == [6, 6, 6, 12]  # one-shot: 2 x 6
@@ -334,9 +356,9 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     # stage 1's ranks, so it may land a rank step away)
     assert oneshot["member_params"] == pytest.approx(second["member_params"], rel=0.02)
     report = (out / "family.md").read_text()
-    assert "stage 2" in report and f"{in_domain(second, 'member_perplexity'):.2f}" in report
-    gap = lambda m: (in_domain(m, "decomposed_perplexity") - in_domain(m, "member_perplexity")) / (
-        in_domain(m, "decomposed_perplexity") - in_domain(control, "member_perplexity"))
+    assert "stage 2" in report and f"{headline_perplexity(second, 'member_perplexity'):.2f}" in report
+    gap = lambda m: (headline_perplexity(m, "decomposed_perplexity") - headline_perplexity(m, "member_perplexity")) / (
+        headline_perplexity(m, "decomposed_perplexity") - headline_perplexity(control, "member_perplexity"))
     rows = {" ".join(line.split()[:2]): line for line in report.split("\n\n")[1].splitlines()}  # perplexity table
     assert f" {gap(second):.0%} " in rows["stage 2"] and f" {gap(oneshot):.0%} " in rows["one-shot 0.3"]
     assert "news (unseen)" in report and " ± " in report and "items per task: arc_easy 3." in report

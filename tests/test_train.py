@@ -59,6 +59,9 @@ def test_the_loss_averages_only_the_tokens_the_mask_keeps():
         second_half = masked_loss(t.model, batch).item()
     assert full == pytest.approx((first_half + second_half) / 2, rel=1e-6)
     assert first_half != pytest.approx(second_half)
+    batch["loss_mask"][:] = 0  # a micro-batch with no token kept adds nothing (megatron's count is at least 1)
+    with torch.no_grad():
+        assert masked_loss(t.model, batch).item() == 0
 
 
 

@@ -28,6 +28,9 @@ from nemo_plrd.errors import InputError
 Config = TypeVar("Config")
 
 
+DISTILLATION = ("loss", "kd_weight", "teacher")  # train's keys that say what a stage's loss is
+
+
 @dataclass(kw_only=True)
 class PLRDTrainingConfig(TrainingConfig):
     """Bridge's training loop with the local stage's loss keys (``nemo_plrd.config.TrainConfig``), so

@@ -25,7 +25,7 @@ from megatron.bridge.models import AutoBridge
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
 from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
-from nemo_plrd.bridge.config import PLRDConfigContainer
+from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import load_checkpoint, read_metadata
 from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
@@ -75,12 +75,14 @@ class StageMetrics(Callback):
     def __init__(self, save: Path, key: str = "lm loss"):
         self.path, self.key = save / METRICS, key
 
+    def on_train_step_start(self, context: CallbackContext) -> None:
+        self.lr = context.optimizer.param_groups[0]["lr"]  # the step's: the scheduler moves on before it ends
+
     def on_train_step_end(self, context: CallbackContext) -> None:
         if torch.distributed.get_rank() != 0 or not context.loss_dict:
             return
         row = {"step": context.state.train_state.step + 1,  # the step counter moves after the callbacks
-               "loss": float(context.loss_dict[self.key]), "lr": context.optimizer.param_groups[0]["lr"],
-               "grad_norm": context.grad_norm}
+               "loss": float(context.loss_dict[self.key]), "lr": self.lr, "grad_norm": context.grad_norm}
         with self.path.open("a") as out:
             out.write(json.dumps(row) + "\n")
 
@@ -135,6 +137,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the
     # latter proxies its TransformerConfig's fields, so both read and take the same attributes here
     started = {"plrd": dataclasses.asdict(cfg.plrd), "hf_path": hf_path, "parent": parent,
+               "train": {key: getattr(cfg.train, key) for key in DISTILLATION},  # the loss it trains with
                # a resumed stage continues its samples of the same stream (the count is in its checkpoint)
                **({"stream": [cfg.train.first_sample, cfg.train.stream_samples]} if cfg.train.in_stream else {})}
     resume = exists_on_rank0(save / TRACKER)  # an interrupted job
@@ -142,8 +145,9 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         raise InputError(f"checkpoint.save={str(save)!r} holds a checkpoint of a run that is not a PLRD stage (no "
                          f"{PLAN_FILE}); choose a new checkpoint.save")
     if resume and (save / STAGE_FILE).is_file():
-        changed = config_differences(json.loads((save / STAGE_FILE).read_text()), started,
-                                     {"plrd": field_defaults(PLRDConfig)})
+        changed = config_differences(json.loads((save / STAGE_FILE).read_text()), started, {  # an older record's
+            "plrd": field_defaults(PLRDConfig), "train": {key: field_defaults(PLRDTrainingConfig)[key]  # missing keys
+                                                          for key in DISTILLATION}})
         if changed:
             raise InputError(f"checkpoint.save={str(save)!r} holds a stage started with other settings; rerun with "
                              f"the same to resume it, or choose a new checkpoint.save. Differences (then -> now): "

@@ -75,6 +75,7 @@ def test_the_local_stage_s_loss_keys_land_on_bridge_s_training_config():
     assert (cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher, cfg.train.train_iters) == ("lm+kd", 0.5, "parent", 8)
     for overrides, message in ((["train.loss=kl"], "train.loss='kl' is not one of ['lm', 'kd', 'lm+kd']"),
                                (["train.kd_weight=abc"], "train.kd_weight=abc must be > 0"),
+                               (["train.loss=kd", "train.kd_weight=2"], "train.loss='kd' takes no weight"),
                                (["train.teacher=/nowhere"], "train.teacher='/nowhere' is not a directory")):
         with pytest.raises(ValueError) as error:
             process_plrd_config(container(), None, overrides)
@@ -202,6 +203,15 @@ def test_a_stage_resumed_with_other_plrd_settings_is_refused_naming_them(tmp_pat
                                          r"rerun with the same to resume it.*plrd.plan.keep: 0.4 -> 0.6$"):
         prepare_stage(cfg, hf_path="hf")
     assert len((save / "metrics.jsonl").read_text().splitlines()) == 3  # refused before anything changed
+
+
+def test_a_stage_resumed_with_another_loss_is_refused_naming_it(tmp_path):
+    """Its optimizer's state and metrics are the distilled run's; the LM loss would go on from them unsaid."""
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    cfg, _ = stage_folder(tmp_path, PlanConfig(keep=0.6), train={"loss": "kd", "kd_weight": 1.0, "teacher": "parent"})
+    with pytest.raises(InputError, match=r"other settings;.*Differences \(then -> now\): train.loss: 'kd' -> 'lm'$"):
+        prepare_stage(cfg, hf_path="hf")  # the only difference
 
 
 def test_a_stage_of_a_family_resumed_in_another_stream_is_refused_an_earlier_record_s_settings_kept(tmp_path):

@@ -39,24 +39,26 @@ def losses(save: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def tp2_stage(tiny_parent, tmp_path_factory) -> Path:
-    save = tmp_path_factory.mktemp("tp2") / "stage1"
-    result = run(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
+def trained(tiny_parent: Path, folder: Path, *overrides: str, nproc: int = 1) -> Path:
+    """A stage run to its end in ``folder / "stage1"``, shared by a module's tests."""
+    save = folder / "stage1"
+    result = run(tiny_parent, save, *overrides, nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return save
 
 
+@pytest.fixture(scope="module")
+def tp2_stage(tiny_parent, tmp_path_factory) -> Path:
+    return trained(tiny_parent, tmp_path_factory.mktemp("tp2"), "model.tensor_model_parallel_size=2", nproc=2)
+
+
 # Distilled from the parent; Adam's beta2 as the local loop's (for the comparison with it below).
-DISTILLED = ["optimizer.adam_beta2=0.999", "train.loss=kd", "train.kd_weight=0.5"]
+DISTILLED = ["optimizer.adam_beta2=0.999", "train.loss=kd"]
 
 
 @pytest.fixture(scope="module")
 def kd_stage(tiny_parent, tmp_path_factory) -> Path:
-    save = tmp_path_factory.mktemp("kd") / "stage1"
-    result = run(tiny_parent, save, *DISTILLED)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return save
+    return trained(tiny_parent, tmp_path_factory.mktemp("kd"), *DISTILLED)
 
 
 # A family's later stage: samples 8-31 of a stream of 40 (the stage reads 6 x 4).
@@ -66,10 +68,7 @@ STREAMED = ["optimizer.adam_beta2=0.999", *STREAM]  # as the local loop's Adam, 
 
 @pytest.fixture(scope="module")
 def stream_stage(tiny_parent, tmp_path_factory) -> Path:
-    save = tmp_path_factory.mktemp("stream") / "stage1"
-    result = run(tiny_parent, save, *STREAMED)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return save
+    return trained(tiny_parent, tmp_path_factory.mktemp("stream"), *STREAMED)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -126,7 +125,7 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_st
     Bridge's pretrain (at ``tp``): same parent, data, calibration, plan, batches, optimizer, schedule and
     loss: the LM loss, or distilled from the parent (the local KL is tested against a dense reference);
     and a stage that starts further in its family's stream reads the same samples both ways."""
-    distilled = [] if loss == "lm" else [f"train.loss={loss}", "train.kd_weight=0.5"]
+    distilled = {"lm": [], "kd": ["train.loss=kd"], "lm+kd": ["train.loss=lm+kd", "train.kd_weight=0.5"]}[loss]
     bridge = kd_stage if (loss, tp) == ("kd", 1) else stream_stage if stream else tmp_path / "bridge"
     if not bridge.exists():
         result = run(tiny_parent, bridge, "optimizer.adam_beta2=0.999", f"model.tensor_model_parallel_size={tp}",
@@ -156,6 +155,9 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_st
         # global batch, the local loop over its micro-batch means.
         assert theirs[:2] == ours[:2]
     assert theirs == pytest.approx(ours, rel=1e-5)
+    rates = [[row["lr"] for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+             for folder in (bridge, local)]
+    assert rates[0] == pytest.approx(rates[1], rel=1e-6) and rates[0][0] == 0  # each step's, from 0 in the warm-up
 
 
 def convert(script: str, *args) -> None:

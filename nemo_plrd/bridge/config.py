@@ -2,8 +2,8 @@
 
 YAML and ``key=value`` overrides go through Bridge's own ``process_config_with_overrides``, so
 ``plrd.plan.keep=0.4`` is an override like ``train.train_iters=100``. Bridge skips keys it does
-not know (with a log warning) and sets values without checking their types; the project's
-validator (``nemo_plrd.config.from_dict``) therefore reads the same YAML section and overrides
+not know (with a log warning; a YAML file's unknown keys are refused here, by name) and sets values
+without checking their types; the project's validator (``nemo_plrd.config.from_dict``) therefore reads the same YAML section and overrides
 first, refusing an unknown or ill-typed ``plrd.*`` key by its full name before Bridge runs, and
 checks Bridge's result again. Bridge's ``train:`` section gains the local stage's loss keys
 (``train.loss``, ``train.kd_weight``, ``train.teacher``) and stream keys (``train.first_sample``,
@@ -79,21 +79,39 @@ def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Pa
         raise InputError(f"the recipe returned a {type(cfg).__name__}, not a PLRDConfigContainer: "
                          "nemo_plrd.bridge.config.with_plrd(cfg, PLRDConfig(...)) adds the plrd section to a "
                          "Bridge recipe's ConfigContainer")
+    cfg = _with_stage_training(cfg)
     job = create_omegaconf_dict_config(cfg)[0]  # the whole job, as Bridge reads it: plrd.* may refer to any section
     if config_file is not None and Path(config_file).is_file():
-        job = OmegaConf.merge(job, OmegaConf.load(config_file))
+        loaded = OmegaConf.load(config_file)
+        sections = {key: value for key, value in OmegaConf.to_container(loaded).items() if key != "plrd"}  # below
+        unknown = _unknown_keys(cfg, sections)
+        if unknown:  # e.g. train.los: kd would train with the LM loss
+            raise InputError(f"{config_file}: {', '.join(unknown)} is not a setting of the job (Bridge would skip it "
+                             "with a warning); correct the name")
+        job = OmegaConf.merge(job, loaded)
     with_overrides(job, [line for line in overrides if override_key(line).split(".")[0] == "plrd"])
     try:
         plrd = OmegaConf.to_container(job.plrd, resolve=True)
     except OmegaConfBaseException as error:
         raise InputError(f"plrd: {error}") from None
     from_dict(PLRDConfig, plrd, "plrd.")  # before Bridge
-    cfg = process_config_with_overrides(_with_stage_training(cfg), config_file and str(config_file), list(overrides))
+    cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))
     cfg.plrd = from_dict(PLRDConfig, dataclasses.asdict(cfg.plrd), "plrd.")  # and what Bridge made of it
     check_distillation(cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher)
     if cfg.train.in_stream:
         _check_stream(cfg)
     return cfg
+
+
+def _unknown_keys(config: Any, section: dict, prefix: str = "") -> list[str]:
+    """The keys of a YAML ``section`` that ``config`` lacks: those Bridge's override walk skips."""
+    unknown = []
+    for key, value in section.items():
+        if not hasattr(config, key):
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(value, dict) and "_target_" not in value and dataclasses.is_dataclass(getattr(config, key)):
+            unknown += _unknown_keys(getattr(config, key), value, f"{prefix}{key}.")
+    return unknown
 
 
 def _check_stream(cfg: PLRDConfigContainer) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -67,6 +68,18 @@ def test_unknown_and_ill_typed_plrd_keys_are_refused_naming_the_key(tmp_path, ya
         process_plrd_config(cfg, recipe, overrides)
     assert str(error.value).startswith(message)  # the key first, named from the top
     assert dataclasses.asdict(cfg.plrd) == before  # refused before Bridge touched the container
+
+
+def test_a_yaml_key_the_job_does_not_have_is_refused_naming_it(tmp_path):
+    """Bridge skips it with a log warning: a misspelt train.loss would train with the LM loss."""
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("train:\n  los: kd\n  train_iters: 8\nmodel:\n  tensor_model_paralel_size: 2\n"
+                      "optimizer:\n  lr: 3.0e-4\n")
+    with pytest.raises(InputError, match=re.escape(f"{recipe}: train.los, model.tensor_model_paralel_size is not a "
+                                                   "setting of the job")):
+        process_plrd_config(container(), recipe)
+    recipe.write_text("train:\n  loss: kd\n  train_iters: 8\noptimizer:\n  lr: 3.0e-4\n")
+    assert process_plrd_config(container(), recipe).train.loss == "kd"
 
 
 def test_the_local_stage_s_loss_keys_land_on_bridge_s_training_config():

@@ -56,6 +56,7 @@ def no_reduce(t: Tensor) -> Tensor:
 
 
 SOLVERS = ("exact", "randomized")
+GUARD_RIDGE = 1e-6  # the math functions' default ridge: enough to factor singular statistics
 OVERSAMPLE, POWER_ITERATIONS = 16, 4
 
 
@@ -77,19 +78,21 @@ def _top_eigenvectors(sym: Tensor, rank: int, solver: str = "exact") -> tuple[Te
 
 
 def _cholesky(cov: Tensor, ridge: float) -> Tensor:
-    """Lower-triangular S with S S^T = C + lam * I, lam = ridge * mean(diag C) (or 10x more).
+    """Lower-triangular S with S S^T = C + lam * I, lam = ridge * mean(diag C) (or more).
 
     Statistics of few tokens are singular, and their fp32 accumulation can leave tiny
-    negative eigenvalues; lam grows tenfold until the factorisation succeeds.
+    negative eigenvalues; lam grows tenfold until the factorisation succeeds (a ridge of 0
+    is tried as it is, then from ``GUARD_RIDGE`` on: none unless one is needed).
     """
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     scale = cov.diagonal().mean().clamp_min(1e-30)
-    for attempt in range(6):
-        lower, info = torch.linalg.cholesky_ex(cov + ridge * 10**attempt * scale * eye)
+    lams = [ridge * 10**attempt for attempt in range(6)] if ridge else [0.0] + [GUARD_RIDGE * 10**a for a in range(5)]
+    for lam in lams:
+        lower, info = torch.linalg.cholesky_ex(cov + lam * scale * eye)
         if info == 0:
             return lower
     raise ValueError(f"the {cov.shape[0]}x{cov.shape[0]} calibration statistic is not positive "
-                     f"definite even with ridge {ridge * 1e5:g}: is it all zeros or not finite?")
+                     f"definite even with ridge {lams[-1]:g}: is it all zeros or not finite?")
 
 
 def _check(rank: int, limit: int, what: str) -> None:
@@ -132,7 +135,7 @@ def column_factors(
     rank: int,
     input_cov: Optional[Tensor] = None,
     reduce: Reduce = no_reduce,
-    ridge: float = 1e-6,
+    ridge: float = GUARD_RIDGE,
     cross_cov: Optional[Tensor] = None,
     solver: str = "exact",
 ) -> tuple[Tensor, Tensor]:
@@ -173,7 +176,7 @@ def column_retruncate(
     rank: int,
     input_cov: Optional[Tensor] = None,
     reduce: Reduce = no_reduce,
-    ridge: float = 1e-6,
+    ridge: float = GUARD_RIDGE,
     cross_cov: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Column slot (up sharded on out, down replicated) from rank r to ``rank`` < r.
@@ -223,7 +226,7 @@ def row_retruncate(
 
 
 def column_spectrum(weight: Tensor, input_cov: Optional[Tensor] = None, reduce: Reduce = no_reduce,
-                    ridge: float = 1e-6) -> Tensor:
+                    ridge: float = GUARD_RIDGE) -> Tensor:
     """Descending eigenvalues of sum_i (W_i S)^T (W_i S): rank r keeps the top r of ||W X||^2.
 
     ``weight`` is this rank's rows (for a factored slot: up_i @ down). What rank planning

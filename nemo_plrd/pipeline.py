@@ -234,7 +234,6 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
     # a keep or target_params plan by spectrum needs the spectra; explicit ranks (the control's) do not
     calibration = calibrate() if cfg.plrd.plan.allocation == "spectrum" and "ranks" not in request else None
     plan = plan_for(model, calibration or (), cfg.plrd.method, ridge=cfg.plrd.ridge, **request)
-    plan = rank0_decides(lambda: plan)  # one plan for every rank, whatever a near-tie in the spectra did elsewhere
     changes = plan.layer_ranks() != model_ranks(model)  # plrd.plan.ranks={} keeps every slot: the dense control
     if rank0:
         print(plan.table(), flush=True)

@@ -9,7 +9,7 @@ decomposed jointly, with one shared down factor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -25,6 +25,14 @@ SLOTS = {
 }
 
 SlotRanks = Mapping[str, Optional[int]]
+
+
+def one_key_per_layer(ranks: Union[SlotRanks, Sequence[SlotRanks], None]) -> bool:
+    """Whether a model of ``ranks`` (one mapping for every layer, or one per layer) is checkpointed with
+    one key per layer: when it factors a slot, as factor shapes may differ between layers (megatron
+    otherwise stacks a weight of all layers under one key, which a dense model keeps)."""
+    per_layer = [] if ranks is None else [ranks] if isinstance(ranks, Mapping) else ranks
+    return any(rank is not None for layer in per_layer for rank in layer.values())
 
 
 def check_slot_names(names) -> None:

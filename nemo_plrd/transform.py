@@ -21,10 +21,10 @@ from nemo_plrd import decompose
 from nemo_plrd.calibrate import SlotStatistic, capture_layer_inputs, run_layer, slot_statistics, target_inputs
 from nemo_plrd.errors import InputError
 from nemo_plrd.layers import LOW_RANK_LAYERS
-from nemo_plrd.parallel import tp_sum
+from nemo_plrd.parallel import rank0_decides, tp_sum
 from nemo_plrd.model import parameter_count
 from nemo_plrd.plan import RankPlan, SlotPlan, plan_ranks
-from nemo_plrd.slots import COLUMN, ROW, Slot, decoder_layers, layer_slots
+from nemo_plrd.slots import COLUMN, ROW, Slot, decoder_layers, layer_slots, one_key_per_layer
 
 DENSE_LAYERS = {COLUMN: ColumnParallelLinear, ROW: RowParallelLinear}
 
@@ -161,8 +161,9 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
                       for layer in slots for slot in layer)
     if allocation == "spectrum" and spectra is None and request.get("ranks") is None:  # explicit ranks need none
         spectra = slot_spectra(model, calibration, method, ridge=ridge)
-    return plan_ranks(shapes, other_params=parameter_count(model) - slot_params, allocation=allocation,
+    plan = plan_ranks(shapes, other_params=parameter_count(model) - slot_params, allocation=allocation,
                       spectra=spectra, max_ranks=model_ranks(model), **request)
+    return rank0_decides(lambda: plan)  # one plan on every rank, whatever a near-tie in the spectra did elsewhere
 
 
 def check_options(method: str, solver: str = "exact", ridge: float = RIDGE) -> None:
@@ -246,8 +247,7 @@ def apply_plan(
                 slot.replace(_low_rank_module(slot, rank, up, down))
         if activation:
             inputs, targets = run_layer(layer, inputs), next_targets
-    # Factor shapes differ from layer to layer: one checkpoint key per layer (see model.py).
-    layers[0].config.hetereogenous_dist_checkpoint = True
+    layers[0].config.hetereogenous_dist_checkpoint = one_key_per_layer(plan.layer_ranks())
     return model
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from nemo_plrd.decompose import (column_factors, column_retruncate, column_spectrum, row_factors, row_retruncate,
-                                 row_spectrum)
+from nemo_plrd.decompose import (GUARD_RIDGE, column_factors, column_retruncate, column_spectrum, row_factors,
+                                 row_retruncate, row_spectrum)
 
 M, N, TOKENS = 48, 40, 400
 RTOL = 1e-9  # fp64 throughout: the optimum is reached to round-off
@@ -32,6 +32,18 @@ def activation_optimum(weight, cov, rank):
 
 def svd_optimum(weight, rank):
     return torch.linalg.svdvals(weight)[rank:].square().sum().item()
+
+
+def test_statistics_of_fewer_tokens_than_inputs_factor_with_no_ridge_asked_for(data):
+    """Singular (10 tokens in 40 inputs): with ridge 0 the smallest guard that factors them is added, as for
+    any ridge; before, a ridge of 0 grew to 0 and the stage failed."""
+    weight, _ = data
+    x = torch.randn(N, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    singular = x @ x.T / 10
+    singular[0, 0] -= 1e-9 * singular.diagonal().mean()  # a round-off below zero on a dead direction
+    up, down = column_factors(weight, 8, input_cov=singular, ridge=0.0)
+    guarded = column_factors(weight, 8, input_cov=singular, ridge=GUARD_RIDGE)
+    assert torch.equal(up, guarded[0]) and torch.equal(down, guarded[1])
 
 
 @pytest.mark.parametrize("rank", [1, 7, 20])

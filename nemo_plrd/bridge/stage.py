@@ -34,6 +34,7 @@ from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.plan import RankPlan
+from nemo_plrd.slots import one_key_per_layer
 from nemo_plrd.spec import low_rank_block_spec
 from nemo_plrd.train import keep_saved_steps
 from nemo_plrd.transform import PLRDTransform, plan_for
@@ -157,7 +158,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     if resume:
         plan = RankPlan.from_json((save / PLAN_FILE).read_text())
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
-        provider.hetereogenous_dist_checkpoint = True  # as the transform left it (see nemo_plrd.model)
+        provider.hetereogenous_dist_checkpoint = one_key_per_layer(plan.layer_ranks())  # as the transform left it
         cfg.checkpoint.load = str(save)
         return cfg
     cfg.checkpoint.load = None  # a recipe's default would load another run into the decomposed model
@@ -175,7 +176,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
             raise InputError(f"parent {parent} has {arch.num_layers} layers of width {arch.hidden_size}; the job's "
                              f"model has {provider.num_layers} of {provider.hidden_size} (--hf-path {hf_path})")
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=ranks)
-        provider.hetereogenous_dist_checkpoint = True
+        provider.hetereogenous_dist_checkpoint = one_key_per_layer(ranks)
 
         def load_parent(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
             load_checkpoint(model[0], parent)  # resharded to the job's TP size

@@ -152,6 +152,17 @@ def test_a_model_decomposed_at_tp2_checkpoints_and_loads_at_tp1(tp_size, tmp_pat
     torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-4)
 
 
+def test_a_plan_that_factors_no_slot_keeps_the_dense_checkpoint_layout(tmp_path_factory):
+    """Every slot kept (explicit ranks {}, as a control's): its checkpoint loads as a dense model's."""
+    root = shared_tmp(tmp_path_factory, "kept-dense")
+    init_model_parallel(1, seed=5)
+    model = build_gpt(ARCH)
+    apply_plan(model, plan_for(model, (), ranks={}), BATCHES, progress=False)
+    save_checkpoint(model, f"{root}/dense", ARCH)
+    loaded, _ = load_model(f"{root}/dense")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
 def uninitialised(transformer_config, *args, **kwargs):
     config = transformer_config(*args, **kwargs)
     config.perform_initialization = False

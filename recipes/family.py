@@ -1,7 +1,8 @@
 """The PLRD family: from one parent, stage after stage of decomposition and continued pretraining.
 
     python recipes/family.py --config recipes/smollm2_135m_family.yaml [key=value ...]
-    torchrun --nproc_per_node 2 recipes/family.py --config recipes/smollm2_135m_family.yaml   # DP = 2
+    torchrun --nproc_per_node 2 recipes/family.py --config recipes/smollm2_135m_family.yaml \
+        stage.train.global_batch=8   # DP = 2: micro_batch x 2 ranks
 
 Stage 1 decomposes the parent to ``keep[0]`` of its dense linear-layer parameters and trains
 at that rank; stage k re-truncates stage k-1's checkpoint to ``keep[k-1]`` (the factors are

@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 
 from nemo_plrd.cli import run_script
+from nemo_plrd.export_options import DTYPES, FORMATS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint written by hf_to_megatron.py or a PLRD stage")
     parser.add_argument("out_dir", help="HF directory to create (must not exist)")
-    parser.add_argument("--format", choices=("merged", "factored"), default="factored")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "parent"), default="float32",
+    parser.add_argument("--format", choices=FORMATS, default="factored")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="the weights' dtype; parent: the one the parent's config.json names")
     args = parser.parse_args()
 

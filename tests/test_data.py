@@ -103,6 +103,16 @@ def test_an_unweighted_blend_short_of_the_samples_asked_for_is_refused_naming_it
     assert len(gpt_datasets((halves, [1.0, 1.0]), "80,20,0", 32, [1000, None, None], tokenizer)[0]) >= 1000
 
 
+def test_indices_are_cached_apart_from_the_data_with_or_without_a_process_group(prefix, tokenizer, tmp_path,
+                                                                                monkeypatch):
+    """A token dataset is a finished asset: megatron's own default (a ``cache`` folder beside the data,
+    written unguarded) would change it, and fail on a read-only copy."""
+    monkeypatch.setenv("PLRD_CACHE", str(tmp_path))
+    gpt_datasets(([prefix], None), "80,20,0", 32, [40, None, None], tokenizer, seed=7)
+    assert list((tmp_path / "megatron-indices").glob("*.npy"))
+    assert not (Path(prefix).parent / "cache").exists() and not (Path(prefix) / "cache").exists()
+
+
 def test_indices_a_killed_build_cut_short_are_built_again_not_loaded(prefix, tokenizer, tmp_path, monkeypatch):
     """megatron caches a split's indices under their final names; a kill during a numpy.save leaves one
     cut short, which megatron would load (and fail on) in every later run with the same settings."""
@@ -231,3 +241,9 @@ def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path):
                          timeout=300)
     assert run.returncode == 2 and "has no string field 'text' (--json-key)" in run.stderr
     assert not list(tmp_path.glob("bad*"))  # nothing that looks finished
+    # megatron's cached indices of a prefix are keyed by its path, not its contents: never rewritten
+    index = (tmp_path / "out" / "docs.idx").read_bytes()
+    run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and f"dataset {tmp_path / 'out' / 'docs'} already exists; choose a new path" in run.stderr
+    assert (tmp_path / "out" / "docs.idx").read_bytes() == index

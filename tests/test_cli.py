@@ -14,9 +14,13 @@ def test_demo_refuses_a_tp_size_that_does_not_divide_the_kv_heads():
     assert "--tp 2 does not divide SmolLM2-135M's 3 KV heads; use 1 or 3" in result.stderr
 
 
-def test_demo_refuses_non_positive_numbers():
-    result = plrd("demo", "--steps", "0")
-    assert result.returncode == 2 and "0 is not a positive integer" in result.stderr
+def test_numeric_options_refuse_what_they_cannot_take_naming_the_option():
+    for args, message in ((("demo", "--steps", "0"), "argument --steps: '0' is not a positive integer"),
+                          (("demo", "--tp", "abc"), "argument --tp: 'abc' is not a positive integer"),
+                          (("submit", "recipes/llama2_7b_family.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                            "--port", "70000"), "argument --port: '70000' is not a TCP port (1-65535)")):
+        result = plrd(*args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_demo_reports_smollm2_parameter_count_and_smaller_low_rank_model():

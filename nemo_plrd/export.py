@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_plrd.errors import InputError
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.export_options import DTYPES, FORMATS, check_dtype
 from nemo_plrd.files import refuse_existing, sync_tree
 from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_hf_factored
@@ -66,7 +66,7 @@ def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
     """An empty (meta-device) HF model of the export's class, to receive the weights."""
     from transformers import AutoModelForCausalLM
 
-    from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig, PLRDLlamaForCausalLM
+    from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig, PLRDLlamaForCausalLM, PLRDLlamaModel
 
     with torch.device("meta"):
         if format == "merged":
@@ -76,6 +76,8 @@ def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
         config.architectures = [PLRDLlamaForCausalLM.__name__]
         PLRDLlamaConfig.register_for_auto_class()
         PLRDLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        # the hidden states, for embedding tools (save_pretrained adds the saved class's own entries)
+        config.auto_map = {"AutoModel": f"modeling_plrd.{PLRDLlamaModel.__name__}"}
         return PLRDLlamaForCausalLM(config)
 
 
@@ -83,7 +85,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
               dtype: str = "float32") -> Path:
     """Write ``model`` to ``out_dir`` as an HF model in ``dtype`` (one of ``DTYPES``); ``hf_source`` holds the
     parent's config and tokenizer."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     if format not in FORMATS:
         raise InputError(f"format={format!r} is not one of {FORMATS}")
@@ -92,28 +94,38 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
     # rank 0's answer: a late rank would see rank 0's finished export
     refuse_existing(out_dir, "HF model directory", exists_on_rank0)
     parent_config = AutoConfig.from_pretrained(hf_source)
-    arch, weights = arch_from_hf(parent_config), _torch_dtype(dtype, parent_config)  # refused on every rank alike
-    full = full_state(model)  # collective: every rank takes part
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        _write(full, arch, parent_config, model_ranks(model), format, out_dir, hf_source, weights)
+    # refused on every rank alike, before the gather: a parent without a tokenizer fails here, not after it
+    arch, weights = arch_from_hf(parent_config), _torch_dtype(dtype, parent_config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_source)
+    except (OSError, ValueError) as error:
+        raise MissingInputError(f"{hf_source} holds no tokenizer transformers can load, and an HF model is "
+                                f"exported with its parent's ({str(error).strip().splitlines()[0]})") from None
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    full = full_state(model, keep=writer)  # collective: every rank takes part
+    if writer:
+        _write(full, arch, parent_config, model_ranks(model), format, out_dir, hf_source, weights, tokenizer)
     if dist.is_initialized():
         dist.barrier()  # every rank returns once the directory is complete
     return out_dir
 
 
-def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source, dtype: torch.dtype) -> None:
-    from transformers import AutoTokenizer, GenerationConfig
+def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source, dtype: torch.dtype, tokenizer) -> None:
+    from transformers import GenerationConfig
 
     state = to_hf(merge_factors(full), arch) if format == "merged" else to_hf_factored(full, arch)
     state = {name: tensor.to(dtype) for name, tensor in state.items()}  # save_pretrained records the dtype
     hf_model = _hf_model(format, parent_config, ranks, arch)
     hf_model.load_state_dict(state, strict=True, assign=True)
     hf_model.tie_weights()
+    rope = getattr(hf_model.config, "rope_parameters", None) or {}
+    if "rope_theta" in rope:  # transformers 4 reads it at the top level only, and takes 10,000 without it
+        hf_model.config.rope_theta = rope["rope_theta"]
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     if (Path(hf_source) / "generation_config.json").is_file():  # the parent's stop tokens and sampling defaults
         hf_model.generation_config = GenerationConfig.from_pretrained(hf_source)
     hf_model.save_pretrained(partial)
-    AutoTokenizer.from_pretrained(hf_source).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
     sync_tree(partial)
     partial.rename(out_dir)

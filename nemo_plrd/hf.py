@@ -260,8 +260,11 @@ def _tp_gather(tensor: Tensor, dim: int) -> Tensor:
     return torch.cat(parts, dim)
 
 
-def full_state(model: torch.nn.Module) -> dict[str, Tensor]:
-    """Every parameter as one full fp32 tensor (TP-gathered; fc1 rows as [gate; up]), factors kept.
+def full_state(model: torch.nn.Module, keep: bool = True) -> dict[str, Tensor]:
+    """Every parameter as one full fp32 tensor in host memory (TP-gathered; fc1 rows as [gate; up]),
+    factors kept. A collective: every rank takes part; one with ``keep=False`` (an export's ranks
+    other than the writer) drops each tensor once gathered, so that only one copy of the whole
+    model is ever held, in host memory, never on a GPU.
 
     Each rank's fc1 rows (dense weight, or the up factor) are [gate_i; up_i]; gathering the
     gate and up halves separately gives the full [gate; up].
@@ -269,7 +272,7 @@ def full_state(model: torch.nn.Module) -> dict[str, Tensor]:
     full = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            tensor = param.detach().float()
+            tensor = param.detach()
             if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
                 dim = param.partition_dim
                 if "linear_fc1." in name and dim == 0:
@@ -277,5 +280,6 @@ def full_state(model: torch.nn.Module) -> dict[str, Tensor]:
                     tensor = torch.cat([_tp_gather(gate, 0), _tp_gather(up, 0)])
                 else:
                     tensor = _tp_gather(tensor, dim)
-            full[name] = tensor
+            if keep:
+                full[name] = tensor.to("cpu", torch.float32)
     return full

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -45,10 +46,12 @@ def test_smollm2_round_trip_through_megatron_is_exact(parent, tmp_path):
     exported = script("megatron_to_hf", tmp_path / "ckpt", tmp_path / "hf", "--format", "merged")
     assert exported.returncode == 0, exported.stderr[-3000:]
 
+    original, back = (safetensors.torch.load_file(path / "model.safetensors") for path in (parent, tmp_path / "hf"))
+    assert original.keys() == back.keys() and all(torch.equal(back[name], original[name]) for name in original)
     tokens = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     logits = [transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
               for path in (parent, tmp_path / "hf")]
-    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("To be").input_ids == \
         transformers.AutoTokenizer.from_pretrained(parent)("To be").input_ids
 
@@ -92,3 +95,12 @@ def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(t
     assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt} has no hf/config.json", out)
     with pytest.raises(MissingInputError, match=f"{ckpt} has no hf/config.json"):  # as a stage's parent or teacher
         describe_parent(ckpt)
+
+
+def test_a_checkpoint_whose_parent_has_no_tokenizer_is_refused_before_its_weights_are_gathered(tmp_path):
+    """An HF model is exported with its parent's tokenizer: without one, refused before the export's work."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert script("hf_to_megatron", save_tiny_llama(tmp_path / "tiny"), ckpt).returncode == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (ckpt / "hf" / name).unlink()
+    assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt / 'hf'} holds no tokenizer transformers can load", out)

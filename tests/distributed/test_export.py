@@ -61,6 +61,12 @@ def test_factored_model_exports_merged_and_factored(kind, tp_size, tmp_path_fact
     assert ours.num_parameters() == plan.params < stock.num_parameters()
     config = json.loads((factored / "config.json").read_text())
     assert config["plrd_ranks"] == plan.layer_ranks()
+    for written in (config, json.loads((merged / "config.json").read_text())):  # where transformers 4 reads it too
+        assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == CONFIGS[kind]().rope_parameters["rope_theta"]
+    base = transformers.AutoModel.from_pretrained(factored, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base(TOKENS).last_hidden_state, ours.model(TOKENS).last_hidden_state,
+                                   rtol=0, atol=0)
     assert (factored / "modeling_plrd.py").is_file() and (factored / "tokenizer.json").is_file()
 
 

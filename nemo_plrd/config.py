@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
@@ -40,7 +41,8 @@ from nemo_plrd.distill import LOSSES
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
 from nemo_plrd.export_options import FORMATS, check_dtype
-from nemo_plrd.plan import check_request
+from nemo_plrd.family_plan import recipe_plan
+from nemo_plrd.plan import BUDGET_KEYS, check_request
 from nemo_plrd.train import ddp_defaults
 from nemo_plrd.transform import RIDGE, check_options
 
@@ -119,6 +121,9 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         from nemo_plrd.data import check_prefix
+
+        if not 0 <= self.random_seed < 2**32:  # numpy's seeds
+            raise InputError(f"dataset.random_seed={self.random_seed} must be in [0, 2**32 - 1]")
 
         for prefix in check_blend("dataset.blend", self.blend):
             if prefix not in CORPORA:
@@ -243,8 +248,14 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
         raise InputError("optimizer.use_distributed_optimizer=true needs Apex or Transformer Engine: without them "
                          "megatron-core's distributed optimizer cannot save its state once resumed (its state_dict "
                          "asserts one Adam step count for all parameters); use false, the plain optimizer, here")
-    if not (cfg.lr or 0) > 0 or cfg.min_lr is None or not 0 <= cfg.min_lr <= cfg.lr:
+    if not (cfg.lr or 0) > 0 or not math.isfinite(cfg.lr) or cfg.min_lr is None or not 0 <= cfg.min_lr <= cfg.lr:
         raise InputError(f"optimizer.lr={cfg.lr} must be > 0 and optimizer.min_lr={cfg.min_lr} in [0, lr]")
+    for key in ("adam_beta1", "adam_beta2"):  # torch would refuse them only when the optimizer is built
+        if not 0 <= getattr(cfg, key) < 1:
+            raise InputError(f"optimizer.{key}={getattr(cfg, key)} must be in [0, 1)")
+    for key, note in (("adam_eps", ""), ("weight_decay", ""), ("clip_grad", " (0: no clipping)")):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            raise InputError(f"optimizer.{key}={getattr(cfg, key)} must be >= 0{note}")
     return cfg
 
 
@@ -371,7 +382,7 @@ class FamilyConfig:
             raise InputError(f"stage.plrd={plrd!r} must be a mapping with a mapping plrd.plan (the family sets its keep)")
         train = self.stage.get("train")
         taken = [key for key in ("parent", "output") if key in self.stage] + [
-            f"plrd.plan.{key}" for key in ("keep", "target_params", "ranks") if key in plan] + (
+            f"plrd.plan.{key}" for key in BUDGET_KEYS if key in plan] + (
             [f"train.{key}" for key in STREAM if isinstance(train, dict) and key in train])
         if taken:
             raise InputError(f"stage.{', stage.'.join(taken)} cannot be set: the family sets each stage's parent, "
@@ -380,6 +391,7 @@ class FamilyConfig:
             self.stage_config(index, self.parent, self.output)
         for name in self.baselines:
             self.baseline_config(name, self.output)
+        recipe_plan(self)  # and every stage's budget against the parent's architecture, not when the stage starts
 
     def stage_config(self, index: int, parent: str, folder: str) -> DecomposeConfig:
         """Stage ``index``'s config, its output in ``folder``; stage k > 0's parent is stage k-1's checkpoint."""
@@ -598,7 +610,7 @@ def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:
     """``train.loss``, ``train.kd_weight`` and ``train.teacher``: the same keys in a local and in a Bridge stage."""
     if loss not in LOSSES:
         raise InputError(f"train.loss={loss!r} is not one of {list(LOSSES)}")
-    if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not kd_weight > 0:
+    if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not 0 < kd_weight < math.inf:
         raise InputError(f"train.kd_weight={kd_weight} must be > 0")
     if kd_weight != 1 and loss != "lm+kd":
         raise InputError(f"train.kd_weight={kd_weight} weighs the KL against the LM loss in train.loss=lm+kd only; "

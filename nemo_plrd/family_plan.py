@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+from nemo_plrd.errors import InputError
 from nemo_plrd.model import LlamaArch
-from nemo_plrd.plan import RankPlan, SlotPlan, plan_ranks
+from nemo_plrd.plan import BUDGET_KEYS, RankPlan, SlotPlan, plan_ranks
 from nemo_plrd.report import format_table
 from nemo_plrd.slots import SLOTS
 
@@ -45,10 +46,14 @@ def plan_family(arch: LlamaArch, requests: Sequence[Mapping[str, Any]],
     """One plan per stage; ``requests``: ``plan_ranks`` keywords (keep= / target_params= / ranks=, allocation=,
     multiple=), each stage's ranks capped by the previous stage's (the first's by ``parent``'s)."""
     plans, previous = [], parent or parent_plan(arch)
-    for request in requests:
-        request = {**request, "allocation": "uniform"}  # spectrum: same budget, ranks known after calibration
-        plan = plan_ranks([arch.slot_shapes()] * arch.num_layers, other_params=previous.other_params,
-                          max_ranks=previous.layer_ranks(), **request)
+    for number, request in enumerate(requests, 1):
+        try:
+            plan = plan_ranks([arch.slot_shapes()] * arch.num_layers, other_params=previous.other_params,
+                              max_ranks=previous.layer_ranks(),
+                              **request | {"allocation": "uniform"})  # spectrum: same budget, ranks after calibration
+        except InputError as error:
+            budget = ", ".join(f"{key}={value}" for key, value in request.items() if key in BUDGET_KEYS)
+            raise InputError(f"stage {number} ({budget}): {error}") from None
         plans.append(plan)
         previous = plan
     return plans

@@ -133,13 +133,15 @@ def _energy_fraction(spectrum: torch.Tensor) -> torch.Tensor:
     return torch.cat([energy.new_zeros(1), energy.cumsum(0) / energy.sum().clamp_min(1e-300)])
 
 
+BUDGET_KEYS = ("ranks", "keep", "target_params")  # a plan request gives exactly one
+
+
 def check_request(ranks: Optional[Mapping[str, int]], keep: Optional[float], target_params: Optional[int],
                   allocation: str = "uniform", multiple: int = 8) -> None:
     """What can be refused before any model exists (``plan_ranks`` and recipe configs call it)."""
-    asked = [name for name, value in (("ranks", ranks), ("keep", keep), ("target_params", target_params))
-             if value is not None]
+    asked = [name for name, value in zip(BUDGET_KEYS, (ranks, keep, target_params)) if value is not None]
     if len(asked) != 1:
-        raise InputError(f"give exactly one of ranks, keep, target_params (got {asked or 'none'})")
+        raise InputError(f"give exactly one of {', '.join(BUDGET_KEYS)} (got {asked or 'none'})")
     if not _is_int(multiple) or multiple < 1:
         raise InputError(f"multiple={multiple!r} must be a positive integer")
     if allocation not in ALLOCATIONS:

@@ -10,6 +10,7 @@ only communication is one all-reduce of a square statistic per slot).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -171,7 +172,7 @@ def check_options(method: str, solver: str = "exact", ridge: float = RIDGE) -> N
         raise InputError(f"method={method!r} is not one of {METHODS}")
     if solver not in decompose.SOLVERS:
         raise InputError(f"solver={solver!r} is not one of {decompose.SOLVERS}")
-    if not ridge >= 0:
+    if not 0 <= ridge < math.inf:
         raise InputError(f"ridge={ridge!r} must be a number >= 0 (a fraction of the mean input variance)")
 
 

@@ -80,6 +80,15 @@ def test_the_local_family_recipe_plans_too(capsys):
     assert rows[1].split()[1] == "0.135B" and rows[-1].split()[-1] == "24,576"  # 24 x 4 x 256 tokens
 
 
+def test_a_plan_from_a_folder_without_an_hf_config_is_refused_naming_the_key(tmp_path, capsys):
+    recipe = str(ROOT / "recipes" / "llama2_7b_family.yaml")
+    for architecture in (tmp_path / "config.json", tmp_path):
+        with pytest.raises(SystemExit) as exit:
+            main(["plan", recipe, f"architecture={architecture}"])
+        assert exit.value.code == 2
+        assert f"architecture='{architecture}' holds no HF config.json to plan the family from" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- rendering and submitting
 
 

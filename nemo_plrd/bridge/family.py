@@ -136,8 +136,13 @@ class BridgeFamilyConfig:
                 "multiple": plan.get("multiple", 8)}
 
     def architecture_path(self) -> Path:
-        path = Path(self.architecture or self.parent)
-        return path.parent if path.name == "config.json" else path
+        """The folder of the HF config.json the plan is made from (``architecture``, else ``parent``)."""
+        key, value = ("architecture", self.architecture) if self.architecture else ("parent", self.parent)
+        path = Path(value).parent if Path(value).name == "config.json" else Path(value)
+        if not (path / "config.json").is_file():
+            raise InputError(f"{key}={value!r} holds no HF config.json to plan the family from; give an HF model "
+                             "directory or its config.json" + ("" if self.architecture else " as architecture="))
+        return path
 
     def stage_samples(self) -> int:
         """Each stage's training samples, from the job's settings."""

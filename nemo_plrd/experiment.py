@@ -12,6 +12,7 @@ submission while they are queued or running is refused. Needs the
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,12 +72,18 @@ def submit_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: boo
     if not pending_stages(family):
         print(f"{family.output}: every stage is complete, nothing to submit")
         return
-    if not dry_run:
-        refuse_if_queued(family)
+    if dry_run:
+        output = Path(family.output)
+        fresh = not output.exists()
+        try:
+            with stage_experiment(family, cluster, dry_run) as experiment:
+                experiment.dryrun()
+        finally:  # nemo-run makes its (empty) experiment folders as it starts: a dry run leaves no output
+            if fresh and output.exists() and not any(path.is_file() for path in output.rglob("*")):
+                shutil.rmtree(output)
+        return
+    refuse_if_queued(family)
     with stage_experiment(family, cluster, dry_run) as experiment:
-        if dry_run:
-            experiment.dryrun()
-            return
         try:
             experiment.run(detach=True)
         except Exception as error:  # nemo-run stops at the first task it fails to submit: the ones before it are queued

@@ -300,7 +300,7 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
     interval = cfg.train.save_interval or cfg.train.steps
     run(trainer, save, interval, metrics, cfg.train.log_interval, progress=_rank0(), valid=valid,
         eval_interval=cfg.train.eval_interval, eval_iters=cfg.train.eval_iters)
-    model.float()  # bf16_mixed trained it in bf16: held-out perplexity, checkpoint and export read fp32 as before
+    model.float()  # bf16_mixed trained it in bf16: perplexity, checkpoint and export read its weights widened to fp32
     if not _rank0():  # rank 0 writes the metrics and alone reports them
         return []
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []

@@ -16,8 +16,9 @@ def kill_everything(pid: int) -> None:
     and each rank's checkpoint writers sit in the rank's group.
     """
     root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
     groups = set()
-    for process in [root, *root.children(recursive=True)]:
+    for process in processes:
         try:
             groups.add(os.getpgid(process.pid))
         except ProcessLookupError:
@@ -27,14 +28,19 @@ def kill_everything(pid: int) -> None:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # gone, not dying: a rerun must not meet a killed rank still holding a lock or writing a file
+    psutil.wait_procs(processes, timeout=30)
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
-    """SIGKILL the run (every process it started) as soon as ``ready()`` holds."""
+    """SIGKILL the run (every process it started) as soon as ``ready()`` holds; whatever happens (the
+    run ends first, the deadline passes, ``ready`` raises), nothing it started is left running."""
     deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, "the run ended before the point it was to be killed at"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    kill_everything(process.pid)
-    process.wait()
+    try:
+        while not ready():
+            assert process.poll() is None, "the run ended before the point it was to be killed at"
+            assert time.monotonic() < deadline, f"not ready to be killed after {timeout} s"
+            time.sleep(0.05)
+    finally:
+        kill_everything(process.pid)
+        process.wait()

@@ -3,9 +3,9 @@
 YAML and ``key=value`` overrides go through Bridge's own ``process_config_with_overrides``, so
 ``plrd.plan.keep=0.4`` is an override like ``train.train_iters=100``. Bridge skips keys it does
 not know (with a log warning; a YAML file's unknown keys are refused here, by name) and sets values
-without checking their types; the project's validator (``nemo_plrd.config.from_dict``) therefore reads the same YAML section and overrides
-first, refusing an unknown or ill-typed ``plrd.*`` key by its full name before Bridge runs, and
-checks Bridge's result again. Bridge's ``train:`` section gains the local stage's loss keys
+without checking their types; the project's validator (``nemo_plrd.config.from_dict``) therefore
+reads the same YAML section and overrides first, refusing an unknown or ill-typed ``plrd.*`` key by
+its full name before Bridge runs, and checks Bridge's result again. Bridge's ``train:`` section gains the local stage's loss keys
 (``train.loss``, ``train.kd_weight``, ``train.teacher``) and stream keys (``train.first_sample``,
 ``train.stream_samples``: where a family's stage starts in the data), checked the same way.
 """

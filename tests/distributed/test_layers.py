@@ -27,7 +27,7 @@ def build(slot: str, tp: int, sequence_parallel: bool, bias: bool):
         hidden_size=IN,
         num_attention_heads=4,
         tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel and tp > 1,
+        sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
     )
     common = dict(rank=RANK, config=config, bias=bias,
@@ -45,8 +45,7 @@ def build(slot: str, tp: int, sequence_parallel: bool, bias: bool):
     return config, layer
 
 
-@pytest.mark.parametrize("tp_size", [1, 2], indirect=True)
-@pytest.mark.parametrize("sequence_parallel", [False, True])
+@pytest.mark.parametrize("tp_size, sequence_parallel", [(1, False), (2, False), (2, True)], indirect=["tp_size"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("slot", ["column", "row"])
 def test_low_rank_layer_matches_dense(slot, tp_size, sequence_parallel, bias):

@@ -135,6 +135,7 @@ def test_a_model_decomposed_at_tp2_checkpoints_and_loads_at_tp1(tp_size, tmp_pat
         weights = model.state_dict()
         monkeypatch.setattr(model_module, "transformer_config", functools.partial(uninitialised, model_module.transformer_config))
         model = build_gpt(ARCH)
+        assert not model.config.perform_initialization  # built as Bridge builds it
         model.load_state_dict(weights)
     with torch.no_grad():  # large weights: every block moves the logits, so a misplaced row shows
         for param in model.parameters():

@@ -1,6 +1,6 @@
 """Wall time of the decomposition math beside torch.linalg.svd of the same matrices (2-core CPU).
 
-    .venv/bin/python bench/decompose_speed.py [--repeats 3]
+    .venv/bin/python bench/decompose_speed.py [--repeats 3] [--repeats-large 1]
 
 1. Every linear matrix of SmolLM2-135M's layers (210 HF matrices, real weights) at half its
    smaller dimension: our gather-free factorisation, plain (``svd``) and activation-aware
@@ -37,7 +37,9 @@ def spd(size: int, seed: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the SmolLM2 comparison")
+    parser.add_argument("--repeats-large", type=int, default=1,
+                        help="timed rounds of each 11008x4096 comparison (seconds to a minute each)")
     args = parser.parse_args()
     rows = []
 
@@ -62,7 +64,7 @@ def main() -> None:
     times = interleaved_medians({
         "retruncate": lambda: column_retruncate(up, down, 768),
         "full svd": lambda: torch.linalg.svd(up @ down, full_matrices=False),
-    }, 1)
+    }, args.repeats_large)
     rows.append(("re-truncate 11008x4096 r=1024 -> 768", f"{times['retruncate']:.2f}", f"{times['full svd']:.2f}",
                  f"{times['full svd'] / times['retruncate']:.1f}x"))
 
@@ -73,7 +75,8 @@ def main() -> None:
     for rank in (128, 1024):
         factors = {}
         times = interleaved_medians({solver: lambda solver=solver: factors.update(
-            {solver: column_factors(weight, rank, input_cov=cov, solver=solver)}) for solver in ("exact", "randomized")}, 1)
+            {solver: column_factors(weight, rank, input_cov=cov, solver=solver)}) for solver in ("exact", "randomized")},
+            args.repeats_large)
         best = spectrum[rank:].sum().item()
         excess = {solver: ((weight - up @ down) @ whitener).square().sum().item() / best - 1
                   for solver, (up, down) in factors.items()}

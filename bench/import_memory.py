@@ -35,14 +35,13 @@ def shard(hf_dir: str, tp: int, way: str) -> None:
     from nemo_plrd.hf import SafetensorsWeights, arch_from_hf, to_megatron
 
     arch = arch_from_hf(AutoConfig.from_pretrained(hf_dir))
-    baseline = peak_mib()
     if way == "imports only":
         state = {}
     elif way == WAYS[0]:
         state = to_megatron(SafetensorsWeights(hf_dir), arch, tp, 0)
     else:
         state = to_megatron(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).state_dict(), arch, tp, 0)
-    print(json.dumps({"baseline": baseline, "peak": peak_mib(), "shard_mib": sum(
+    print(json.dumps({"peak": peak_mib(), "shard_mib": sum(
         t.numel() * t.element_size() for t in state.values()) / 2**20,
         "checksum": sum(float(t.double().sum()) for t in state.values())}))
 

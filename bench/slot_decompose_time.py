@@ -12,7 +12,9 @@ does not shorten it; a GPU does (float64 on an H100/H200: ~60 TFLOP/s against ~0
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,18 +38,22 @@ def seconds(shape: tuple[int, int], rank: int, kind: str) -> float:
     return time.perf_counter() - start
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     rows = []
-    for recipe in ("recipes/llama2_7b_family.yaml", "recipes/mistral_7b_family.yaml"):
-        arch, _, stages = recipe_plan(load_family(recipe))
+    for name in ("llama2_7b_family.yaml", "mistral_7b_family.yaml"):
+        arch, _, stages = recipe_plan(load_family(str(RECIPES / name)))
         total = 0.0
         for slot, shape in arch.slot_shapes().items():
             rank = stages[0].plan.rank(0, slot)
             t = seconds(shape, rank, SLOTS[slot][1])
             total += t
-            rows.append((recipe.split("/")[1], slot, f"{shape[0]}x{shape[1]}", rank, f"{t:.1f}"))
-        rows.append((recipe.split("/")[1], "one layer", "", "", f"{total:.1f}"))
-        rows.append((recipe.split("/")[1], f"{arch.num_layers} layers", "", "",
+            rows.append((name, slot, f"{shape[0]}x{shape[1]}", rank, f"{t:.1f}"))
+        rows.append((name, "one layer", "", "", f"{total:.1f}"))
+        rows.append((name, f"{arch.num_layers} layers", "", "",
                      f"{total * arch.num_layers / 60:.1f} min"))
     print(format_table(("recipe", "slot", "shape", "stage-1 rank", "seconds (CPU)"), rows))
 

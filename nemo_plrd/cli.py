@@ -36,16 +36,18 @@ def run_script(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
-def recipe_config(cls: type, description: str, example_config: str, example_overrides: str):
-    """A recipe's config: ``--config YAML`` plus ``key=value`` overrides from the command line, validated."""
-    from nemo_plrd.config import load_config
-
+def recipe_config(name: str, description: str, example_config: str, example_overrides: str):
+    """A recipe's config (``name``, a class of ``nemo_plrd.config``): ``--config YAML`` plus ``key=value``
+    overrides from the command line, validated. The arguments are parsed before torch and megatron load,
+    so ``--help`` and a usage error answer at once."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"YAML file, e.g. {example_config}")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"YAML-valued overrides, e.g. {example_overrides}")
     args = parser.parse_args()
-    return load_config(cls, args.config, args.overrides)
+    from nemo_plrd import config
+
+    return config.load_config(getattr(config, name), args.config, args.overrides)
 
 
 def _relaunch_under_torchrun(nproc: int) -> int:

@@ -54,12 +54,15 @@ def run_demo(tensor_parallel_size: int, steps: int, seq_length: int, micro_batch
         trainer = Trainer(model, OptimizerConfig(lr=1e-4, min_lr=0.0), schedule, batches)
         meter = CollectiveMeter()
         progress = tqdm(range(steps), desc=f"{name:>8}", unit="step", disable=not rank0)
-        start = time.perf_counter()
+        warmup = 1 if steps > 1 else 0  # the first step (Adam's state, the first collectives) is not timed
         with meter.measure():
             for step in progress:
+                if step == warmup:
+                    start = time.perf_counter()
                 loss = trainer.step()["loss"]
-                tokens_per_s = (step + 1) * tokens[:, 1:].numel() / (time.perf_counter() - start)
-                progress.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{tokens_per_s:.0f}")
+                if step >= warmup:
+                    tokens_per_s = (step + 1 - warmup) * tokens[:, 1:].numel() / (time.perf_counter() - start)
+                    progress.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{tokens_per_s:.0f}")
         results[name] = (params, meter.total_bytes(tp_group) / steps, tokens_per_s, loss)
         del model, trainer
 

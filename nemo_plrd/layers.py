@@ -7,12 +7,14 @@ r-dimensional activations instead of hidden-sized ones (docs/design.md, section 
     column slot (linear_qkv, linear_fc1), input x replicated, output sharded on out:
         z = down(x)          down: r x in,  replicated       no communication
         y = up(z)            up:   out x r, sharded on out   fwd: identity (SP: all-gather z [s,b,r])
-                                                              bwd: all-reduce dz [s,b,r] (SP: reduce-scatter)
+                                                              bwd: all-reduce dz [s,b,r] (SP: reduce-scatter,
+                                                                   and z gathered again for up's weight grad)
     row slot (linear_proj, linear_fc2), input x sharded on in, output replicated:
         z = down(x)          down: r x in,  sharded on in    fwd: all-reduce z [s,b,r] (SP: reduce-scatter)
         y = up(z) + bias     up:   out x r, replicated       no communication
 
-The dense layers move [s,b,in] (column backward) and [s,b,out] (row forward) instead.
+The dense layers move [s,b,in] (column backward; SP: its forward and backward gathers too) and
+[s,b,out] (row forward) instead.
 r is never a sharded dimension, so it need not divide by the TP size.
 
 Both classes take the keyword arguments megatron's layer specs pass to
@@ -54,6 +56,15 @@ def _check_rank(rank: int, out_features: int, in_features: int) -> None:
             f"rank={rank!r} is invalid for a {out_features}x{in_features} slot: "
             "it must be a positive integer"
         )
+
+
+def _check_collectives(tp_group, is_expert: bool, disable_grad_reduce: bool = False) -> None:
+    """Refuse the options under which megatron's inner linear leaves its TP collective to a caller (an
+    expert's dispatcher; ``disable_grad_reduce``): the replicated factor would then get a different
+    partial gradient on each rank, which nothing reduces."""
+    if (is_expert or disable_grad_reduce) and tp_group is not None and tp_group.size() > 1:
+        raise ValueError(f"{'is_expert' if is_expert else 'disable_grad_reduce'}=True over a TP group of "
+                         f"{tp_group.size()} is not supported by the low-rank layers")
 
 
 class ReplicatedLinear(MegatronModule):
@@ -164,6 +175,7 @@ class LowRankColumnParallelLinear(MegatronModule):
         self.input_size, self.output_size, self.rank = input_size, output_size, rank
         self.gather_output, self.skip_bias_add, self.is_expert = gather_output, skip_bias_add, is_expert
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)
+        _check_collectives(self.tp_group, is_expert, column_parallel_kwargs.get("disable_grad_reduce", False))
         self.down = ReplicatedLinear(
             input_size,
             rank,
@@ -248,6 +260,7 @@ class LowRankRowParallelLinear(MegatronModule):
         self.input_size, self.output_size, self.rank = input_size, output_size, rank
         self.input_is_parallel, self.skip_bias_add, self.is_expert = input_is_parallel, skip_bias_add, is_expert
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=is_expert)
+        _check_collectives(self.tp_group, is_expert)
         self.down = RowParallelLinear(
             input_size,
             rank,

@@ -34,10 +34,12 @@ def spec_submodules(spec):
     return spec.keywords["submodules"] if isinstance(spec, functools.partial) else spec.submodules
 
 
-def low_rank_layer_spec(ranks: SlotRanks, normalization: str = "RMSNorm") -> ModuleSpec:
+def low_rank_layer_spec(ranks: SlotRanks, normalization: str = "RMSNorm", qk_layernorm: bool = False,
+                        qk_l2_norm: bool = False) -> ModuleSpec:
     """megatron's local GPT layer spec with each slot in ``ranks`` (rank not None) low-rank."""
     check_slot_names(ranks)
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm,
+                                                  qk_l2_norm=qk_l2_norm))
     layer = spec.submodules
     layer.input_layernorm = _sp_capable(layer.input_layernorm)
     layer.pre_mlp_layernorm = _sp_capable(layer.pre_mlp_layernorm)
@@ -59,8 +61,12 @@ def low_rank_block_spec(
         raise ValueError(
             f"got slot ranks for {len(per_layer)} layers; the model has {config.num_layers}"
         )
-    if config.pipeline_model_parallel_size > 1 and not isinstance(ranks, Mapping):
-        raise ValueError("per-layer ranks need pipeline_model_parallel_size=1")
-    specs = [low_rank_layer_spec(r, config.normalization) for r in per_layer]
+    # the block spec holds every layer: a pipeline stage would build them all
+    unsupported = {"pipeline_model_parallel_size > 1": config.pipeline_model_parallel_size > 1,
+                   "num_moe_experts": config.num_moe_experts, "multi_latent_attention": config.multi_latent_attention}
+    if any(unsupported.values()):
+        raise ValueError(f"low-rank block specs support dense, single-stage models; the config sets "
+                         f"{', '.join(name for name, value in unsupported.items() if value)}")
+    specs = [low_rank_layer_spec(r, config.normalization, config.qk_layernorm, config.qk_l2_norm) for r in per_layer]
     # The final norm is the same class as the layers' own (SP-capable) norms.
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=specs[0].submodules.input_layernorm)

@@ -25,14 +25,14 @@ again after an interruption resumes where the last save left off (``nemo_plrd.pi
 from pathlib import Path
 
 from nemo_plrd.cli import recipe_config, run_script
-from nemo_plrd.config import DecomposeConfig
-from nemo_plrd.parallel import init_distributed
-from nemo_plrd.pipeline import init_parallel, run_stage, sole_run
 
 
 def main() -> None:
-    cfg = recipe_config(DecomposeConfig, __doc__, "recipes/smollm2_135m.yaml",
+    cfg = recipe_config("DecomposeConfig", __doc__, "recipes/smollm2_135m.yaml",
                         "plrd.plan.keep=0.4 output=runs/smollm2-135m-40")
+    from nemo_plrd.parallel import init_distributed
+    from nemo_plrd.pipeline import init_parallel, run_stage, sole_run
+
     init_distributed()
     init_parallel(cfg)
     with sole_run(cfg.output):

@@ -27,14 +27,14 @@ last checkpoint, and finished evaluations are read back.
 """
 
 from nemo_plrd.cli import recipe_config, run_script
-from nemo_plrd.config import FamilyConfig
-from nemo_plrd.parallel import init_distributed
-from nemo_plrd.pipeline import init_parallel, run_family, sole_run
 
 
 def main() -> None:
-    cfg = recipe_config(FamilyConfig, __doc__, "recipes/smollm2_135m_family.yaml",
+    cfg = recipe_config("FamilyConfig", __doc__, "recipes/smollm2_135m_family.yaml",
                         "'keep=[0.5, 0.3]' stage.train.steps=100")
+    from nemo_plrd.parallel import init_distributed
+    from nemo_plrd.pipeline import init_parallel, run_family, sole_run
+
     init_distributed()
     init_parallel(cfg.stage_config(0, cfg.parent, cfg.output))  # every stage has the same layout
     with sole_run(cfg.output):

@@ -1,6 +1,11 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def plrd(*args: str) -> subprocess.CompletedProcess:
@@ -46,3 +51,13 @@ def test_scripts_refuse_bad_input_in_one_line_and_keep_the_traceback_of_a_bug():
     bug = run_script_raising("torch.distributions.Normal(0.0, -1.0)")
     assert bug.returncode == 1
     assert "Traceback" in bug.stderr and "ValueError: Expected parameter scale" in bug.stderr
+
+
+@pytest.mark.parametrize("script", ["recipes/decompose.py", "recipes/family.py", "conversion/hf_to_megatron.py",
+                                    "conversion/megatron_to_hf.py", "conversion/bridge_to_plrd.py"])
+def test_a_script_answers_help_before_loading_torch(script):
+    """Arguments are parsed first: --help and a usage error do not wait on torch and megatron."""
+    code = (f"import runpy, sys\nsys.argv = [{script!r}, '--help']\ntry:\n    runpy.run_path({script!r}, "
+            f"run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "usage:" in result.stdout and result.stdout.rstrip().endswith("torch loaded: False"), result.stdout

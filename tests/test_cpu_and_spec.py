@@ -59,6 +59,20 @@ def test_bad_slot_names_and_layer_counts_are_refused():
     config = TransformerConfig(num_layers=3, hidden_size=8, num_attention_heads=1)
     with pytest.raises(ValueError, match="got slot ranks for 2 layers; the model has 3"):
         low_rank_block_spec(config, [{}, {}])
+    # what the block spec cannot build is refused, not left out of the model
+    pipeline = {"pipeline_model_parallel_size": 2, "pipeline_dtype": torch.float32}
+    for settings, named in ((pipeline, "pipeline_model_parallel_size > 1"), ({"num_moe_experts": 4}, "num_moe_experts")):
+        with pytest.raises(ValueError, match=f"support dense, single-stage models; the config sets {named}$"):
+            low_rank_block_spec(TransformerConfig(num_layers=4, hidden_size=8, num_attention_heads=1, **settings),
+                                {"linear_qkv": 4})
+
+
+def test_a_block_spec_keeps_the_configs_query_and_key_norms():
+    config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=1, qk_layernorm=True)
+    attention = spec_submodules(low_rank_block_spec(config, {"linear_qkv": 4}).layer_specs[1].submodules.self_attention)
+    assert attention.linear_qkv.module is LowRankColumnParallelLinear
+    assert attention.q_layernorm is not None and attention.q_layernorm.__name__ != "IdentityOp"
+    assert attention.k_layernorm is attention.q_layernorm
 
 
 def test_smollm2_slot_shapes_and_break_even_ranks():

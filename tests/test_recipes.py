@@ -156,8 +156,7 @@ def test_the_baselines_train_the_parent_with_the_stages_settings(tmp_path):
     (["parent=OTHER", "stage.train.teacher=OTHER/."], "lm"),  # the parent's directory spelled another way
 ])
 def test_the_control_is_distilled_only_from_a_teacher_other_than_itself(tmp_path, overrides, loss):
-    other = tmp_path / "other"
-    other.mkdir()
+    other = save_tiny_llama(tmp_path / "other")  # a model: a family plans its stages from its parent's config
     overrides = [override.replace("OTHER", str(other)) for override in overrides]
     family = load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", "stage.train.loss=kd", *overrides])
     assert family.baseline_config("control", str(tmp_path)).train.loss == loss

@@ -119,3 +119,19 @@ def test_invalid_rank_is_refused(rank):
     with pytest.raises(ValueError, match=rf"rank={rank!r} is invalid for a {OUT}x{IN} slot"):
         LowRankColumnParallelLinear(IN, OUT, rank=rank, config=config,
                                     init_method=torch.nn.init.zeros_)
+
+
+@pytest.mark.parametrize("tp_size", [2], indirect=True)
+@pytest.mark.parametrize("slot", ["column", "row"])
+def test_an_expert_layer_over_a_tp_group_is_refused(tp_size, slot):
+    """megatron's expert linears leave their TP collectives to the dispatcher: the replicated factor's
+    gradient would differ per rank, with nothing to reduce it."""
+    init_model_parallel(tp_size)
+    config = TransformerConfig(num_layers=1, hidden_size=IN, num_attention_heads=4, use_cpu_initialization=True,
+                               tensor_model_parallel_size=tp_size)
+    common = dict(rank=RANK, config=config, init_method=torch.nn.init.zeros_, bias=False, is_expert=True)
+    with pytest.raises(ValueError, match="is_expert=True over a TP group of 2 is not supported"):
+        if slot == "column":
+            LowRankColumnParallelLinear(IN, OUT, **common)
+        else:
+            LowRankRowParallelLinear(IN, OUT, input_is_parallel=True, skip_bias_add=False, **common)

@@ -85,9 +85,9 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         _check_positive("plrd.calibration", tokens=self.tokens, seq_length=self.seq_length,
                         micro_batch=self.micro_batch)
-        if self.tokens < self.seq_length:
-            raise InputError(f"plrd.calibration.tokens={self.tokens} is less than one sequence "
-                             f"(plrd.calibration.seq_length={self.seq_length})")
+        if self.tokens % self.seq_length:  # whole sequences: a remainder would be silently left out
+            raise InputError(f"plrd.calibration.tokens={self.tokens} must be a multiple of "
+                             f"plrd.calibration.seq_length={self.seq_length} (whole sequences)")
 
 
 @dataclass
@@ -273,7 +273,7 @@ class EvalConfig:
     batch_size: int = 8  # lm-eval's requests per forward pass: raise it on a GPU (scores equal up to float rounding)
 
     def __post_init__(self) -> None:
-        check_tasks(self.tasks)
+        check_tasks(self.tasks, "eval.tasks")
         _check_positive("eval", batch_size=self.batch_size)
         if self.limit is not None:
             _check_positive("eval", limit=self.limit)

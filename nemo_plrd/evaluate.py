@@ -63,10 +63,12 @@ def offline_environment() -> None:
     os.environ.setdefault("HF_HOME", str(cache_dir() / "hf_home"))
 
 
-def check_tasks(tasks: Sequence[str]) -> None:
+def check_tasks(tasks: Sequence[str], key: str = "tasks") -> None:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise InputError(f"unknown task(s) {unknown}; the tasks are {list(TASKS)}")
+        raise InputError(f"{key}: unknown task(s) {unknown}; the tasks are {list(TASKS)}")
+    if len(set(tasks)) < len(tasks):
+        raise InputError(f"{key}={list(tasks)} names a task twice")
 
 
 def task_configs(tasks: Sequence[str]) -> list[dict]:

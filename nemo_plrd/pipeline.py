@@ -74,13 +74,24 @@ def _keeps_work(folder: Path) -> bool:
         _keeps_work(sub) for sub in folder.iterdir() if sub.is_dir() and sub.name != "train")
 
 
-def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
+# a stage's settings read only from its first training step on: until a training checkpoint exists, a rerun may
+# change them (a training setting refused after the decomposition is fixed without decomposing again)
+TRAINING_KEYS = ("train.", "optimizer.", "ddp.", "mixed_precision", "export", "export_dtype")
+
+
+def _untrained(folder: Path) -> bool:
+    latest = _latest(folder / "train")
+    return latest is None or latest.name == DECOMPOSED
+
+
+def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[], bool] = lambda: False) -> None:
     """Record ``cfg`` in ``folder`` (created if missing), or check it against the one recorded there.
 
     A different config is refused, naming every key whose value differs, unless the unfinished
     ``folder`` keeps no work (a run refused for bad input after its claim: the rerun with the input
-    fixed takes the folder over); a ``finished`` output that holds no record (not written by this
-    pipeline) is refused too. Every rank gets rank 0's verdict.
+    fixed takes the folder over), or only ``TRAINING_KEYS`` differ and it is ``untrained()``; a
+    ``finished`` output that holds no record (not written by this pipeline) is refused too. Every rank
+    gets rank 0's verdict.
     """
     config = dataclasses.asdict(cfg)
     verdict: list = [None]
@@ -88,11 +99,15 @@ def claim(folder: Path, cfg: Any, finished: bool = False) -> None:
         record = folder / CONFIG
         changed = record.is_file() and config_differences(json.loads(record.read_text()), config,
                                                           field_defaults(type(cfg)))
+        retrain = bool(changed) and not finished and all(
+            line.split(":")[0].startswith(TRAINING_KEYS) for line in changed) and untrained()
         if finished and not record.is_file():
             verdict[0] = ["foreign", []]
-        elif record.is_file() and (finished or not changed or _keeps_work(folder)):
+        elif record.is_file() and not retrain and (finished or not changed or _keeps_work(folder)):
             verdict[0] = ["existing", changed]
         else:
+            if retrain:
+                print(f"{folder}: not trained yet, so it trains with the changed settings: {'; '.join(changed)}")
             folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(record, json.dumps(config, indent=1) + "\n")
             verdict[0] = ["new", []]
@@ -339,7 +354,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         return json.loads((out / "summary.json").read_text()) if _rank0() else None
     if cfg.train.steps and cfg.train.loss != "lm":
         check_teacher_source(cfg)
-    claim(partial, cfg)
+    claim(partial, cfg, untrained=lambda: _untrained(partial))
     latest, decomposed = rank0_decides(lambda: (_latest(partial / "train"), (partial / "decomposed.json").is_file()))
     if latest is None or not decomposed:
         if _rank0():  # a decomposition interrupted before its record was written: done again

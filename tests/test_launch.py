@@ -89,6 +89,19 @@ def test_a_plan_from_a_folder_without_an_hf_config_is_refused_naming_the_key(tmp
         assert f"architecture='{architecture}' holds no HF config.json to plan the family from" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("plrd.plan.allocation=unifrom", "plrd.plan.allocation='unifrom' is not one of ('uniform', 'spectrum')"),
+    ("plrd.plan.kep=0.3", "unknown key(s) ['plrd.plan.kep']"),
+    ("plrd.ridge=-1", "plrd.ridge=-1 must be a number >= 0"),
+    ("train.kd_weight=0.5", "train.kd_weight=0.5 weighs the KL against the LM loss in train.loss=lm+kd only"),
+])
+def test_a_jobs_bad_plrd_or_loss_setting_is_refused_at_submission_not_on_the_cluster(override, message, capsys):
+    recipe = str(ROOT / "recipes" / "llama2_7b_family.yaml")
+    with pytest.raises(SystemExit) as exit:
+        main(["plan", recipe, f"job.overrides=['model.tensor_model_parallel_size=8','{override}']"])
+    assert exit.value.code == 2 and f"job (job.config_file, job.overrides): {message}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- rendering and submitting
 
 

@@ -115,7 +115,10 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["export=[gguf]"], "export=['gguf'] must list distinct formats among ['merged', 'factored']"),
     (["export_dtype=fp16"], "export_dtype='fp16' is not one of ['float32', 'bfloat16', 'float16', 'parent']"),
     (["export=[]"], "eval.tasks=['arc_easy', 'arc_challenge', 'piqa', 'hellaswag', 'winogrande', 'boolq', 'mmlu'] needs an HF export"),
-    (["eval.tasks=[lambada]"], "unknown task(s) ['lambada']"),
+    (["eval.tasks=[lambada]"], "eval.tasks: unknown task(s) ['lambada']"),
+    (["eval.tasks=[piqa, piqa]"], "eval.tasks=['piqa', 'piqa'] names a task twice"),
+    (["plrd.calibration.tokens=1000"], "plrd.calibration.tokens=1000 must be a multiple of "
+                                       "plrd.calibration.seq_length=512 (whole sequences)"),
     (["eval.batch_size=0"], "eval.batch_size=0 must be a positive integer"),
     (["mixed_precision=fp16_mixed"], "mixed_precision='fp16_mixed' must be null (fp32) or one of ['bf16_mixed']"),
     (["+optimizer.bf16=true"], "optimizer.bf16 cannot be set: it follows mixed_precision"),
@@ -215,6 +218,7 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     (["stage.optimizer.lr=0"], "stage.optimizer.lr=0 must be > 0 and stage.optimizer.min_lr=1e-05 in [0, lr]"),
     (["stage.export=[gguf]"], "stage.export=['gguf'] must list distinct formats"),
     (["stage.export_dtype=int8"], "stage.export_dtype='int8' is not one of"),
+    (["stage.eval.tasks=[arc]"], "stage.eval.tasks: unknown task(s) ['arc']"),
     (["+stage.ddp.use_distributed_optimizer=true"], "stage.ddp.use_distributed_optimizer cannot be set"),
     (["stage.dataset.blend=[[/no/such/data], null]"], "stage.dataset.blend: '/no/such/data' is not a megatron"),
     # a later stage's budget, from the architecture: refused before stage 1 trains, not when stage 3 starts
@@ -526,6 +530,27 @@ def test_a_stage_refused_for_bad_input_after_it_started_reruns_with_the_input_fi
     run = recipe(f"parent={tiny_parent}", f"output={out}", *quick, "plrd.plan.keep=0.6")
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["plrd"]["plan"]["keep"] == 0.6
+
+
+def test_a_training_setting_refused_after_the_decomposition_is_fixed_without_decomposing_again(tiny_parent,
+                                                                                                 tmp_path):
+    """The valid split is sized when training starts: a rerun that changes only training settings, before any
+    training checkpoint, keeps the decomposition; any other change is still refused."""
+    out = tmp_path / "stage"
+    settings = [f"parent={tiny_parent}", f"output={out}", "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128",
+                "eval.perplexity_blocks=0", "eval.tasks=[]", "export=[merged]", "train.steps=2", "train.seq_length=64",
+                "train.micro_batch=2", "train.global_batch=2", "dataset.blend=[[shakespeare, wikipedia], null]"]
+    run = recipe(*settings, "train.eval_iters=100000")
+    assert run.returncode == 2 and "fewer than the 200000 asked for" in run.stderr, run.stderr[-3000:]
+    partial = out.with_name("stage.partial")
+    decomposed = (partial / "plan.json").stat().st_mtime_ns  # written by the decomposition
+    run = recipe(*settings, "train.eval_iters=1", "plrd.ridge=0.5")
+    assert run.returncode == 2 and "plrd.ridge: " in run.stderr  # the decomposition's own settings: refused
+    run = recipe(*settings, "train.eval_iters=1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "not trained yet, so it trains with the changed settings: train.eval_iters: 100000 -> 1" in run.stdout
+    assert (out / "plan.json").stat().st_mtime_ns == decomposed
+    assert json.loads((out / "config.json").read_text())["train"]["eval_iters"] == 1
 
 
 def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage):

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from nemo_plrd.bridge import recipe_function
-from nemo_plrd.config import (EvalConfig, check_blend, check_export, distils_from_family_parent, load_yaml,
-                              override_key, with_overrides)
+from nemo_plrd.config import (EvalConfig, PLRDConfig, TrainConfig, check_blend, check_distillation, check_export,
+                              distils_from_family_parent, from_dict, load_yaml, override_key, with_overrides)
 from nemo_plrd.errors import InputError
 from nemo_plrd.export_options import check_dtype
 
@@ -96,6 +97,26 @@ class BridgeFamilyConfig:
         check_export(self.export, at_least_one="the next stage starts from the checkpoint, the evaluation from "
                                                "the first export")
         check_dtype("export_dtype", self.export_dtype)
+        self._check_job_plrd_settings()
+
+    def _check_job_plrd_settings(self) -> None:
+        """The job's ``plrd.*`` and loss keys, as each stage's job will read them, checked at submission: a typo
+        would otherwise surface only when the first job starts, after the queue. Settings that interpolate
+        Bridge's own keys are left to the job."""
+        try:
+            settings = OmegaConf.to_container(self.job.settings, resolve=True)
+        except OmegaConfBaseException:
+            return
+        plrd = settings.get("plrd") or {}
+        if not isinstance(plrd, dict) or not isinstance(plrd.get("plan", {}), dict):
+            raise InputError(f"job: plrd={plrd!r} must be a mapping, its plrd.plan too")
+        plan = {**plrd.get("plan", {}), "keep": None, "ranks": None, "target_params": self.target_params[0]}
+        try:
+            from_dict(PLRDConfig, {**plrd, "plan": plan}, "plrd.")
+            train = settings.get("train") or {}
+            check_distillation(*(train.get(key, getattr(TrainConfig, key)) for key in ("loss", "kd_weight", "teacher")))
+        except InputError as error:
+            raise InputError(f"job (job.config_file, job.overrides): {error}") from None
 
     def stage_name(self, index: int) -> str:
         size = self.target_params[index]

@@ -11,6 +11,7 @@ started on an empty cache, or a second job) wait on a file lock and then find it
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import os
 import re
@@ -90,8 +91,9 @@ DISTRIBUTIONS = {
 }
 _WHEEL_PLATFORM = ["--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
                    "--implementation", "cp", "--abi", "cp311"]
-# an sdist's metadata is built with the venv's pinned setuptools, not the newest one pip would fetch
-_SDIST = ["--no-binary", ":all:", "--no-build-isolation"]
+# an sdist's metadata is built with the venv's pinned setuptools (scripts/setup.sh installs it), not the
+# newest one pip would fetch; an environment without setuptools lets pip fetch one
+_SDIST = ["--no-binary", ":all:", *(["--no-build-isolation"] if importlib.util.find_spec("setuptools") else [])]
 
 
 def _sha256(path: Path) -> str:

@@ -606,8 +606,9 @@ def stream_length(first_sample: int, stream_samples: Optional[int], samples: int
     return stream_samples or first_sample + samples
 
 
-def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:
-    """``train.loss``, ``train.kd_weight`` and ``train.teacher``: the same keys in a local and in a Bridge stage."""
+def check_distillation(loss: str, kd_weight: float, teacher: str, teacher_here: bool = True) -> None:
+    """``train.loss``, ``train.kd_weight`` and ``train.teacher``: the same keys in a local and in a Bridge stage;
+    a teacher folder is looked for only ``teacher_here`` (not by ``plrd submit``: it is on the cluster)."""
     if loss not in LOSSES:
         raise InputError(f"train.loss={loss!r} is not one of {list(LOSSES)}")
     if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not 0 < kd_weight < math.inf:
@@ -615,7 +616,7 @@ def check_distillation(loss: str, kd_weight: float, teacher: str) -> None:
     if kd_weight != 1 and loss != "lm+kd":
         raise InputError(f"train.kd_weight={kd_weight} weighs the KL against the LM loss in train.loss=lm+kd only; "
                          f"train.loss={loss!r} takes no weight (leave it at 1.0)")
-    if teacher not in TEACHERS:
+    if teacher not in TEACHERS and teacher_here:
         _check_parent(teacher, "train.teacher")
 
 

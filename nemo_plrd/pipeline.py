@@ -80,18 +80,28 @@ TRAINING_KEYS = ("train.", "optimizer.", "ddp.", "mixed_precision", "export", "e
 
 
 def _untrained(folder: Path) -> bool:
+    """Whether a stage's unfinished folder holds nothing after its decomposition: no training step saved, and no
+    checkpoint, export or evaluation, which a rerun keeps as they are (a run with train.steps=0 writes them)."""
     latest = _latest(folder / "train")
-    return latest is None or latest.name == DECOMPOSED
+    return (latest is None or latest.name == DECOMPOSED) and not (folder / "checkpoint").exists() and not any(
+        folder.glob("hf-*")) and not (folder / "eval").exists()
 
 
-def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[], bool] = lambda: False) -> None:
+def _family_untrained(folder: Path) -> bool:
+    """Whether no stage or baseline of a family's unfinished folder has trained (a finished one has)."""
+    return all(sub.name.endswith(".partial") and _untrained(sub) for sub in folder.iterdir()
+               if sub.is_dir() and sub.name != "eval")
+
+
+def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[], bool] = lambda: False,
+          section: str = "") -> None:
     """Record ``cfg`` in ``folder`` (created if missing), or check it against the one recorded there.
 
     A different config is refused, naming every key whose value differs, unless the unfinished
     ``folder`` keeps no work (a run refused for bad input after its claim: the rerun with the input
-    fixed takes the folder over), or only ``TRAINING_KEYS`` differ and it is ``untrained()``; a
-    ``finished`` output that holds no record (not written by this pipeline) is refused too. Every rank
-    gets rank 0's verdict.
+    fixed takes the folder over), or only ``TRAINING_KEYS`` (under ``section``: a family's ``stage.``)
+    differ and it is ``untrained()``; a ``finished`` output that holds no record (not written by this
+    pipeline) is refused too. Every rank gets rank 0's verdict.
     """
     config = dataclasses.asdict(cfg)
     verdict: list = [None]
@@ -99,8 +109,8 @@ def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[]
         record = folder / CONFIG
         changed = record.is_file() and config_differences(json.loads(record.read_text()), config,
                                                           field_defaults(type(cfg)))
-        retrain = bool(changed) and not finished and all(
-            line.split(":")[0].startswith(TRAINING_KEYS) for line in changed) and untrained()
+        retrain = bool(changed) and not finished and all(line.startswith(section) and line.split(":")[0].removeprefix(
+            section).startswith(TRAINING_KEYS) for line in changed) and untrained()
         if finished and not record.is_file():
             verdict[0] = ["foreign", []]
         elif record.is_file() and not retrain and (finished or not changed or _keeps_work(folder)):
@@ -417,7 +427,7 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
             progress(f"{out} is complete (same config): nothing to do")
             return (out / "family.md").read_text().splitlines()
         return None
-    claim(partial, cfg)
+    claim(partial, cfg, untrained=lambda: _family_untrained(partial), section="stage.")
     parent, stages, measured = cfg.parent, [], None  # measured: the held-out perplexity of ``parent``
     for index, keep in enumerate(cfg.keep):
         stage = cfg.stage_config(index, parent, str(partial))

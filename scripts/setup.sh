@@ -20,6 +20,9 @@ esac
 PYTHON=${PYTHON:-python3}
 # A venv whose creation was cut short (Ctrl-C, no ensurepip) has a python but no pip: made again.
 if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then  # never remove what is not a venv
+    echo "[setup] $VENV exists and is not a virtualenv (no pyvenv.cfg): give another folder" >&2; exit 2
+  fi
   echo "[setup] creating $VENV with $($PYTHON --version)"
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV" || {

@@ -14,8 +14,6 @@ from processes import kill_when
 BUILDER = """
 import os, sys, time
 from pathlib import Path
-
-import pytest
 from nemo_plrd.assets import _build_once
 
 go, log = Path(sys.argv[1]), Path(sys.argv[2])

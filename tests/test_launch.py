@@ -102,6 +102,13 @@ def test_a_jobs_bad_plrd_or_loss_setting_is_refused_at_submission_not_on_the_clu
     assert exit.value.code == 2 and f"job (job.config_file, job.overrides): {message}" in capsys.readouterr().err
 
 
+def test_a_jobs_teacher_is_looked_for_on_the_cluster_not_where_the_family_is_planned():
+    family = load_family(str(ROOT / "recipes" / "llama2_7b_family.yaml"),
+                         ["job.overrides=['model.tensor_model_parallel_size=8','train.loss=kd',"
+                          "'train.teacher=/lustre/models/Llama-2-13b-hf']"])
+    assert "train.teacher=/lustre/models/Llama-2-13b-hf" in family.job.overrides
+
+
 # ---------------------------------------------------------------- rendering and submitting
 
 

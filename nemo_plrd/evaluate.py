@@ -139,6 +139,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
         model.cuda()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)  # it reads the config too
     result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": {}, "items": {},
+              "perplexity_blocks": perplexity_blocks,
               "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
     output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                                      tasks=configs, limit=limit, log_samples=samples) if tasks else None

@@ -84,9 +84,14 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
     table = (tmp_path / "a" / "results.md").read_text()
     assert table.count("\n") == 10 and "held-out perplexity: news" in table  # header + 7 tasks + 2 corpora
     assert " ± " in table
-    again = plrd_eval(smollm2_135m(), "--limit", "2", "--out", tmp_path / "a")  # another model's results, maybe
-    assert again.returncode == 2 and f"--out {tmp_path / 'a'} already holds results" in again.stderr
-    assert (tmp_path / "a" / "results.md").read_text() == table
+    results = (tmp_path / "a" / "results.json").read_bytes()
+    again = plrd_eval(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--heldout", "shakespeare,news",
+                      "--out", tmp_path / "a")  # the same request: reported, not run again
+    assert again.returncode == 0 and again.stdout.startswith(table) and "already evaluated" in again.stdout
+    other = plrd_eval(smollm2_135m(), "--limit", "2", "--out", tmp_path / "a")  # other settings (or another model)
+    assert other.returncode == 2 and (f"--out {tmp_path / 'a'} already holds the results of another evaluation "
+                                      "(perplexity_blocks 1, heldout ['shakespeare', 'news'])") in other.stderr
+    assert (tmp_path / "a" / "results.json").read_bytes() == results
 
 
 def test_bad_input_is_refused(tmp_path):

@@ -24,6 +24,7 @@ Both classes take the keyword arguments megatron's layer specs pass to
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -217,9 +218,12 @@ class LowRankColumnParallelLinear(MegatronModule):
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         if self.stride == 2:
             singleton = (metadata or {}).get("singleton_local_shards", False)
+            # megatron-core >= 0.17 also splits a torch-FSDP2 parameter's DP shards, given the groups its MLP passes
+            groups = ({"tp_group": self.tp_group, "dp_group": ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"]}
+                      if "dp_group" in inspect.signature(apply_swiglu_sharded_factory).parameters else {})
             for key in (f"{prefix}up.weight", f"{prefix}up.bias"):
                 if key in sharded:
-                    sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+                    sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton, **groups)
         return sharded
 
     def forward(

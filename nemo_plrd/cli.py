@@ -175,8 +175,8 @@ def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
     other settings' are refused, naming what differs (every PLRD export is named hf-<format>: a default
     ``--out`` is shared by every member)."""
     earlier = json.loads((out / "results.json").read_text())
-    asked = {"model": str(model_dir), "tasks": cfg.tasks, "limit": cfg.limit, "perplexity_blocks": cfg.perplexity_blocks,
-             "heldout": cfg.heldout if cfg.perplexity_blocks else []}
+    asked = {"model": str(model_dir), "tasks": cfg.tasks, "limit": cfg.limit,
+             "perplexity_blocks": cfg.perplexity_blocks, "heldout": cfg.heldout if cfg.perplexity_blocks else []}
     held = {"model": earlier["model"], "tasks": list(earlier["tasks"]), "limit": earlier["limit"],
             "perplexity_blocks": earlier.get("perplexity_blocks"), "heldout": list(earlier["perplexity"])}
     differ = [f"{key} {held[key]!r}" for key in asked if asked[key] != held[key]]

@@ -40,7 +40,8 @@ from transformers import AutoTokenizer
 
 from nemo_plrd import distill, report
 from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
-from nemo_plrd.checkpoint import build_model, load_model, load_parent, read_metadata, save_checkpoint
+from nemo_plrd.checkpoint import (build_model, describe_parent, load_model, load_parent, read_metadata,
+                                  save_checkpoint)
 from nemo_plrd.config import (BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig, config_differences,
                               field_defaults, stream_length)
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
@@ -231,6 +232,16 @@ def _heldout(hf_source: Path, num_blocks: int, name: str) -> torch.Tensor:
     return heldout_blocks(AutoTokenizer.from_pretrained(hf_source), num_blocks, name)
 
 
+def check_heldout(cfg: DecomposeConfig) -> None:
+    """``eval.perplexity_blocks`` against the held-out texts as the parent's tokenizer cuts them, before anything
+    is claimed or loaded: refused at the first perplexity, it would leave a claimed folder behind, which only the
+    same settings resume."""
+    if cfg.eval.perplexity_blocks:
+        _, _, hf_source = describe_parent(_folder(cfg.parent))
+        for name in cfg.eval.heldout:
+            _heldout(hf_source, cfg.eval.perplexity_blocks, name)
+
+
 def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: Path) -> Optional[dict[str, float]]:
     """{corpus: the megatron model's held-out perplexity} (None with eval.perplexity_blocks=0); half a
     minute or more on a CPU, so rank 0 shows it in tokens/s."""
@@ -364,6 +375,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         return json.loads((out / "summary.json").read_text()) if _rank0() else None
     if cfg.train.steps and cfg.train.loss != "lm":
         check_teacher_source(cfg)
+    check_heldout(cfg)
     claim(partial, cfg, untrained=lambda: _untrained(partial))
     latest, decomposed = rank0_decides(lambda: (_latest(partial / "train"), (partial / "decomposed.json").is_file()))
     if latest is None or not decomposed:
@@ -427,6 +439,7 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
             progress(f"{out} is complete (same config): nothing to do")
             return (out / "family.md").read_text().splitlines()
         return None
+    check_heldout(cfg.stage_config(0, cfg.parent, str(partial)))
     claim(partial, cfg, untrained=lambda: _family_untrained(partial), section="stage.")
     parent, stages, measured = cfg.parent, [], None  # measured: the held-out perplexity of ``parent``
     for index, keep in enumerate(cfg.keep):

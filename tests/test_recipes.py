@@ -523,6 +523,18 @@ def test_a_bf16_mixed_stage_trains_like_the_fp32_one_and_exports_its_bf16_weight
     assert all(torch.equal(w, w.bfloat16().float()) for w in factored.values())
 
 
+@pytest.mark.parametrize("name, key", [("decompose", "eval.perplexity_blocks"), ("family", "stage.eval.perplexity_blocks")])
+def test_more_held_out_blocks_than_a_corpus_holds_are_refused_before_any_work(tiny_parent, tmp_path, name, key):
+    """news's held-out text is 17 blocks of SmolLM2's tokens: refused before the output is claimed (a claimed
+    folder would resume only with the same settings) and before the parent loads."""
+    out = tmp_path / "out"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", f"{key}=18", name=name,
+                 config=FAMILY_YAML if name == "family" else YAML)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "eval.perplexity_blocks=18: the held-out news text holds 17 blocks" in run.stderr
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
 def test_a_stage_refused_for_bad_input_after_it_started_reruns_with_the_input_fixed(tiny_parent, tmp_path):
     """The plan's budget is checked against the parent, after the output is claimed: nothing was kept,
     so the rerun with another budget takes the folder over instead of asking for the same settings."""

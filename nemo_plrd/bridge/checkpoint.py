@@ -23,6 +23,7 @@ from nemo_plrd.plan import RankPlan
 
 PLAN_FILE = "plrd_plan.json"  # in checkpoint.save: the ranks a resumed job rebuilds the model at
 TRACKER = "latest_checkpointed_iteration.txt"  # megatron's: the newest iteration saved
+TRAIN_STATE = "latest_train_state.pt"  # Bridge's: the newest iteration saved, written before TRACKER
 STAGE_FILE = "plrd_stage.json"  # in checkpoint.save: the PLRD settings and parent the stage started with
 RUN_CONFIG = "run_config.yaml"  # Bridge's, in each iter_* folder: the job's whole config
 
@@ -35,15 +36,27 @@ def _train_iters(folder: Path) -> Optional[int]:
     return (yaml.safe_load(config.read_text()).get("train") or {}).get("train_iters")
 
 
+def saved_iteration(save: Path) -> Optional[int]:
+    """The iteration Bridge resumes ``save`` from (None before its first save), read as Bridge reads it: its own
+    ``TRAIN_STATE`` first, megatron's ``TRACKER`` else. A kill between the two writes leaves the tracker one save
+    behind: read alone, it would resume the metrics and the conversion at another step than the model's."""
+    if (save / TRAIN_STATE).is_file():
+        return int(torch.load(save / TRAIN_STATE, weights_only=True)["step"])
+    if (save / TRACKER).is_file():
+        return int((save / TRACKER).read_text())
+    return None
+
+
 def load_bridge_stage(save: str | Path, hf_path: str | Path,
                       iteration: Optional[int] = None) -> tuple[torch.nn.Module, LlamaArch]:
     """The model of a Bridge stage's checkpoint (its newest, or ``iteration``) at megatron's current TP size."""
     save = Path(save)
-    for name in (PLAN_FILE, TRACKER):
-        if not (save / name).is_file():
-            raise MissingInputError(f"{save} has no {name}: it is not the checkpoint.save of a PLRD Bridge stage")
+    saved = saved_iteration(save)
+    if saved is None or not (save / PLAN_FILE).is_file():
+        raise MissingInputError(f"{save} has no {TRACKER if saved is None else PLAN_FILE}: it is not the "
+                                "checkpoint.save of a PLRD Bridge stage")
     newest = iteration is None
-    iteration = int((save / TRACKER).read_text()) if newest else iteration
+    iteration = saved if newest else iteration
     folder = save / f"iter_{iteration:07d}"
     if not (folder / "metadata.json").is_file():
         raise MissingInputError(f"{folder} is not a saved iteration of {save}")

@@ -13,6 +13,7 @@ A family's stage reads its share of the family's data stream (``StageStream``), 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.bridge.models import AutoBridge
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
-from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
+from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, saved_iteration
 from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import load_checkpoint, read_metadata
@@ -32,7 +34,7 @@ from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, str
 from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
-from nemo_plrd.parallel import exists_on_rank0
+from nemo_plrd.parallel import exists_on_rank0, rank0_decides
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.slots import one_key_per_layer
 from nemo_plrd.spec import low_rank_block_spec
@@ -132,6 +134,9 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                          "needs 1 (calibration runs the whole model layer by layer; docs/scale.md)")
     if cfg.dataset.blend is None:
         raise InputError("dataset.blend must name the stage's data: PLRD calibrates on its train split")
+    if cfg.inprocess_restart is not None and cfg.inprocess_restart.enabled:
+        raise InputError("inprocess_restart.enabled=true: a PLRD stage decides once, before training, whether it "
+                         "starts afresh or resumes; let the scheduler requeue the job instead, which resumes it")
     if cfg.checkpoint.pretrained_checkpoint is not None:
         raise InputError(f"checkpoint.pretrained_checkpoint={cfg.checkpoint.pretrained_checkpoint!r}: a PLRD stage "
                          "starts from --hf-path or --parent; leave it unset")
@@ -141,22 +146,21 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                "train": {key: getattr(cfg.train, key) for key in DISTILLATION},  # the loss it trains with
                # a resumed stage continues its samples of the same stream (the count is in its checkpoint)
                **({"stream": [cfg.train.first_sample, cfg.train.stream_samples]} if cfg.train.in_stream else {})}
-    resume = exists_on_rank0(save / TRACKER)  # an interrupted job
+    start_distributed(cfg)
+    saved = rank0_decides(lambda: saved_iteration(save))  # an interrupted job's newest checkpoint
+    resume = saved is not None
     if resume and not exists_on_rank0(save / PLAN_FILE):  # a stage writes its plan before any checkpoint
         raise InputError(f"checkpoint.save={str(save)!r} holds a checkpoint of a run that is not a PLRD stage (no "
                          f"{PLAN_FILE}); choose a new checkpoint.save")
-    if resume and (save / STAGE_FILE).is_file():
-        changed = config_differences(json.loads((save / STAGE_FILE).read_text()), started, {  # an older record's
-            "plrd": field_defaults(PLRDConfig), "train": {key: field_defaults(PLRDTrainingConfig)[key]  # missing keys
-                                                          for key in DISTILLATION}})
-        if changed:
-            raise InputError(f"checkpoint.save={str(save)!r} holds a stage started with other settings; rerun with "
-                             f"the same to resume it, or choose a new checkpoint.save. Differences (then -> now): "
-                             f"{'; '.join(changed)}")
-    if int(os.environ.get("RANK", "0")) == 0:  # before Bridge initialises torch.distributed: one writer
-        keep_saved_steps(save / METRICS, int((save / TRACKER).read_text()) if resume else 0)  # afresh: none kept
+    changed = rank0_decides(lambda: _changed_settings(save, started)) if resume else []
+    if changed:
+        raise InputError(f"checkpoint.save={str(save)!r} holds a stage started with other settings; rerun with "
+                         f"the same to resume it, or choose a new checkpoint.save. Differences (then -> now): "
+                         f"{'; '.join(changed)}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer
+        keep_saved_steps(save / METRICS, saved or 0)  # afresh: none kept
     if resume:
-        plan = RankPlan.from_json((save / PLAN_FILE).read_text())
+        plan = RankPlan.from_json(rank0_decides((save / PLAN_FILE).read_text))
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         provider.hetereogenous_dist_checkpoint = one_key_per_layer(plan.layer_ranks())  # as the transform left it
         cfg.checkpoint.load = str(save)
@@ -185,6 +189,28 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started)):
         _add_pre_wrap_hook(provider, hook)
     return cfg
+
+
+def start_distributed(cfg: PLRDConfigContainer) -> None:
+    """torch.distributed started as Bridge's ``initialize_megatron`` would start it (it then skips that step), so
+    that a stage's decisions about its checkpoint folder are rank 0's on every rank: a rank whose network file
+    system still hides the last checkpoint would build the dense model while the others resume the factored one,
+    and wait forever in its first collective."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process decides alone
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0 if cfg.dist.external_gpu_device_mapping else int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(cfg.dist.distributed_backend,
+                            timeout=datetime.timedelta(minutes=cfg.dist.distributed_timeout_minutes))
+
+
+def _changed_settings(save: Path, started: dict) -> list[str]:
+    """What differs between the settings ``save``'s stage started with and ``started`` (none when unrecorded)."""
+    if not (save / STAGE_FILE).is_file():
+        return []
+    return config_differences(json.loads((save / STAGE_FILE).read_text()), started, {  # an older record's missing
+        "plrd": field_defaults(PLRDConfig),  # keys, at their defaults
+        "train": {key: field_defaults(PLRDTrainingConfig)[key] for key in DISTILLATION}})
 
 
 def _add_pre_wrap_hook(model_config, hook) -> None:

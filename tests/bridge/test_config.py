@@ -254,11 +254,14 @@ def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_firs
 
 
 def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, tiny_parent):
-    """A recipe built on Bridge's own sets checkpoint.load: Bridge would load that run into the decomposed model."""
+    """A recipe built on Bridge's own sets checkpoint.load: Bridge would load that run into the decomposed model.
+    Settings under which the stage would not start from its parent or its own checkpoint are refused."""
+    from megatron.bridge.training.config import InProcessRestartConfig
+
     from nemo_plrd.bridge.checkpoint import PLAN_FILE, TRACKER
     from nemo_plrd.bridge.stage import prepare_stage
 
-    folders = [tmp_path / name for name in ("fresh", "foreign", "pretrained")]
+    folders = [tmp_path / name for name in ("fresh", "foreign", "pretrained", "inprocess")]
     for folder in folders:
         folder.mkdir()
     cfg, save = stage_folder(folders[0])
@@ -274,6 +277,11 @@ def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, t
     cfg, _ = stage_folder(folders[2])
     cfg.checkpoint.pretrained_checkpoint = "/elsewhere"
     with pytest.raises(InputError, match="checkpoint.pretrained_checkpoint='/elsewhere': a PLRD stage starts from"):
+        prepare_stage(cfg, hf_path=str(tiny_parent))
+    cfg, _ = stage_folder(folders[3])  # an in-process restart would train again the way the first attempt decided
+    cfg.inprocess_restart = InProcessRestartConfig(enabled=True)
+    with pytest.raises(InputError, match="inprocess_restart.enabled=true: a PLRD stage decides once, before "
+                                         "training, whether it starts afresh or resumes"):
         prepare_stage(cfg, hf_path=str(tiny_parent))
 
 

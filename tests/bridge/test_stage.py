@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,43 @@ def convert(script: str, *args) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "conversion" / script), *map(str, args)],
                             capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# Run in front of recipes/run_plrd.py: rank 1 does not see the stage's trackers (a network file system's stale
+# cache), and Bridge's pretrain only reports what the stage prepared.
+PREPARE_ONLY = """
+import os, runpy, sys
+from pathlib import Path
+import megatron.bridge.training.pretrain as bridge_pretrain
+
+if os.environ["RANK"] == "1":
+    HIDDEN = ("latest_checkpointed_iteration.txt", "latest_train_state.pt")
+    exists, is_file = Path.exists, Path.is_file
+    Path.exists = lambda self, *args, **kwargs: self.name not in HIDDEN and exists(self, *args, **kwargs)
+    Path.is_file = lambda self, *args, **kwargs: self.name not in HIDDEN and is_file(self, *args, **kwargs)
+bridge_pretrain.pretrain = lambda cfg, *args, **kwargs: print(f"rank {os.environ['RANK']} loads {cfg.checkpoint.load}")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_every_rank_resumes_a_stage_as_rank_0_sees_its_checkpoints_and_as_bridge_reads_them(tiny_parent, tp2_stage,
+                                                                                             tmp_path):
+    """Rank 1 cannot see the stage's checkpoint trackers: left to itself it would build the dense parent and
+    decompose it again while rank 0 resumed the factored model, and both would wait in the first collective;
+    it resumes as rank 0 decides. megatron's tracker is a save behind Bridge's own record of the newest step (a
+    kill between the two writes): the stage resumes, keeps its metrics and converts at the step Bridge reads."""
+    save = tmp_path / "stage1"
+    shutil.copytree(tp2_stage, save)
+    (save / "latest_checkpointed_iteration.txt").write_text("4")
+    (tmp_path / "prepare_only.py").write_text(PREPARE_ONLY)
+    prepare = command(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
+    prepare.insert(prepare.index(str(Path(__file__).with_name("on_cpu.py"))) + 1, str(tmp_path / "prepare_only.py"))
+    result = subprocess.run(prepare, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"rank 0 loads {save}" in result.stdout and f"rank 1 loads {save}" in result.stdout, result.stdout[-3000:]
+    assert losses(save) == losses(tp2_stage)  # steps 5-6 kept: the step Bridge resumes from is 6, not 4
+    convert("bridge_to_plrd.py", save, tmp_path / "converted", "--hf-path", tiny_parent)  # not "stopped at 4 of 6"
 
 
 def test_stage_2_from_stage_1_s_checkpoint_at_lower_ranks_exports_to_hf_both_ways(tiny_parent, tp2_stage, tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from nemo_plrd.assets import corpus, eval_sets
+from nemo_plrd.bridge.checkpoint import STAGE_FILE
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import check_prefix
 from nemo_plrd.errors import InputError
@@ -232,7 +233,24 @@ def pending_stages(family: BridgeFamilyConfig) -> list[int]:
     """The stages still to run: those after the last complete one (whose folder exists), which the next
     starts from; an earlier stage's folder may have been removed to free space, its work is done."""
     complete = [index for index in range(len(family.target_params)) if family.stage_folder(index).is_dir()]
+    for index in complete:
+        check_complete_stage(family, index)
     return list(range(complete[-1] + 1 if complete else 0, len(family.target_params)))
+
+
+def check_complete_stage(family: BridgeFamilyConfig, index: int) -> None:
+    """A complete stage's folder is taken as this family's stage ``index``: its name keeps its target to 3
+    significant figures, so a family whose target changed below that would skip it and build on a member of
+    another size. Its own record (what its job started with) says."""
+    folder = family.stage_folder(index)
+    record = folder / "bridge" / STAGE_FILE
+    if not record.is_file():  # an older layout, or removed to free space: nothing to compare
+        return
+    trained = json.loads(record.read_text())["plrd"]["plan"]["target_params"]
+    if trained != family.target_params[index]:
+        raise InputError(f"{folder} is complete with target_params {trained:,}, not this family's "
+                         f"{family.target_params[index]:,}: choose another output, or remove the folder to "
+                         "train the stage again")
 
 
 def prepare_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool) -> None:

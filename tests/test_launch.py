@@ -241,6 +241,21 @@ def test_resubmitting_skips_complete_stages_and_a_refused_submission_names_what_
         submit(family, CLUSTER)
 
 
+def test_a_complete_stage_of_another_target_is_refused_not_built_on(family, fake_sbatch):
+    """Folder names keep a target to 3 significant figures: stage 1 trained to 5.896e9 is named as one trained
+    to 5.9e9 would be, and its record tells them apart."""
+    other = dataclasses.replace(family, target_params=[5_896_000_000, *family.target_params[1:]])
+    folder = other.stage_folder(0)
+    assert folder == family.stage_folder(0)
+    (folder / "bridge").mkdir(parents=True)
+    (folder / "bridge" / "plrd_stage.json").write_text(json.dumps({"plrd": {"plan": {"target_params": 5_896_000_000}}}))
+    submit(other, CLUSTER, dry_run=True)  # its own family goes on from it
+    with pytest.raises(InputError, match=f"{folder} is complete with target_params 5,896,000,000, not this "
+                                         "family's 5,900,000,000: choose another output"):
+        submit(family, CLUSTER, dry_run=True)
+    assert not fake_sbatch.exists()
+
+
 def test_a_submission_while_the_last_one_s_jobs_are_queued_is_refused_naming_them(family, fake_sbatch, tmp_path):
     """Two chains would train the same stages into the same folders."""
     assert submit(family, CLUSTER) == ["101", "102", "103", "104"]

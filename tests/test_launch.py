@@ -398,6 +398,8 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/tmp"],
      "--workdir /tmp is not a nemo-plrd checkout (no recipes/run_plrd.py)"),
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--time", "4h"], "--time '4h' is not a SLURM time limit"),
+    (["eval.perplexity_blocks=18"], ["--nodes", "1", "--gpus-per-node", "8"],  # the parent's tokenizer: SmolLM2's
+     "eval.perplexity_blocks=18: the held-out news text holds 17 blocks"),
     (["job.recipe=nemo_plrd.bridge.recipe:"], ["--nodes", "1", "--gpus-per-node", "8"],
      "job.recipe='nemo_plrd.bridge.recipe:' must be MODULE:FUNCTION"),
 ])

@@ -16,6 +16,11 @@ def save_tiny_llama(path: Path, **config) -> Path:
                                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                          "tie_word_embeddings": True} | config)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return copy_tokenizer(path)
+
+
+def copy_tokenizer(path: Path) -> Path:
+    """SmolLM2's tokenizer files into ``path``."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_135m() / name, path / name)
     return path

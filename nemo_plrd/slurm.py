@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from nemo_plrd.assets import corpus, eval_sets
+from nemo_plrd.assets import eval_sets
 from nemo_plrd.bridge.checkpoint import STAGE_FILE
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import check_prefix

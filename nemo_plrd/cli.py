@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -161,7 +162,7 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(markdown(result))
             print(f"already evaluated: {out / 'results.json'}, {out / 'results.md'}")
             return 0
-        result = evaluate(model_dir, **vars(cfg))
+        result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
     except InputError as error:
         parser.error(str(error))
     write_results(result, out)
@@ -175,15 +176,27 @@ def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
     other settings' are refused, naming what differs (every PLRD export is named hf-<format>: a default
     ``--out`` is shared by every member)."""
     earlier = json.loads((out / "results.json").read_text())
-    asked = {"model": str(model_dir), "tasks": cfg.tasks, "limit": cfg.limit,
-             "perplexity_blocks": cfg.perplexity_blocks, "heldout": cfg.heldout if cfg.perplexity_blocks else []}
-    held = {"model": earlier["model"], "tasks": list(earlier["tasks"]), "limit": earlier["limit"],
-            "perplexity_blocks": earlier.get("perplexity_blocks"), "heldout": list(earlier["perplexity"])}
+    asked = {"model": str(model_dir), "model_files": _model_files(model_dir), "tasks": sorted(cfg.tasks),
+             "limit": cfg.limit, "perplexity_blocks": cfg.perplexity_blocks,
+             "heldout": sorted(cfg.heldout) if cfg.perplexity_blocks else []}
+    held = {"model": earlier["model"], "model_files": earlier.get("model_files"), "tasks": sorted(earlier["tasks"]),
+            "limit": earlier["limit"], "perplexity_blocks": earlier.get("perplexity_blocks"),
+            "heldout": sorted(earlier["perplexity"])}
     differ = [f"{key} {held[key]!r}" for key in asked if asked[key] != held[key]]
     if differ:
         raise OutputExistsError(f"--out {out} already holds the results of another evaluation "
                                 f"({', '.join(differ)}); choose another --out")
     return earlier
+
+
+def _model_files(model_dir: Path) -> str:
+    """The model directory's files by name, size and modification time, without reading its weights: a model
+    removed and written again at the same path is another model."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

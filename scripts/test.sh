@@ -5,8 +5,9 @@
 #   3. the Megatron-Bridge lane (scripts/test_bridge.sh) in its own venv, .venv-bridge: tests/bridge/
 #      against Bridge's real code, and the training, data, decomposition and tensor-parallel tests
 #      again on its megatron-core 0.19. Skipped with --latest (its set is pinned).
-# Lanes 1 and 3 each run one single-threaded process, so lane 3 runs beside lanes 1 and 2 (its
-# output printed when it ends): on 2 cores the suite takes the longest lane's time, not the sum.
+# Lanes 1 and 3 each run one single-threaded pytest process (lane 3 ends with its own 2-process TP run,
+# about a minute), so lane 3 runs beside lanes 1 and 2 (its output printed when it ends): on 2 cores the
+# suite takes the longest lane's time, not the sum.
 # Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is
 # 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases instead of
 # the tested set (what a user installing today gets).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Megatron-Bridge test lane alone (scripts/test.sh runs it beside the others): install what is
 # missing into .venv-bridge, then run tests/bridge/ against Bridge's real code and the training, data,
-# decomposition and tensor-parallel tests again on its megatron-core 0.19. Extra arguments go to pytest.
+# decomposition and tensor-parallel tests again on its megatron-core 0.19. Extra arguments go to both pytest
+# runs (options such as -k or -x; a test path would run in the TP group too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -6,7 +6,7 @@
 # either rank fails the run). --standalone takes a free rendezvous port: the two lanes may overlap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python=$1
+python=${1:?usage: scripts/test_tp.sh VENV_PYTHON [pytest args]}
 shift
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT

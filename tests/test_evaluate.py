@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,7 +91,13 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
     assert again.returncode == 0 and again.stdout.startswith(table) and "already evaluated" in again.stdout
     other = plrd_eval(smollm2_135m(), "--limit", "2", "--out", tmp_path / "a")  # other settings (or another model)
     assert other.returncode == 2 and (f"--out {tmp_path / 'a'} already holds the results of another evaluation "
-                                      "(perplexity_blocks 1, heldout ['shakespeare', 'news'])") in other.stderr
+                                      "(perplexity_blocks 1, heldout ['news', 'shakespeare'])") in other.stderr
+    model = tmp_path / "model"  # the same path holding another model (removed and written again): evaluated
+    shutil.copytree(smollm2_135m(), model)
+    plrd_eval(model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", tmp_path / "m")
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    again = plrd_eval(model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", tmp_path / "m")
+    assert again.returncode == 2 and "another evaluation (model_files" in again.stderr
     assert (tmp_path / "a" / "results.json").read_bytes() == results
 
 

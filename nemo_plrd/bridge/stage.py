@@ -13,16 +13,13 @@ A family's stage reads its share of the family's data stream (``StageStream``), 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.bridge.models import AutoBridge
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
@@ -34,7 +31,6 @@ from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, str
 from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
-from nemo_plrd.parallel import exists_on_rank0, rank0_decides
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.slots import one_key_per_layer
 from nemo_plrd.spec import low_rank_block_spec
@@ -68,6 +64,29 @@ class PLRDHook:
             self.save.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.save / STAGE_FILE, json.dumps(self.started, indent=1) + "\n")
             plan.save(self.save / PLAN_FILE)
+        return model
+
+
+@dataclass
+class StageStart:
+    """The stage's first pre-wrap hook: each rank chose how the stage starts (afresh, or resumed from ``saved``)
+    from its own reading of ``save``, before Bridge started torch.distributed; a rank whose network file system
+    had not yet caught up would build another model than the others and leave them waiting in the next
+    collective. Here, the first time they can, the ranks compare and stop together, naming the difference,
+    before anything is loaded or written; then rank 0 drops the metrics of steps the checkpoint does not hold."""
+
+    save: Path
+    saved: Optional[int]  # the newest saved iteration this rank found (None: it starts afresh)
+
+    def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        found = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(found, self.saved)
+        if len(set(found)) > 1:
+            raise RuntimeError(f"the ranks read checkpoint.save={str(self.save)!r} differently (its newest saved "
+                               f"iteration, by rank; None: none): {found}. A network file system that has not "
+                               "caught up with the last save; run the job again")
+        if torch.distributed.get_rank() == 0:
+            keep_saved_steps(self.save / METRICS, self.saved or 0)  # afresh: none kept
         return model
 
 
@@ -146,21 +165,19 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                "train": {key: getattr(cfg.train, key) for key in DISTILLATION},  # the loss it trains with
                # a resumed stage continues its samples of the same stream (the count is in its checkpoint)
                **({"stream": [cfg.train.first_sample, cfg.train.stream_samples]} if cfg.train.in_stream else {})}
-    start_distributed(cfg)
-    saved = rank0_decides(lambda: saved_iteration(save))  # an interrupted job's newest checkpoint
+    saved = saved_iteration(save)  # an interrupted job's newest checkpoint
     resume = saved is not None
-    if resume and not exists_on_rank0(save / PLAN_FILE):  # a stage writes its plan before any checkpoint
+    if resume and not (save / PLAN_FILE).is_file():  # a stage writes its plan before any checkpoint
         raise InputError(f"checkpoint.save={str(save)!r} holds a checkpoint of a run that is not a PLRD stage (no "
                          f"{PLAN_FILE}); choose a new checkpoint.save")
-    changed = rank0_decides(lambda: _changed_settings(save, started)) if resume else []
+    changed = _changed_settings(save, started) if resume else []
     if changed:
         raise InputError(f"checkpoint.save={str(save)!r} holds a stage started with other settings; rerun with "
                          f"the same to resume it, or choose a new checkpoint.save. Differences (then -> now): "
                          f"{'; '.join(changed)}")
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer
-        keep_saved_steps(save / METRICS, saved or 0)  # afresh: none kept
+    _add_pre_wrap_hook(provider, StageStart(save, saved), first=True)  # before any that loads or communicates
     if resume:
-        plan = RankPlan.from_json(rank0_decides((save / PLAN_FILE).read_text))
+        plan = RankPlan.from_json((save / PLAN_FILE).read_text())
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         provider.hetereogenous_dist_checkpoint = one_key_per_layer(plan.layer_ranks())  # as the transform left it
         cfg.checkpoint.load = str(save)
@@ -191,19 +208,6 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     return cfg
 
 
-def start_distributed(cfg: PLRDConfigContainer) -> None:
-    """torch.distributed started as Bridge's ``initialize_megatron`` would start it (it then skips that step), so
-    that a stage's decisions about its checkpoint folder are rank 0's on every rank: a rank whose network file
-    system still hides the last checkpoint would build the dense model while the others resume the factored one,
-    and wait forever in its first collective."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process decides alone
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(0 if cfg.dist.external_gpu_device_mapping else int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(cfg.dist.distributed_backend,
-                            timeout=datetime.timedelta(minutes=cfg.dist.distributed_timeout_minutes))
-
-
 def _changed_settings(save: Path, started: dict) -> list[str]:
     """What differs between the settings ``save``'s stage started with and ``started`` (none when unrecorded)."""
     if not (save / STAGE_FILE).is_file():
@@ -213,10 +217,10 @@ def _changed_settings(save: Path, started: dict) -> list[str]:
         "train": {key: field_defaults(PLRDTrainingConfig)[key] for key in DISTILLATION}})
 
 
-def _add_pre_wrap_hook(model_config, hook) -> None:
-    """After the hooks already there: a ``GPTModelProvider`` registers it, a megatron-training
-    ``ModelConfig`` (megatron-core >= 0.19) lists it in ``pre_wrap_hooks``."""
+def _add_pre_wrap_hook(model_config, hook, first: bool = False) -> None:
+    """After the hooks already there (``first``: before them): a ``GPTModelProvider`` registers it, a
+    megatron-training ``ModelConfig`` (megatron-core >= 0.19) lists it in ``pre_wrap_hooks``."""
     if hasattr(model_config, "register_pre_wrap_hook"):
-        model_config.register_pre_wrap_hook(hook)
+        model_config.register_pre_wrap_hook(hook, prepend=first)
     else:
-        model_config.pre_wrap_hooks.append(hook)
+        model_config.pre_wrap_hooks.insert(0 if first else len(model_config.pre_wrap_hooks), hook)

@@ -244,12 +244,17 @@ def test_a_stage_of_a_family_resumed_in_another_stream_is_refused_an_earlier_rec
 
 
 def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_first_save(tmp_path, tiny_parent):
+    """Dropped once the ranks agree that the stage starts afresh (its first pre-wrap hook), not before."""
     from nemo_plrd.bridge.checkpoint import TRACKER
-    from nemo_plrd.bridge.stage import prepare_stage
+    from nemo_plrd.bridge.stage import StageStart, prepare_stage
+    from nemo_plrd.parallel import init_distributed
 
     cfg, save = stage_folder(tmp_path)
     (save / TRACKER).unlink()  # killed before any checkpoint: the job starts afresh
     prepare_stage(cfg, hf_path=str(tiny_parent))
+    assert (save / "metrics.jsonl").read_text().count("\n") == 3
+    init_distributed()
+    StageStart(save, saved=None)([])
     assert (save / "metrics.jsonl").read_text() == ""
 
 

@@ -173,41 +173,50 @@ def convert(script: str, *args) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-# Run in front of recipes/run_plrd.py: rank 1 does not see the stage's trackers (a network file system's stale
-# cache), and Bridge's pretrain only reports what the stage prepared.
-PREPARE_ONLY = """
+def test_a_stage_resumes_from_the_step_bridge_records_when_megatron_s_tracker_lags(tiny_parent, tp2_stage, tmp_path):
+    """Bridge writes its own record of the newest step (latest_train_state.pt) before megatron's tracker: killed
+    between the two, the tracker is a save behind. The stage resumes from the step Bridge loads, keeps its
+    metrics, and converts at it (the tracker alone dropped steps 5-6's metrics and stopped the conversion)."""
+    save = tmp_path / "stage1"
+    shutil.copytree(tp2_stage, save)
+    (save / "latest_checkpointed_iteration.txt").write_text("4")
+    result = run(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert losses(save) == losses(tp2_stage)
+    convert("bridge_to_plrd.py", save, tmp_path / "converted", "--hf-path", tiny_parent)
+
+
+# Run in front of recipes/run_plrd.py: rank 1 does not see the stage's checkpoint records (a network file
+# system's stale cache).
+HIDE_CHECKPOINTS_ON_RANK_1 = """
 import os, runpy, sys
 from pathlib import Path
-import megatron.bridge.training.pretrain as bridge_pretrain
 
 if os.environ["RANK"] == "1":
     HIDDEN = ("latest_checkpointed_iteration.txt", "latest_train_state.pt")
     exists, is_file = Path.exists, Path.is_file
     Path.exists = lambda self, *args, **kwargs: self.name not in HIDDEN and exists(self, *args, **kwargs)
     Path.is_file = lambda self, *args, **kwargs: self.name not in HIDDEN and is_file(self, *args, **kwargs)
-bridge_pretrain.pretrain = lambda cfg, *args, **kwargs: print(f"rank {os.environ['RANK']} loads {cfg.checkpoint.load}")
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_every_rank_resumes_a_stage_as_rank_0_sees_its_checkpoints_and_as_bridge_reads_them(tiny_parent, tp2_stage,
-                                                                                             tmp_path):
-    """Rank 1 cannot see the stage's checkpoint trackers: left to itself it would build the dense parent and
-    decompose it again while rank 0 resumed the factored model, and both would wait in the first collective;
-    it resumes as rank 0 decides. megatron's tracker is a save behind Bridge's own record of the newest step (a
-    kill between the two writes): the stage resumes, keeps its metrics and converts at the step Bridge reads."""
+def test_ranks_that_read_the_checkpoint_folder_differently_stop_together_naming_it(tiny_parent, tp2_stage, tmp_path):
+    """Rank 1 finds no checkpoint: left to itself it would load the dense parent and calibrate (collectives
+    rank 0, resuming, never joins) and hang the job. Both ranks stop at the stage's first hook instead, naming
+    what each found, before anything is loaded or written."""
     save = tmp_path / "stage1"
     shutil.copytree(tp2_stage, save)
-    (save / "latest_checkpointed_iteration.txt").write_text("4")
-    (tmp_path / "prepare_only.py").write_text(PREPARE_ONLY)
-    prepare = command(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
-    prepare.insert(prepare.index(str(Path(__file__).with_name("on_cpu.py"))) + 1, str(tmp_path / "prepare_only.py"))
-    result = subprocess.run(prepare, capture_output=True, text=True, timeout=600, env=ENV)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"rank 0 loads {save}" in result.stdout and f"rank 1 loads {save}" in result.stdout, result.stdout[-3000:]
-    assert losses(save) == losses(tp2_stage)  # steps 5-6 kept: the step Bridge resumes from is 6, not 4
-    convert("bridge_to_plrd.py", save, tmp_path / "converted", "--hf-path", tiny_parent)  # not "stopped at 4 of 6"
+    plan = (save / "plrd_plan.json").stat().st_mtime_ns
+    (tmp_path / "hide.py").write_text(HIDE_CHECKPOINTS_ON_RANK_1)
+    hidden = command(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
+    hidden.insert(hidden.index(str(Path(__file__).with_name("on_cpu.py"))) + 1, str(tmp_path / "hide.py"))
+    result = subprocess.run(hidden, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode != 0
+    assert f"the ranks read checkpoint.save='{save}' differently (its newest saved iteration, by rank; None: " \
+           "none): [6, None]" in result.stdout + result.stderr, result.stderr[-3000:]
+    assert losses(save) == losses(tp2_stage) and (save / "plrd_plan.json").stat().st_mtime_ns == plan
 
 
 def test_stage_2_from_stage_1_s_checkpoint_at_lower_ranks_exports_to_hf_both_ways(tiny_parent, tp2_stage, tmp_path):

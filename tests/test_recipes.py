@@ -523,7 +523,8 @@ def test_a_bf16_mixed_stage_trains_like_the_fp32_one_and_exports_its_bf16_weight
     assert all(torch.equal(w, w.bfloat16().float()) for w in factored.values())
 
 
-@pytest.mark.parametrize("name, key", [("decompose", "eval.perplexity_blocks"), ("family", "stage.eval.perplexity_blocks")])
+@pytest.mark.parametrize("name, key", [("decompose", "eval.perplexity_blocks"),
+                                       ("family", "stage.eval.perplexity_blocks")])
 def test_more_held_out_blocks_than_a_corpus_holds_are_refused_before_any_work(tiny_parent, tmp_path, name, key):
     """news's held-out text is 17 blocks of SmolLM2's tokens: refused before the output is claimed (a claimed
     folder would resume only with the same settings) and before the parent loads."""

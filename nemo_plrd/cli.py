@@ -147,7 +147,7 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from nemo_plrd.assets import CORPORA
     from nemo_plrd.config import EvalConfig
-    from nemo_plrd.evaluate import TASKS, evaluate, markdown, write_results
+    from nemo_plrd.evaluate import TASKS, evaluate, hf_model_dir, markdown, write_results
 
     def names(value: str, every) -> list[str]:
         return list(every) if value == "all" else [name.strip() for name in value.split(",") if name.strip()]
@@ -158,7 +158,7 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                          args.batch_size)
         if (out / "results.json").is_file():
-            result = _earlier_results(out, model_dir, cfg)
+            result = _earlier_results(out, hf_model_dir(model_dir), cfg)
             print(markdown(result))
             print(f"already evaluated: {out / 'results.json'}, {out / 'results.md'}")
             return 0
@@ -179,7 +179,7 @@ def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
     asked = {"model": str(model_dir), "model_files": _model_files(model_dir), "tasks": sorted(cfg.tasks),
              "limit": cfg.limit, "perplexity_blocks": cfg.perplexity_blocks,
              "heldout": sorted(cfg.heldout) if cfg.perplexity_blocks else []}
-    held = {"model": earlier["model"], "model_files": earlier.get("model_files"), "tasks": sorted(earlier["tasks"]),
+    held = {"model": earlier["model"], "model_files": earlier.get("model_files", "not recorded"), "tasks": sorted(earlier["tasks"]),
             "limit": earlier["limit"], "perplexity_blocks": earlier.get("perplexity_blocks"),
             "heldout": sorted(earlier["perplexity"])}
     differ = [f"{key} {held[key]!r}" for key in asked if asked[key] != held[key]]

@@ -120,6 +120,13 @@ def heldout_perplexity(model, tokenizer, num_blocks: int, names: Sequence[str]) 
     return result
 
 
+def hf_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise MissingInputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
 def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optional[int] = None,
              perplexity_blocks: int = 8, heldout: Sequence[str] = tuple(CORPORA), batch_size: int = 8,
              samples: bool = False) -> dict:
@@ -130,9 +137,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise MissingInputError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    model_dir = hf_model_dir(model_dir)
     configs = task_configs(tasks) if tasks else []  # checked, their data found, before the model loads
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
     if torch.cuda.is_available():  # a cluster's evaluation step; fp32 as on CPU, so figures compare

@@ -104,6 +104,10 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
 def test_bad_input_is_refused(tmp_path):
     missing = plrd_eval(tmp_path / "nowhere", "--out", tmp_path / "out")
     assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
+    (tmp_path / "done").mkdir()  # results there already: the model is looked for all the same
+    (tmp_path / "done" / "results.json").write_text("{}")
+    missing = plrd_eval(tmp_path / "nowhere", "--out", tmp_path / "done")
+    assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
     unknown = plrd_eval(smollm2_135m(), "--tasks", "arc_easy,squad", "--out", tmp_path / "out")
     assert unknown.returncode == 2 and "unknown task(s) ['squad']; the tasks are" in unknown.stderr
     corpus = plrd_eval(smollm2_135m(), "--heldout", "shakespeare,poetry", "--out", tmp_path / "out")

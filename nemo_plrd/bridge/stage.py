@@ -156,6 +156,10 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     if cfg.inprocess_restart is not None and cfg.inprocess_restart.enabled:
         raise InputError("inprocess_restart.enabled=true: a PLRD stage decides once, before training, whether it "
                          "starts afresh or resumes; let the scheduler requeue the job instead, which resumes it")
+    if cfg.checkpoint.ckpt_step is not None or cfg.checkpoint.non_persistent_save_interval is not None:
+        key = "ckpt_step" if cfg.checkpoint.ckpt_step is not None else "non_persistent_save_interval"
+        raise InputError(f"checkpoint.{key}={getattr(cfg.checkpoint, key)!r}: a PLRD stage resumes from the newest "
+                         "checkpoint in checkpoint.save, the step its metrics and ranks are kept for; leave it unset")
     if cfg.checkpoint.pretrained_checkpoint is not None:
         raise InputError(f"checkpoint.pretrained_checkpoint={cfg.checkpoint.pretrained_checkpoint!r}: a PLRD stage "
                          "starts from --hf-path or --parent; leave it unset")

@@ -253,8 +253,10 @@ def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_firs
     (save / TRACKER).unlink()  # killed before any checkpoint: the job starts afresh
     prepare_stage(cfg, hf_path=str(tiny_parent))
     assert (save / "metrics.jsonl").read_text().count("\n") == 3
+    start = cfg.model._pre_wrap_hooks[0]  # the first hook Bridge runs on the built model
+    assert start == StageStart(save, saved=None)
     init_distributed()
-    StageStart(save, saved=None)([])
+    start([])
     assert (save / "metrics.jsonl").read_text() == ""
 
 
@@ -266,7 +268,7 @@ def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, t
     from nemo_plrd.bridge.checkpoint import PLAN_FILE, TRACKER
     from nemo_plrd.bridge.stage import prepare_stage
 
-    folders = [tmp_path / name for name in ("fresh", "foreign", "pretrained", "inprocess")]
+    folders = [tmp_path / name for name in ("fresh", "foreign", "pretrained", "inprocess", "step")]
     for folder in folders:
         folder.mkdir()
     cfg, save = stage_folder(folders[0])
@@ -287,6 +289,10 @@ def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, t
     cfg.inprocess_restart = InProcessRestartConfig(enabled=True)
     with pytest.raises(InputError, match="inprocess_restart.enabled=true: a PLRD stage decides once, before "
                                          "training, whether it starts afresh or resumes"):
+        prepare_stage(cfg, hf_path=str(tiny_parent))
+    cfg, _ = stage_folder(folders[4])  # Bridge would load that step, not the one the metrics are kept for
+    cfg.checkpoint.ckpt_step = 2
+    with pytest.raises(InputError, match="checkpoint.ckpt_step=2: a PLRD stage resumes from the newest checkpoint"):
         prepare_stage(cfg, hf_path=str(tiny_parent))
 
 

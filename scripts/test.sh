@@ -5,9 +5,9 @@
 #   3. the Megatron-Bridge lane (scripts/test_bridge.sh) in its own venv, .venv-bridge: tests/bridge/
 #      against Bridge's real code, and the training, data, decomposition and tensor-parallel tests
 #      again on its megatron-core 0.19. Skipped with --latest (its set is pinned).
-# Lanes 1 and 3 each run one single-threaded pytest process (lane 3 ends with its own 2-process TP run,
-# about a minute), so lane 3 runs beside lanes 1 and 2 (its output printed when it ends): on 2 cores the
-# suite takes the longest lane's time, not the sum.
+# Lanes 1 and 3 each run one single-threaded pytest process, so lane 3 runs beside lanes 1 and 2 (its
+# output printed when it ends): on 2 cores the suite takes the longest lane's time, not the sum. Lane 3's
+# TP tests run last, after lane 2's (about a minute): two TP groups at once once lost a gloo connection.
 # Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is
 # 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases instead of
 # the tested set (what a user installing today gets).
@@ -33,7 +33,7 @@ if [ "$VENV" = .venv ]; then
   bridge_log=$(mktemp)
   # A session of its own, so that an early exit (a failed lane, Ctrl-C) stops it and all it started:
   # SIGTERM reaches pytest and the torchrun launchers, which stop their workers.
-  setsid bash scripts/test_bridge.sh "$@" >"$bridge_log" 2>&1 &
+  setsid bash scripts/test_bridge.sh --no-tp "$@" >"$bridge_log" 2>&1 &
   bridge=$!
   trap 'kill -TERM -- "-$bridge" 2>/dev/null || true; rm -f "$bridge_log"' EXIT
   echo "[test] the Bridge lane runs beside the others; its output follows theirs"
@@ -50,4 +50,6 @@ status=0
 wait "$bridge" || status=$?
 echo "=== the Bridge lane (.venv-bridge: megatron-core 0.19, Megatron-Bridge)"
 cat "$bridge_log"
-exit "$status"
+if [ "$status" -ne 0 ]; then exit "$status"; fi
+echo "=== the tensor-parallel tests on megatron-core 0.19 (.venv-bridge), after lane 2's: never two TP groups at once"
+bash scripts/test_tp.sh .venv-bridge/bin/python "$@"

@@ -7,7 +7,8 @@
 #      again on its megatron-core 0.19. Skipped with --latest (its set is pinned).
 # Lanes 1 and 3 each run one single-threaded pytest process, so lane 3 runs beside lanes 1 and 2 (its
 # output printed when it ends): on 2 cores the suite takes the longest lane's time, not the sum. Lane 3's
-# TP tests run last, after lane 2's (about a minute): two TP groups at once once lost a gloo connection.
+# TP tests run last, alone (about a minute): beside the other lanes' multi-process tests, they once lost a
+# gloo connection.
 # Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is
 # 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases instead of
 # the tested set (what a user installing today gets).
@@ -51,5 +52,5 @@ wait "$bridge" || status=$?
 echo "=== the Bridge lane (.venv-bridge: megatron-core 0.19, Megatron-Bridge)"
 cat "$bridge_log"
 if [ "$status" -ne 0 ]; then exit "$status"; fi
-echo "=== the tensor-parallel tests on megatron-core 0.19 (.venv-bridge), after lane 2's: never two TP groups at once"
+echo "=== the tensor-parallel tests on megatron-core 0.19 (.venv-bridge), last and alone"
 bash scripts/test_tp.sh .venv-bridge/bin/python "$@"

@@ -3,8 +3,8 @@
 # missing into .venv-bridge, then run tests/bridge/ against Bridge's real code and the training, data,
 # decomposition and tensor-parallel tests again on its megatron-core 0.19. Extra arguments go to both pytest
 # runs (options such as -k or -x; a test path would run in the TP group too). With --no-tp first, the TP run
-# is left to the caller: scripts/test.sh runs it after its own, since two TP groups building their gloo
-# groups at once on one machine lost a connection (a test failed in CI).
+# is left to the caller: scripts/test.sh runs it last, alone (in the one CI run where it ran beside the other
+# lanes' multi-process tests, rank 0 lost a gloo connection while building megatron's groups).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -144,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-
     from nemo_plrd.assets import CORPORA
     from nemo_plrd.config import EvalConfig
     from nemo_plrd.evaluate import TASKS, evaluate, hf_model_dir, markdown, write_results
@@ -179,9 +178,9 @@ def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
     asked = {"model": str(model_dir), "model_files": _model_files(model_dir), "tasks": sorted(cfg.tasks),
              "limit": cfg.limit, "perplexity_blocks": cfg.perplexity_blocks,
              "heldout": sorted(cfg.heldout) if cfg.perplexity_blocks else []}
-    held = {"model": earlier["model"], "model_files": earlier.get("model_files", "not recorded"), "tasks": sorted(earlier["tasks"]),
-            "limit": earlier["limit"], "perplexity_blocks": earlier.get("perplexity_blocks"),
-            "heldout": sorted(earlier["perplexity"])}
+    held = {"model": earlier["model"], "model_files": earlier.get("model_files", "not recorded"),
+            "tasks": sorted(earlier["tasks"]), "limit": earlier["limit"],
+            "perplexity_blocks": earlier.get("perplexity_blocks"), "heldout": sorted(earlier["perplexity"])}
     differ = [f"{key} {held[key]!r}" for key in asked if asked[key] != held[key]]
     if differ:
         raise OutputExistsError(f"--out {out} already holds the results of another evaluation "

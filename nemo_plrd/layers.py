@@ -46,6 +46,10 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from nemo_plrd.slots import COLUMN, ROW
 
 
+# megatron-core >= 0.17 also splits a torch-FSDP2 parameter's DP shards, given the groups its MLP passes
+_SWIGLU_TAKES_GROUPS = "dp_group" in inspect.signature(apply_swiglu_sharded_factory).parameters
+
+
 def break_even_rank(out_features: int, in_features: int) -> float:
     """The rank at which a factor pair costs as many parameters and FLOPs as W itself."""
     return out_features * in_features / (out_features + in_features)
@@ -218,9 +222,8 @@ class LowRankColumnParallelLinear(MegatronModule):
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         if self.stride == 2:
             singleton = (metadata or {}).get("singleton_local_shards", False)
-            # megatron-core >= 0.17 also splits a torch-FSDP2 parameter's DP shards, given the groups its MLP passes
             groups = ({"tp_group": self.tp_group, "dp_group": ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"]}
-                      if "dp_group" in inspect.signature(apply_swiglu_sharded_factory).parameters else {})
+                      if _SWIGLU_TAKES_GROUPS else {})
             for key in (f"{prefix}up.weight", f"{prefix}up.bias"):
                 if key in sharded:
                     sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton, **groups)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The tensor-parallel tests (tests/distributed: TP=1 and TP=2 cases) in one 2-process torchrun group,
-# with the venv's python given first (scripts/test.sh runs them on .venv's megatron-core 0.16,
-# scripts/test_bridge.sh on .venv-bridge's 0.19). Extra arguments go to pytest.
+# with the venv's python given first (scripts/test.sh runs them on .venv's megatron-core 0.16, then last
+# on .venv-bridge's 0.19; scripts/test_bridge.sh alone on 0.19). Extra arguments go to pytest.
 # Rank 0 reports on the console; rank 1's output goes to a log, shown if the run fails (a failure on
-# either rank fails the run). --standalone takes a free rendezvous port: the two lanes may overlap.
+# either rank fails the run). --standalone takes a free rendezvous port, not torchrun's fixed 29500.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:?usage: scripts/test_tp.sh VENV_PYTHON [pytest args]}

@@ -20,9 +20,10 @@ import math
 import os
 import re
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import yaml
@@ -348,6 +349,21 @@ class DecomposeConfig:
 BASELINES = {"control": "the parent kept dense, trained like one stage (with the LM loss where the stages distil from "
                         "the parent alone: distilled from itself, the parent gets no gradient)",
              "one-shot": "the parent decomposed straight to the last member's size, trained on all the stages' samples"}
+
+
+STAGE_KEYS = tuple(key.name for key in dataclasses.fields(DecomposeConfig) if key.name not in ("parent", "output"))
+
+
+@contextmanager
+def keys_under(section: str) -> Iterator[None]:
+    """A stage refuses its keys as a stage's config holds them (``train.teacher=...``); a family's user wrote
+    them under ``section`` (``stage.``), so inside a family such a refusal is raised again naming the key so."""
+    try:
+        yield
+    except InputError as error:
+        if re.match(rf"(?:{'|'.join(STAGE_KEYS)})[.=]", str(error)):
+            raise type(error)(section + str(error)) from None
+        raise
 
 
 @dataclass

@@ -87,12 +87,11 @@ def submit_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: boo
         try:
             experiment.run(detach=True)
         except Exception as error:  # nemo-run stops at the first task it fails to submit: the ones before it are queued
-            submitted = submitted_jobs(experiment)
-            record_jobs(family, submitted)
-            queued = ", ".join(f"{name}: job {job}" for name, job in submitted.items())
+            queued = ", ".join(f"{name}: job {job}" for name, job in submitted_jobs(experiment).items())
             raise InputError(f"nemo-run failed to submit the family's tasks ({error})"
-                             + (f"; submitted before it, and recorded: {queued}" if submitted else "")) from error
-    record_jobs(family, submitted_jobs(experiment))
+                             + (f"; submitted before it, and recorded: {queued}" if queued else "")) from error
+        finally:  # however it ended (done, failed, Ctrl-C), what was submitted is queued: the next submit must see it
+            record_jobs(family, submitted_jobs(experiment))
 
 
 def submitted_jobs(experiment) -> dict[str, str]:

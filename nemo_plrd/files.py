@@ -20,6 +20,16 @@ def sync_tree(folder: Path) -> None:
             os.close(descriptor)
 
 
+def append_line(path: Path, line: str) -> None:
+    """``line`` appended to ``path`` and on disk before the call returns: a training step's row must be there
+    when the checkpoint that counts the step is, or a run resumed after a power loss reports fewer steps
+    than it took (a torn last line is dropped on resume)."""
+    with path.open("a") as out:
+        out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """``text`` at ``path`` through a temp name in the same folder and a rename: a run cut short
     leaves the old file or none, never a half-written one that looks finished. The text reaches the

@@ -67,17 +67,23 @@ SMOLLM2_135M = LlamaArch(
 )
 
 
+def check_tensor_parallel(arch: LlamaArch, tensor_parallel_size: int, key: str = "tensor_parallel_size") -> None:
+    """megatron splits the KV heads, the MLP width and the vocabulary (not padded) over the TP ranks, and its
+    own check is a bare assertion: refused naming ``key``, the setting the user gave."""
+    sizes = {"the number of KV heads": arch.num_query_groups, "the MLP width": arch.ffn_hidden_size,
+             "the vocabulary": arch.vocab_size}
+    for what, size in sizes.items():
+        if size % tensor_parallel_size:
+            raise InputError(f"{key}={tensor_parallel_size} must divide {what} ({size})")
+
+
 def transformer_config(
     arch: LlamaArch,
     tensor_parallel_size: int = 1,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
 ) -> TransformerConfig:
-    sizes = {"the number of KV heads": arch.num_query_groups, "the MLP width": arch.ffn_hidden_size,
-             "the vocabulary": arch.vocab_size}  # megatron splits each over the TP ranks (no vocabulary padding)
-    for what, size in sizes.items():
-        if size % tensor_parallel_size:
-            raise InputError(f"tensor_parallel_size={tensor_parallel_size} must divide {what} ({size})")
+    check_tensor_parallel(arch, tensor_parallel_size)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,

@@ -43,18 +43,19 @@ from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
 from nemo_plrd.checkpoint import (build_model, describe_parent, load_model, load_parent, read_metadata,
                                   save_checkpoint)
 from nemo_plrd.config import (BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeConfig, FamilyConfig, config_differences,
-                              field_defaults, stream_length)
+                              field_defaults, keys_under, stream_length)
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
 from nemo_plrd.files import write_text_atomic
-from nemo_plrd.model import LlamaArch, parameter_count
+from nemo_plrd.model import LlamaArch, check_tensor_parallel, parameter_count
 from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
 from nemo_plrd.transform import apply_plan, model_ranks, plan_for
 
 CONFIG = "config.json"
+METRICS = "metrics.jsonl"  # a stage's training rows, one per logged step
 ITERATION = "iter_{:07d}"
 DECOMPOSED = ITERATION.format(0)  # the decomposed model, before any training step
 
@@ -99,8 +100,8 @@ def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[]
     """Record ``cfg`` in ``folder`` (created if missing), or check it against the one recorded there.
 
     A different config is refused, naming every key whose value differs, unless the unfinished
-    ``folder`` keeps no work (a run refused for bad input after its claim: the rerun with the input
-    fixed takes the folder over), or only ``TRAINING_KEYS`` (under ``section``: a family's ``stage.``)
+    ``folder`` keeps no work (a run refused for bad input after its claim, or stopped before its first
+    decomposition was saved: the rerun with the input fixed takes the folder over, emptied), or only ``TRAINING_KEYS`` (under ``section``: a family's ``stage.``)
     differ and it is ``untrained()``; a ``finished`` output that holds no record (not written by this
     pipeline) is refused too. Every rank gets rank 0's verdict.
     """
@@ -119,6 +120,11 @@ def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[]
         else:
             if retrain:
                 print(f"{folder}: not trained yet, so it trains with the changed settings: {'; '.join(changed)}")
+                (folder / METRICS).unlink(missing_ok=True)  # rows of steps no checkpoint holds
+            elif record.is_file():  # taken over: what the refused or stopped run left is no work to keep
+                for entry in folder.iterdir():
+                    if entry.name != ".lock":
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(record, json.dumps(config, indent=1) + "\n")
             verdict[0] = ["new", []]
@@ -226,20 +232,39 @@ def _datasets(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: i
     return train, valid
 
 
+def _calibration_dataset(cfg: DecomposeConfig, hf_source: Path):
+    calib = cfg.plrd.calibration
+    return _datasets(cfg, hf_source, calib.seq_length, calib.tokens // calib.seq_length)[0]
+
+
+def _training_datasets(cfg: DecomposeConfig, hf_source: Path):
+    """The train split as the stage's stream (its family's whole, so every stage sees one order) and the valid split."""
+    return _datasets(cfg, hf_source, cfg.train.seq_length,
+                     stream_length(cfg.train.first_sample, cfg.train.stream_samples, cfg.train.samples),
+                     cfg.train.eval_iters * cfg.train.global_batch)
+
+
 @functools.lru_cache(maxsize=16)
 def _heldout(hf_source: Path, num_blocks: int, name: str) -> torch.Tensor:
     """The held-out blocks every report scores, tokenised once per run."""
     return heldout_blocks(AutoTokenizer.from_pretrained(hf_source), num_blocks, name)
 
 
-def check_heldout(cfg: DecomposeConfig) -> None:
-    """``eval.perplexity_blocks`` against the held-out texts as the parent's tokenizer cuts them, before anything
-    is claimed or loaded: refused at the first perplexity, it would leave a claimed folder behind, which only the
-    same settings resume."""
-    if cfg.eval.perplexity_blocks:
-        _, _, hf_source = describe_parent(_folder(cfg.parent))
-        for name in cfg.eval.heldout:
-            _heldout(hf_source, cfg.eval.perplexity_blocks, name)
+def check_inputs(cfg: DecomposeConfig) -> None:
+    """Before the output is claimed, what would otherwise be refused only once the stage runs: a claimed folder
+    that holds a decomposition resumes only with the settings it started with, so the fixed rerun would be
+    refused too. The TP size against the parent's shapes, the teacher, ``eval.perplexity_blocks`` against the
+    held-out texts as the parent's tokenizer cuts them, and the data's splits against the samples asked of them
+    (megatron keeps the indices it builds here in its cache, for the stage)."""
+    arch, _, hf_source = describe_parent(_folder(cfg.parent))
+    check_tensor_parallel(arch, cfg.parallel.tensor_model_parallel_size, "parallel.tensor_model_parallel_size")
+    if cfg.train.steps and cfg.train.loss != "lm":
+        check_teacher_source(cfg)
+    for name in cfg.eval.heldout if cfg.eval.perplexity_blocks else ():
+        _heldout(hf_source, cfg.eval.perplexity_blocks, name)
+    _calibration_dataset(cfg, hf_source)
+    if cfg.train.steps:
+        _training_datasets(cfg, hf_source)
 
 
 def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: Path) -> Optional[dict[str, float]]:
@@ -263,8 +288,7 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
     samples = calib.tokens // calib.seq_length
 
     def calibrate() -> list[torch.Tensor]:
-        data, _ = _datasets(cfg, hf_source, calib.seq_length, samples)
-        return calibration_batches(data, samples, calib.micro_batch)
+        return calibration_batches(_calibration_dataset(cfg, hf_source), samples, calib.micro_batch)
 
     request = cfg.plrd.plan.request()
     # a keep or target_params plan by spectrum needs the spectra; explicit ranks (the control's) do not
@@ -297,9 +321,7 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
 
 def train_batches(cfg: DecomposeConfig, hf_source: Path) -> tuple[DataParallelBatches, Optional[DataParallelBatches]]:
     """This rank's batches of the stage's training samples (its share of the stream), and of the valid split."""
-    data, valid = _datasets(cfg, hf_source, cfg.train.seq_length,
-                            stream_length(cfg.train.first_sample, cfg.train.stream_samples, cfg.train.samples),
-                            cfg.train.eval_iters * cfg.train.global_batch)
+    data, valid = _training_datasets(cfg, hf_source)
 
     def in_batches(split, first_sample: int = 0) -> DataParallelBatches:
         return DataParallelBatches(split, cfg.train.micro_batch, cfg.train.global_batch,
@@ -320,7 +342,7 @@ def train(cfg: DecomposeConfig, model: torch.nn.Module, arch: LlamaArch, latest:
                       distill.stage_loss(cfg.train.loss, load_teacher(cfg), cfg.train.kd_weight))
     if latest.name != DECOMPOSED:
         trainer.load_state(dist_checkpointing.load(trainer.state(is_loading=True), str(latest)))
-    metrics = partial / "metrics.jsonl"
+    metrics = partial / METRICS
     if _rank0():
         keep_saved_steps(metrics, trainer.iteration)
 
@@ -373,9 +395,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         if _rank0():  # a run stopped between the rename and this cleanup left the optimizer's state
             shutil.rmtree(out / "train", ignore_errors=True)
         return json.loads((out / "summary.json").read_text()) if _rank0() else None
-    if cfg.train.steps and cfg.train.loss != "lm":
-        check_teacher_source(cfg)
-    check_heldout(cfg)
+    check_inputs(cfg)
     claim(partial, cfg, untrained=lambda: _untrained(partial))
     latest, decomposed = rank0_decides(lambda: (_latest(partial / "train"), (partial / "decomposed.json").is_file()))
     if latest is None or not decomposed:
@@ -429,8 +449,10 @@ def summary(stage: DecomposeConfig) -> dict:
     return json.loads((Path(stage.output) / "summary.json").read_text())
 
 
+@keys_under("stage.")
 def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Optional[list[str]]:
-    """The family (parallel state initialised for its stages); on rank 0 the report's lines."""
+    """The family (parallel state initialised for its stages); on rank 0 the report's lines (a stage's refusal
+    names its key as the family has it, under ``stage.``)."""
     start = time.perf_counter()
     out, partial = Path(cfg.output), partial_folder(cfg.output)
     if exists_on_rank0(out):
@@ -439,7 +461,7 @@ def run_family(cfg: FamilyConfig, progress: Callable[[str], None] = print) -> Op
             progress(f"{out} is complete (same config): nothing to do")
             return (out / "family.md").read_text().splitlines()
         return None
-    check_heldout(cfg.stage_config(0, cfg.parent, str(partial)))
+    check_inputs(cfg.stage_config(0, cfg.parent, str(partial)))  # every stage reads the same stream and held-out texts
     claim(partial, cfg, untrained=lambda: _family_untrained(partial), section="stage.")
     parent, stages, measured = cfg.parent, [], None  # measured: the held-out perplexity of ``parent``
     for index, keep in enumerate(cfg.keep):

@@ -325,7 +325,8 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
         path = launch_dir / f"{family.stage_name(index)}.sbatch"
         after = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
         # the log's path in sbatch's argv, exactly: an #SBATCH line is split at spaces and strips quotes
-        command = ["sbatch", "--parsable", f"--output={launch_dir}/%x-%j.log", *after, str(path)]
+        # (a % of the path written %%, or sbatch reads it as one of its patterns)
+        command = ["sbatch", "--parsable", f"--output={str(launch_dir).replace('%', '%%')}/%x-%j.log", *after, str(path)]
         if dry_run:
             out(f"# {path}\n{script}\n# would submit: {shlex.join(command)}\n")
             previous = f"<job id of {family.stage_name(index)}>"

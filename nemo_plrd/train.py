@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from tqdm import tqdm
 
 from nemo_plrd.data import DataParallelBatches
-from nemo_plrd.files import write_text_atomic
+from nemo_plrd.files import append_line, write_text_atomic
 from nemo_plrd.model import gpt_forward
 
 
@@ -236,8 +236,7 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
             if progress:
                 bar.write(f"step {trainer.iteration}: validation loss {figures['valid_loss']:.4f}")
         if rank0 and metrics is not None and (trainer.iteration % log_interval == 0 or last or "valid_loss" in figures):
-            with metrics.open("a") as out:
-                out.write(json.dumps(figures) + "\n")
+            append_line(metrics, json.dumps(figures))
         bar.update()
         bar.set_postfix(loss=f"{figures['loss']:.3f}", lr=f"{figures['lr']:.2e}", tokens_per_s=f"{tokens_per_s:.0f}")
         if trainer.iteration % save_interval == 0 or last:

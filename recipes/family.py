@@ -20,6 +20,7 @@ lm-eval (so no rank waits on another's evaluation). OUTPUT holds:
                             corpus) after the decomposition and after training, the share of the
                             gap to the control closed; lm-eval accuracies with standard errors
     family.png              held-out perplexity against parameters, before and after training
+                            (none with eval.perplexity_blocks=0)
 
 Everything goes to OUTPUT.partial first and is renamed when complete. Interrupted, the same
 command resumes: finished stages are kept as they are, a stage in training continues from its
@@ -32,15 +33,18 @@ from nemo_plrd.cli import recipe_config, run_script
 def main() -> None:
     cfg = recipe_config("FamilyConfig", __doc__, "recipes/smollm2_135m_family.yaml",
                         "'keep=[0.5, 0.3]' stage.train.steps=100")
+    from nemo_plrd.config import keys_under
     from nemo_plrd.parallel import init_distributed
     from nemo_plrd.pipeline import init_parallel, run_family, sole_run
 
     init_distributed()
-    init_parallel(cfg.stage_config(0, cfg.parent, cfg.output))  # every stage has the same layout
+    with keys_under("stage."):
+        init_parallel(cfg.stage_config(0, cfg.parent, cfg.output))  # every stage has the same layout
     with sole_run(cfg.output):
         lines = run_family(cfg)
     if lines is not None:
-        print("\n".join(lines), f"\nwrote {cfg.output} (family.md, family.png, one folder per stage)", sep="\n")
+        written = ", ".join(name for name in ("family.md", "family.json", "family.png") if (cfg.output / name).is_file())
+        print("\n".join(lines), f"\nwrote {cfg.output} ({written}, one folder per stage)", sep="\n")
 
 
 if __name__ == "__main__":

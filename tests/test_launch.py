@@ -227,6 +227,15 @@ def test_submit_chains_the_stages_with_afterok_and_prints_the_job_ids(family, fa
     assert "stage4-3.3b: job 104 (after 103)" in capsys.readouterr().out
 
 
+def test_a_percent_sign_in_the_output_path_reaches_sbatch_s_log_path_as_itself(cluster_family, tmp_path, fake_sbatch):
+    """sbatch expands %-patterns in --output (%j: the job id): the path's own % is written %%."""
+    family = dataclasses.replace(cluster_family("llama2_7b_family.yaml"), output=str(tmp_path / "at 100%j"))
+    submit(family, CLUSTER)
+    launch = Path(family.output) / "launch"
+    assert fake_sbatch.read_text().splitlines()[0] == \
+        f"--parsable --output={tmp_path}/at 100%%j/launch/%x-%j.log {launch}/stage1-5.9b.sbatch"
+
+
 def test_resubmitting_skips_complete_stages_and_a_refused_submission_names_what_was_submitted(family, fake_sbatch,
                                                                                             monkeypatch, capsys):
     """Stage 2 is complete; stage 1's folder was removed to free space, which does not make it due again."""

@@ -548,25 +548,50 @@ def test_a_stage_refused_for_bad_input_after_it_started_reruns_with_the_input_fi
     assert json.loads((out / "config.json").read_text())["plrd"]["plan"]["keep"] == 0.6
 
 
-def test_a_training_setting_refused_after_the_decomposition_is_fixed_without_decomposing_again(tiny_parent,
-                                                                                                 tmp_path):
-    """The valid split is sized when training starts: a rerun that changes only training settings, before any
-    training checkpoint, keeps the decomposition; any other change is still refused."""
+def test_a_stage_stopped_after_its_decomposition_reruns_with_other_training_settings_without_decomposing_again(
+        tiny_parent, tmp_path):
+    """Killed after its decomposition was saved and before any training checkpoint, a stage reruns with changed
+    training settings and keeps the decomposition; the rows of the steps it had taken go (no checkpoint holds
+    them, and with train.steps=0 no training would drop them). Any other change is still refused."""
     out = tmp_path / "stage"
-    settings = [f"parent={tiny_parent}", f"output={out}", "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128",
-                "eval.perplexity_blocks=0", "eval.tasks=[]", "export=[merged]", "train.steps=2", "train.seq_length=64",
-                "train.micro_batch=2", "train.global_batch=2", "dataset.blend=[[shakespeare, wikipedia], null]"]
-    run = recipe(*settings, "train.eval_iters=100000")
-    assert run.returncode == 2 and "fewer than the 200000 asked for" in run.stderr, run.stderr[-3000:]
     partial = out.with_name("stage.partial")
+    settings = [f"parent={tiny_parent}", f"output={out}", "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128",
+                "eval.perplexity_blocks=0", "eval.tasks=[]", "export=[merged]", "train.seq_length=64",
+                "train.micro_batch=2", "train.global_batch=2"]
+    kill_when(launch(*settings, "train.steps=2000", nproc=1), lambda: logged_steps(partial / "metrics.jsonl") >= 1)
+    assert [p.name for p in (partial / "train").iterdir()] == [DECOMPOSED]
     decomposed = (partial / "plan.json").stat().st_mtime_ns  # written by the decomposition
-    run = recipe(*settings, "train.eval_iters=1", "plrd.ridge=0.5")
+    run = recipe(*settings, "train.steps=0", "plrd.ridge=0.5")
     assert run.returncode == 2 and "plrd.ridge: " in run.stderr  # the decomposition's own settings: refused
-    run = recipe(*settings, "train.eval_iters=1")
+    run = recipe(*settings, "train.steps=0")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "not trained yet, so it trains with the changed settings: train.eval_iters: 100000 -> 1" in run.stdout
+    assert "not trained yet, so it trains with the changed settings: train.steps: 2000 -> 0" in run.stdout
     assert (out / "plan.json").stat().st_mtime_ns == decomposed
-    assert json.loads((out / "config.json").read_text())["train"]["eval_iters"] == 1
+    assert not (out / "metrics.jsonl").exists() and json.loads((out / "summary.json").read_text())["train_losses"] == []
+
+
+@pytest.mark.parametrize("name, overrides, nproc, message", [
+    ("decompose", ["dataset.blend=[[shakespeare, wikipedia], null]", "train.eval_iters=100000"], 1,
+     "fewer than the 400000 asked for"),  # an unweighted blend of several prefixes: megatron repeats no epoch
+    ("decompose", ["parallel.tensor_model_parallel_size=2"], 2,
+     "parallel.tensor_model_parallel_size=2 must divide the number of KV heads (1)"),
+    ("family", ["stage.train.loss=lm+kd", "stage.train.teacher=TEACHER"], 1,
+     "stage.train.teacher='TEACHER': the teacher's architecture differs"),
+])
+def test_what_a_stage_would_refuse_once_started_is_refused_before_its_output_is_claimed(
+        tiny_parent, tmp_path, name, overrides, nproc, message):
+    """A claimed folder that holds a decomposition resumes only with its settings: the data's splits, the TP size
+    and the teacher are checked first, and a family names its stages' keys as its user wrote them."""
+    parent = save_tiny_llama(tmp_path / "mqa", num_key_value_heads=1) if nproc == 2 else tiny_parent
+    teacher = save_tiny_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
+    out = tmp_path / "out"
+    prefix = "stage." if name == "family" else ""
+    small = [f"{prefix}{line}" for line in TRAINED if f"{prefix}{line}".split("=")[0] not in
+             {override.split("=")[0] for override in overrides}]
+    run = recipe(f"parent={parent}", f"output={out}", *small, *[o.replace("TEACHER", str(teacher)) for o in overrides],
+                 nproc=nproc, name=name, config=FAMILY_YAML if name == "family" else YAML)
+    assert run.returncode != 0 and message.replace("TEACHER", str(teacher)) in run.stderr, run.stderr[-3000:]
+    assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
 def test_training_settings_change_only_while_nothing_is_trained_exported_or_finished(tmp_path):
@@ -591,6 +616,20 @@ def test_training_settings_change_only_while_nothing_is_trained_exported_or_fini
     with pytest.raises(InputError, match="another config"):
         claim(family, configs(FamilyConfig, FAMILY_YAML, "stage.train.steps=8"), untrained=lambda: _family_untrained(
             family), section="stage.")
+
+
+def test_an_output_taken_over_by_other_settings_keeps_nothing_the_stopped_run_left(tmp_path):
+    """A family stopped before its first decomposition was saved, rerun with another keep: the old stage's folder
+    (a decomposition's checkpoint without its record, gigabytes at 7B) does not end up in the finished output."""
+    init_distributed()
+    family = tmp_path / "family.partial"
+    configs = lambda keep: load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", f"keep=[{keep}]"])
+    claim(family, configs(0.6), untrained=lambda: _family_untrained(family), section="stage.")
+    (family / "stage1-keep0.6.partial" / "train" / DECOMPOSED).mkdir(parents=True)
+    (family / ".lock").touch()  # the run's own, held by sole_run
+    claim(family, configs(0.5), untrained=lambda: _family_untrained(family), section="stage.")
+    assert sorted(path.name for path in family.iterdir()) == [".lock", "config.json"]
+    assert json.loads((family / "config.json").read_text())["keep"] == [0.5]
 
 
 def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage):

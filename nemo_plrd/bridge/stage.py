@@ -30,7 +30,7 @@ from nemo_plrd.checkpoint import load_checkpoint, read_metadata
 from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
 from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
-from nemo_plrd.files import write_text_atomic
+from nemo_plrd.files import append_line, write_text_atomic
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.slots import one_key_per_layer
 from nemo_plrd.spec import low_rank_block_spec
@@ -52,6 +52,7 @@ class PLRDHook:
     started: dict
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        on_one_device(model)
         calib = self.plrd.calibration
         samples = calib.tokens // calib.seq_length
         blend = (list(self.dataset.blend[0]), self.dataset.blend[1] and list(self.dataset.blend[1]))
@@ -65,6 +66,16 @@ class PLRDHook:
             write_text_atomic(self.save / STAGE_FILE, json.dumps(self.started, indent=1) + "\n")
             plan.save(self.save / PLAN_FILE)
         return model
+
+
+def on_one_device(model: list[torch.nn.Module]) -> None:
+    """Each chunk moved to the accelerator its linears and embedding are on. megatron allocates those on the GPU
+    as it builds them, but a torch norm stays on the CPU until Bridge moves every chunk, after the pre-wrap hooks;
+    calibration runs the layers before that. (On a CPU-only build, and with use_cpu_initialization, nothing moves.)"""
+    for chunk in model:
+        device = next((p.device for p in chunk.parameters() if p.device.type not in ("cpu", "meta")), None)
+        if device is not None:
+            chunk.to(device)
 
 
 @dataclass
@@ -105,8 +116,7 @@ class StageMetrics(Callback):
             return
         row = {"step": context.state.train_state.step + 1,  # the step counter moves after the callbacks
                "loss": float(context.loss_dict[self.key]), "lr": self.lr, "grad_norm": context.grad_norm}
-        with self.path.open("a") as out:
-            out.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
 
 
 class StageStream(Callback):
@@ -160,6 +170,10 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         key = "ckpt_step" if cfg.checkpoint.ckpt_step is not None else "non_persistent_save_interval"
         raise InputError(f"checkpoint.{key}={getattr(cfg.checkpoint, key)!r}: a PLRD stage resumes from the newest "
                          "checkpoint in checkpoint.save, the step its metrics and ranks are kept for; leave it unset")
+    if cfg.checkpoint.finetune:
+        raise InputError("checkpoint.finetune=true: Bridge would load a resumed stage's weights alone and train it "
+                         "again from step 0 over data it has read; a PLRD stage resumes its step, optimizer and data "
+                         "position, so leave it false")
     if cfg.checkpoint.pretrained_checkpoint is not None:
         raise InputError(f"checkpoint.pretrained_checkpoint={cfg.checkpoint.pretrained_checkpoint!r}: a PLRD stage "
                          "starts from --hf-path or --parent; leave it unset")

@@ -268,7 +268,7 @@ def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, t
     from nemo_plrd.bridge.checkpoint import PLAN_FILE, TRACKER
     from nemo_plrd.bridge.stage import prepare_stage
 
-    folders = [tmp_path / name for name in ("fresh", "foreign", "pretrained", "inprocess", "step")]
+    folders = [tmp_path / name for name in ("fresh", "foreign", "pretrained", "inprocess", "step", "finetune")]
     for folder in folders:
         folder.mkdir()
     cfg, save = stage_folder(folders[0])
@@ -293,6 +293,10 @@ def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, t
     cfg, _ = stage_folder(folders[4])  # Bridge would load that step, not the one the metrics are kept for
     cfg.checkpoint.ckpt_step = 2
     with pytest.raises(InputError, match="checkpoint.ckpt_step=2: a PLRD stage resumes from the newest checkpoint"):
+        prepare_stage(cfg, hf_path=str(tiny_parent))
+    cfg, _ = stage_folder(folders[5])  # Bridge would load the weights alone and train again from step 0
+    cfg.checkpoint.finetune = True
+    with pytest.raises(InputError, match="checkpoint.finetune=true: Bridge would load a resumed stage's weights alone"):
         prepare_stage(cfg, hf_path=str(tiny_parent))
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -31,6 +32,16 @@ n=$(wc -l < {tmp_path}/sbatch.log)
 # the call numbered in tmp_path/fail-at is refused, as a real sbatch refuses a job
 if [ -e {tmp_path}/fail-at ] && [ $n = $(cat {tmp_path}/fail-at) ]; then
   echo "sbatch: error: Batch job submission failed: Invalid qos specification" >&2; exit 1
+fi
+# during the call numbered in tmp_path/interrupt-at, the user presses Ctrl-C: SIGINT to `plrd submit` (its
+# process, not the group, which holds pytest) and to this call
+if [ -e {tmp_path}/interrupt-at ] && [ $n = $(cat {tmp_path}/interrupt-at) ]; then
+  pid=$$
+  while [ "$pid" -gt 1 ]; do
+    pid=$(ps -o ppid= -p "$pid" | tr -d ' ')
+    if tr '\\0' ' ' < /proc/$pid/cmdline | grep -q nemo_plrd.cli; then kill -INT "$pid"; break; fi
+  done
+  exit 130
 fi
 cp "${{@: -1}}" {tmp_path}/script-$n.sh  # the script as submitted
 echo $((100 + n))
@@ -77,11 +88,12 @@ def test_each_stage_is_a_training_task_on_every_node_then_a_finishing_task_each_
         assert any(s.startswith(f"{guard} || srun ") and s.endswith(f" {command}") for s in script), line
 
 
-def plrd(*args: str, status: int = 0) -> subprocess.CompletedProcess:
-    """`plrd` as a user runs it (nemo-run's local tunnel reads stdin, which pytest's capture forbids)."""
+def plrd(*args: str, status: Optional[int] = 0) -> subprocess.CompletedProcess:
+    """`plrd` as a user runs it (nemo-run's local tunnel reads stdin, which pytest's capture forbids); ``status``
+    None: any failure."""
     result = subprocess.run([sys.executable, "-m", "nemo_plrd.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == status, result.stderr[-3000:]
+    assert result.returncode != 0 if status is None else result.returncode == status, result.stderr[-3000:]
     return result
 
 
@@ -115,15 +127,21 @@ def test_a_second_submission_while_the_first_one_s_jobs_are_queued_is_refused_na
     assert len(scheduler.read_text().splitlines()) == 16
 
 
-def test_a_submission_failing_midway_records_the_jobs_it_queued_so_the_next_is_refused(family, scheduler):
-    """nemo-run stops at the first task sbatch refuses; the tasks queued before it are recorded as a
-    whole submission's are, so resubmitting while they are held cannot start a second chain."""
+@pytest.mark.parametrize("stop", ["fail-at", "interrupt-at"])
+def test_a_submission_stopped_midway_records_the_jobs_it_queued_so_the_next_is_refused(family, scheduler, stop):
+    """nemo-run stops at the first task sbatch refuses, or where the user pressed Ctrl-C; the tasks queued
+    before it are recorded as a whole submission's are, so resubmitting while they are held cannot start a
+    second chain."""
     submit = ("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--launcher",
               "nemo-run", f"parent={family.parent}", f"output={family.output}", f"blend=[[{family.blend[0][0]}], null]")
-    (scheduler.parent / "fail-at").write_text("3\n")
-    failed = plrd(*submit, status=2)
-    assert "Invalid qos specification" in failed.stderr
-    assert "submitted before it, and recorded: stage1-6.2b-train: job 101, stage1-6.2b-finish: job 102" in failed.stderr
+    (scheduler.parent / stop).write_text("3\n")
+    failed = plrd(*submit, status=2 if stop == "fail-at" else None)
+    if stop == "fail-at":
+        assert "Invalid qos specification" in failed.stderr
+        assert "submitted before it, and recorded: stage1-6.2b-train: job 101, stage1-6.2b-finish: job 102" in \
+            failed.stderr
+    else:
+        assert failed.stderr.rstrip().endswith("KeyboardInterrupt")
     assert json.loads((Path(family.output) / "launch" / "jobs.json").read_text()) == \
         {"stage1-6.2b-train": "101", "stage1-6.2b-finish": "102"}
     (scheduler.parent / "queue").write_text("101\n102\n")

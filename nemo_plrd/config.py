@@ -357,12 +357,13 @@ STAGE_KEYS = tuple(key.name for key in dataclasses.fields(DecomposeConfig) if ke
 @contextmanager
 def keys_under(section: str) -> Iterator[None]:
     """A stage refuses its keys as a stage's config holds them (``train.teacher=...``); a family's user wrote
-    them under ``section`` (``stage.``), so inside a family such a refusal is raised again naming the key so."""
+    them under ``section`` (``stage.``), so inside a family such a refusal is raised again naming the keys so."""
     try:
         yield
-    except InputError as error:
-        if re.match(rf"(?:{'|'.join(STAGE_KEYS)})[.=]", str(error)):
-            raise type(error)(section + str(error)) from None
+    except InputError as error:  # a key: one of the stage's, not inside a path or word, then =, or . and a name
+        named = re.sub(rf"(?<![\w./-])(?=(?:{'|'.join(STAGE_KEYS)})(?:=|\.\w))", section, str(error))
+        if named != str(error):
+            raise type(error)(named) from None
         raise
 
 

@@ -40,10 +40,11 @@ def stage_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool
     except ImportError as error:
         raise InputError(f"--launcher nemo-run needs nemo-run: pip install nemo-plrd[slurm] ({error})") from None
     launch = Path(family.output).resolve() / "launch" / "nemo-run"
-    if any(character.isspace() for character in str(launch)):
+    if any(character.isspace() or character == "%" for character in str(launch)):
         raise InputError(f"output={family.output!r}: nemo-run writes the tasks' log and work folders under it into "
-                         "sbatch and srun lines unquoted, so its path may hold no spaces; choose another output, or "
-                         "--launcher sbatch (whose scripts quote every path)")
+                         "sbatch and srun lines unquoted (and sbatch reads a % in a log path as a pattern), so its "
+                         "path may hold no spaces or %; choose another output, or --launcher sbatch (whose scripts "
+                         "quote every path)")
     prepare_submission(family, cluster, dry_run)
     executor = run.SlurmExecutor(  # no --account / --time unless given: the cluster's defaults, as sbatch's launcher
         account=cluster.account, job_name_prefix="plrd-", partition=cluster.partition, time=cluster.time,

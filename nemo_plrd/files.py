@@ -13,21 +13,29 @@ def sync_tree(folder: Path) -> None:
     """Every file under ``folder``, and the folders' entries, on disk: what a rename of ``folder`` then
     vouches for survives a power loss (megatron syncs its shards; the files written beside them too)."""
     for path in [*folder.rglob("*"), folder]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """A file's data, or a folder's entries, on disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def append_line(path: Path, line: str) -> None:
     """``line`` appended to ``path`` and on disk before the call returns: a training step's row must be there
     when the checkpoint that counts the step is, or a run resumed after a power loss reports fewer steps
     than it took (a torn last line is dropped on resume)."""
+    new = not path.exists()
     with path.open("a") as out:
         out.write(line + "\n")
         out.flush()
         os.fsync(out.fileno())
+    if new:  # and its name, in the folder
+        _fsync(path.parent)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

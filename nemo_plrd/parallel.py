@@ -48,7 +48,7 @@ def init_distributed(timeout: timedelta | None = None) -> None:
         dist.init_process_group("gloo", timeout=timeout, **alone)
 
 
-def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
+def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234, key: str = "tensor_parallel_size") -> None:
     """(Re)build megatron's TP/DP groups for this world and seed its RNG tracker.
 
     Calling it again with another TP size tears the old groups down first, so one process
@@ -59,7 +59,7 @@ def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234) -> None
     world = dist.get_world_size()
     if tensor_parallel_size < 1 or world % tensor_parallel_size:
         raise InputError(
-            f"tensor_parallel_size={tensor_parallel_size} must be >= 1 and divide the "
+            f"{key}={tensor_parallel_size} must be >= 1 and divide the "
             f"world size {world}"
         )
     if parallel_state.model_parallel_is_initialized():

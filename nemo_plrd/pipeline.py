@@ -56,13 +56,16 @@ from nemo_plrd.transform import apply_plan, model_ranks, plan_for
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"  # a stage's training rows, one per logged step
+# what a stage writes before its decomposition is saved (plan, the checkpoint being written, and in a folder retrained
+# before, the rows of unsaved steps); in a family's folder, its stages' and baselines' .partial folders
+LEFT_BEFORE_DECOMPOSED = ("plan.json", "plan.txt", "train", METRICS)
 ITERATION = "iter_{:07d}"
 DECOMPOSED = ITERATION.format(0)  # the decomposed model, before any training step
 
 
 def init_parallel(cfg: DecomposeConfig) -> None:
     """megatron's parallel state for this world: TP from the config, DP the rest; the layout checked."""
-    init_model_parallel(cfg.parallel.tensor_model_parallel_size)
+    init_model_parallel(cfg.parallel.tensor_model_parallel_size, key="parallel.tensor_model_parallel_size")
     cfg.train.check_layout(parallel_state.get_data_parallel_world_size())
 
 
@@ -101,9 +104,10 @@ def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[]
 
     A different config is refused, naming every key whose value differs, unless the unfinished
     ``folder`` keeps no work (a run refused for bad input after its claim, or stopped before its first
-    decomposition was saved: the rerun with the input fixed takes the folder over, emptied), or only ``TRAINING_KEYS`` (under ``section``: a family's ``stage.``)
-    differ and it is ``untrained()``; a ``finished`` output that holds no record (not written by this
-    pipeline) is refused too. Every rank gets rank 0's verdict.
+    decomposition was saved: the rerun with other settings takes the folder over, and what that run wrote
+    goes), or only ``TRAINING_KEYS`` (under ``section``: a family's ``stage.``) differ and it is
+    ``untrained()``; a ``finished`` output that holds no record (not written by this pipeline) is refused
+    too. Every rank gets rank 0's verdict.
     """
     config = dataclasses.asdict(cfg)
     verdict: list = [None]
@@ -123,8 +127,8 @@ def claim(folder: Path, cfg: Any, finished: bool = False, untrained: Callable[[]
                 (folder / METRICS).unlink(missing_ok=True)  # rows of steps no checkpoint holds
             elif record.is_file():  # taken over: what the refused or stopped run left is no work to keep
                 for entry in folder.iterdir():
-                    if entry.name != ".lock":
-                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    if entry.name in LEFT_BEFORE_DECOMPOSED or entry.name.endswith(".partial"):
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(record, json.dumps(config, indent=1) + "\n")
             verdict[0] = ["new", []]
@@ -233,6 +237,7 @@ def _datasets(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: i
 
 
 def _calibration_dataset(cfg: DecomposeConfig, hf_source: Path):
+    """The first ``calibration.tokens`` of the train split, at calibration's own sequence length."""
     calib = cfg.plrd.calibration
     return _datasets(cfg, hf_source, calib.seq_length, calib.tokens // calib.seq_length)[0]
 
@@ -250,12 +255,13 @@ def _heldout(hf_source: Path, num_blocks: int, name: str) -> torch.Tensor:
     return heldout_blocks(AutoTokenizer.from_pretrained(hf_source), num_blocks, name)
 
 
-def check_inputs(cfg: DecomposeConfig) -> None:
+def check_inputs(cfg: DecomposeConfig) -> Path:
     """Before the output is claimed, what would otherwise be refused only once the stage runs: a claimed folder
     that holds a decomposition resumes only with the settings it started with, so the fixed rerun would be
     refused too. The TP size against the parent's shapes, the teacher, ``eval.perplexity_blocks`` against the
     held-out texts as the parent's tokenizer cuts them, and the data's splits against the samples asked of them
-    (megatron keeps the indices it builds here in its cache, for the stage)."""
+    (megatron keeps the indices it builds here in its cache, for the stage). Returns the folder of the parent's
+    HF config and tokenizer, as found now (a resumed run may see the asset cache elsewhere)."""
     arch, _, hf_source = describe_parent(_folder(cfg.parent))
     check_tensor_parallel(arch, cfg.parallel.tensor_model_parallel_size, "parallel.tensor_model_parallel_size")
     if cfg.train.steps and cfg.train.loss != "lm":
@@ -265,6 +271,7 @@ def check_inputs(cfg: DecomposeConfig) -> None:
     _calibration_dataset(cfg, hf_source)
     if cfg.train.steps:
         _training_datasets(cfg, hf_source)
+    return hf_source
 
 
 def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: Path) -> Optional[dict[str, float]]:
@@ -395,7 +402,7 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
         if _rank0():  # a run stopped between the rename and this cleanup left the optimizer's state
             shutil.rmtree(out / "train", ignore_errors=True)
         return json.loads((out / "summary.json").read_text()) if _rank0() else None
-    check_inputs(cfg)
+    hf_source = check_inputs(cfg)  # the parent's HF config and tokenizer
     claim(partial, cfg, untrained=lambda: _untrained(partial))
     latest, decomposed = rank0_decides(lambda: (_latest(partial / "train"), (partial / "decomposed.json").is_file()))
     if latest is None or not decomposed:
@@ -407,7 +414,6 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
     else:
         model, _ = (build_model if cfg.train.steps and latest.name != DECOMPOSED else load_model)(latest)
         figures = json.loads((partial / "decomposed.json").read_text())
-    hf_source = Path(figures["hf_source"])  # the parent's HF config and tokenizer
     arch = read_metadata(latest)[0]
     logged = train(cfg, model, arch, latest, partial, hf_source) if cfg.train.steps else []
     losses = [row["loss"] for row in logged]

@@ -326,7 +326,8 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
         after = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
         # the log's path in sbatch's argv, exactly: an #SBATCH line is split at spaces and strips quotes
         # (a % of the path written %%, or sbatch reads it as one of its patterns)
-        command = ["sbatch", "--parsable", f"--output={str(launch_dir).replace('%', '%%')}/%x-%j.log", *after, str(path)]
+        log = f"{str(launch_dir).replace('%', '%%')}/%x-%j.log"
+        command = ["sbatch", "--parsable", f"--output={log}", *after, str(path)]
         if dry_run:
             out(f"# {path}\n{script}\n# would submit: {shlex.join(command)}\n")
             previous = f"<job id of {family.stage_name(index)}>"

@@ -27,6 +27,8 @@ command resumes: finished stages are kept as they are, a stage in training conti
 last checkpoint, and finished evaluations are read back.
 """
 
+from pathlib import Path
+
 from nemo_plrd.cli import recipe_config, run_script
 
 
@@ -43,8 +45,8 @@ def main() -> None:
     with sole_run(cfg.output):
         lines = run_family(cfg)
     if lines is not None:
-        written = ", ".join(name for name in ("family.md", "family.json", "family.png") if (cfg.output / name).is_file())
-        print("\n".join(lines), f"\nwrote {cfg.output} ({written}, one folder per stage)", sep="\n")
+        written = [name for name in ("family.md", "family.json", "family.png") if (Path(cfg.output) / name).is_file()]
+        print("\n".join(lines), f"\nwrote {cfg.output} ({', '.join(written)}, one folder per stage)", sep="\n")
 
 
 if __name__ == "__main__":

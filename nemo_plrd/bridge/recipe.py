@@ -19,7 +19,7 @@ from nemo_plrd.config import PLRDConfig, PlanConfig
 def llama_stage(hf_path: str, keep: float = 0.6, seq_length: int = 4096) -> PLRDConfigContainer:
     """Decompose the parent to ``keep`` of its dense linear-layer parameters and train on; ``hf_path``
     holds the parent's HF config and tokenizer (an HF model, or a PLRD checkpoint's ``hf/``)."""
-    # The architecture only: the stage's first pre-wrap hook loads the weights (nemo_plrd.bridge.stage).
+    # The architecture only: one of the stage's pre-wrap hooks loads the weights (nemo_plrd.bridge.stage).
     provider = AutoBridge.from_hf_config(AutoConfig.from_pretrained(hf_path)).to_megatron_provider(load_weights=False)
     provider.seq_length = seq_length
     return PLRDConfigContainer(

@@ -2,9 +2,10 @@
 
 The provider builds ``nemo_plrd.spec``'s layer spec (megatron's local linears and separate
 norms, the slots the transform understands; Bridge's default Transformer Engine spec fuses the
-norms into ``linear_qkv`` / ``linear_fc1``). A fresh stage registers two pre-wrap hooks, run
-after the model is built and before DDP wraps it: Bridge's HF weight loading (``AutoBridge``),
-then ``PLRDHook``, which calibrates on the job's own data, plans, decomposes and records the
+norms into ``linear_qkv`` / ``linear_fc1``). A fresh stage registers three pre-wrap hooks, run
+after the model is built and before DDP wraps it: ``StageStart``, where the ranks agree on how the
+stage starts, Bridge's HF weight loading (``AutoBridge``) or the parent's checkpoint, then
+``PLRDHook``, which calibrates on the job's own data, plans, decomposes and records the
 ranks beside the job's checkpoints. A stage whose job was interrupted is rebuilt factored at
 the recorded ranks and Bridge resumes it from its last checkpoint; nothing is decomposed again.
 A family's stage reads its share of the family's data stream (``StageStream``), as a local stage does.

@@ -111,16 +111,13 @@ def load_family(path: str, overrides: Sequence[str] = ()):
 
 def recipe_plan(family) -> tuple[LlamaArch, RankPlan, list[StagePlan]]:
     """The architecture, the parent's plan and each stage's, for a ``load_family`` recipe."""
-    from transformers import AutoConfig
-
     from nemo_plrd.bridge.family import BridgeFamilyConfig
     from nemo_plrd.checkpoint import describe_parent
     from nemo_plrd.config import EMBEDDED_PARENT
-    from nemo_plrd.hf import arch_from_hf
     from nemo_plrd.model import SMOLLM2_135M
 
     if isinstance(family, BridgeFamilyConfig):
-        arch = arch_from_hf(AutoConfig.from_pretrained(family.architecture_path()))
+        arch = family.arch()
         requests = [family.plan_request(index) for index in range(len(family.target_params))]
         tokens, seq_length = family.train_tokens()
         parent = parent_plan(arch)

@@ -30,6 +30,7 @@ from nemo_plrd.data import check_prefix
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import heldout_blocks
 from nemo_plrd.files import write_text_atomic
+from nemo_plrd.model import check_tensor_parallel
 
 
 class Expanded(str):
@@ -81,6 +82,8 @@ class Cluster:
         if self.gpus_per_node % tp:
             raise InputError(f"model.tensor_model_parallel_size={tp} must divide --gpus-per-node="
                              f"{self.gpus_per_node}: a TP group stays inside a node")
+        if family.architecture or (Path(family.parent) / "config.json").is_file():  # a dry run may see neither
+            check_tensor_parallel(family.arch(), tp, "model.tensor_model_parallel_size")
         micro = int(family.job.setting("train.micro_batch_size"))
         batch = int(family.job.setting("train.global_batch_size"))
         if batch % (micro * (world // tp)):

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,14 @@ def tp_size(request) -> int:
 @pytest.fixture
 def cluster_family(tmp_path):
     """``load(recipe)``: a Bridge family recipe whose parent, data and output are in ``tmp_path``
-    (the parent a stand-in config.json and SmolLM2's tokenizer, the data empty .bin/.idx files: what
-    ``plrd submit`` reads)."""
+    (the parent LLaMA-2-7B's config.json without its weights and SmolLM2's tokenizer, the data empty .bin/.idx
+    files: what ``plrd submit`` reads)."""
     from nemo_plrd.bridge.family import BridgeFamilyConfig
     from nemo_plrd.config import load_config
     from tiny_llama import copy_tokenizer
 
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{}")
+    shutil.copy(Path(__file__).parents[1] / "recipes" / "architectures" / "llama2-7b" / "config.json", tmp_path / "hf")
     copy_tokenizer(tmp_path / "hf")
     for suffix in (".bin", ".idx"):
         (tmp_path / f"corpus{suffix}").write_text("")

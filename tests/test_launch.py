@@ -390,6 +390,9 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
     ([], ["--nodes", "1", "--gpus-per-node", "4"], "tensor_model_parallel_size=8 must divide --gpus-per-node=4"),
     ([], ["--nodes", "4", "--gpus-per-node", "12"], "tensor_model_parallel_size=8 must divide --gpus-per-node=12: a TP "
                                                     "group stays inside a node"),  # 48 GPUs: TP 8 divides the world
+    ([f"architecture={ROOT / 'recipes' / 'architectures' / 'mistral-7b-v0.1'}",
+      'job.overrides=["model.tensor_model_parallel_size=16"]'], ["--nodes", "1", "--gpus-per-node", "16"],
+     "model.tensor_model_parallel_size=16 must divide the number of KV heads (8)"),  # not once the job runs
     (['job.overrides=["model.pipeline_model_parallel_size=2"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "model.pipeline_model_parallel_size=2: a PLRD stage needs 1"),
     (["parent=/nowhere"], ["--nodes", "1", "--gpus-per-node", "8"], "parent='/nowhere' is not an HF model"),

@@ -24,6 +24,7 @@ from nemo_plrd.config import (EvalConfig, PLRDConfig, TrainConfig, check_blend, 
                               distils_from_family_parent, from_dict, load_yaml, override_key, with_overrides)
 from nemo_plrd.errors import InputError
 from nemo_plrd.export_options import check_dtype
+from nemo_plrd.model import LlamaArch
 
 SET_BY_FAMILY = ("checkpoint.save", "dataset.blend", "plrd.plan.keep", "plrd.plan.target_params", "plrd.plan.ranks",
                  "train.first_sample", "train.stream_samples")
@@ -165,6 +166,14 @@ class BridgeFamilyConfig:
             raise InputError(f"{key}={value!r} holds no HF config.json to plan the family from; give an HF model "
                              "directory or its config.json" + ("" if self.architecture else " as architecture="))
         return path
+
+    def arch(self) -> LlamaArch:
+        """The parent's architecture, read from ``architecture_path()``."""
+        from transformers import AutoConfig
+
+        from nemo_plrd.hf import arch_from_hf
+
+        return arch_from_hf(AutoConfig.from_pretrained(self.architecture_path()))
 
     def stage_samples(self) -> int:
         """Each stage's training samples, from the job's settings."""

@@ -10,9 +10,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from filelock import FileLock
 
 from nemo_plrd.errors import InputError, OutputExistsError
+from nemo_plrd.files import try_acquire
 
 if TYPE_CHECKING:
     from nemo_plrd.config import EvalConfig
@@ -85,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--batch-size", type=_positive, default=8,
                           help="lm-eval requests per forward pass (default 8; larger on a GPU)")
     evaluate.add_argument("--out", default=None, help="results folder (default: plrd-eval/<model dir name>)")
-    prepare = commands.add_parser("prepare-data", help="text / JSONL files -> a megatron indexed dataset (.bin/.idx)")
-    prepare.add_argument("inputs", nargs="+", help="UTF-8 text files (one document each) or .jsonl files (one per line)")
+    prepare = commands.add_parser("prepare-data",
+                                  help="text / JSON-lines files -> a megatron indexed dataset (.bin/.idx)")
+    prepare.add_argument("inputs", nargs="+", help="UTF-8 text files (one document each) or .jsonl / .json files "
+                         "(JSON lines: one document per line)")
     prepare.add_argument("--output", required=True, help="the dataset prefix: writes PREFIX.bin and PREFIX.idx")
     prepare.add_argument("--tokenizer", default="smollm2-135m",
                          help="HF model or tokenizer directory (default: the embedded SmolLM2-135M's)")
-    prepare.add_argument("--json-key", default="text", help="the text field of each JSONL line (default: text)")
+    prepare.add_argument("--json-key", default="text", help="the text field of each JSON line (default: text)")
     plan = commands.add_parser("plan", help="a family recipe's plan per stage, from the architecture alone")
     plan.add_argument("recipe", help="a family recipe, e.g. recipes/llama2_7b_family.yaml")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style overrides of the recipe")
@@ -156,18 +161,45 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                          args.batch_size)
-        if (out / "results.json").is_file():
-            result = _earlier_results(out, hf_model_dir(model_dir), cfg)
-            print(markdown(result))
-            print(f"already evaluated: {out / 'results.json'}, {out / 'results.md'}")
-            return 0
-        result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
+        with _sole_writer(out):
+            if (out / "results.json").is_file():
+                result = _earlier_results(out, hf_model_dir(model_dir), cfg)
+                print(markdown(result))
+                print(f"already evaluated: {out / 'results.json'}, {out / 'results.md'}")
+                return 0
+            result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
+            write_results(result, out)
     except InputError as error:
         parser.error(str(error))
-    write_results(result, out)
     print(markdown(result))
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")
     return 0
+
+
+EVAL_LOCK = ".lock"  # in --out while a plrd eval writes it
+
+
+@contextlib.contextmanager
+def _sole_writer(out: Path) -> Iterator[None]:
+    """``out`` made before the evaluation (a path that cannot be a folder is refused now, not after hours of
+    lm-eval) and held by this run: two evaluations into one folder would each replace the other's results.
+    A folder this run made and left empty (a refused request) goes."""
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--out {out} cannot be made a folder: {error.strerror}") from None
+    lock = FileLock(out / EVAL_LOCK)
+    if not try_acquire(lock):
+        raise InputError(f"--out {out} is being written by another plrd eval (it holds {out / EVAL_LOCK}); "
+                         "let it finish, or choose another --out")
+    try:
+        yield
+    finally:
+        lock.release()
+        (out / EVAL_LOCK).unlink(missing_ok=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
@@ -190,9 +222,12 @@ def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
 
 def _model_files(model_dir: Path) -> str:
     """The model directory's files by name, size and modification time, without reading its weights: a model
-    removed and written again at the same path is another model."""
+    removed and written again at the same path is another model (what plrd eval writes there, with --out the
+    model's folder, is not the model)."""
+    from nemo_plrd.evaluate import RESULT_FILES
+
     digest = hashlib.sha256()
-    for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.name not in (*RESULT_FILES, EVAL_LOCK)):
         stat = path.stat()
         digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -207,9 +242,8 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from nemo_plrd.files import refuse_existing
 
     try:
-        # megatron caches a prefix's indices by its path, not its contents: a rewritten one would read stale ones
-        refuse_existing(args.output, "dataset", exists=lambda prefix: any(
-            Path(f"{prefix}{suffix}").exists() for suffix in (".bin", ".idx")))
+        # a dataset is complete once its .idx is there; a .bin alone is a killed run's, which this one replaces
+        refuse_existing(args.output, "dataset", exists=lambda prefix: Path(f"{prefix}.idx").exists())
         tokenizer_dir = smollm2_135m() if args.tokenizer == EMBEDDED_PARENT else Path(args.tokenizer)
         if not (tokenizer_dir / "tokenizer_config.json").is_file():
             raise InputError(f"--tokenizer {tokenizer_dir} is not an HF model or tokenizer directory "

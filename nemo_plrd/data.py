@@ -5,9 +5,9 @@
 document, as megatron's ``preprocess_data.py`` writes them. ``gpt_datasets`` builds megatron's
 ``GPTDataset`` splits through ``BlendedMegatronDatasetBuilder``: blends with weights, the
 train / valid / test split, megatron's document shuffling and sample index, cached by megatron
-under ``$PLRD_CACHE/megatron-indices`` (keyed by the prefixes, weights, split, seed and sizes; not
-beside the data, whose folder may be read-only or a finished asset; jobs sharing it build one at a
-time, and an index a killed build cut short is built again).
+under ``$PLRD_CACHE/megatron-indices`` (megatron keys them by the prefixes, weights, split, seed and sizes, and
+each version of the data files gets a folder of its own; not beside the data, whose folder may be read-only or a
+finished asset; jobs sharing it build one at a time, and an index a killed build cut short is built again).
 ``DataParallelBatches`` hands each data-parallel rank its micro-batches of every global batch in
 the order megatron's pretraining sampler does, from a count of consumed samples, so a resumed run
 reads exactly the samples the interrupted one would have.
@@ -18,6 +18,7 @@ reports, which is scored whole and in order rather than sampled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from nemo_plrd.assets import cache_dir
 from nemo_plrd.errors import InputError, MissingInputError
+from nemo_plrd.files import fsync
 
 SPLITS = ("train", "valid", "test")
 
@@ -43,14 +45,25 @@ def megatron_tokenizer(hf_dir: str | Path):
     return MegatronTokenizer.from_pretrained(str(hf_dir), metadata_path={"library": "huggingface"})
 
 
+JSON_LINES = (".jsonl", ".json")  # megatron's preprocess_data.py reads JSON lines, which HF's to_json writes as .json
+
+
 def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
-    """The documents of a file: each line's ``json_key`` of a ``.jsonl`` file; a text file is one document."""
+    """The documents of a file: each line's ``json_key`` of a JSON-lines file (``JSON_LINES``); a text file is one
+    document."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{path} is not a file; give UTF-8 text files or JSONL files")
-    if path.suffix != ".jsonl":
-        yield path.read_text(encoding="utf-8")
-        return
+        raise MissingInputError(f"{path} is not a file; give UTF-8 text files or JSON-lines files")
+    try:
+        if path.suffix.lower() not in JSON_LINES:
+            yield path.read_text(encoding="utf-8")
+            return
+        yield from _json_lines(path, json_key)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text: {error}") from None
+
+
+def _json_lines(path: Path, json_key: str) -> Iterator[str]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -67,11 +80,13 @@ def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
 def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, progress: bool = False) -> Path:
     """Write ``prefix.bin`` / ``prefix.idx``: each document's token ids and an EOD token.
 
-    Both files are written under temporary names and renamed, the index last: a prefix whose
-    ``.idx`` exists is complete.
+    Both files are written under temporary names, put on disk and renamed, the index last: a prefix whose
+    ``.idx`` exists is complete (a ``.bin`` alone is a killed run's, which the next one replaces).
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    if tokenizer.eod is None:
+        raise InputError("the tokenizer has no end-of-document token (eos_token), which closes each document")
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.with_name(prefix.name + f".partial{os.getpid()}")
@@ -92,8 +107,10 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
         for suffix in (".bin", ".idx"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         raise
-    os.replace(f"{tmp}.bin", f"{prefix}.bin")
-    os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    for suffix in (".bin", ".idx"):
+        fsync(Path(f"{tmp}{suffix}"))
+        os.replace(f"{tmp}{suffix}", f"{prefix}{suffix}")
+    fsync(prefix.parent)
     return prefix
 
 
@@ -120,7 +137,7 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
     config = GPTDatasetConfig(random_seed=seed, sequence_length=sequence_length, blend=blend, split=split,
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
                               eod_mask_loss=False, create_attention_mask=False,
-                              path_to_cache=str(cache_dir() / "megatron-indices"))
+                              path_to_cache=str(index_cache(blend[0])))
     # megatron loops forever looking for samples in a split with no documents; it sizes every split of a
     # weighted blend with a share (one not asked for gets one sample, then is dropped)
     for prefix in blend[0]:
@@ -141,6 +158,18 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
             raise InputError(f"dataset.blend={[blend[0], blend[1]]} gives the {name} split {len(split)} samples of "
                              f"{sequence_length} tokens, fewer than the {wanted} asked for; give the prefixes weights")
     return [None if wanted is None else split for split, wanted in zip(splits, num_samples)]
+
+
+def index_cache(prefixes: Sequence[str]) -> Path:
+    """megatron's index cache for a blend of ``prefixes``. megatron keys its indices by a prefix's path, not its
+    contents: a dataset written again at the same path would be read through the old one's indices (samples
+    past its end, or other documents), so each version of the files (their sizes and times) has its own folder."""
+    digest = hashlib.sha256()
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            stat = os.stat(f"{prefix}{suffix}")
+            digest.update(f"{os.path.abspath(prefix)}{suffix} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return cache_dir() / "megatron-indices" / digest.hexdigest()[:16]
 
 
 @contextmanager

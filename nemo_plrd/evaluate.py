@@ -173,8 +173,11 @@ def markdown(result: dict) -> str:
     return format_table(("task", "items", "acc", "acc_norm"), rows)
 
 
+RESULT_FILES = ("results.md", "results.json")  # written in this order: results.json says the evaluation is done
+
+
 def write_results(result: dict, out_dir: Path) -> None:
-    """results.json and results.md, each whole or not at all (a family reads results.json back as done)."""
+    """``RESULT_FILES``, each whole or not at all (a family reads results.json back as done)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "results.md", markdown(result) + "\n")
     write_text_atomic(out_dir / "results.json", json.dumps(result, indent=1))

@@ -69,8 +69,10 @@ def _hf_model(format: str, parent_config, ranks, arch) -> torch.nn.Module:
     from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig, PLRDLlamaForCausalLM, PLRDLlamaModel
 
     with torch.device("meta"):
-        if format == "merged":
-            return AutoModelForCausalLM.from_config(_full_attention(parent_config), dtype=torch.float32)
+        if format == "merged":  # transformers' own class: a parent's auto_map names code no export carries
+            config = _full_attention(parent_config)
+            config.__dict__.pop("auto_map", None)
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fields = {k: v for k, v in parent_config.to_dict().items() if k not in _CLASS_KEYS + _WINDOW_KEYS}
         config = PLRDLlamaConfig(**fields, plrd_ranks=ranks, qkv_bias=arch.qkv_bias)
         config.architectures = [PLRDLlamaForCausalLM.__name__]
@@ -114,7 +116,8 @@ def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source, d
     from transformers import GenerationConfig
 
     state = to_hf(merge_factors(full), arch) if format == "merged" else to_hf_factored(full, arch)
-    state = {name: tensor.to(dtype) for name, tensor in state.items()}  # save_pretrained records the dtype
+    for name in list(state):  # one tensor at a time: no second copy of the model (save_pretrained records the dtype)
+        state[name] = state[name].to(dtype)
     hf_model = _hf_model(format, parent_config, ranks, arch)
     hf_model.load_state_dict(state, strict=True, assign=True)
     hf_model.tie_weights()

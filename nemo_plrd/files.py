@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock, Timeout
+
 from nemo_plrd.errors import OutputExistsError
 
 
@@ -13,10 +15,10 @@ def sync_tree(folder: Path) -> None:
     """Every file under ``folder``, and the folders' entries, on disk: what a rename of ``folder`` then
     vouches for survives a power loss (megatron syncs its shards; the files written beside them too)."""
     for path in [*folder.rglob("*"), folder]:
-        _fsync(path)
+        fsync(path)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """A file's data, or a folder's entries, on disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -35,20 +37,24 @@ def append_line(path: Path, line: str) -> None:
         out.flush()
         os.fsync(out.fileno())
     if new:  # and its name, in the folder
-        _fsync(path.parent)
+        fsync(path.parent)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """``text`` at ``path`` through a temp name in the same folder and a rename: a run cut short
     leaves the old file or none, never a half-written one that looks finished. The text reaches the
-    disk before the name does, so a node that loses power cannot leave the new name on empty blocks."""
+    disk before the name does, so a node that loses power cannot leave the new name on empty blocks. The temp
+    name is the writer's own (two processes writing one path each rename a whole file: the last one stays)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def refuse_existing(path: str | Path, what: str, exists: Callable[[Path], bool] = Path.exists) -> None:
@@ -56,3 +62,12 @@ def refuse_existing(path: str | Path, what: str, exists: Callable[[Path], bool] 
     rank 0's answer for every rank: ``parallel.exists_on_rank0``); a script asks before it loads anything."""
     if exists(Path(path)):
         raise OutputExistsError(f"{what} {path} already exists; choose a new path")
+
+
+def try_acquire(lock: FileLock) -> bool:
+    """Whether this process now holds ``lock``; held by another, it is not waited for."""
+    try:
+        lock.acquire(timeout=0)
+        return True
+    except Timeout:
+        return False

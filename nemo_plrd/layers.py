@@ -33,6 +33,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallelEmbedding,
     set_defaults_if_not_set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -146,6 +147,21 @@ def _mark_split(weight: torch.nn.Parameter, dim: int, stride: int) -> None:
     layout, the full-model gather and the parameter count read it."""
     if not getattr(weight, "tensor_model_parallel", False):
         weight.tensor_model_parallel, weight.partition_dim, weight.partition_stride = True, dim, stride
+
+
+def mark_split_weights(model: torch.nn.Module) -> None:
+    """Mark the weights of megatron's own parallel layers (dense slots, embedding, output layer) as it marks them
+    when it initialises them: a model built to have its weights loaded (a Bridge stage's, on megatron-core before
+    0.19, which then marks none) would otherwise count them once per TP rank in its size, its plan's budget and its
+    gradient norm. A gated MLP's fc1 is split with stride 2, as megatron's MLP builds it."""
+    for name, module in model.named_modules():
+        if isinstance(module, VocabParallelEmbedding):
+            _mark_split(module.weight, dim=0, stride=1)
+        elif isinstance(module, ColumnParallelLinear) and module.weight is not None:  # None: tied to the embedding
+            gated_fc1 = name.rsplit(".", 1)[-1] == "linear_fc1" and module.config.gated_linear_unit
+            _mark_split(module.weight, dim=0, stride=2 if gated_fc1 else 1)
+        elif isinstance(module, RowParallelLinear):
+            _mark_split(module.weight, dim=1, stride=1)
 
 
 class LowRankColumnParallelLinear(MegatronModule):

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from megatron.core import dist_checkpointing, parallel_state
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -48,7 +48,7 @@ from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_dataset
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import export_hf
-from nemo_plrd.files import write_text_atomic
+from nemo_plrd.files import try_acquire, write_text_atomic
 from nemo_plrd.model import LlamaArch, check_tensor_parallel, parameter_count
 from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
@@ -189,7 +189,7 @@ def sole_run(output: str) -> Iterator[None]:
     lock = FileLock(partial / ".lock") if _rank0() and not Path(output).exists() else None
     if lock is not None:
         partial.mkdir(parents=True, exist_ok=True)
-    free = rank0_decides(lambda: lock is None or _try_acquire(lock))
+    free = rank0_decides(lambda: lock is None or try_acquire(lock))
     if not free:
         raise InputError(f"output={output!r} is being written by another run (it holds {partial / '.lock'}); "
                          "let it finish, or stop it, then run this again")
@@ -201,14 +201,6 @@ def sole_run(output: str) -> Iterator[None]:
             (Path(output) / ".lock").unlink(missing_ok=True)  # renamed with the finished output
             if partial.is_dir() and [p.name for p in partial.iterdir()] == [".lock"]:  # refused before any work
                 shutil.rmtree(partial)
-
-
-def _try_acquire(lock: FileLock) -> bool:
-    try:
-        lock.acquire(timeout=0)
-        return True
-    except Timeout:
-        return False
 
 
 def _latest(train_dir: Path) -> Optional[Path]:

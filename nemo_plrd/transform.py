@@ -21,7 +21,7 @@ from tqdm import tqdm
 from nemo_plrd import decompose
 from nemo_plrd.calibrate import SlotStatistic, capture_layer_inputs, run_layer, slot_statistics, target_inputs
 from nemo_plrd.errors import InputError
-from nemo_plrd.layers import LOW_RANK_LAYERS
+from nemo_plrd.layers import LOW_RANK_LAYERS, mark_split_weights
 from nemo_plrd.parallel import rank0_decides, tp_sum
 from nemo_plrd.model import parameter_count
 from nemo_plrd.plan import RankPlan, SlotPlan, plan_ranks
@@ -156,6 +156,7 @@ def plan_for(model: torch.nn.Module, calibration: Iterable[torch.Tensor] = (), m
     ``request``: one of ranks=, keep=, target_params= (and multiple=), as ``plan_ranks`` takes.
     """
     check_slots_supported(model)
+    mark_split_weights(model)  # the other parameters are counted across TP
     slots = [layer_slots(layer) for layer in decoder_layers(model)]
     shapes = [{slot.name: slot_shape(slot) for slot in layer} for layer in slots]
     slot_params = sum(SlotPlan(0, slot.name, *slot_shape(slot), current_rank(slot.module)).params
@@ -269,5 +270,6 @@ class PLRDTransform:
         if len(model) != 1:
             raise InputError(f"PLRD needs the whole model in one chunk (got {len(model)}: "
                              "virtual pipeline stages are not supported yet)")
+        mark_split_weights(model[0])  # a model built to have its weights loaded, as a Bridge stage's
         apply_plan(model[0], self.plan, self.calibration(), self.method, solver=self.solver, ridge=self.ridge)
         return model

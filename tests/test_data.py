@@ -16,12 +16,14 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nemo_plrd.assets import (CORPORA, HELD_OUT_EVERY, SMOLLM2, _pip_download, _split, corpus, corpus_dataset,
                                gguf_tokenizer, smollm2_135m)
-from nemo_plrd.data import DataParallelBatches, gpt_datasets, megatron_tokenizer, prepare_dataset, read_documents
+from nemo_plrd.data import (DataParallelBatches, gpt_datasets, index_cache, megatron_tokenizer, prepare_dataset,
+                            read_documents)
 from nemo_plrd.config import FamilyConfig, load_config
 from nemo_plrd.evaluate import HELDOUT_BLOCK, heldout_blocks
 from nemo_plrd.errors import InputError
 from nemo_plrd.parallel import init_distributed, init_model_parallel
 from nemo_plrd.pipeline import train_batches
+from tiny_llama import copy_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +78,44 @@ def test_jsonl_lines_are_documents_and_a_missing_key_is_named(tmp_path):
         list(read_documents(path))
 
 
+def test_json_files_are_json_lines_as_megatron_reads_them_and_text_that_is_not_utf8_is_named(tmp_path):
+    """megatron's preprocess_data.py reads JSON lines whatever the file is called, and HF's to_json writes them
+    as .json: a .json or .JSONL file read as one raw-text document would train on its JSON syntax."""
+    for name in ("docs.json", "docs.JSONL"):
+        (tmp_path / name).write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+        assert list(read_documents(tmp_path / name)) == ["one", "two"]
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.txt is not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"):
+        list(read_documents(tmp_path / "latin1.txt"))
+
+
+def test_a_tokenizer_without_an_end_of_document_token_is_refused(tmp_path):
+    copy_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None, "eos_token_id": None,
+                                                                "pad_token": None, "pad_token_id": None}))
+    with pytest.raises(InputError, match="the tokenizer has no end-of-document token"):
+        prepare_dataset(["one"], megatron_tokenizer(tmp_path), tmp_path / "out")
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_dataset_written_again_at_the_same_path_is_read_through_its_own_indices(documents, tokenizer, tmp_path,
+                                                                                   monkeypatch):
+    """megatron keys its cached indices by a prefix's path: the old data's would index past the new one's end,
+    or into other documents."""
+    monkeypatch.setenv("PLRD_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "data" / "corpus"
+    for docs in (documents, documents[:4]):
+        for suffix in (".bin", ".idx"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        prepare_dataset(docs, tokenizer, path)
+        train = gpt_datasets(([str(path)], None), "100,0,0", 32, [8, None, None], tokenizer)[0]
+        written = IndexedDataset(str(path))  # kept: its items are views of its memory map
+        ids = set(np.concatenate([written[i] for i in range(len(docs))]).tolist())
+        assert all(set(train[i]["tokens"].tolist()) <= ids for i in range(8))
+        assert len(train) <= sum(len(tokenizer.tokenize(d)) + 1 for d in docs) // 32 * 2  # its own size (2 epochs)
+
+
 def test_every_global_batch_is_megatrons_consecutive_samples_split_over_dp_ranks(prefix, tokenizer):
     """Global batch g is samples [g*GB, (g+1)*GB) of megatron's GPTDataset; data-parallel rank d
     takes micro_batch of them from m*micro_batch*dp + d*micro_batch in micro-batch m."""
@@ -109,7 +149,7 @@ def test_indices_are_cached_apart_from_the_data_with_or_without_a_process_group(
     written unguarded) would change it, and fail on a read-only copy."""
     monkeypatch.setenv("PLRD_CACHE", str(tmp_path))
     gpt_datasets(([prefix], None), "80,20,0", 32, [40, None, None], tokenizer, seed=7)
-    assert list((tmp_path / "megatron-indices").glob("*.npy"))
+    assert list(index_cache([prefix]).glob("*.npy")) and index_cache([prefix]).parent == tmp_path / "megatron-indices"
     assert not (Path(prefix).parent / "cache").exists() and not (Path(prefix) / "cache").exists()
 
 
@@ -120,7 +160,7 @@ def test_indices_a_killed_build_cut_short_are_built_again_not_loaded(prefix, tok
     init_distributed()
     blend, sizes = ([prefix, prefix], [1.0, 2.0]), [40, 8, None]  # a weighted blend: its own indices too
     before = gpt_datasets(blend, "80,20,0", 32, sizes, tokenizer)
-    indices = sorted((tmp_path / "megatron-indices").glob("*.npy"))
+    indices = sorted(index_cache(blend[0]).glob("*.npy"))
     assert len(indices) >= 8  # each split's document, sample and shuffle index, and each blend's two
     for number, path in enumerate(indices):  # every file cut short, one of them to nothing
         path.write_bytes(path.read_bytes()[:number * path.stat().st_size // (2 * len(indices))])
@@ -135,7 +175,7 @@ def test_a_build_waits_for_another_job_building_in_the_same_cache(prefix, tokeni
     init_distributed()
     settings = (([prefix], None), "80,20,0", 32, [40, None, None], tokenizer)
     before = gpt_datasets(*settings)[0]
-    cache = tmp_path / "megatron-indices"
+    cache = index_cache([prefix])
     being_written = max(cache.glob("*.npy"), key=lambda path: path.stat().st_size)
     whole = being_written.read_bytes()
     being_written.write_bytes(whole[:len(whole) // 2])
@@ -247,3 +287,9 @@ def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and f"dataset {tmp_path / 'out' / 'docs'} already exists; choose a new path" in run.stderr
     assert (tmp_path / "out" / "docs.idx").read_bytes() == index
+    (tmp_path / "out" / "cut.bin").write_bytes(b"a run killed between its renames")  # no .idx: not a dataset
+    run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "cut")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cut, docs = IndexedDataset(str(tmp_path / "out" / "cut")), IndexedDataset(str(tmp_path / "out" / "docs"))
+    assert cut[0].tolist() == docs[0].tolist()

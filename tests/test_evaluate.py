@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
+from filelock import FileLock
 
 from nemo_plrd import evaluate as evaluate_module
 from nemo_plrd.assets import smollm2_135m
@@ -99,6 +100,9 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
     again = plrd_eval(model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", tmp_path / "m")
     assert again.returncode == 2 and "another evaluation (model_files" in again.stderr
     assert (tmp_path / "a" / "results.json").read_bytes() == results
+    for run in ("evaluated", "reported"):  # results beside the model's files are not the model
+        beside = plrd_eval(model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", model)
+        assert beside.returncode == 0 and ("already evaluated" in beside.stdout) == (run == "reported"), beside.stderr
 
 
 def test_bad_input_is_refused(tmp_path):
@@ -116,6 +120,13 @@ def test_bad_input_is_refused(tmp_path):
     blocks = plrd_eval(smollm2_135m(), "--perplexity-blocks", "-1", "--out", tmp_path / "out")
     assert blocks.returncode == 2 and "eval.perplexity_blocks=-1 must be >= 0" in blocks.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("")  # refused before the evaluation, not when its results are written
+    file = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "file")
+    assert file.returncode == 2 and f"--out {tmp_path / 'file'} cannot be made a folder: File exists" in file.stderr
+    (tmp_path / "busy").mkdir()
+    with FileLock(tmp_path / "busy" / ".lock"):  # another plrd eval writing there: each would replace the other's
+        busy = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "busy")
+    assert busy.returncode == 2 and f"--out {tmp_path / 'busy'} is being written by another plrd eval" in busy.stderr
 
 
 def test_a_limit_on_mmlu_scores_items_of_every_subject():

@@ -110,6 +110,28 @@ def test_export_refuses_bad_requests(tmp_path):
         export_hf(model, tmp_path / "taken", tmp_path / "parent")
 
 
+def test_a_merged_export_of_a_parent_with_its_own_code_is_transformers_class(tmp_path_factory):
+    """A parent's auto_map names its own modeling file, which no export carries: kept in a merged export's
+    config, it broke loading with trust_remote_code=True, as plrd eval loads every export."""
+    root = Path(shared_tmp(tmp_path_factory, "own-code"))
+    parent = root / "parent"
+    if dist.get_rank() == 0:
+        save_parent(hf_model("llama"), parent)
+        (parent / "modeling_custom.py").write_text("from transformers import LlamaForCausalLM\n\n\n"
+                                                   "class CustomLlama(LlamaForCausalLM):\n    pass\n")
+        config = json.loads((parent / "config.json").read_text())
+        (parent / "config.json").write_text(json.dumps(
+            {**config, "auto_map": {"AutoModelForCausalLM": "modeling_custom.CustomLlama"}}))
+    dist.barrier()
+    init_model_parallel(1)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(parent, trust_remote_code=True)).__name__ == \
+        "CustomLlama"
+    out = export_hf(build_gpt(arch_from_hf(CONFIGS["llama"]())), root / "merged", parent, format="merged")
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)) is \
+        transformers.LlamaForCausalLM
+
+
 def test_a_late_rank_does_not_find_rank0s_export_and_refuse_it(tmp_path_factory):
     """At TP=1 no collective holds rank 0 back before it writes. A rank that looked for the output
     itself, after rank 0 had written it, raised alone and left rank 0 waiting in the final barrier."""

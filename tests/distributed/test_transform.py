@@ -153,6 +153,28 @@ def test_a_model_decomposed_at_tp2_checkpoints_and_loads_at_tp1(tp_size, tmp_pat
     torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("tp_size", [2], indirect=True)
+def test_a_model_built_to_be_loaded_is_counted_and_planned_as_an_initialised_one(tp_size, monkeypatch):
+    """megatron-core before 0.19 marks no weight of a model built uninitialised (as a Bridge stage builds it) as
+    split over TP: its dense weights and embedding counted once per rank, a target_params plan took that budget
+    for its slots. The transform marks them as megatron marks an initialised model's."""
+    init_model_parallel(tp_size, seed=5)
+    initialised = build_gpt(ARCH)
+    monkeypatch.setattr(model_module, "transformer_config",
+                        functools.partial(uninitialised, model_module.transformer_config))
+    loaded = build_gpt(ARCH)
+    loaded.load_state_dict(initialised.state_dict())
+    target = parameter_count(initialised) * 3 // 4
+    assert plan_for(loaded, target_params=target).layer_ranks() == \
+        plan_for(initialised, target_params=target).layer_ranks()
+
+    def marks(model):
+        return {name: [getattr(p, key, None) for key in ("tensor_model_parallel", "partition_dim", "partition_stride")]
+                for name, p in model.named_parameters()}
+
+    assert marks(loaded) == marks(initialised) and parameter_count(loaded) == parameter_count(initialised)
+
+
 def test_a_plan_that_factors_no_slot_keeps_the_dense_checkpoint_layout(tmp_path_factory):
     """Every slot kept (explicit ranks {}, as a control's): its checkpoint loads as a dense model's."""
     root = shared_tmp(tmp_path_factory, "kept-dense")

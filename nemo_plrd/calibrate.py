@@ -20,7 +20,8 @@ the error the layers before them introduced. (Row slots stay on their own output
 covariance: the same correction over projections of their output measured worse,
 BENCHMARKS.md.)
 
-Sums are accumulated in float64 and all-reduced over DP ranks (different tokens) and,
+Sums are accumulated in float64 and all-reduced over DP ranks (the stages give every rank the same tokens;
+a caller may give each its own) and,
 under sequence parallelism, over TP ranks too (each holds a slice of the sequence).
 """
 

@@ -161,18 +161,18 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                          args.batch_size)
-        with _sole_writer(out):
-            if (out / "results.json").is_file():
-                result = _earlier_results(out, hf_model_dir(model_dir), cfg)
-                print(markdown(result))
-                print(f"already evaluated: {out / 'results.json'}, {out / 'results.md'}")
-                return 0
-            result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
-            write_results(result, out)
+        hf_model_dir(model_dir)  # refused before --out is made
+        done = (out / "results.json").is_file()
+        if done:  # only read: a read-only --out reports its results too
+            result = _earlier_results(out, model_dir, cfg)
+        else:
+            with _sole_writer(out):
+                result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
+                write_results(result, out)
     except InputError as error:
         parser.error(str(error))
     print(markdown(result))
-    print(f"results: {out / 'results.json'}, {out / 'results.md'}")
+    print(f"{'already evaluated' if done else 'results'}: {out / 'results.json'}, {out / 'results.md'}")
     return 0
 
 
@@ -190,7 +190,11 @@ def _sole_writer(out: Path) -> Iterator[None]:
     except OSError as error:
         raise InputError(f"--out {out} cannot be made a folder: {error.strerror}") from None
     lock = FileLock(out / EVAL_LOCK)
-    if not try_acquire(lock):
+    try:
+        held = try_acquire(lock)
+    except OSError as error:
+        raise InputError(f"--out {out} is not writable: {error.strerror}") from None
+    if not held:
         raise InputError(f"--out {out} is being written by another plrd eval (it holds {out / EVAL_LOCK}); "
                          "let it finish, or choose another --out")
     try:

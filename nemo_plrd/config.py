@@ -4,7 +4,7 @@
 (docs/design.md, section 1); ``DecomposeConfig`` is the decomposition recipe's whole config around
 it. Where megatron-core has a config dataclass, a section is that dataclass: ``optimizer:``
 holds ``OptimizerConfig`` fields, ``ddp:`` ``DistributedDataParallelConfig``'s, ``dataset:``
-``GPTDatasetConfig``'s data fields and ``parallel:`` ``ModelParallelConfig``'s, so a stage's
+``GPTDatasetConfig``'s data fields and ``parallel:`` ``ModelParallelConfig``'s TP size, so a stage's
 YAML means what it means to a Megatron-Bridge job. YAML and overrides go through OmegaConf and
 Hydra's override parser, as in Bridge's ``process_config_with_overrides`` (``plrd.plan.keep=0.4``;
 ``plrd.plan.keep=null plrd.plan.target_params=80000000`` to switch the kind of request).

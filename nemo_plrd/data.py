@@ -34,6 +34,7 @@ from tqdm import tqdm
 from nemo_plrd.assets import cache_dir
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.files import fsync
+from nemo_plrd.parallel import rank0_decides
 
 SPLITS = ("train", "valid", "test")
 
@@ -137,7 +138,7 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
     config = GPTDatasetConfig(random_seed=seed, sequence_length=sequence_length, blend=blend, split=split,
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
                               eod_mask_loss=False, create_attention_mask=False,
-                              path_to_cache=str(index_cache(blend[0])))
+                              path_to_cache=rank0_decides(lambda: str(index_cache(blend[0]))))  # rank 0 builds
     # megatron loops forever looking for samples in a split with no documents; it sizes every split of a
     # weighted blend with a share (one not asked for gets one sample, then is dropped)
     for prefix in blend[0]:

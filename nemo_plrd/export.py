@@ -6,7 +6,7 @@ Two formats:
   know stock models; as large and as slow as the parent.
 - ``factored``: the factors themselves, with the modeling code (``hf_modeling/modeling_plrd.py``)
   saved alongside and named in ``auto_map``; loads with ``trust_remote_code=True``. Really
-  smaller and faster.
+  smaller, and faster on a CPU (on a GPU at batch 1, slower than the parent: BENCHMARKS.md).
 
 Either is written in fp32 (the default: what training's master weights hold), bf16 or fp16, or
 in the parent's own dtype (``parent``), as an HF user expects a member of a bf16 parent to be;

@@ -9,9 +9,9 @@
 # output printed when it ends): on 2 cores the suite takes the longest lane's time, not the sum. Lane 3's
 # TP tests run last, alone (about a minute): beside the other lanes' multi-process tests, they once lost a
 # gloo connection.
-# Extra arguments go to every pytest run; each prints its ten slowest tests (the suite's budget is
-# 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases instead of
-# the tested set (what a user installing today gets).
+# Extra arguments go to every pytest run; the single-process and Bridge runs print their ten slowest tests
+# (the suite's budget is 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases
+# instead of the tested set (what a user installing today gets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

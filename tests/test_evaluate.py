@@ -17,9 +17,9 @@ from nemo_plrd.assets import smollm2_135m
 from nemo_plrd.evaluate import evaluate, markdown, with_stderr, write_results
 
 
-def plrd_eval(*args) -> subprocess.CompletedProcess:
+def plrd_eval(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nemo_plrd.cli", "eval", *map(str, args)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
 def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
@@ -106,8 +106,9 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
 
 
 def test_bad_input_is_refused(tmp_path):
-    missing = plrd_eval(tmp_path / "nowhere", "--out", tmp_path / "out")
+    missing = plrd_eval(tmp_path / "nowhere", cwd=tmp_path)  # the default --out, plrd-eval/nowhere: not made
     assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
+    assert not (tmp_path / "plrd-eval").exists()
     (tmp_path / "done").mkdir()  # results there already: the model is looked for all the same
     (tmp_path / "done" / "results.json").write_text("{}")
     missing = plrd_eval(tmp_path / "nowhere", "--out", tmp_path / "done")

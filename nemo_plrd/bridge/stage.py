@@ -29,7 +29,7 @@ from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrain
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import load_checkpoint, read_metadata
 from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
-from nemo_plrd.data import calibration_batches, gpt_datasets, megatron_tokenizer
+from nemo_plrd.data import calibration_batches, check_prefix, gpt_datasets, index_cache, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import append_line, write_text_atomic
 from nemo_plrd.plan import RankPlan
@@ -164,6 +164,10 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                          "needs 1 (calibration runs the whole model layer by layer; docs/scale.md)")
     if cfg.dataset.blend is None:
         raise InputError("dataset.blend must name the stage's data: PLRD calibrates on its train split")
+    for prefix in cfg.dataset.blend[0]:
+        check_prefix("dataset.blend", prefix)
+    if cfg.dataset.path_to_cache is None:  # megatron's default, beside the data, keys the indices by path alone
+        cfg.dataset.path_to_cache = str(index_cache(cfg.dataset.blend[0]))
     if cfg.inprocess_restart is not None and cfg.inprocess_restart.enabled:
         raise InputError("inprocess_restart.enabled=true: a PLRD stage decides once, before training, whether it "
                          "starts afresh or resumes; let the scheduler requeue the job instead, which resumes it")

@@ -175,7 +175,7 @@ def test_a_resumed_stage_on_a_megatron_training_model_config_builds_the_factored
     cfg.model = GPTModelConfig(transformer=TransformerConfig(
         num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu), vocab_size=128)
-    cfg.dataset.blend = ([str(tmp_path / "data")], None)
+    cfg.dataset.blend = ([data_prefix(tmp_path)], None)
     cfg.checkpoint.save = str(tmp_path / "stage")
     (tmp_path / "stage").mkdir()
     plan.save(tmp_path / "stage" / "plrd_plan.json")
@@ -187,6 +187,14 @@ def test_a_resumed_stage_on_a_megatron_training_model_config_builds_the_factored
     assert qkv.module is LowRankColumnParallelLinear and qkv.params == {"rank": plan.rank(0, "linear_qkv")}
 
 
+def data_prefix(tmp_path: Path) -> str:
+    """A megatron indexed dataset's files (empty where missing): what a stage's setup looks for."""
+    for path in (tmp_path / "data.bin", tmp_path / "data.idx"):
+        if not path.exists():
+            path.write_text("")
+    return str(tmp_path / "data")
+
+
 def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None, **record) -> tuple[PLRDConfigContainer, Path]:
     """A stage's config whose checkpoint.save holds an interrupted job (a tracker, a plan and, given
     ``plan``, the settings it started with: plan and calibration on 512 tokens, from hf_path 'hf', and
@@ -194,7 +202,7 @@ def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None, **record) ->
     from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, TRACKER
 
     cfg = container()
-    cfg.dataset.blend = ([str(tmp_path / "data")], None)
+    cfg.dataset.blend = ([data_prefix(tmp_path)], None)
     cfg.checkpoint.save = str(tmp_path / "stage")
     save = tmp_path / "stage"
     save.mkdir()
@@ -206,6 +214,33 @@ def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None, **record) ->
                                                    "parent": None, **record}))
     (save / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
     return cfg, save
+
+
+def test_a_stage_s_data_is_looked_for_at_setup_and_indexed_by_its_version(tmp_path, tiny_parent, monkeypatch):
+    """megatron's default index cache, beside the data, is keyed by the prefix's path alone: a dataset prepared again
+    at that path would be read through the old one's indices. A stage indexes each version apart, in PLRD_CACHE."""
+    from nemo_plrd.bridge.checkpoint import TRACKER
+    from nemo_plrd.bridge.stage import prepare_stage
+    from nemo_plrd.data import index_cache
+
+    monkeypatch.setenv("PLRD_CACHE", str(tmp_path / "cache"))
+    caches = []
+    for version in ("first", "prepared again", "missing"):
+        folder = tmp_path / version.replace(" ", "-")
+        folder.mkdir()
+        cfg, save = stage_folder(folder)
+        (save / TRACKER).unlink()  # a fresh start
+        if version == "missing":
+            cfg.dataset.blend = ([str(tmp_path / "missing")], None)
+            with pytest.raises(InputError, match=r"dataset.blend: '.*missing' is not a megatron indexed dataset"):
+                prepare_stage(cfg, hf_path=str(tiny_parent))
+            continue
+        (tmp_path / "data.bin").write_text(version)  # the same prefix, other files
+        cfg.dataset.blend = ([data_prefix(tmp_path)], None)
+        prepare_stage(cfg, hf_path=str(tiny_parent))
+        caches.append(cfg.dataset.path_to_cache)
+        assert caches[-1] == str(index_cache(cfg.dataset.blend[0])) and caches[-1].startswith(str(tmp_path / "cache"))
+    assert caches[0] != caches[1]
 
 
 def test_a_stage_resumed_with_other_plrd_settings_is_refused_naming_them(tmp_path):

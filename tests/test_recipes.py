@@ -95,6 +95,13 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["ddp.use_distributed_optimizer=true"], "ddp.use_distributed_optimizer cannot be set: it follows optimizer."),
     (["ddp.bucket_sise=100"], "unknown key(s) ['ddp.bucket_sise']; allowed here: ['ddp.grad_reduce_in_fp32', "),
     (["ddp.overlap_grad_reduce=yes"], "ddp.overlap_grad_reduce='yes' must be bool"),
+    (["+optimizer.adam_eps=0"], "optimizer.adam_eps=0 must be > 0"),  # unseen tokens' embedding rows: 0/0
+    # what megatron's own loop does and a stage's does not: refused, not trained wrong
+    (["+optimizer.loss_scale=1024"], "optimizer.loss_scale=1024 cannot be set: a stage's step does not scale"),
+    (["+ddp.overlap_param_gather=true"], "ddp.overlap_param_gather=true: a stage saves right after its optimizer step"),
+    (["+ddp.num_distributed_optimizer_instances=2"], "ddp.num_distributed_optimizer_instances=2 must be 1 here"),
+    (["+optimizer.use_precision_aware_optimizer=true"],  # megatron's own check, a bare assertion
+     "optimizer: --use-precision-aware-optimizer only supported with distributed optimizer (optimizer.optimizer="),
     (["train.eval_iters=-1"], "train.eval_iters=-1 must be >= 0"),
     (["train.eval_interval=3"], "train.eval_interval=3 needs train.eval_iters > 0"),  # else no validation, silently
     (["train.steps=4", "train.eval_iters=1", "dataset.split='100,0,0'"],

@@ -162,13 +162,15 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                          args.batch_size)
         hf_model_dir(model_dir)  # refused before --out is made
-        done = (out / "results.json").is_file()
-        if done:  # only read: a read-only --out reports its results too
-            result = _earlier_results(out, model_dir, cfg)
-        else:
+        done = (out / "results.json").is_file()  # then only read: a read-only --out reports its results too
+        if not done:
             with _sole_writer(out):
-                result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
-                write_results(result, out)
+                done = (out / "results.json").is_file()  # written by another plrd eval since
+                if not done:
+                    result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
+                    write_results(result, out)
+        if done:
+            result = _earlier_results(out, model_dir, cfg)
     except InputError as error:
         parser.error(str(error))
     print(markdown(result))

@@ -479,7 +479,7 @@ def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
         if not cls.__module__.startswith("megatron."):
             raise
         # megatron checks its configs' values with bare assertions: refused here, naming the section
-        raise InputError(f"{where.rstrip('.') or cls.__name__}: {error or cls.__name__ + ' refuses these values'} "
+        raise InputError(f"{where.rstrip('.') or cls.__name__}: {str(error) or cls.__name__ + ' refuses these values'} "
                          f"({', '.join(f'{where}{name}={value!r}' for name, value in data.items())})") from None
 
 

@@ -167,7 +167,8 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     for prefix in cfg.dataset.blend[0]:
         check_prefix("dataset.blend", prefix)
     if cfg.dataset.path_to_cache is None:  # megatron's default, beside the data, keys the indices by path alone
-        cfg.dataset.path_to_cache = str(index_cache(cfg.dataset.blend[0]))
+        # a folder of its own: Bridge builds there without the lock under which calibration's build drops torn files
+        cfg.dataset.path_to_cache = str(index_cache(cfg.dataset.blend[0]) / "bridge")
     if cfg.inprocess_restart is not None and cfg.inprocess_restart.enabled:
         raise InputError("inprocess_restart.enabled=true: a PLRD stage decides once, before training, whether it "
                          "starts afresh or resumes; let the scheduler requeue the job instead, which resumes it")

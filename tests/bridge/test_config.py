@@ -239,8 +239,15 @@ def test_a_stage_s_data_is_looked_for_at_setup_and_indexed_by_its_version(tmp_pa
         cfg.dataset.blend = ([data_prefix(tmp_path)], None)
         prepare_stage(cfg, hf_path=str(tiny_parent))
         caches.append(cfg.dataset.path_to_cache)
-        assert caches[-1] == str(index_cache(cfg.dataset.blend[0])) and caches[-1].startswith(str(tmp_path / "cache"))
+        assert caches[-1] == str(index_cache(cfg.dataset.blend[0]) / "bridge")
+        assert caches[-1].startswith(str(tmp_path / "cache"))
     assert caches[0] != caches[1]
+    (tmp_path / "own").mkdir()
+    cfg, save = stage_folder(tmp_path / "own")  # a folder the job names is its own
+    (save / TRACKER).unlink()
+    cfg.dataset.path_to_cache = str(tmp_path / "indices")
+    prepare_stage(cfg, hf_path=str(tiny_parent))
+    assert cfg.dataset.path_to_cache == str(tmp_path / "indices")
 
 
 def test_a_stage_resumed_with_other_plrd_settings_is_refused_naming_them(tmp_path):

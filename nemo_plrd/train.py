@@ -92,6 +92,8 @@ def ddp_defaults(optimizer: OptimizerConfig) -> dict:
 
 def check_loop_supports(optimizer: OptimizerConfig, ddp: DistributedDataParallelConfig) -> None:
     """What megatron's own training loop does and this one does not, refused naming the setting."""
+    if optimizer.fp16:
+        raise InputError("fp16 training needs loss scaling, which this loop does not do: use bf16 or fp32")
     if optimizer.loss_scale is not None:
         raise InputError(f"optimizer.loss_scale={optimizer.loss_scale} cannot be set: a stage's step does not scale "
                          "its loss (bf16 needs no loss scaling), so megatron would divide every gradient by it")
@@ -115,8 +117,6 @@ class Trainer:
         ddp = ddp or DistributedDataParallelConfig(**ddp_defaults(optimizer))
         if ddp.use_distributed_optimizer != optimizer.use_distributed_optimizer:
             raise ValueError("DistributedDataParallelConfig and OptimizerConfig disagree on use_distributed_optimizer")
-        if optimizer.fp16:
-            raise ValueError("fp16 training needs loss scaling, which this loop does not do: use bf16 or fp32")
         check_loop_supports(optimizer, ddp)
         self.model, self.schedule, self.batches, self.loss = model, schedule, batches, loss
         # bf16: the wrapper casts ``model`` itself to bf16 (the caller's .float() undoes it after training)

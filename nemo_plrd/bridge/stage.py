@@ -162,8 +162,11 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     if cfg.model.pipeline_model_parallel_size != 1:
         raise InputError(f"model.pipeline_model_parallel_size={cfg.model.pipeline_model_parallel_size}: a PLRD stage "
                          "needs 1 (calibration runs the whole model layer by layer; docs/scale.md)")
+    if cfg.dataset.blend is None and getattr(cfg.dataset, "data_path", None) is not None:  # Bridge >= 0.6
+        cfg.dataset.blend = _blend(cfg.dataset.data_path)  # what Bridge makes of it when it validates the job
     if cfg.dataset.blend is None:
-        raise InputError("dataset.blend must name the stage's data: PLRD calibrates on its train split")
+        raise InputError("dataset.blend (or dataset.data_path) must name the stage's data: PLRD calibrates on its "
+                         "train split")
     for prefix in cfg.dataset.blend[0]:
         check_prefix("dataset.blend", prefix)
     if cfg.dataset.path_to_cache is None:  # megatron's default, beside the data, keys the indices by path alone
@@ -230,6 +233,14 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started)):
         _add_pre_wrap_hook(provider, hook)
     return cfg
+
+
+def _blend(data_path) -> tuple[list[str], Optional[list[float]]]:
+    """``dataset.data_path`` as Megatron-LM's ``--data-path`` reads it (paths, or weights and paths interleaved,
+    in a list or one string), the blend Bridge's ``finalize`` would make of it; the stage needs it before."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    return get_blend_from_list(data_path.split() if isinstance(data_path, str) else list(data_path))
 
 
 def _changed_settings(save: Path, started: dict) -> list[str]:

@@ -218,7 +218,8 @@ def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None, **record) ->
 
 def test_a_stage_s_data_is_looked_for_at_setup_and_indexed_by_its_version(tmp_path, tiny_parent, monkeypatch):
     """megatron's default index cache, beside the data, is keyed by the prefix's path alone: a dataset prepared again
-    at that path would be read through the old one's indices. A stage indexes each version apart, in PLRD_CACHE."""
+    at that path would be read through the old one's indices. A stage indexes each version apart, in PLRD_CACHE.
+    Data named by ``dataset.data_path`` is looked for and indexed as a blend is."""
     from nemo_plrd.bridge.checkpoint import TRACKER
     from nemo_plrd.bridge.stage import prepare_stage
     from nemo_plrd.data import index_cache
@@ -242,6 +243,12 @@ def test_a_stage_s_data_is_looked_for_at_setup_and_indexed_by_its_version(tmp_pa
         assert caches[-1] == str(index_cache(cfg.dataset.blend[0]) / "bridge")
         assert caches[-1].startswith(str(tmp_path / "cache"))
     assert caches[0] != caches[1]
+    (tmp_path / "by-path").mkdir()  # Megatron-LM's --data-path, weights and prefixes in one string, as Bridge takes it
+    cfg, save = stage_folder(tmp_path / "by-path")
+    (save / TRACKER).unlink()
+    cfg.dataset.blend, cfg.dataset.data_path = None, f"1 {data_prefix(tmp_path)}"
+    prepare_stage(cfg, hf_path=str(tiny_parent))
+    assert cfg.dataset.blend == ([data_prefix(tmp_path)], [1.0]) and cfg.dataset.path_to_cache == caches[1]
     (tmp_path / "own").mkdir()
     cfg, save = stage_folder(tmp_path / "own")  # a folder the job names is its own
     (save / TRACKER).unlink()

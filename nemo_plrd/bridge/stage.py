@@ -82,21 +82,28 @@ def on_one_device(model: list[torch.nn.Module]) -> None:
 @dataclass
 class StageStart:
     """The stage's first pre-wrap hook: each rank chose how the stage starts (afresh, or resumed from ``saved``)
-    from its own reading of ``save``, before Bridge started torch.distributed; a rank whose network file system
-    had not yet caught up would build another model than the others and leave them waiting in the next
-    collective. Here, the first time they can, the ranks compare and stop together, naming the difference,
-    before anything is loaded or written; then rank 0 drops the metrics of steps the checkpoint does not hold."""
+    and named the data's index folder (``indices``, by the data files' sizes and times) from its own reading of
+    the file system, before Bridge started torch.distributed; a rank whose network file system had not yet caught
+    up would build another model than the others and leave them waiting in the next collective, or index other
+    data. Here, the first time they can, the ranks compare and stop together, naming each difference, before
+    anything is loaded or written; then rank 0 drops the metrics of steps the checkpoint does not hold."""
 
     save: Path
     saved: Optional[int]  # the newest saved iteration this rank found (None: it starts afresh)
+    indices: Optional[str] = None  # dataset.path_to_cache as this rank named it
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         found = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(found, self.saved)
-        if len(set(found)) > 1:
-            raise RuntimeError(f"the ranks read checkpoint.save={str(self.save)!r} differently (its newest saved "
-                               f"iteration, by rank; None: none): {found}. A network file system that has not "
-                               "caught up with the last save; run the job again")
+        torch.distributed.all_gather_object(found, (self.saved, self.indices))
+        saved, indices = ([rank[i] for rank in found] for i in (0, 1))
+        differences = [f"the ranks read checkpoint.save={str(self.save)!r} differently (its newest saved iteration, "
+                       f"by rank; None: none): {saved}"] if len(set(saved)) > 1 else []
+        if len(set(indices)) > 1:
+            differences.append("the ranks see dataset.blend's files differently (the index folder their sizes and "
+                               f"times name, by rank): {indices}")
+        if differences:
+            raise RuntimeError(f"{'; '.join(differences)}. A network file system that has not caught up with the "
+                               "last save or with data prepared again; run the job again")
         if torch.distributed.get_rank() == 0:
             keep_saved_steps(self.save / METRICS, self.saved or 0)  # afresh: none kept
         return model
@@ -202,7 +209,8 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         raise InputError(f"checkpoint.save={str(save)!r} holds a stage started with other settings; rerun with "
                          f"the same to resume it, or choose a new checkpoint.save. Differences (then -> now): "
                          f"{'; '.join(changed)}")
-    _add_pre_wrap_hook(provider, StageStart(save, saved), first=True)  # before any that loads or communicates
+    _add_pre_wrap_hook(provider, StageStart(save, saved, cfg.dataset.path_to_cache),  # before any that loads
+                       first=True)  # or communicates
     if resume:
         plan = RankPlan.from_json((save / PLAN_FILE).read_text())
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())

@@ -303,7 +303,7 @@ def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_firs
     prepare_stage(cfg, hf_path=str(tiny_parent))
     assert (save / "metrics.jsonl").read_text().count("\n") == 3
     start = cfg.model._pre_wrap_hooks[0]  # the first hook Bridge runs on the built model
-    assert start == StageStart(save, saved=None)
+    assert start == StageStart(save, saved=None, indices=cfg.dataset.path_to_cache)
     init_distributed()
     start([])
     assert (save / "metrics.jsonl").read_text() == ""

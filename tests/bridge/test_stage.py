@@ -186,17 +186,21 @@ def test_a_stage_resumes_from_the_step_bridge_records_when_megatron_s_tracker_la
     convert("bridge_to_plrd.py", save, tmp_path / "converted", "--hf-path", tiny_parent)
 
 
-# Run in front of recipes/run_plrd.py: rank 1 does not see the stage's checkpoint records (a network file
-# system's stale cache).
+# Run in front of recipes/run_plrd.py: rank 1 does not see the stage's checkpoint records, and sees the data files
+# with other sizes or times, so names another index folder (a network file system's stale cache).
 HIDE_CHECKPOINTS_ON_RANK_1 = """
 import os, runpy, sys
 from pathlib import Path
+
+import nemo_plrd.data
 
 if os.environ["RANK"] == "1":
     HIDDEN = ("latest_checkpointed_iteration.txt", "latest_train_state.pt")
     exists, is_file = Path.exists, Path.is_file
     Path.exists = lambda self, *args, **kwargs: self.name not in HIDDEN and exists(self, *args, **kwargs)
     Path.is_file = lambda self, *args, **kwargs: self.name not in HIDDEN and is_file(self, *args, **kwargs)
+    index_cache = nemo_plrd.data.index_cache
+    nemo_plrd.data.index_cache = lambda prefixes: index_cache(prefixes).with_name("stale")
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -204,20 +208,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_ranks_that_read_the_checkpoint_folder_differently_stop_together_naming_it(tiny_parent, tp2_stage, tmp_path):
     """Rank 1 finds no checkpoint: left to itself it would load the dense parent and calibrate (collectives
-    rank 0, resuming, never joins) and hang the job. Both ranks stop at the stage's first hook instead, naming
-    what each found, before anything is loaded or written."""
+    rank 0, resuming, never joins) and hang the job; it also names another index folder for the data. Both ranks
+    stop at the stage's first hook instead, naming what each found, before anything is loaded or written."""
+    from nemo_plrd.data import index_cache
+
     save = tmp_path / "stage1"
     shutil.copytree(tp2_stage, save)
     plan = (save / "plrd_plan.json").stat().st_mtime_ns
     with (save / "metrics.jsonl").open("a") as metrics:  # a step the checkpoint does not hold: kept, as all is
         metrics.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
     (tmp_path / "hide.py").write_text(HIDE_CHECKPOINTS_ON_RANK_1)
+    indices = index_cache([corpus_dataset("shakespeare", tiny_parent)])
     hidden = command(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
     hidden.insert(hidden.index(str(Path(__file__).with_name("on_cpu.py"))) + 1, str(tmp_path / "hide.py"))
     result = subprocess.run(hidden, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode != 0
     assert f"the ranks read checkpoint.save='{save}' differently (its newest saved iteration, by rank; None: " \
-           "none): [6, None]" in result.stdout + result.stderr, result.stderr[-3000:]
+           "none): [6, None]; the ranks see dataset.blend's files differently (the index folder their sizes and " \
+           f"times name, by rank): {[str(indices / 'bridge'), str(indices.with_name('stale') / 'bridge')]}. A network " \
+           "file system" in result.stdout + result.stderr, result.stderr[-3000:]
     assert losses(save) == losses(tp2_stage) | {7: 1.0} and (save / "plrd_plan.json").stat().st_mtime_ns == plan
 
 

@@ -80,11 +80,14 @@ def main() -> None:
                   for loss, output in outputs.items()], args.concurrent)
     families = {loss: json.loads((output / "family.json").read_text()) for loss, output in outputs.items()}
 
-    header = ["model", "params"]
-    for loss in losses:
-        header += [f"{loss}: in-domain ppl", "/ control", "gap closed", "news (unseen)", "mean acc"]
     first = families["lm"]
     control = first["baselines"]["control"]
+    parent = first["members"][0]
+    unseen = [name for name in parent["parent_perplexity"] if name not in parent["in_domain"]]
+    header = ["model", "params"]
+    for loss in losses:
+        header += [f"{loss}: in-domain ppl", "/ control", "gap closed", *(f"{name} (unseen)" for name in unseen),
+                   "mean acc"]
     keep = [f"stage {i} (keep {k:g})" for i, k in enumerate(first["keep"], 1)]
     names = ["control", *keep, f"one-shot (keep {first['keep'][-1]:g})"]
     rows = []
@@ -97,13 +100,13 @@ def main() -> None:
             row = row or [name, f"{figures['member_params'] / 1e6:.1f}M"]
             row += [f"{ppl:.2f}", f"{ppl / headline_perplexity(control, 'member_perplexity'):.2f}x",
                     gap_closed(figures, control) if index else "",
-                    f"{figures['member_perplexity']['news']:.2f}", mean_accuracy(figures)]
+                    *(f"{figures['member_perplexity'][name]:.2f}" for name in unseen), mean_accuracy(figures)]
         rows.append(row)
-    parent = first["members"][0]
     text = (f"family of SmolLM2-135M, {24 * args.scale} steps of {args.batch} x 256 tokens per stage "
-            f"({args.scale * args.batch // 4}x the main job's tokens); parent: in-domain ppl "
-            f"{headline_perplexity(parent, 'parent_perplexity'):.2f}, news {parent['parent_perplexity']['news']:.2f}; "
-            f"lm-eval limit {args.limit} items per task\n\n{format_table(header, rows)}\n")
+            f"({args.scale * args.batch / 4:g}x the main job's tokens); parent: in-domain ppl "
+            f"{headline_perplexity(parent, 'parent_perplexity'):.2f}"
+            + "".join(f", {name} {parent['parent_perplexity'][name]:.2f}" for name in unseen)
+            + f"; lm-eval limit {args.limit} items per task\n\n{format_table(header, rows)}\n")
     (args.output / "quality.md").write_text(text)
     print(f"\n{text}\nwrote {args.output / 'quality.md'}")
 

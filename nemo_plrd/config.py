@@ -351,8 +351,8 @@ class DecomposeConfig:
         return ddp
 
 
-BASELINES = {"control": "the parent kept dense, trained like one stage (with the LM loss where the stages distil from "
-                        "the parent alone: distilled from itself, the parent gets no gradient)",
+BASELINES = {"control": "the parent as it is (no slot changes rank), trained like one stage (with the LM loss where "
+                        "the stages distil from the parent alone: distilled from itself, the parent gets no gradient)",
              "one-shot": "the parent decomposed straight to the last member's size, trained on all the stages' samples"}
 
 
@@ -379,7 +379,7 @@ class FamilyConfig:
     ``stage`` holds every stage's settings as ``recipes/decompose.py`` takes them, less
     ``parent``, ``output`` and ``plrd.plan.keep``, which the family sets per stage.
     ``baselines`` are what the members are measured against, trained with the same settings:
-    ``control``, the parent kept dense and trained like one stage, and ``one-shot``, the parent
+    ``control``, the parent as it is (dense, or a member's ranks) and trained like one stage, and ``one-shot``, the parent
     decomposed straight to the last member's size and trained on the whole family's tokens.
     """
 

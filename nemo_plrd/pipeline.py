@@ -293,7 +293,7 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
     # a keep or target_params plan by spectrum needs the spectra; explicit ranks (the control's) do not
     calibration = calibrate() if cfg.plrd.plan.allocation == "spectrum" and "ranks" not in request else None
     plan = plan_for(model, calibration or (), cfg.plrd.method, ridge=cfg.plrd.ridge, **request)
-    changes = plan.layer_ranks() != model_ranks(model)  # plrd.plan.ranks={} keeps every slot: the dense control
+    changes = plan.layer_ranks() != model_ranks(model)  # plrd.plan.ranks={} keeps every slot: the control
     if rank0:
         print(plan.table(), flush=True)
     figures = {"parent": cfg.parent, "parent_params": parameter_count(model),
@@ -303,6 +303,7 @@ def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[d
                    ridge=cfg.plrd.ridge)
     figures |= {"member_params": parameter_count(model),
                 "parent_linear_params": figures["parent_params"] - plan.other_params,
+                "dense_linear_params": plan.dense_params - plan.other_params,  # what a plan's keep is a fraction of
                 "member_linear_params": plan.slot_params,
                 "decomposed_perplexity": heldout_perplexity(model, cfg, hf_source) if changes else
                 figures["parent_perplexity"],

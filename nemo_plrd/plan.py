@@ -179,7 +179,7 @@ def plan_ranks(
     ``target_params`` (whole model, ``other_params`` included). ``spectra`` (descending
     eigenvalues of each slot's output energy) is needed for ``allocation="spectrum"``.
     ``max_ranks`` (per layer, {slot: rank or None}): the current ranks of an already
-    factored model, which a later stage can only lower.
+    factored model, which a later stage can only lower; a slot ``ranks`` does not name keeps its own.
     """
     check_request(ranks, keep, target_params, allocation, multiple)
     for layer_shapes in shapes:
@@ -189,7 +189,7 @@ def plan_ranks(
     if ranks is not None:
         slots = []
         for layer, slot, (out, inp) in cells:
-            rank = ranks.get(slot)
+            rank = ranks[slot] if slot in ranks else max_ranks and max_ranks[layer].get(slot)
             keep_dense = rank is None or rank >= out * inp / (out + inp)
             slots.append(SlotPlan(layer, slot, out, inp, None if keep_dense else rank))
         return RankPlan(tuple(slots), other_params)

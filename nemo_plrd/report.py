@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -46,7 +47,7 @@ def headline_perplexity(figures: dict, key: str) -> Optional[float]:
 
 def gap_closed(figures: dict, control: Optional[dict]) -> str:
     """The share of the gap between the perplexity right after the decomposition and the control's
-    (the parent trained on the same tokens) that training closed."""
+    (the parent trained on as many tokens as one stage) that training closed."""
     if control is None or figures["member_perplexity"] is None or not figures["train_losses"]:
         return ""
     decomposed, trained, reached = (headline_perplexity(figures, "decomposed_perplexity"),
@@ -101,6 +102,12 @@ def stage_summary(cfg, figures: dict) -> list[str]:
     return lines
 
 
+def kept(figures: dict) -> float:
+    """The share of the dense linear-layer parameters a model holds (a record without the dense count: 1, as only a
+    dense parent's control could be written then)."""
+    return figures["member_linear_params"] / figures.get("dense_linear_params", figures["member_linear_params"])
+
+
 def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselines: dict[str, dict],
                   seconds: float) -> list[str]:
     """The perplexity table (parent, control, members, one-shot), where lm-eval ran the accuracy table, and
@@ -108,20 +115,21 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
     from nemo_plrd.config import BASELINES
 
     first, control, oneshot = members[0], baselines.get("control"), baselines.get("one-shot")
-    corpora = list(first["parent_perplexity"] or {})
+    corpora = list(first["parent_perplexity"] or {})  # none: eval.perplexity_blocks=0
     label, combined = headline(first)
-    header = ["model", "keep", "parameters", "trained on", f"{label} ppl: decomposed", "trained", "gap closed",
-              *[name if name in first["in_domain"] else f"{name} (unseen)" for name in corpora]]
+    header = ["model", "keep", "parameters", "trained on"] + (
+        [f"{label} ppl: decomposed", "trained", *(["gap closed"] if control else []),
+         *[name if name in first["in_domain"] else f"{name} (unseen)" for name in corpora]] if corpora else [])
 
     def row(model: str, keep: str, figures: dict, params: int, key: str, decomposed: bool = True) -> list[str]:
         tokens = f"{figures['train_tokens']:,}" if key == "member_perplexity" and figures["train_losses"] else ""
-        return [model, keep, f"{params / 1e6:.1f}M", tokens,
-                fmt(headline_perplexity(figures, "decomposed_perplexity")) if decomposed else "",
-                fmt(headline_perplexity(figures, key)),
-                gap_closed(figures, control) if decomposed else "",
-                *[fmt(figures[key][name]) if figures[key] else "-" for name in corpora]]
+        return [model, keep, f"{params / 1e6:.1f}M", tokens] + (
+            [fmt(headline_perplexity(figures, "decomposed_perplexity")) if decomposed else "",
+             fmt(headline_perplexity(figures, key)), *([gap_closed(figures, control) if decomposed else ""] if control
+                                                       else []),
+             *[fmt(figures[key][name]) for name in corpora]] if corpora else [])
 
-    derived = ([("control", "1", control)] if control else []) + [
+    derived = ([("control", f"{kept(control):.2g}", control)] if control else []) + [
         (f"stage {index}", f"{keep:g}", member) for index, (keep, member) in enumerate(zip(cfg.keep, members), 1)] + (
         [("one-shot", f"{cfg.keep[-1]:g}", oneshot)] if oneshot else [])
     rows = [row("parent", "", first, first["parent_params"], "parent_perplexity", decomposed=False)] + [
@@ -129,12 +137,13 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
         for name, keep, figures in derived]
     models = [("parent", parent_eval)] + [(name, figures.get("eval")) for name, _, figures in derived]
     lines = [f"# PLRD family of {cfg.parent}", "", format_table(header, rows), "",
-             f"Held-out perplexity on {first['heldout_tokens']:,} tokens of each corpus's held-out documents; "
-             + (f"in-domain: over those of the corpora the stages train on ({', '.join(combined)}). "
-                if first["in_domain"] else f"unseen: over all of them ({', '.join(combined)}), as the stages train "
-                                           "on none. ")
-             + ("Gap closed: the share of the gap between a member's perplexity right after its decomposition and "
-                "the control's (the parent trained on one stage's tokens) that its training closed. " if control else "")
+             (f"Held-out perplexity on {first['heldout_tokens']:,} tokens of each corpus's held-out documents; "
+              + (f"in-domain: over those of the corpora the stages train on ({', '.join(combined)}). "
+                 if first["in_domain"] else f"unseen: over all of them ({', '.join(combined)}), as the stages train "
+                                            "on none. ")
+              + ("Gap closed: the share of the gap between a member's perplexity right after its decomposition and "
+                 "the control's (the parent trained on one stage's tokens) that its training closed. " if control
+                 else "") if corpora else "")
              + "".join(f"{name.capitalize()}: {BASELINES[name]}. " for name in baselines)
              + (f"Each stage trained on {first['train_tokens']:,} tokens." if first["train_losses"] else
                 "No training between stages.")]
@@ -170,20 +179,23 @@ def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path
     label = headline(first)[0]
     trained = [headline_perplexity(first, "parent_perplexity")] + [headline_perplexity(m, "member_perplexity")
                                                                    for m in members]
-    axes.plot(params, trained, "o-", label=f"{label}: parent, then each member after training")
+    after = ", trained" if first["train_losses"] else ""  # train.steps=0: each member as decomposed
+    axes.plot(params, trained, "o-", label=f"{label}: parent, then each member{' after training' if after else ''}")
     for keep, member, x, y in zip(cfg.keep, members, params[1:], trained[1:]):
         axes.annotate(f"keep {keep:g}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
         axes.plot([x, x], [headline_perplexity(member, "decomposed_perplexity"), y], ":", color="gray")
     axes.plot(params[1:], [headline_perplexity(m, "decomposed_perplexity") for m in members], "x", color="tab:red",
               label=f"{label}: each member right after its decomposition")
-    for corpus in (n for n in first["parent_perplexity"] if n not in first["in_domain"]):
+    unseen = [name for name in first["parent_perplexity"] if name not in first["in_domain"]]
+    styles = itertools.cycle(zip("s^vPh", ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")))
+    for corpus, (marker, color) in zip(unseen, styles):
         axes.plot(params, [first["parent_perplexity"][corpus]] + [m["member_perplexity"][corpus] for m in members],
-                  "s--", color="tab:purple", alpha=0.7, markersize=4, label=f"{corpus} (unseen genre), trained")
+                  f"{marker}--", color=color, alpha=0.7, markersize=4, label=f"{corpus} (unseen genre){after}")
     for baseline, marker, color in (("control", "*", "tab:green"), ("one-shot", "D", "tab:orange")):
         if baseline in baselines:
             b = baselines[baseline]
             axes.plot([b["member_params"] / 1e6], [headline_perplexity(b, "member_perplexity")], marker, color=color,
-                      markersize=10 if marker == "*" else 7, label=f"{label}: {baseline}, trained")
+                      markersize=10 if marker == "*" else 7, label=f"{label}: {baseline}{after}")
     axes.set(xlabel="parameters (millions)", ylabel="held-out perplexity", yscale="log",
              title=f"PLRD family of {Path(cfg.parent).name}")
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
@@ -192,7 +204,7 @@ def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path
     axes.tick_params(axis="y", which="minor", labelsize=7)
     axes.invert_xaxis()  # the family grows smaller to the right
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left")
+    axes.legend(fontsize=7)  # where it hides the fewest points
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -106,6 +106,15 @@ def check_loop_supports(optimizer: OptimizerConfig, ddp: DistributedDataParallel
                          "here (a Megatron-Bridge stage takes more)")
 
 
+def _sgd_state(optimizer: torch.optim.SGD, config: Optional[OptimizerConfig] = None) -> None:
+    """SGD's state as its first step makes it (a momentum buffer per parameter, where momentum is on): the keys a
+    checkpoint's state is loaded into, as megatron's own function makes Adam's."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for param in group["params"]:
+                optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+
+
 class Trainer:
     """One model's continued pretraining: megatron DDP, optimizer and scheduler over ``batches``."""
 
@@ -123,6 +132,9 @@ class Trainer:
         module = Float16Module(_bf16(model.config), model) if optimizer.bf16 else model
         self.ddp = DistributedDataParallel(model.config, ddp, module=module)
         self.optimizer = get_megatron_optimizer(optimizer, [self.ddp])
+        for chained in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if chained.init_state_fn is None and isinstance(chained.optimizer, torch.optim.SGD):
+                chained.init_state_fn = _sgd_state  # megatron-core has none for SGD: its checkpoint would not load
         samples = schedule.global_batch
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=optimizer.lr, min_lr=optimizer.min_lr,

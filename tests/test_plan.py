@@ -74,6 +74,14 @@ def test_explicit_ranks_keep_slots_at_or_above_break_even_dense():
     assert "dense (r*=360)" in plan.table()
 
 
+def test_explicit_ranks_of_a_factored_model_keep_the_slots_they_do_not_name_at_their_rank():
+    """The control of a family whose parent is a member (``ranks={}``: no slot changes) keeps its ranks."""
+    member = plan_ranks(SHAPES, keep=0.6).layer_ranks()
+    assert plan_ranks(SHAPES, ranks={}, max_ranks=member).layer_ranks() == member
+    lowered = plan_ranks(SHAPES, ranks={"linear_fc1": 64}, max_ranks=member)
+    assert lowered.rank(3, "linear_fc1") == 64 and lowered.rank(3, "linear_proj") == member[3]["linear_proj"]
+
+
 def test_table_and_json_round_trip(tmp_path):
     plan = plan_ranks(SHAPES, keep=0.6, other_params=OTHER)
     rows = [line.split() for line in plan.table().splitlines()]

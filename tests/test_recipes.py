@@ -49,11 +49,37 @@ def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_uns
     report = "\n".join(family_report(family, None, [member], {}, 1.0))
     header, parent_row, member_row = report.splitlines()[2:5]
     assert header.split() == ["model", "keep", "parameters", "trained", "on", "unseen", "ppl:", "decomposed",
-                              "trained", "gap", "closed", "news", "(unseen)", "kjv", "(unseen)"]
+                              "trained", "news", "(unseen)", "kjv", "(unseen)"]  # no control: no gap closed
     assert member_row.split()[-4:-2] == [f"{(90 * 40) ** 0.5:.2f}", f"{(60 * 30) ** 0.5:.2f}"]  # both corpora
     assert "unseen: over all of them (news, kjv), as the stages train on none" in report
     plot_family(family, [member], {}, tmp_path / "family.png")
     assert (tmp_path / "family.png").stat().st_size > 0
+
+
+def test_the_control_s_keep_is_its_parent_s_share_of_the_dense_linear_layers(tmp_path):
+    """1 for an HF parent (and for a record written before the dense count was), a member's share for a member."""
+    perplexity = {"shakespeare": 30.0}
+    member = {"in_domain": ["shakespeare"], "parent_perplexity": perplexity, "decomposed_perplexity": perplexity,
+              "member_perplexity": perplexity, "parent_params": 100_000_000, "member_params": 60_000_000,
+              "train_losses": [],
+              "heldout_tokens": 4088, "seconds": 1.0, "member_linear_params": 48, "dense_linear_params": 80}
+    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.4], output=str(tmp_path / "f"))
+    for control, keep in ((member, "0.6"), ({**member, "dense_linear_params": 48}, "1"),
+                          ({key: value for key, value in member.items() if key != "dense_linear_params"}, "1")):
+        rows = "\n".join(family_report(family, None, [member], {"control": control}, 1.0)).splitlines()[3:6]
+        assert [row.split()[:2] for row in rows] == [["parent", "100.0M"], ["control", keep], ["stage", "1"]]
+
+
+def test_a_family_measured_without_held_out_perplexity_reports_no_perplexity(tmp_path):
+    """eval.perplexity_blocks=0: neither columns of dashes nor a note about perplexity on 0 tokens."""
+    member = {"in_domain": ["shakespeare"], "parent_perplexity": None, "decomposed_perplexity": None,
+              "member_perplexity": None, "parent_params": 100_000_000, "member_params": 60_000_000,
+              "member_linear_params": 48, "train_losses": [5.0], "train_tokens": 1024, "heldout_tokens": 0,
+              "seconds": 1.0}
+    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.6], output=str(tmp_path / "f"))
+    report = "\n".join(family_report(family, None, [member], {"control": member}, 1.0))
+    assert report.splitlines()[2].split() == ["model", "keep", "parameters", "trained", "on"]
+    assert "perplexity" not in report and "Gap closed" not in report and "Each stage trained on 1,024 tokens" in report
 
 
 def test_a_record_written_before_a_setting_existed_reads_it_as_its_default(tmp_path):
@@ -299,6 +325,14 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
     assert summary2["parent_params"] == plan.params and summary2["parent_perplexity"] == pytest.approx(
         summary["member_perplexity"], rel=1e-4)  # stage 2 starts from exactly what stage 1 wrote
     assert "wrote" in run.stdout and "held-out perplexity" in (second / "summary.md").read_text()
+
+    control = tmp_path / "control"  # a family's control when its parent is a member: no slot changes rank
+    run = recipe(f"parent={first / 'checkpoint'}", f"output={control}", "plrd.plan.keep=null", "plrd.plan.ranks={}",
+                 "export=[]", "eval.tasks=[]", *small)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary3 = json.loads((control / "summary.json").read_text())
+    assert summary3["member_params"] == summary3["parent_params"] == plan.params
+    assert summary3["calibration_tokens"] == 0 and summary3["decomposed_perplexity"] == summary3["parent_perplexity"]
 
 
 def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):

@@ -92,14 +92,16 @@ def test_bf16_mixed_computes_in_bf16_on_fp32_main_weights_and_tracks_fp32():
     assert any(not torch.equal(m, p.float()) for m, p in zip(main, model))
 
 
-def test_a_bf16_mixed_run_resumed_from_its_checkpoint_takes_the_uninterrupted_steps(tmp_path):
-    """The model's bf16 weights and the optimizer's fp32 main weights both come back from the checkpoint."""
-    straight = trainer(Schedule(4, global_batch=4), bf16=True)
+@pytest.mark.parametrize("optimizer", [{"bf16": True}, {"optimizer": "sgd"}, {"optimizer": "sgd", "sgd_momentum": 0.0}])
+def test_a_run_resumed_from_its_checkpoint_takes_the_uninterrupted_steps(tmp_path, optimizer):
+    """bf16 mixed: the model's bf16 weights and the optimizer's fp32 main weights both come back from the
+    checkpoint. SGD: its momentum buffers (megatron-core gives SGD no state to load them into)."""
+    straight = trainer(Schedule(4, global_batch=4), **optimizer)
     expected = [straight.step()["loss"] for _ in range(4)]
-    first = trainer(Schedule(4, global_batch=4), bf16=True)
+    first = trainer(Schedule(4, global_batch=4), **optimizer)
     losses = [first.step()["loss"] for _ in range(2)]
     dist_checkpointing.save(first.state(), str(tmp_path))
-    resumed = trainer(Schedule(4, global_batch=4), bf16=True)  # its weights and main weights: the step-0 ones
+    resumed = trainer(Schedule(4, global_batch=4), **optimizer)  # its weights (and main weights): the step-0 ones
     resumed.load_state(dist_checkpointing.load(resumed.state(is_loading=True), str(tmp_path)))
     losses += [resumed.step()["loss"] for _ in range(2)]
     assert losses == expected

@@ -103,16 +103,12 @@ def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch
 def describe_parent(source: str | Path) -> tuple[LlamaArch, Optional[list[dict]], Path]:
     """(arch, ranks per layer or None for a dense HF model, folder of the HF config + tokenizer) of what
     ``load_parent`` would load, without its weights."""
-    from transformers import AutoConfig
-
-    from nemo_plrd.hf import arch_from_hf
+    from nemo_plrd.hf import hf_arch
 
     path = Path(source)
     if (path / "metadata.json").is_file():
         return *read_metadata(path), hf_folder(path)
-    if not (path / "config.json").is_file():
-        raise MissingInputError(f"{path} is neither a PLRD checkpoint nor an HF model directory (no config.json)")
-    return arch_from_hf(AutoConfig.from_pretrained(path)), None, path
+    return hf_arch(path, missing="is neither a PLRD checkpoint nor an HF model directory"), None, path
 
 
 def load_parent(source: str | Path) -> tuple[torch.nn.Module, LlamaArch, Path]:

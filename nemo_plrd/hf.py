@@ -25,6 +25,7 @@ from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.model import LlamaArch
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+NOT_HF = "is not a Hugging Face model directory"  # what a folder without a config.json is said to be
 Tensor = torch.Tensor
 
 
@@ -85,7 +86,12 @@ def _qkv_to_hf(fused: Tensor, arch: LlamaArch) -> tuple[Tensor, Tensor, Tensor]:
 def to_megatron(hf: Mapping[str, Tensor], arch: LlamaArch, tp: int = 1, tp_rank: int = 0) -> dict[str, Tensor]:
     """One TP rank's shard of a megatron GPTModel state dict from an HF state dict."""
     shard = lambda t, dim: t.chunk(tp, dim)[tp_rank].clone()
-    out = {"embedding.word_embeddings.weight": shard(hf["model.embed_tokens.weight"], 0),
+    embedding = hf["model.embed_tokens.weight"]
+    if arch.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], embedding):
+        raise InputError("the config ties the word embeddings (tie_word_embeddings=true), but the checkpoint's "
+                         "lm_head.weight is another tensor, which transformers loads as the output layer; set "
+                         "tie_word_embeddings to false in its config.json")
+    out = {"embedding.word_embeddings.weight": shard(embedding, 0),
            "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
     if not arch.tie_embeddings:
         out["output_layer.weight"] = shard(hf["lm_head.weight"], 0)
@@ -201,6 +207,9 @@ class SafetensorsWeights(Mapping[str, Tensor]):
         with safe_open(self.files[name], framework="pt") as weights:
             return weights.get_tensor(name).float()
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
 
@@ -240,17 +249,24 @@ def import_hf(hf_model_dir: str | Path, sequence_parallel: bool = False) -> tupl
     return model, arch
 
 
-def _config(hf_model_dir: str | Path):
+def _config(hf_model_dir: str | Path, missing: str = NOT_HF):
+    """The HF config of ``hf_model_dir``; ``missing``: what to say of a folder without one."""
     from transformers import AutoConfig
+
+    from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig
 
     path = Path(hf_model_dir)
     if not (path / "config.json").is_file():
-        raise MissingInputError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise MissingInputError(f"{path} {missing} (no config.json)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == PLRDLlamaConfig.model_type:  # before transformers asks whether to run its code
+        raise InputError(f"{path} is a factored export (model_type {model_type!r}), for inference: start from the "
+                         "stage's checkpoint/ (or its hf-merged/ export) instead")
     return AutoConfig.from_pretrained(path)
 
 
-def hf_arch(hf_model_dir: str | Path) -> LlamaArch:
-    return arch_from_hf(_config(hf_model_dir))
+def hf_arch(hf_model_dir: str | Path, missing: str = NOT_HF) -> LlamaArch:
+    return arch_from_hf(_config(hf_model_dir, missing))
 
 
 def _tp_gather(tensor: Tensor, dim: int) -> Tensor:

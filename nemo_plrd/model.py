@@ -130,7 +130,7 @@ def build_gpt(
         max_sequence_length=arch.max_sequence_length,
         share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(arch.rotary_base),
+        rotary_base=arch.rotary_base,  # a float: megatron computes the frequencies in floats
     )
     return model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
 

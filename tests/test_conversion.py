@@ -1,5 +1,6 @@
 """conversion/ scripts on the real SmolLM2-135M: an exact round trip, and bad input refused cleanly."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +70,11 @@ def test_bad_input_is_refused_and_nothing_is_written(parent, tmp_path):
     transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
     assert_refused(script("hf_to_megatron", tmp_path / "gpt2", out),
                    "architecture 'gpt2' is not supported; supported: ('llama', 'mistral', 'qwen2')", out)
+    (tmp_path / "factored").mkdir()  # an hf-factored export's config: its own model type, its code named
+    (tmp_path / "factored" / "config.json").write_text(json.dumps(
+        {"model_type": "plrd_llama", "auto_map": {"AutoConfig": "modeling_plrd.PLRDLlamaConfig"}}))
+    assert_refused(script("hf_to_megatron", tmp_path / "factored", out),
+                   "is a factored export (model_type 'plrd_llama'), for inference: start from the stage's", out)
     assert_refused(script("hf_to_megatron", parent, out, nproc=2),
                    "tensor_parallel_size=2 must divide the number of KV heads (3)", out)
     assert_refused(script("megatron_to_hf", tmp_path / "missing", out),

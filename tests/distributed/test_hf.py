@@ -19,7 +19,8 @@ COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_l
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=True),
-    "mistral": lambda: transformers.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None,
+                                                  rope_theta=10.5),  # a fractional base, so a truncated one shows
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=False),
 }
 
@@ -71,6 +72,10 @@ def test_a_sharded_safetensors_checkpoint_is_read_tensor_by_tensor_into_the_same
     untied = dataclasses.replace(arch_from_hf(tied.config), tie_embeddings=False)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'tied'} holds no tensor 'lm_head.weight'"):
         to_megatron(SafetensorsWeights(tmp_path / "tied"), untied, 2, 0)
+    # a config that says tied over a checkpoint whose output layer is its own tensor, as transformers loads it
+    with pytest.raises(ValueError, match=r"the config ties the word embeddings \(tie_word_embeddings=true\), but the "
+                                         r"checkpoint's lm_head.weight is another tensor"):
+        to_megatron(lazy, dataclasses.replace(arch, tie_embeddings=True), 2, 0)
 
 
 def test_unsupported_architectures_are_refused():

@@ -12,7 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plrd.errors import InputError
-from nemo_plrd.slots import SlotRanks, one_key_per_layer
+from nemo_plrd.slots import SlotRanks
 from nemo_plrd.spec import low_rank_block_spec
 
 
@@ -122,7 +122,6 @@ def build_gpt(
     tp = tensor_parallel_size or parallel_state.get_tensor_model_parallel_world_size()
     config = transformer_config(arch, tp, sequence_parallel, params_dtype)
     block_spec = low_rank_block_spec(config, {} if ranks is None else ranks)
-    config.hetereogenous_dist_checkpoint = one_key_per_layer(ranks)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,

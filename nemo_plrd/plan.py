@@ -226,7 +226,7 @@ def plan_ranks(
         if spectra is None:
             raise InputError("allocation='spectrum' needs the slots' spectra (calibrate first)")
         fractions = [_energy_fraction(spectra[layer][slot]).tolist() for layer, slot, _ in cells]
-        chosen = [multiple] * len(cells)
+        chosen = [min(multiple, cap) for cap in caps]  # a slot already below one rank step stays where it is
 
         def value(i: int, r: int) -> float:  # share of the slot's energy won per parameter
             fraction = fractions[i]

@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plrd.cpu import TorchNorm
 from nemo_plrd.layers import LOW_RANK_LAYERS
-from nemo_plrd.slots import SLOTS, SlotRanks, check_slot_names
+from nemo_plrd.slots import SLOTS, SlotRanks, check_slot_names, one_key_per_layer
 
 
 def _sp_capable(norm):
@@ -55,7 +55,8 @@ def low_rank_layer_spec(ranks: SlotRanks, normalization: str = "RMSNorm", qk_lay
 def low_rank_block_spec(
     config: TransformerConfig, ranks: Union[SlotRanks, Sequence[SlotRanks]]
 ) -> TransformerBlockSubmodules:
-    """A decoder block spec: the same slot ranks in every layer, or one mapping per layer."""
+    """A decoder block spec: the same slot ranks in every layer, or one mapping per layer. Sets how ``config``'s
+    model is checkpointed: with one key per layer where a slot is factored, as factor shapes may differ."""
     per_layer = [ranks] * config.num_layers if isinstance(ranks, Mapping) else list(ranks)
     if len(per_layer) != config.num_layers:
         raise ValueError(
@@ -68,5 +69,6 @@ def low_rank_block_spec(
         raise ValueError(f"low-rank block specs support dense, single-stage models; the config sets "
                          f"{', '.join(name for name, value in unsupported.items() if value)}")
     specs = [low_rank_layer_spec(r, config.normalization, config.qk_layernorm, config.qk_l2_norm) for r in per_layer]
+    config.hetereogenous_dist_checkpoint = one_key_per_layer(per_layer)
     # The final norm is the same class as the layers' own (SP-capable) norms.
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=specs[0].submodules.input_layernorm)

@@ -79,6 +79,11 @@ def check_plan_fits(model: torch.nn.Module, plan: RankPlan) -> None:
     layers = decoder_layers(model)
     if plan.num_layers != len(layers):
         raise InputError(f"the plan has {plan.num_layers} layers; the model has {len(layers)}")
+    slots = {(slot.layer, slot.name) for layer in layers for slot in layer_slots(layer)}
+    planned = {(slot.layer, slot.slot) for slot in plan.slots}
+    if planned != slots:
+        raise InputError(f"the plan does not cover the model's slots (layer, slot): missing {sorted(slots - planned)}, "
+                         f"not in the model {sorted(planned - slots)}")
     for layer in layers:
         for slot in layer_slots(layer):
             planned, now = plan.rank(slot.layer, slot.name), current_rank(slot.module)

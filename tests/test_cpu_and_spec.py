@@ -101,3 +101,29 @@ def test_spec_submodules_reads_both_shapes_of_a_layer_spec_entry():
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     assert spec_submodules(ModuleSpec(module=MLP, submodules=submodules)) is submodules
     assert spec_submodules(functools.partial(MLP, submodules=submodules)) is submodules
+
+
+def test_your_own_gpt_model_from_the_block_spec_saves_and_loads_with_ranks_that_differ_by_layer(tmp_path):
+    """Factor shapes that differ between layers cannot share megatron's stacked key: the spec sets one per layer."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+
+    from nemo_plrd.model import transformer_config
+    from nemo_plrd.parallel import init_model_parallel
+
+    init_model_parallel(1)
+    arch = LlamaArch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
+                     vocab_size=64, max_sequence_length=32)
+
+    def own_model(seed: int) -> GPTModel:
+        torch.manual_seed(seed)
+        config = transformer_config(arch)
+        return GPTModel(config, low_rank_block_spec(config, [{"linear_qkv": 16}, {"linear_qkv": 8}]),
+                        vocab_size=arch.vocab_size, max_sequence_length=arch.max_sequence_length,
+                        position_embedding_type="rope")
+
+    saved, loaded = own_model(0), own_model(1)
+    dist_checkpointing.save(saved.sharded_state_dict(), str(tmp_path))
+    loaded.load_state_dict(dist_checkpointing.load(loaded.sharded_state_dict(), str(tmp_path)))
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values())
+               if isinstance(a, torch.Tensor))

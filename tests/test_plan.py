@@ -50,6 +50,10 @@ def test_a_later_stage_never_raises_a_rank(allocation):
                         max_ranks=first.layer_ranks())
     assert all(s.rank <= first.rank(s.layer, s.slot) for s in second.slots)
     assert 0.99 * 0.4 * SLOT_PARAMS <= second.slot_params <= 0.4 * SLOT_PARAMS
+    # a slot already below one rank step of the next stage's (multiple=16) is kept there, never raised to it
+    small = [layer | {"linear_proj": 8} for layer in first.layer_ranks()]
+    third = plan_ranks(SHAPES, keep=0.3, allocation=allocation, spectra=spectra(2), max_ranks=small, multiple=16)
+    assert all(third.rank(layer, "linear_proj") == 8 for layer in range(len(SHAPES)))
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "spectrum"])

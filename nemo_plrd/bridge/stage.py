@@ -27,13 +27,13 @@ from megatron.bridge.training.callbacks import Callback, CallbackContext
 from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, saved_iteration
 from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
-from nemo_plrd.checkpoint import load_checkpoint, read_metadata
+from nemo_plrd.checkpoint import describe_parent, load_checkpoint
 from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
 from nemo_plrd.data import calibration_batches, check_prefix, gpt_datasets, index_cache, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import append_line, write_text_atomic
+from nemo_plrd.model import check_tensor_parallel
 from nemo_plrd.plan import RankPlan
-from nemo_plrd.slots import one_key_per_layer
 from nemo_plrd.spec import low_rank_block_spec
 from nemo_plrd.train import keep_saved_steps
 from nemo_plrd.transform import PLRDTransform, plan_for
@@ -169,6 +169,14 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     if cfg.model.pipeline_model_parallel_size != 1:
         raise InputError(f"model.pipeline_model_parallel_size={cfg.model.pipeline_model_parallel_size}: a PLRD stage "
                          "needs 1 (calibration runs the whole model layer by layer; docs/scale.md)")
+    if cfg.model.context_parallel_size != 1:
+        raise InputError(f"model.context_parallel_size={cfg.model.context_parallel_size}: a PLRD stage needs 1 (its "
+                         "layer spec's attention is megatron's local one, which runs without context parallelism)")
+    tp = cfg.model.tensor_model_parallel_size
+    if cfg.model.sequence_parallel and tp > 1 and cfg.plrd.calibration.seq_length % tp:
+        raise InputError(f"plrd.calibration.seq_length={cfg.plrd.calibration.seq_length} must be a multiple of "
+                         f"model.tensor_model_parallel_size={tp} under model.sequence_parallel: calibration's "
+                         "sequences are split over the TP ranks")
     if cfg.dataset.blend is None and getattr(cfg.dataset, "data_path", None) is not None:  # Bridge >= 0.6
         cfg.dataset.blend = _blend(cfg.dataset.data_path)  # what Bridge makes of it when it validates the job
     if cfg.dataset.blend is None:
@@ -214,9 +222,11 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     if resume:
         plan = RankPlan.from_json((save / PLAN_FILE).read_text())
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
-        provider.hetereogenous_dist_checkpoint = one_key_per_layer(plan.layer_ranks())  # as the transform left it
         cfg.checkpoint.load = str(save)
         return cfg
+    # the parent as the stage's conversion and the next stage read it: refused now, not once the stage has trained
+    arch, ranks, _ = describe_parent(parent or hf_path)
+    check_tensor_parallel(arch, tp, "model.tensor_model_parallel_size")
     cfg.checkpoint.load = None  # a recipe's default would load another run into the decomposed model
     provider.perform_initialization = False  # the parent's weights replace it
     if parent is None:
@@ -227,12 +237,10 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
             bridge.load_hf_weights(model)
             return model
     else:
-        arch, ranks = read_metadata(parent)
         if (arch.num_layers, arch.hidden_size) != (provider.num_layers, provider.hidden_size):
             raise InputError(f"parent {parent} has {arch.num_layers} layers of width {arch.hidden_size}; the job's "
                              f"model has {provider.num_layers} of {provider.hidden_size} (--hf-path {hf_path})")
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=ranks)
-        provider.hetereogenous_dist_checkpoint = one_key_per_layer(ranks)
 
         def load_parent(model: list[torch.nn.Module]) -> list[torch.nn.Module]:
             load_checkpoint(model[0], parent)  # resharded to the job's TP size

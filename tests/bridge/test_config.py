@@ -349,6 +349,39 @@ def test_a_fresh_stage_starts_from_its_parent_never_from_another_run(tmp_path, t
         prepare_stage(cfg, hf_path=str(tiny_parent))
 
 
+def test_a_stage_its_conversion_could_not_read_is_refused_before_it_trains(tmp_path, tiny_parent):
+    """What Bridge would train but a stage's checkpoint could not become (a nemo-plrd checkpoint, an HF export, the
+    next stage's parent), and layouts the stage's own spec or calibration cannot run, each refused naming the key."""
+    import json
+    import shutil
+
+    from nemo_plrd.bridge.checkpoint import TRACKER
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    llama3 = tmp_path / "llama3"  # rope scaling that AutoBridge builds and the conversion refuses
+    shutil.copytree(tiny_parent, llama3)
+    config = json.loads((llama3 / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 128}
+    (llama3 / "config.json").write_text(json.dumps(config))
+    cases = [({}, llama3, r"rope scaling .*'llama3'.* is not supported"),
+             ({"tensor_model_parallel_size": 4}, tiny_parent,
+              r"model.tensor_model_parallel_size=4 must divide the number of KV heads \(2\)"),
+             ({"context_parallel_size": 2}, tiny_parent, r"model.context_parallel_size=2: a PLRD stage needs 1"),
+             ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, tiny_parent,
+              r"plrd.calibration.seq_length=511 must be a multiple of model.tensor_model_parallel_size=2 under "
+              r"model.sequence_parallel")]
+    for index, (model, parent, message) in enumerate(cases):
+        (tmp_path / str(index)).mkdir()
+        cfg, save = stage_folder(tmp_path / str(index))
+        (save / TRACKER).unlink()  # a fresh start
+        cfg.plrd.calibration.seq_length = 511
+        for key, value in model.items():
+            setattr(cfg.model, key, value)
+        with pytest.raises(InputError, match=message):
+            prepare_stage(cfg, hf_path=str(parent))
+
+
 def test_the_plrd_section_may_refer_to_the_rest_of_the_job(tmp_path):
     """As Bridge resolves its YAML: an interpolation in plrd: reads the other sections, and a bad one is named."""
     yaml = tmp_path / "stage.yaml"

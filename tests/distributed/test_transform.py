@@ -210,6 +210,10 @@ def test_transform_refuses_plans_it_cannot_apply():
     model = build_gpt(ARCH)
     with pytest.raises(ValueError, match="the plan has 3 layers; the model has 2"):
         apply_plan(model, plan_ranks([ARCH.slot_shapes()] * 3, keep=0.5), BATCHES)
+    mlp_only = [{slot: shape for slot, shape in layer.items() if slot.startswith("linear_fc")} for layer in SHAPES]
+    with pytest.raises(ValueError, match=r"the plan does not cover the model's slots \(layer, slot\): missing "
+                                         r"\[\(0, 'linear_proj'\), \(0, 'linear_qkv'\), \(1, 'linear_proj'\)"):
+        apply_plan(model, plan_ranks(mlp_only, keep=0.5), BATCHES)
     with pytest.raises(ValueError, match="method='qr' is not one of"):
         apply_plan(model, plan_ranks(SHAPES, keep=0.5), BATCHES, method="qr")
     with pytest.raises(ValueError, match="solver='lanczos' is not one of"):

@@ -45,7 +45,7 @@ HELD_OUT_EVERY = 8  # every 8th document of a corpus is held out of calibration 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PLRD_CACHE", Path.cwd() / ".cache" / "plrd")).resolve()
+    return Path(os.environ.get("PLRD_CACHE") or Path.cwd() / ".cache" / "plrd").resolve()  # set but empty: the default
 
 
 def _build_once(name: str, build: Callable[[Path], None]) -> Path:

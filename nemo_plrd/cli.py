@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,8 +160,11 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir).resolve()  # results.json names it whatever directory a rerun starts in
     out = Path(args.out or Path("plrd-eval") / model_dir.name)
     try:
-        cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
-                         args.batch_size)
+        try:
+            cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
+                             args.batch_size)
+        except InputError as error:  # named as the recipes' eval section has them: here, the flags
+            raise InputError(re.sub(r"\beval\.(\w+)", lambda key: "--" + key[1].replace("_", "-"), str(error))) from None
         hf_model_dir(model_dir)  # refused before --out is made
         done = (out / "results.json").is_file()  # then only read: a read-only --out reports its results too
         if not done:
@@ -254,7 +258,7 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if not (tokenizer_dir / "tokenizer_config.json").is_file():
             raise InputError(f"--tokenizer {tokenizer_dir} is not an HF model or tokenizer directory "
                              "(no tokenizer_config.json)")
-        documents = chain.from_iterable(read_documents(path, args.json_key) for path in args.inputs)
+        documents = chain.from_iterable([read_documents(path, args.json_key) for path in args.inputs])  # all there
         prefix = prepare_dataset(documents, megatron_tokenizer(tokenizer_dir), args.output, progress=True)
     except InputError as error:
         parser.error(str(error))

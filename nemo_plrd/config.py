@@ -204,9 +204,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_positive("train", micro_batch=self.micro_batch, global_batch=self.global_batch,
                         seq_length=self.seq_length, log_interval=self.log_interval)
-        if self.steps < 0 or not 0 <= self.warmup_steps < max(self.steps, 1):
+        if self.steps < 0 or self.warmup_steps < 0 or 0 < self.steps <= self.warmup_steps:  # steps 0: no schedule
             raise InputError(f"train.steps={self.steps} and train.warmup_steps={self.warmup_steps} must satisfy "
-                             "0 <= warmup_steps < steps (megatron's schedule decays after the warm-up)")
+                             "0 <= warmup_steps < steps, or steps=0 (megatron's schedule decays after the warm-up)")
         if self.global_batch % self.micro_batch:
             raise InputError(f"train.global_batch={self.global_batch} must be a multiple of "
                              f"train.micro_batch={self.micro_batch} (x the data-parallel size)")
@@ -254,6 +254,8 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
     for key in ("adam_beta1", "adam_beta2"):  # torch would refuse them only when the optimizer is built
         if not 0 <= getattr(cfg, key) < 1:
             raise InputError(f"optimizer.{key}={getattr(cfg, key)} must be in [0, 1)")
+    if not (math.isfinite(cfg.sgd_momentum) and cfg.sgd_momentum >= 0):  # likewise
+        raise InputError(f"optimizer.sgd_momentum={cfg.sgd_momentum} must be >= 0")
     if not (math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0):
         raise InputError(f"optimizer.adam_eps={cfg.adam_eps} must be > 0 (a weight whose gradient is 0 would get 0/0)")
     for key, note in (("weight_decay", ""), ("clip_grad", " (0: no clipping)")):
@@ -471,9 +473,9 @@ def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
     except InputError as error:
         if not where:
             raise
-        # A value check names keys from its own section down (ridge=-1, train.steps=0 and
-        # train.warmup_steps=4): each is named here from the top, as typed (stage.train.steps).
-        keys = rf"(?<![\w.'/])({'|'.join(fields)})(?=(?:\.\w+)*(?:=|: | cannot))"
+        # A value check names keys from its own section down (ridge=-1, train.steps=0 and train.eval_iters > 0,
+        # ['optimizer.lrr']): each is named here from the top, as typed (stage.train.steps).
+        keys = rf"(?<![\w./-])({'|'.join(fields)})(?=(?:\.\w+)+(?![\w.])|=|: )"
         raise type(error)(re.sub(keys, rf"{where}\1", str(error))) from None
     except (AssertionError, ValueError) as error:
         if not cls.__module__.startswith("megatron."):

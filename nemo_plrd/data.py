@@ -50,11 +50,15 @@ JSON_LINES = (".jsonl", ".json")  # megatron's preprocess_data.py reads JSON lin
 
 
 def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
-    """The documents of a file: each line's ``json_key`` of a JSON-lines file (``JSON_LINES``); a text file is one
-    document."""
+    """The documents of a file, read as they are asked for: each line's ``json_key`` of a JSON-lines file
+    (``JSON_LINES``); a text file is one document. A missing file is refused now, before any is read."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{path} is not a file; give UTF-8 text files or JSON-lines files")
+    return _documents(path, json_key)
+
+
+def _documents(path: Path, json_key: str) -> Iterator[str]:
     try:
         if path.suffix.lower() not in JSON_LINES:
             yield path.read_text(encoding="utf-8")
@@ -89,7 +93,10 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
     if tokenizer.eod is None:
         raise InputError("the tokenizer has no end-of-document token (eos_token), which closes each document")
     prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{prefix}: its folder cannot be made ({error.strerror}: {error.filename})") from None
     tmp = prefix.with_name(prefix.name + f".partial{os.getpid()}")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
     tokens = 0

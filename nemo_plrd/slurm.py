@@ -74,7 +74,7 @@ class Cluster:
     def check_layout(self, family: BridgeFamilyConfig) -> None:
         """TP within a node and dividing the world; the global batch split over the data-parallel ranks."""
         world = self.nodes * self.gpus_per_node
-        pp = int(family.job.setting("model.pipeline_model_parallel_size", 1))
+        pp = family.job.count("model.pipeline_model_parallel_size", 1)
         if pp != 1:
             raise InputError(f"model.pipeline_model_parallel_size={pp}: a PLRD stage needs 1 (its calibration runs "
                              "the whole model layer by layer in one process; docs/scale.md)")
@@ -84,8 +84,8 @@ class Cluster:
                              f"{self.gpus_per_node}: a TP group stays inside a node")
         if family.architecture or (Path(family.parent) / "config.json").is_file():  # a dry run may see neither
             check_tensor_parallel(family.arch(), tp, "model.tensor_model_parallel_size")
-        micro = int(family.job.setting("train.micro_batch_size"))
-        batch = int(family.job.setting("train.global_batch_size"))
+        micro = family.job.count("train.micro_batch_size")
+        batch = family.job.count("train.global_batch_size")
         if batch % (micro * (world // tp)):
             raise InputError(f"train.global_batch_size={batch} is not a multiple of train.micro_batch_size={micro}"
                              f" x the data-parallel size {world // tp} ({world} GPUs / TP {tp})")

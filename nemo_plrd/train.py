@@ -104,6 +104,10 @@ def check_loop_supports(optimizer: OptimizerConfig, ddp: DistributedDataParallel
     if ddp.num_distributed_optimizer_instances != 1:  # their process groups are megatron-training's
         raise InputError(f"ddp.num_distributed_optimizer_instances={ddp.num_distributed_optimizer_instances} must be 1 "
                          "here (a Megatron-Bridge stage takes more)")
+    for key in ("use_megatron_fsdp", "use_custom_fsdp"):  # a stage wraps its model in megatron's plain DDP
+        if getattr(ddp, key):
+            raise InputError(f"ddp.{key}=true: a stage trains under megatron's DistributedDataParallel, not its FSDP; "
+                             "leave it false here")
 
 
 def _sgd_state(optimizer: torch.optim.SGD, config: Optional[OptimizerConfig] = None) -> None:

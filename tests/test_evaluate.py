@@ -116,10 +116,10 @@ def test_bad_input_is_refused(tmp_path):
     unknown = plrd_eval(smollm2_135m(), "--tasks", "arc_easy,squad", "--out", tmp_path / "out")
     assert unknown.returncode == 2 and "unknown task(s) ['squad']; the tasks are" in unknown.stderr
     corpus = plrd_eval(smollm2_135m(), "--heldout", "shakespeare,poetry", "--out", tmp_path / "out")
-    assert corpus.returncode == 2 and "eval.heldout=['shakespeare', 'poetry'] must name distinct embedded corpora, " \
+    assert corpus.returncode == 2 and "--heldout=['shakespeare', 'poetry'] must name distinct embedded corpora, " \
         "one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']" in corpus.stderr
     blocks = plrd_eval(smollm2_135m(), "--perplexity-blocks", "-1", "--out", tmp_path / "out")
-    assert blocks.returncode == 2 and "eval.perplexity_blocks=-1 must be >= 0" in blocks.stderr
+    assert blocks.returncode == 2 and "--perplexity-blocks=-1 must be >= 0" in blocks.stderr  # the flag
     assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("")  # refused before the evaluation, not when its results are written
     file = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "file")

@@ -414,6 +414,12 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
      "eval.perplexity_blocks=18: the held-out news text holds 17 blocks"),
     (["job.recipe=nemo_plrd.bridge.recipe:"], ["--nodes", "1", "--gpus-per-node", "8"],
      "job.recipe='nemo_plrd.bridge.recipe:' must be MODULE:FUNCTION"),
+    (['job.overrides=["train.train_iters=abc"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "train.train_iters='abc' (job.config_file or job.overrides) must be a whole number >= 1"),
+    (['job.overrides=["train.train_iters=-5"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "train.train_iters=-5 (job.config_file or job.overrides) must be a whole number >= 1"),
+    (['job.overrides=["model.tensor_model_parallel_size=0"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "model.tensor_model_parallel_size=0 (job.config_file or job.overrides) must be a whole number >= 1"),
 ])
 def test_bad_input_is_refused_naming_the_key(family, overrides, args, message, capsys):
     recipe = ROOT / "recipes" / "llama2_7b_family.yaml"

@@ -99,6 +99,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     assert cfg.plrd.plan.request() == {"target_params": 80_000_000, "allocation": "uniform", "multiple": 8}
     assert cfg.plrd.calibration.tokens == 1024 and cfg.plrd.calibration.seq_length == 512
     assert (cfg.eval.tasks, cfg.eval.limit, cfg.export) == (["piqa"], None, ["factored", "merged"])
+    assert config(tmp_path, "train.steps=0", "train.warmup_steps=4").train.steps == 0  # no training: any warm-up
     assert cfg.plrd.method == "activation" and cfg.plrd.ridge == 0.01
 
 
@@ -126,6 +127,9 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["+optimizer.loss_scale=1024"], "optimizer.loss_scale=1024 cannot be set: a stage's step does not scale"),
     (["+ddp.overlap_param_gather=true"], "ddp.overlap_param_gather=true: a stage saves right after its optimizer step"),
     (["+ddp.num_distributed_optimizer_instances=2"], "ddp.num_distributed_optimizer_instances=2 must be 1 here"),
+    (["+ddp.use_megatron_fsdp=true"], "ddp.use_megatron_fsdp=true: a stage trains under megatron's "
+                                      "DistributedDataParallel, not its FSDP"),
+    (["optimizer.optimizer=sgd", "+optimizer.sgd_momentum=-1"], "optimizer.sgd_momentum=-1 must be >= 0"),
     (["+optimizer.use_precision_aware_optimizer=true"],  # megatron's own check, a bare assertion
      "optimizer: --use-precision-aware-optimizer only supported with distributed optimizer (optimizer.optimizer="),
     (["train.eval_iters=-1"], "train.eval_iters=-1 must be >= 0"),
@@ -247,6 +251,11 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     (["stage.train.stepz=3"], "unknown key(s) ['stage.train.stepz']"),
     # every stage's value checks name the key as typed: under stage.
     (["stage.train.steps=-1"], "stage.train.steps=-1 and stage.train.warmup_steps=4 must satisfy"),
+    (["+stage.optimizer.lrr=1"], "unknown key(s) ['stage.optimizer.lrr']; allowed here: ['stage.optimizer.lr', "),
+    (["stage.train.eval_iters=0"], "stage.train.eval_interval=12 needs stage.train.eval_iters > 0"),
+    (["stage.optimizer.use_distributed_optimizer=true"],  # the key named from the top, not the word in the prose
+     "stage.optimizer.use_distributed_optimizer=true needs Apex or Transformer Engine: without them megatron-core's "
+     "distributed optimizer cannot"),
     (["stage.train.global_batch=6"], "stage.train.global_batch=6 must be a multiple of stage.train.micro_batch=4"),
     (["stage.optimizer.lr=fast"], "stage.optimizer.lr='fast' must be Optional[float]"),
     (["stage.plrd.ridge=-1"], "stage.plrd.ridge=-1 must be a number >= 0"),

@@ -73,6 +73,13 @@ class JobConfig:
                              "default is not read without Bridge, and the plan needs it")
         return value
 
+    def count(self, key: str, default: Optional[int] = None) -> int:
+        """``setting(key)``, which the plan computes with: a whole number >= 1, else refused naming the key."""
+        value = self.setting(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{key}={value!r} (job.config_file or job.overrides) must be a whole number >= 1")
+        return value
+
 
 @dataclass
 class BridgeFamilyConfig:
@@ -129,7 +136,7 @@ class BridgeFamilyConfig:
 
     @property
     def tensor_parallel_size(self) -> int:
-        return int(self.job.setting("model.tensor_model_parallel_size"))
+        return self.job.count("model.tensor_model_parallel_size")
 
     def hf_config(self, index: int) -> str:
         """The HF config and tokenizer stage ``index`` starts from (a PLRD checkpoint carries its parent's)."""
@@ -169,17 +176,15 @@ class BridgeFamilyConfig:
 
     def arch(self) -> LlamaArch:
         """The parent's architecture, read from ``architecture_path()``."""
-        from transformers import AutoConfig
+        from nemo_plrd.hf import hf_arch
 
-        from nemo_plrd.hf import arch_from_hf
-
-        return arch_from_hf(AutoConfig.from_pretrained(self.architecture_path()))
+        return hf_arch(self.architecture_path())
 
     def stage_samples(self) -> int:
         """Each stage's training samples, from the job's settings."""
-        return int(self.job.setting("train.train_iters")) * int(self.job.setting("train.global_batch_size"))
+        return self.job.count("train.train_iters") * self.job.count("train.global_batch_size")
 
     def train_tokens(self) -> tuple[int, int]:
         """(training tokens per stage, sequence length), from the job's settings."""
-        seq_length = int(self.job.setting("dataset.seq_length"))
+        seq_length = self.job.count("dataset.seq_length")
         return self.stage_samples() * seq_length, seq_length

@@ -181,8 +181,9 @@ def test_a_resumed_stage_on_a_megatron_training_model_config_builds_the_factored
     plan.save(tmp_path / "stage" / "plrd_plan.json")
     (tmp_path / "stage" / "latest_checkpointed_iteration.txt").write_text("2")
     prepare_stage(cfg, hf_path="unused when resuming")
-    assert cfg.checkpoint.load == cfg.checkpoint.save and cfg.model.hetereogenous_dist_checkpoint
+    assert cfg.checkpoint.load == cfg.checkpoint.save
     block = cfg.model.transformer_layer_spec(cfg.model)
+    assert cfg.model.hetereogenous_dist_checkpoint  # set by the spec, as the checkpoint's keys were
     qkv = block.layer_specs[0].submodules.self_attention.submodules.linear_qkv
     assert qkv.module is LowRankColumnParallelLinear and qkv.params == {"rank": plan.rank(0, "linear_qkv")}
 

@@ -164,7 +164,8 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
                              args.batch_size)
         except InputError as error:  # named as the recipes' eval section has them: here, the flags
-            raise InputError(re.sub(r"\beval\.(\w+)", lambda key: "--" + key[1].replace("_", "-"), str(error))) from None
+            flag = lambda key: "--" + key[1].replace("_", "-")
+            raise InputError(re.sub(r"\beval\.(\w+)", flag, str(error))) from None
         hf_model_dir(model_dir)  # refused before --out is made
         done = (out / "results.json").is_file()  # then only read: a read-only --out reports its results too
         if not done:

@@ -381,8 +381,8 @@ class FamilyConfig:
     ``stage`` holds every stage's settings as ``recipes/decompose.py`` takes them, less
     ``parent``, ``output`` and ``plrd.plan.keep``, which the family sets per stage.
     ``baselines`` are what the members are measured against, trained with the same settings:
-    ``control``, the parent as it is (dense, or a member's ranks) and trained like one stage, and ``one-shot``, the parent
-    decomposed straight to the last member's size and trained on the whole family's tokens.
+    ``control``, the parent as it is (dense, or a member's ranks) and trained like one stage, and
+    ``one-shot``, the parent decomposed straight to the last member's size and trained on the whole family's tokens.
     """
 
     parent: str

@@ -223,10 +223,11 @@ def test_ranks_that_read_the_checkpoint_folder_differently_stop_together_naming_
     hidden.insert(hidden.index(str(Path(__file__).with_name("on_cpu.py"))) + 1, str(tmp_path / "hide.py"))
     result = subprocess.run(hidden, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode != 0
+    folders = [str(indices / "bridge"), str(indices.with_name("stale") / "bridge")]
     assert f"the ranks read checkpoint.save='{save}' differently (its newest saved iteration, by rank; None: " \
            "none): [6, None]; the ranks see dataset.blend's files differently (the index folder their sizes and " \
-           f"times name, by rank): {[str(indices / 'bridge'), str(indices.with_name('stale') / 'bridge')]}. A network " \
-           "file system" in result.stdout + result.stderr, result.stderr[-3000:]
+           f"times name, by rank): {folders}. A network file system" in result.stdout + result.stderr, \
+        result.stderr[-3000:]
     assert losses(save) == losses(tp2_stage) | {7: 1.0} and (save / "plrd_plan.json").stat().st_mtime_ns == plan
 
 

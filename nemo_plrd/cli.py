@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--partition")
     submit.add_argument("--account")
     submit.add_argument("--time", help="wall-clock limit per stage job, e.g. 04:00:00")
-    submit.add_argument("--container-image", help="pyxis container, e.g. nvcr.io/nvidia/nemo:26.06")
+    submit.add_argument("--container-image", help="pyxis container image holding Megatron-Bridge 0.6 or newer")
     submit.add_argument("--mounts", action="append", default=[], metavar="SRC:DST",
                         help="container mount (repeatable), e.g. /lustre:/lustre")
     submit.add_argument("--workdir", default=os.getcwd(),

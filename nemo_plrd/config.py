@@ -23,7 +23,7 @@ import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Collection, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import yaml
@@ -242,7 +242,8 @@ class TrainConfig:
 
 def optimizer_config(**values: Any) -> OptimizerConfig:
     """megatron's ``OptimizerConfig`` from a recipe's ``optimizer:`` section (Adam by default)."""
-    cfg = from_dict(OptimizerConfig, {"optimizer": "adam", "lr": 1e-4, "min_lr": 0.0} | values, "optimizer.")
+    cfg = from_dict(OptimizerConfig, {"optimizer": "adam", "lr": 1e-4, "min_lr": 0.0} | values, "optimizer.",
+                    fixed=("bf16", "fp16"))  # they follow mixed_precision
     if cfg.optimizer not in ("adam", "sgd"):
         raise InputError(f"optimizer.optimizer={cfg.optimizer!r} is not one of ['adam', 'sgd']")
     if cfg.use_distributed_optimizer and not distrib_optimizer.HAVE_APEX_OR_TE:
@@ -348,7 +349,8 @@ class DecomposeConfig:
             raise InputError("ddp.use_distributed_optimizer cannot be set: it follows "
                              "optimizer.use_distributed_optimizer")
         optimizer = self.optimizer_config()
-        ddp = from_dict(DistributedDataParallelConfig, ddp_defaults(optimizer) | self.ddp, "ddp.")
+        ddp = from_dict(DistributedDataParallelConfig, ddp_defaults(optimizer) | self.ddp, "ddp.",
+                        fixed=("use_distributed_optimizer",))
         check_loop_supports(optimizer, ddp)
         return ddp
 
@@ -449,14 +451,16 @@ class FamilyConfig:
 Config = TypeVar("Config")
 
 
-def from_dict(cls: type[Config], data: Any, where: str = "") -> Config:
-    """Build dataclass ``cls`` from plain YAML data, checking every key and value type."""
+def from_dict(cls: type[Config], data: Any, where: str = "", fixed: Collection[str] = ()) -> Config:
+    """Build dataclass ``cls`` from plain YAML data, checking every key and value type; ``fixed`` are fields the
+    caller sets itself, so they are not among the keys a refusal calls allowed."""
     if not isinstance(data, dict):
         raise InputError(f"{where.rstrip('.') or 'the config'} must be a mapping of keys to values, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise InputError(f"unknown key(s) {[where + k for k in unknown]}; allowed here: {[where + k for k in fields]}")
+        raise InputError(f"unknown key(s) {[where + k for k in unknown]}; allowed here: "
+                         f"{[where + k for k in fields if k not in fixed]}")
     missing = [where + name for name, f in fields.items() if name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -86,10 +86,9 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
     """Write ``prefix.bin`` / ``prefix.idx``: each document's token ids and an EOD token.
 
     Both files are written under temporary names, put on disk and renamed, the index last: a prefix whose
-    ``.idx`` exists is complete (a ``.bin`` alone is a killed run's, which the next one replaces).
+    ``.idx`` exists is complete (a ``.bin`` alone is a killed run's, which the next one replaces). One writer
+    at a time holds the prefix's lock, so the temporary names are fixed and a killed run's are written over.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
     if tokenizer.eod is None:
         raise InputError("the tokenizer has no end-of-document token (eos_token), which closes each document")
     prefix = Path(prefix)
@@ -97,7 +96,15 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
         prefix.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"{prefix}: its folder cannot be made ({error.strerror}: {error.filename})") from None
-    tmp = prefix.with_name(prefix.name + f".partial{os.getpid()}")
+    with FileLock(prefix.with_name(f".{prefix.name}.lock")):
+        _write_dataset(documents, tokenizer, prefix, progress)
+    return prefix
+
+
+def _write_dataset(documents: Iterable[str], tokenizer, prefix: Path, progress: bool) -> None:
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    tmp = prefix.with_name(prefix.name + ".partial")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
     tokens = 0
     try:
@@ -119,7 +126,6 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
         fsync(Path(f"{tmp}{suffix}"))
         os.replace(f"{tmp}{suffix}", f"{prefix}{suffix}")
     fsync(prefix.parent)
-    return prefix
 
 
 def check_prefix(key: str, prefix: str) -> None:

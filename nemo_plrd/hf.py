@@ -86,7 +86,10 @@ def _qkv_to_hf(fused: Tensor, arch: LlamaArch) -> tuple[Tensor, Tensor, Tensor]:
 def to_megatron(hf: Mapping[str, Tensor], arch: LlamaArch, tp: int = 1, tp_rank: int = 0) -> dict[str, Tensor]:
     """One TP rank's shard of a megatron GPTModel state dict from an HF state dict."""
     shard = lambda t, dim: t.chunk(tp, dim)[tp_rank].clone()
-    embedding = hf["model.embed_tokens.weight"]
+    embedding_key = "model.embed_tokens.weight"
+    if arch.tie_embeddings and embedding_key not in hf and "lm_head.weight" in hf:
+        embedding_key = "lm_head.weight"  # tied, saved as the output layer alone: transformers ties to it
+    embedding = hf[embedding_key]
     if arch.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], embedding):
         raise InputError("the config ties the word embeddings (tie_word_embeddings=true), but the checkpoint's "
                          "lm_head.weight is another tensor, which transformers loads as the output layer; set "

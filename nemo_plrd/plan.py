@@ -139,9 +139,11 @@ BUDGET_KEYS = ("ranks", "keep", "target_params")  # a plan request gives exactly
 def check_request(ranks: Optional[Mapping[str, int]], keep: Optional[float], target_params: Optional[int],
                   allocation: str = "uniform", multiple: int = 8) -> None:
     """What can be refused before any model exists (``plan_ranks`` and recipe configs call it)."""
-    asked = [name for name, value in zip(BUDGET_KEYS, (ranks, keep, target_params)) if value is not None]
-    if len(asked) != 1:
-        raise InputError(f"give exactly one of {', '.join(BUDGET_KEYS)} (got {asked or 'none'})")
+    asked = {name: value for name, value in zip(BUDGET_KEYS, (ranks, keep, target_params)) if value is not None}
+    if len(asked) != 1:  # keys written key=, so a config names them from the top (plrd.plan.keep=)
+        got = ", ".join(f"{name}={value!r}" for name, value in asked.items()) or "none"
+        raise InputError(f"give exactly one of {', '.join(f'{name}=' for name in BUDGET_KEYS)} (got {got}; "
+                         "a null value, or an override ~KEY, unsets one a YAML file sets)")
     if not _is_int(multiple) or multiple < 1:
         raise InputError(f"multiple={multiple!r} must be a positive integer")
     if allocation not in ALLOCATIONS:

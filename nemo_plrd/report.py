@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 
 def format_table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
@@ -117,17 +117,19 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
     first, control, oneshot = members[0], baselines.get("control"), baselines.get("one-shot")
     corpora = list(first["parent_perplexity"] or {})  # none: eval.perplexity_blocks=0
     label, combined = headline(first)
-    header = ["model", "keep", "parameters", "trained on"] + (
-        [f"{label} ppl: decomposed", "trained", *(["gap closed"] if control else []),
-         *[name if name in first["in_domain"] else f"{name} (unseen)" for name in corpora]] if corpora else [])
+    # the perplexity columns: (title, cell of (figures, key of its perplexities, whether it was decomposed))
+    columns: list[tuple[str, Callable[[dict, str, bool], str]]] = [
+        (f"{label} ppl: decomposed", lambda f, key, cut: fmt(headline_perplexity(f, "decomposed_perplexity")) if cut
+         else ""),
+        ("trained", lambda f, key, cut: fmt(headline_perplexity(f, key))),
+        *([("gap closed", lambda f, key, cut: gap_closed(f, control) if cut else "")] if control else []),
+        *[(name if name in first["in_domain"] else f"{name} (unseen)", lambda f, key, cut, name=name: fmt(f[key][name]))
+          for name in corpora]] if corpora else []
+    header = ["model", "keep", "parameters", "trained on", *(title for title, _ in columns)]
 
     def row(model: str, keep: str, figures: dict, params: int, key: str, decomposed: bool = True) -> list[str]:
         tokens = f"{figures['train_tokens']:,}" if key == "member_perplexity" and figures["train_losses"] else ""
-        return [model, keep, f"{params / 1e6:.1f}M", tokens] + (
-            [fmt(headline_perplexity(figures, "decomposed_perplexity")) if decomposed else "",
-             fmt(headline_perplexity(figures, key)), *([gap_closed(figures, control) if decomposed else ""] if control
-                                                       else []),
-             *[fmt(figures[key][name]) for name in corpora]] if corpora else [])
+        return [model, keep, f"{params / 1e6:.1f}M", tokens, *(cell(figures, key, decomposed) for _, cell in columns)]
 
     derived = ([("control", f"{kept(control):.2g}", control)] if control else []) + [
         (f"stage {index}", f"{keep:g}", member) for index, (keep, member) in enumerate(zip(cfg.keep, members), 1)] + (
@@ -160,6 +162,12 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
               + ", ".join(f"{name} {duration(figures['seconds'])}" for name, _, figures in derived)
               + " (a resumed run's times count from its restart)."]
     return lines
+
+
+def model_name(path: str | Path) -> str:
+    """A short name for a title: a member's checkpoint (``STAGE/checkpoint``) goes by its stage's folder."""
+    path = Path(path)
+    return path.parent.name if path.name == "checkpoint" else path.name
 
 
 def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path) -> None:
@@ -197,7 +205,7 @@ def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path
             axes.plot([b["member_params"] / 1e6], [headline_perplexity(b, "member_perplexity")], marker, color=color,
                       markersize=10 if marker == "*" else 7, label=f"{label}: {baseline}{after}")
     axes.set(xlabel="parameters (millions)", ylabel="held-out perplexity", yscale="log",
-             title=f"PLRD family of {Path(cfg.parent).name}")
+             title=f"PLRD family of {model_name(cfg.parent)}")
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     # minor ticks at 2 and 5 x 10^k labelled too: enough to read values off, few enough not to crowd
     axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))

@@ -54,7 +54,7 @@ class Cluster:
     partition: Optional[str] = None
     account: Optional[str] = None
     time: Optional[str] = None  # per stage job, SLURM's format (e.g. 04:00:00)
-    container_image: Optional[str] = None  # pyxis / enroot, e.g. nvcr.io/nvidia/nemo:26.06
+    container_image: Optional[str] = None  # pyxis / enroot, holding Megatron-Bridge 0.6 or newer
     container_mounts: tuple[str, ...] = ()  # SRC:DST, e.g. /lustre:/lustre
     workdir: str = field(default_factory=os.getcwd)  # the nemo-plrd checkout (recipes/, conversion/)
     port: int = 29500  # of the rendezvous on the first node
@@ -78,6 +78,10 @@ class Cluster:
         if pp != 1:
             raise InputError(f"model.pipeline_model_parallel_size={pp}: a PLRD stage needs 1 (its calibration runs "
                              "the whole model layer by layer in one process; docs/scale.md)")
+        cp = family.job.count("model.context_parallel_size", 1)
+        if cp != 1:
+            raise InputError(f"model.context_parallel_size={cp}: a PLRD stage needs 1 (its layers' local attention "
+                             "has no context-parallel path; docs/scale.md)")
         tp = family.tensor_parallel_size
         if self.gpus_per_node % tp:
             raise InputError(f"model.tensor_model_parallel_size={tp} must divide --gpus-per-node="

@@ -15,7 +15,7 @@ lm-eval (so no rank waits on another's evaluation). OUTPUT holds:
                             the baselines (``baselines:``), each a stage of its own: the parent
                             trained dense like one stage; the parent decomposed straight to the
                             last keep and trained on all the stages' tokens
-    eval/                   lm-eval of the parent, every member and every baseline
+    eval/                   lm-eval of the parent (an HF parent), every member and every baseline
     family.md, family.json  one row per model: parameters, held-out perplexity (in-domain and per
                             corpus) after the decomposition and after training, the share of the
                             gap to the control closed; lm-eval accuracies with standard errors
@@ -46,7 +46,7 @@ def main() -> None:
         lines = run_family(cfg)
     if lines is not None:
         written = [name for name in ("family.md", "family.json", "family.png") if (Path(cfg.output) / name).is_file()]
-        print("\n".join(lines), f"\nwrote {cfg.output} ({', '.join(written)}, one folder per stage)", sep="\n")
+        print("\n".join(lines), f"\n{cfg.output}: {', '.join(written)}, one folder per stage", sep="\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import transformers
 from nemo_plrd.assets import smollm2_135m
 from nemo_plrd.checkpoint import describe_parent
 from nemo_plrd.errors import MissingInputError
+from nemo_plrd.hf import SafetensorsWeights, to_megatron
 from tiny_llama import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,25 @@ def test_smollm2_round_trip_through_megatron_is_exact(parent, tmp_path):
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("To be").input_ids == \
         transformers.AutoTokenizer.from_pretrained(parent)("To be").input_ids
+
+
+def test_a_tied_checkpoint_that_holds_the_output_layer_alone_imports_as_transformers_loads_it(tmp_path):
+    """Tied weights saved under lm_head.weight only (as some converters write them): transformers ties the
+    embedding to it, and so does the import."""
+    both, alone = save_tiny_llama(tmp_path / "both"), tmp_path / "alone"
+    shutil.copytree(both, alone)
+    weights = safetensors.torch.load_file(both / "model.safetensors")
+    assert "lm_head.weight" not in weights  # transformers saves the embedding
+    weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
+    safetensors.torch.save_file(weights, alone / "model.safetensors", metadata={"format": "pt"})
+    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits = [transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
+              for path in (both, alone)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    arch = describe_parent(both)[0]
+    expected = to_megatron(SafetensorsWeights(both), arch)
+    imported = to_megatron(SafetensorsWeights(alone), arch)
+    assert imported.keys() == expected.keys() and all(torch.equal(imported[k], expected[k]) for k in expected)
 
 
 def assert_refused(result, message: str, out: Path) -> None:

@@ -23,6 +23,7 @@ from nemo_plrd.evaluate import HELDOUT_BLOCK, heldout_blocks
 from nemo_plrd.errors import InputError
 from nemo_plrd.parallel import init_distributed, init_model_parallel
 from nemo_plrd.pipeline import train_batches
+from processes import kill_when
 from tiny_llama import copy_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,3 +300,18 @@ def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     cut, docs = IndexedDataset(str(tmp_path / "out" / "cut")), IndexedDataset(str(tmp_path / "out" / "docs"))
     assert cut[0].tolist() == docs[0].tolist()
+
+
+def test_prepare_data_killed_while_writing_leaves_nothing_behind_once_run_again(tmp_path):
+    """A kill -9 cannot clean up after itself: the next run writes over what it left, under the same names."""
+    source, out = tmp_path / "docs.jsonl", tmp_path / "out" / "docs"
+    source.write_text("".join(json.dumps({"text": f"Document {i}. " + "To be, or not to be. " * 40}) + "\n"
+                              for i in range(6_000)))  # a few seconds of tokenising
+    plrd = [sys.executable, "-m", "nemo_plrd.cli", "prepare-data", str(source), "--output", str(out)]
+    kill_when(subprocess.Popen(plrd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
+              lambda: out.with_name("docs.partial.bin").is_file() and out.with_name("docs.partial.bin").stat().st_size)
+    assert not out.with_name("docs.idx").exists()
+    run = subprocess.run(plrd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(path.name for path in out.parent.iterdir()) == [".docs.lock", "docs.bin", "docs.idx"]
+    assert len(IndexedDataset(str(out)).document_indices) - 1 == 6_000

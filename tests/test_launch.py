@@ -395,6 +395,8 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
      "model.tensor_model_parallel_size=16 must divide the number of KV heads (8)"),  # not once the job runs
     (['job.overrides=["model.pipeline_model_parallel_size=2"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "model.pipeline_model_parallel_size=2: a PLRD stage needs 1"),
+    (['job.overrides=["model.context_parallel_size=2"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "model.context_parallel_size=2: a PLRD stage needs 1"),
     (["parent=/nowhere"], ["--nodes", "1", "--gpus-per-node", "8"], "parent='/nowhere' is not an HF model"),
     (["blend=[[/nowhere/corpus], null]"], ["--nodes", "1", "--gpus-per-node", "8"], "not a megatron indexed dataset"),
     (['job.overrides=["checkpoint.save=x"]'], ["--nodes", "1", "--gpus-per-node", "8"],

@@ -21,7 +21,7 @@ from nemo_plrd.errors import InputError
 from nemo_plrd.parallel import init_distributed
 from nemo_plrd.pipeline import DECOMPOSED, RECORDS, _family_untrained, _untrained, claim
 from nemo_plrd.plan import RankPlan
-from nemo_plrd.report import family_report, headline_perplexity, plot_family
+from nemo_plrd.report import family_report, headline_perplexity, model_name, plot_family
 from processes import kill_when
 from tiny_llama import save_tiny_llama
 
@@ -54,6 +54,11 @@ def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_uns
     assert "unseen: over all of them (news, kjv), as the stages train on none" in report
     plot_family(family, [member], {}, tmp_path / "family.png")
     assert (tmp_path / "family.png").stat().st_size > 0
+
+
+def test_a_plot_names_a_member_parent_by_its_stage():
+    assert model_name("runs/family/stage1-keep0.6/checkpoint") == "stage1-keep0.6"
+    assert model_name(".cache/plrd/SmolLM2-135M") == "SmolLM2-135M"
 
 
 def test_the_control_s_keep_is_its_parent_s_share_of_the_dense_linear_layers(tmp_path):
@@ -107,7 +112,10 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["plrd.plan.kep=0.5"], r"unknown key(s) ['plrd.plan.kep']; allowed here: ['plrd.plan.keep', "),
     (["plrd.plan.keep=half"], "plrd.plan.keep='half' must be Optional[float]"),
     (["plrd.plan.keep=1.5"], "plrd.plan.keep=1.5 must be a fraction in (0, 1)"),
-    (["plrd.plan.target_params=80000000"], "give exactly one of ranks, keep, target_params (got ['keep', 'target_params'])"),
+    (["plrd.plan.target_params=80000000"], "give exactly one of plrd.plan.ranks=, plrd.plan.keep=, "
+                                           "plrd.plan.target_params= (got plrd.plan.keep=0.6, "
+                                           "plrd.plan.target_params=80000000; a null value, or an override ~KEY"),
+    (["~plrd.plan.keep"], "give exactly one of plrd.plan.ranks=, plrd.plan.keep=, plrd.plan.target_params= (got none"),
     (["plrd.plan.keep=null", "plrd.plan.ranks={linear_qkv: 64, attention: 8}"], "unknown slot name(s) ['attention']"),
     (["plrd.method=qr"], "plrd.method='qr' is not one of ('activation', 'svd')"),
     (["plrd.ridge=-1"], "plrd.ridge=-1 must be a number >= 0"),
@@ -172,6 +180,17 @@ def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, 
     with pytest.raises(ValueError) as error:
         config(tmp_path, *overrides)
     assert str(error.value).startswith(message)  # the key first, named from the top
+
+
+@pytest.mark.parametrize("typo, allowed, fixed", [
+    ("optimizer.lr_typo=1e-3", "optimizer.adam_eps", ["optimizer.bf16", "optimizer.fp16"]),
+    ("ddp.bucket_sise=100", "ddp.bucket_size", ["ddp.use_distributed_optimizer"]),
+])
+def test_an_unknown_key_s_allowed_list_leaves_out_the_keys_a_stage_sets_itself(tmp_path, typo, allowed, fixed):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, typo)
+    listed = str(error.value).partition("allowed here: ")[2]
+    assert repr(allowed) in listed and not [key for key in fixed if repr(key) in listed]
 
 
 
@@ -722,3 +741,4 @@ def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_
     assert [len(m["train_losses"]) for m in family["members"]] == [4, 4]
     again = recipe(*args, name="family", config=FAMILY_YAML)
     assert again.returncode == 0 and "is complete (same config): nothing to do" in again.stdout
+    assert "wrote" not in again.stdout and f"{out}: family.md, family.json" in again.stdout

@@ -27,11 +27,12 @@ def main() -> None:
     import torch.distributed as dist
 
     from nemo_plrd.checkpoint import save_checkpoint
-    from nemo_plrd.hf import hf_arch, import_hf
+    from nemo_plrd.hf import check_weights, hf_arch, import_hf
     from nemo_plrd.model import parameter_count
     from nemo_plrd.parallel import init_distributed, init_model_parallel
 
-    hf_arch(args.hf_dir)  # refuse a missing directory or an unsupported architecture first
+    hf_arch(args.hf_dir)  # refuse a missing directory, an unsupported architecture or no weights first
+    check_weights(args.hf_dir)
     init_distributed()
     init_model_parallel(dist.get_world_size())
     model, arch = import_hf(args.hf_dir)

@@ -166,6 +166,8 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except InputError as error:  # named as the recipes' eval section has them: here, the flags
             flag = lambda key: "--" + key[1].replace("_", "-")
             raise InputError(re.sub(r"\beval\.(\w+)", flag, str(error))) from None
+        if not cfg.tasks and not cfg.perplexity_blocks:
+            raise InputError(f"--tasks {args.tasks!r} names no task and --perplexity-blocks is 0: nothing to evaluate")
         hf_model_dir(model_dir)  # refused before --out is made
         done = (out / "results.json").is_file()  # then only read: a read-only --out reports its results too
         if not done:
@@ -217,13 +219,17 @@ def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
     """The results in ``out``, if they answer this very request (a rerun reports them); another model's or
     other settings' are refused, naming what differs (every PLRD export is named hf-<format>: a default
     ``--out`` is shared by every member)."""
-    earlier = json.loads((out / "results.json").read_text())
     asked = {"model": str(model_dir), "model_files": _model_files(model_dir), "tasks": sorted(cfg.tasks),
              "limit": cfg.limit, "perplexity_blocks": cfg.perplexity_blocks,
              "heldout": sorted(cfg.heldout) if cfg.perplexity_blocks else []}
-    held = {"model": earlier["model"], "model_files": earlier.get("model_files", "not recorded"),
-            "tasks": sorted(earlier["tasks"]), "limit": earlier["limit"],
-            "perplexity_blocks": earlier.get("perplexity_blocks"), "heldout": sorted(earlier["perplexity"])}
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+        held = {"model": earlier["model"], "model_files": earlier.get("model_files", "not recorded"),
+                "tasks": sorted(earlier["tasks"]), "limit": earlier["limit"],
+                "perplexity_blocks": earlier.get("perplexity_blocks"), "heldout": sorted(earlier["perplexity"])}
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not plrd eval's record
+        raise OutputExistsError(f"--out {out} holds a results.json that plrd eval did not write; choose another "
+                                "--out") from None
     differ = [f"{key} {held[key]!r}" for key in asked if asked[key] != held[key]]
     if differ:
         raise OutputExistsError(f"--out {out} already holds the results of another evaluation "
@@ -253,6 +259,9 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from nemo_plrd.files import refuse_existing
 
     try:
+        if args.output.endswith("/") or Path(args.output).is_dir():
+            raise InputError(f"--output {args.output} is a folder; give the dataset's path prefix (--output "
+                             f"{Path(args.output) / 'corpus'} writes {Path(args.output) / 'corpus'}.bin and .idx)")
         # a dataset is complete once its .idx is there; a .bin alone is a killed run's, which this one replaces
         refuse_existing(args.output, "dataset", exists=lambda prefix: Path(f"{prefix}.idx").exists())
         tokenizer_dir = smollm2_135m() if args.tokenizer == EMBEDDED_PARENT else Path(args.tokenizer)
@@ -287,7 +296,7 @@ def _submit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         cluster = Cluster(args.nodes, args.gpus_per_node, args.partition, args.account, args.time,
                           args.container_image, tuple(args.mounts), args.workdir, args.port)
-        if not os.path.isdir(cluster.workdir) and not args.dry_run:
+        if not os.path.isdir(cluster.workdir) and (os.path.exists(cluster.workdir) or not args.dry_run):
             raise InputError(f"--workdir {cluster.workdir} is not a folder on this machine; submit from a node that "
                              "sees the checkout the jobs run in, or --dry-run")
         if os.path.isdir(cluster.workdir) and not os.path.isfile(os.path.join(cluster.workdir, STAGE_JOB)):

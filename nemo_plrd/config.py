@@ -42,6 +42,7 @@ from nemo_plrd.distill import LOSSES
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import check_tasks
 from nemo_plrd.export_options import FORMATS, check_dtype
+from nemo_plrd.files import check_can_make
 from nemo_plrd.family_plan import recipe_plan
 from nemo_plrd.plan import BUDGET_KEYS, check_request
 from nemo_plrd.train import check_loop_supports, ddp_defaults
@@ -549,11 +550,13 @@ def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = 
 def load_yaml(path: str | Path) -> DictConfig:
     """The mapping in the YAML file at ``path``, as OmegaConf reads it (interpolations not yet resolved)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"config file {path} is a folder; give a YAML file")
     if not path.is_file():
         raise MissingInputError(f"config file {path} does not exist")
     try:
         data = OmegaConf.load(path)
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise InputError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, DictConfig):
         raise InputError(f"{path} must hold a mapping of keys to values")
@@ -600,6 +603,7 @@ def _check_output(output: str) -> str:
     normal = os.path.normpath(output)
     if Path(normal).name in ("", ".", ".."):
         raise InputError(f"output={output!r} must name a new folder (e.g. runs/my-family)")
+    check_can_make(normal, f"output={output!r}")
     return normal
 
 

@@ -106,16 +106,16 @@ def _write_dataset(documents: Iterable[str], tokenizer, prefix: Path, progress: 
 
     tmp = prefix.with_name(prefix.name + ".partial")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
-    tokens = 0
+    tokens = 0  # of text, not counting the EOD tokens
     try:
         bar = tqdm(documents, desc=f"tokenising into {prefix.name}", unit="doc", disable=not progress)
         for document in bar:
-            ids = tokenizer.tokenize(document) + [tokenizer.eod]
-            builder.add_document(torch.tensor(ids), [len(ids)])
+            ids = tokenizer.tokenize(document)
+            builder.add_document(torch.tensor(ids + [tokenizer.eod]), [len(ids) + 1])
             tokens += len(ids)
             bar.set_postfix(tokens=f"{tokens:,}")
         if not tokens:
-            raise InputError(f"no documents to write into {prefix}")
+            raise InputError(f"no text to write into {prefix}: the documents are empty")
         builder.finalize(f"{tmp}.idx")
     except BaseException:
         builder.data_file.close()

@@ -121,9 +121,12 @@ def heldout_perplexity(model, tokenizer, num_blocks: int, names: Sequence[str]) 
 
 
 def hf_model_dir(path: str | Path) -> Path:
+    from nemo_plrd.hf import check_weights
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    check_weights(path)
     return path
 
 

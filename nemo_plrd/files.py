@@ -8,7 +8,7 @@ from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from nemo_plrd.errors import OutputExistsError
+from nemo_plrd.errors import InputError, OutputExistsError
 
 
 def sync_tree(folder: Path) -> None:
@@ -59,9 +59,23 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def refuse_existing(path: str | Path, what: str, exists: Callable[[Path], bool] = Path.exists) -> None:
     """Outputs are never overwritten: ``path`` (a ``what``) refused if it ``exists`` (under torch.distributed,
-    rank 0's answer for every rank: ``parallel.exists_on_rank0``); a script asks before it loads anything."""
+    rank 0's answer for every rank: ``parallel.exists_on_rank0``), or if it could not be made; a script asks
+    before it loads anything."""
     if exists(Path(path)):
         raise OutputExistsError(f"{what} {path} already exists; choose a new path")
+    check_can_make(path, f"{what} {path}")
+
+
+def check_can_make(path: str | Path, named: str) -> None:
+    """``path`` (``named`` so in a refusal) could be made: the nearest folder above it that exists is a folder
+    this process may write in (asked before the work whose result goes there, not when it is written)."""
+    above = Path(path).absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise InputError(f"{named} cannot be made: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise InputError(f"{named} cannot be made: {above} is not writable")
 
 
 def try_acquire(lock: FileLock) -> bool:

@@ -220,6 +220,16 @@ class SafetensorsWeights(Mapping[str, Tensor]):
         return len(self.files)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights(hf_model_dir: str | Path) -> None:
+    """An HF model directory holds weights (a config alone, such as a PLRD checkpoint's ``hf/``, is refused
+    before any work, not when transformers looks for them)."""
+    if not any((Path(hf_model_dir) / name).is_file() for name in WEIGHT_FILES):
+        raise MissingInputError(f"{hf_model_dir} has an HF config but no weights (none of {', '.join(WEIGHT_FILES)})")
+
+
 def hf_weights(hf_model_dir: str | Path) -> Mapping[str, Tensor]:
     """An HF checkpoint's fp32 state dict: read lazily from safetensors, else (PyTorch pickles) loaded whole."""
     from transformers import AutoModelForCausalLM
@@ -261,7 +271,12 @@ def _config(hf_model_dir: str | Path, missing: str = NOT_HF):
     path = Path(hf_model_dir)
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{path} {missing} (no config.json)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:  # not JSON (UnicodeDecodeError is a ValueError), or not a mapping
+        raise InputError(f"{path / 'config.json'} is not an HF model's config (a JSON mapping): {error}") from None
+    if model_type is None:
+        raise InputError(f"{path / 'config.json'} names no model_type: not an HF model's config")
     if model_type == PLRDLlamaConfig.model_type:  # before transformers asks whether to run its code
         raise InputError(f"{path} is a factored export (model_type {model_type!r}), for inference: start from the "
                          "stage's checkpoint/ (or its hf-merged/ export) instead")

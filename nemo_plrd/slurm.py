@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,11 +325,13 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
     if stages[0]:
         out(f"skipping {', '.join(family.stage_name(i) for i in range(stages[0]))}: "
             f"{family.stage_name(stages[0] - 1)} is complete")
+    scripts = {index: render(family, index, cluster) for index in stages}  # each refused before any is written
+    if not dry_run and shutil.which("sbatch") is None:
+        raise InputError("sbatch is not on PATH: submit from a SLURM login node, or see the jobs with --dry-run")
     launch_dir = Path(family.output) / "launch"
     submitted: dict[str, str] = {}  # job ids by stage name, for the next submission's check (queued_jobs)
     previous = None  # the job id of the stage before, or in a dry run its name
-    for index in stages:
-        script = render(family, index, cluster)
+    for index, script in scripts.items():
         path = launch_dir / f"{family.stage_name(index)}.sbatch"
         after = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
         # the log's path in sbatch's argv, exactly: an #SBATCH line is split at spaces and strips quotes

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import transformers
 from nemo_plrd.assets import smollm2_135m
 from nemo_plrd.checkpoint import describe_parent
 from nemo_plrd.errors import MissingInputError
+from nemo_plrd.evaluate import hf_model_dir
 from nemo_plrd.hf import SafetensorsWeights, to_megatron
 from tiny_llama import save_tiny_llama
 
@@ -77,6 +79,24 @@ def test_a_tied_checkpoint_that_holds_the_output_layer_alone_imports_as_transfor
     assert imported.keys() == expected.keys() and all(torch.equal(imported[k], expected[k]) for k in expected)
 
 
+def test_an_hf_folder_without_weights_or_with_a_config_that_is_not_one_is_refused_naming_it(tmp_path):
+    """A PLRD checkpoint's hf/ (config and tokenizer only) given as a parent, a model to evaluate or to import."""
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(save_tiny_llama(tmp_path / "tiny") / "config.json", config_only)
+    for check in (describe_parent, hf_model_dir):
+        with pytest.raises(MissingInputError, match=f"{config_only} has an HF config but no weights"):
+            check(config_only)
+    assert_refused(script("hf_to_megatron", config_only, tmp_path / "out"), "has an HF config but no weights",
+                   tmp_path / "out")
+    for text, message in (('{"hidden_size": 64}', "config.json names no model_type: not an HF model's config"),
+                          ("not json", "config.json is not an HF model's config (a JSON mapping)"),
+                          ("[1]", "config.json is not an HF model's config (a JSON mapping)")):
+        (config_only / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            describe_parent(config_only)
+
+
 def assert_refused(result, message: str, out: Path) -> None:
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
@@ -112,6 +132,10 @@ def test_an_existing_output_is_refused_before_anything_loads(tmp_path, name, wha
     result = script(name, tmp_path / "missing", taken, *extra)
     assert result.returncode == 2 and f"{what} {taken} already exists; choose a new path" in result.stderr
     assert not list(taken.iterdir())
+    (tmp_path / "file").write_text("")  # an output below a file
+    result = script(name, tmp_path / "missing", tmp_path / "file" / "out", *extra)
+    assert result.returncode == 2 and f"{what} {tmp_path / 'file' / 'out'} cannot be made: {tmp_path / 'file'} is a " \
+                                      "file, not a folder" in result.stderr
 
 
 def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(tmp_path):

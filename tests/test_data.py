@@ -284,10 +284,16 @@ def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path):
     assert not list(tmp_path.glob("bad*"))  # nothing that looks finished
     for inputs, output, message in (  # refused before anything is read: a missing input after a good one
             ([source, tmp_path / "typo.jsonl"], tmp_path / "bad", f"{tmp_path / 'typo.jsonl'} is not a file"),
-            ([source], source / "docs", f"{source / 'docs'}: its folder cannot be made (File exists: ")):
+            ([source], source / "docs", f"dataset {source / 'docs'} cannot be made: {source} is a file, not a folder"),
+            ([source], f"{tmp_path}/", f"--output {tmp_path}/ is a folder; give the dataset's path prefix")):
         run = subprocess.run([*plrd, *map(str, inputs), "--json-key", "body", "--output", str(output)],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 2 and message in run.stderr and "tokenising" not in run.stderr, run.stderr[-2000:]
+    (tmp_path / "empty.txt").write_text("")
+    run = subprocess.run([*plrd, str(tmp_path / "empty.txt"), "--output", str(tmp_path / "bad")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2 and f"no text to write into {tmp_path / 'bad'}: the documents are empty" in run.stderr
+    assert not list(tmp_path.glob("bad*"))
     # megatron's cached indices of a prefix are keyed by its path, not its contents: never rewritten
     index = (tmp_path / "out" / "docs.idx").read_bytes()
     run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs")],

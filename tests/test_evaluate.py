@@ -128,6 +128,15 @@ def test_bad_input_is_refused(tmp_path):
     with FileLock(tmp_path / "busy" / ".lock"):  # another plrd eval writing there: each would replace the other's
         busy = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "busy")
     assert busy.returncode == 2 and f"--out {tmp_path / 'busy'} is being written by another plrd eval" in busy.stderr
+    for text in ("{}", "not json"):  # results.json of something else: refused, not a traceback
+        (tmp_path / "done" / "results.json").write_text(text)
+        foreign = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "done")
+        assert foreign.returncode == 2 and f"--out {tmp_path / 'done'} holds a results.json that plrd eval did not " \
+            "write; choose another --out" in foreign.stderr
+    nothing = plrd_eval(smollm2_135m(), "--tasks", ",", "--perplexity-blocks", "0", "--out", tmp_path / "out")
+    assert nothing.returncode == 2 and "--tasks ',' names no task and --perplexity-blocks is 0: nothing to " \
+        "evaluate" in nothing.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_limit_on_mmlu_scores_items_of_every_subject():

@@ -227,6 +227,16 @@ def test_submit_chains_the_stages_with_afterok_and_prints_the_job_ids(family, fa
     assert "stage4-3.3b: job 104 (after 103)" in capsys.readouterr().out
 
 
+def test_submit_without_sbatch_on_path_is_refused_before_it_writes(family, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "no-slurm"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(InputError, match="sbatch is not on PATH: submit from a SLURM login node, or see the jobs "
+                                         "with --dry-run"):
+        submit(family, CLUSTER)
+    assert not (Path(family.output) / "launch").exists()
+
+
 def test_a_percent_sign_in_the_output_path_reaches_sbatch_s_log_path_as_itself(cluster_family, tmp_path, fake_sbatch):
     """sbatch expands %-patterns in --output (%j: the job id): the path's own % is written %%."""
     family = dataclasses.replace(cluster_family("llama2_7b_family.yaml"), output=str(tmp_path / "at 100%j"))
@@ -411,6 +421,8 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/nowhere"], "--workdir /nowhere is not a folder"),
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/tmp"],
      "--workdir /tmp is not a nemo-plrd checkout (no recipes/run_plrd.py)"),
+    ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", str(ROOT / "README.md"), "--dry-run"],
+     f"--workdir {ROOT / 'README.md'} is not a folder on this machine"),  # a file is no checkout anywhere
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--time", "4h"], "--time '4h' is not a SLURM time limit"),
     (["eval.perplexity_blocks=18"], ["--nodes", "1", "--gpus-per-node", "8"],  # the parent's tokenizer: SmolLM2's
      "eval.perplexity_blocks=18: the held-out news text holds 17 blocks"),

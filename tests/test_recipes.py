@@ -17,7 +17,7 @@ import transformers
 from filelock import FileLock
 
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, config_differences, field_defaults, load_config
-from nemo_plrd.errors import InputError
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.parallel import init_distributed
 from nemo_plrd.pipeline import DECOMPOSED, RECORDS, _family_untrained, _untrained, claim
 from nemo_plrd.plan import RankPlan
@@ -174,12 +174,25 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
                                              "corpora, one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']"),
     (["dataset.blend=[[shakespeare, poetry], null]"], "dataset.blend: 'poetry' is not a megatron indexed dataset"),
     (["plrd=0.5"], "plrd must be a mapping of keys to values, got 0.5"),
+    ([f"output={ROOT / 'README.md' / 'run'}"], f"output='{ROOT / 'README.md' / 'run'}' cannot be made: "
+                                               f"{ROOT / 'README.md'} is a file, not a folder"),
     (["plrd.plan"], "override 'plrd.plan' is not key=value (e.g. plrd.plan.keep=0.5): missing EQUAL"),
 ])
 def test_bad_configs_are_refused_naming_the_value_and_what_is_allowed(tmp_path, overrides, message):
     with pytest.raises(ValueError) as error:
         config(tmp_path, *overrides)
     assert str(error.value).startswith(message)  # the key first, named from the top
+
+
+def test_a_config_file_that_is_not_one_is_refused_naming_it(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "broken.yaml").write_text("plrd: [")
+    for path, error, message in ((tmp_path, InputError, f"config file {tmp_path} is a folder; give a YAML file"),
+                                 (tmp_path / "missing.yaml", MissingInputError, "does not exist"),
+                                 (tmp_path / "binary.yaml", InputError, "binary.yaml is not valid YAML"),
+                                 (tmp_path / "broken.yaml", InputError, "broken.yaml is not valid YAML")):
+        with pytest.raises(error, match=re.escape(message)):
+            load_config(DecomposeConfig, path)
 
 
 @pytest.mark.parametrize("typo, allowed, fixed", [

@@ -220,7 +220,8 @@ class SafetensorsWeights(Mapping[str, Tensor]):
         return len(self.files)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def check_weights(hf_model_dir: str | Path) -> None:

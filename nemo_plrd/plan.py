@@ -201,9 +201,12 @@ def plan_ranks(
         budget = int(keep * dense)
     else:
         budget = target_params - other_params
-    # a slot that no multiple of ``multiple`` factors below break-even stays dense, paid for first
+    # a slot that no multiple of ``multiple`` factors below break-even stays as it is, paid for first: dense, or
+    # in an already factored model at the rank it has (a plan can only lower a rank)
     caps = [_largest_rank_below_break_even(out, inp, multiple) for _, _, (out, inp) in cells]
-    fixed = sum(out * inp for cap, (_, _, (out, inp)) in zip(caps, cells) if cap < multiple)
+    current = [max_ranks[layer].get(slot) if max_ranks is not None else None for layer, slot, _ in cells]
+    fixed = sum(out * inp if rank is None else rank * (out + inp)
+                for cap, rank, (_, _, (out, inp)) in zip(caps, current, cells) if cap < multiple)
     smallest = fixed + sum(multiple * (out + inp) for cap, (_, _, (out, inp)) in zip(caps, cells) if cap >= multiple)
     if budget < smallest:
         raise InputError(
@@ -253,6 +256,6 @@ def plan_ranks(
         chosen[i] += multiple
         spent += multiple * costs[i]
         heapq.heappush(heap, (-value(i, chosen[i]), i))
-    slots = tuple(SlotPlan(layer, slot, out, inp, rank if i in factored else None)
+    slots = tuple(SlotPlan(layer, slot, out, inp, rank if i in factored else current[i])
                   for i, ((layer, slot, (out, inp)), rank) in enumerate(zip(cells, chosen)))
     return RankPlan(slots, other_params)

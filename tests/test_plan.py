@@ -87,6 +87,16 @@ def test_explicit_ranks_of_a_factored_model_keep_the_slots_they_do_not_name_at_t
     assert lowered.rank(3, "linear_fc1") == 64 and lowered.rank(3, "linear_proj") == member[3]["linear_proj"]
 
 
+def test_a_factored_slot_below_one_rank_step_keeps_its_rank_when_a_budget_is_planned():
+    """A slot too small for a rank of ``multiple`` below break-even is not planned; once factored (here by
+    explicit ranks), it keeps its rank, as a plan can only lower one, and its parameters count as spent."""
+    shapes = [{"linear_qkv": (8, 8), "linear_proj": (64, 64)}] * 2
+    member = plan_ranks(shapes, ranks={"linear_qkv": 2, "linear_proj": 16}).layer_ranks()
+    later = plan_ranks(shapes, keep=0.3, max_ranks=member)
+    assert [layer["linear_qkv"] for layer in later.layer_ranks()] == [2, 2]
+    assert later.slot_params <= int(0.3 * sum(out * inp for layer in shapes for out, inp in layer.values()))
+
+
 def test_table_and_json_round_trip(tmp_path):
     plan = plan_ranks(SHAPES, keep=0.6, other_params=OTHER)
     rows = [line.split() for line in plan.table().splitlines()]

@@ -21,7 +21,7 @@ from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.parallel import init_distributed
 from nemo_plrd.pipeline import DECOMPOSED, RECORDS, _family_untrained, _untrained, claim
 from nemo_plrd.plan import RankPlan
-from nemo_plrd.report import family_report, headline_perplexity, model_name, plot_family
+from nemo_plrd.report import family_report, headline_perplexity, plot_family
 from processes import kill_when
 from tiny_llama import save_tiny_llama
 
@@ -34,7 +34,7 @@ def config(tmp_path, *overrides: str) -> DecomposeConfig:
     return load_config(DecomposeConfig, YAML, [f"output={tmp_path / 'out'}", *overrides])
 
 
-def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_unseen(tmp_path):
+def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_unseen(tmp_path, monkeypatch):
     """Trained on one's own prefixes, every held-out corpus is a genre the stages never read: the headline
     perplexity combines all of them and says so, in the table, its note and the plot."""
     for suffix in (".bin", ".idx"):  # a prepared dataset, as far as the config checks
@@ -52,13 +52,16 @@ def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_uns
                               "trained", "news", "(unseen)", "kjv", "(unseen)"]  # no control: no gap closed
     assert member_row.split()[-4:-2] == [f"{(90 * 40) ** 0.5:.2f}", f"{(60 * 30) ** 0.5:.2f}"]  # both corpora
     assert "unseen: over all of them (news, kjv), as the stages train on none" in report
+    closed = []  # the figure, as plot_family hands it to pyplot to close once saved
+    monkeypatch.setattr(plt, "close", closed.append)
+    family.parent = str(tmp_path / "stage1-keep0.6" / "checkpoint")  # a member's, by name only: not read here
     plot_family(family, [member], {}, tmp_path / "family.png")
     assert (tmp_path / "family.png").stat().st_size > 0
-
-
-def test_a_plot_names_a_member_parent_by_its_stage():
-    assert model_name("runs/family/stage1-keep0.6/checkpoint") == "stage1-keep0.6"
-    assert model_name(".cache/plrd/SmolLM2-135M") == "SmolLM2-135M"
+    axes = closed[0].axes[0]
+    assert axes.get_title() == "PLRD family of stage1-keep0.6"  # a member parent goes by its stage
+    assert {text.get_text() for text in axes.get_legend().get_texts()} == {
+        "unseen: parent, then each member after training", "unseen: each member right after its decomposition",
+        "news (unseen genre), trained", "kjv (unseen genre), trained"}
 
 
 def test_the_control_s_keep_is_its_parent_s_share_of_the_dense_linear_layers(tmp_path):
@@ -352,7 +355,7 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
     results = json.loads((first / "eval" / "results.json").read_text())
     assert results["model"] == str(first / "hf-factored")  # where it is now, not where it was evaluated
     assert results["perplexity"] == pytest.approx(summary["member_perplexity"], rel=1e-4)
-    assert 0 <= results["tasks"]["arc_easy"]["acc"] <= 1
+    assert results["items"] == {"arc_easy": 3}  # eval.limit (the scores come from the model: test_evaluate.py)
 
     second = tmp_path / "stage2"  # the next stage: the checkpoint re-truncated, at TP=1
     run = recipe(f"parent={first / 'checkpoint'}", f"output={second}", "plrd.plan.keep=0.3", "export=[factored]",
@@ -373,7 +376,8 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
     assert run.returncode == 0, run.stderr[-3000:]
     summary3 = json.loads((control / "summary.json").read_text())
     assert summary3["member_params"] == summary3["parent_params"] == plan.params
-    assert summary3["calibration_tokens"] == 0 and summary3["decomposed_perplexity"] == summary3["parent_perplexity"]
+    assert summary3["calibration_tokens"] == 0  # nothing calibrated: every slot kept stage 1's rank
+    assert json.loads((control / "checkpoint" / "plrd.json").read_text())["ranks"] == plan.layer_ranks()
 
 
 def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):
@@ -446,7 +450,7 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     # the control: the parent as it is (no calibration, no slot changed), then trained like a stage
     assert control["parent"] == oneshot["parent"] == str(tiny_parent)
     assert control["member_params"] == control["parent_params"] == first["parent_params"]
-    assert control["calibration_tokens"] == 0 and control["decomposed_perplexity"] == control["parent_perplexity"]
+    assert control["calibration_tokens"] == 0
     # the one-shot member: the last stage's size from the parent in one step (its plan is not capped by
     # stage 1's ranks, so it may land a rank step away)
     assert oneshot["member_params"] == pytest.approx(second["member_params"], rel=0.02)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,7 +30,8 @@ from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrain
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import describe_parent, load_checkpoint
 from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
-from nemo_plrd.data import calibration_batches, check_prefix, gpt_datasets, index_cache, megatron_tokenizer
+from nemo_plrd.data import (cache_builder, calibration_batches, check_prefix, gpt_datasets, index_cache,
+                            megatron_tokenizer)
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import append_line, write_text_atomic
 from nemo_plrd.model import check_tensor_parallel
@@ -151,10 +153,26 @@ class StageStream(Callback):
         context.state.cfg.train.train_samples = self.train_samples
 
 
+class IndexBuild(Callback):
+    """Rank 0 holds megatron's index cache (``dataset.path_to_cache``) while Bridge builds the datasets, as a local
+    stage does (``nemo_plrd.data.cache_builder``): jobs sharing the cache build one at a time, and the index files
+    a killed build left torn are dropped first, instead of failing every later job that loads them."""
+
+    def on_data_init_start(self, context: CallbackContext) -> None:
+        self.held = ExitStack()
+        self.held.enter_context(cache_builder(context.state.cfg.dataset.path_to_cache))
+
+    def on_train_start(self, context: CallbackContext) -> None:
+        self.held.close()
+
+
 def stage_callbacks(cfg: PLRDConfigContainer) -> list[Callback]:
-    """The callbacks ``recipes/run_plrd.py`` gives Bridge's ``pretrain`` for the stage ``cfg``."""
-    metrics = StageMetrics(Path(cfg.checkpoint.save), loss_key(cfg.train.loss))
-    return [metrics, StageStream()] if cfg.train.in_stream else [metrics]
+    """The callbacks ``recipes/run_plrd.py`` gives Bridge's ``pretrain`` for the stage ``cfg`` (with
+    ``train.num_epochs`` Bridge builds the datasets before any callback could hold the cache, and refuses one)."""
+    callbacks = [StageMetrics(Path(cfg.checkpoint.save), loss_key(cfg.train.loss))]
+    if getattr(cfg.train, "num_epochs", None) is None:
+        callbacks.append(IndexBuild())
+    return callbacks + [StageStream()] if cfg.train.in_stream else callbacks
 
 
 def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] = None) -> PLRDConfigContainer:

@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import transformers
 
-from nemo_plrd.assets import corpus_dataset
+from nemo_plrd.assets import CORPORA, corpus_dataset
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.config import load_config
+from nemo_plrd.evaluate import evaluate
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.slurm import Cluster, render
 from test_stage import ROOT, losses
@@ -63,7 +65,9 @@ def test_the_rendered_stage_job_runs_on_two_nodes_and_completes_the_stage(tiny_p
     merged = transformers.AutoModelForCausalLM.from_pretrained(stage / "hf-merged")
     assert sum(p.numel() for p in merged.parameters()) == 3_232_064  # merged: the parent's shapes
     results = json.loads((stage / "eval" / "results.json").read_text())
-    assert set(results["tasks"]) == {"arc_easy"} and all(value > 1 for value in results["perplexity"].values())
+    assert results["items"] == {"arc_easy": 4} and sorted(results["perplexity"]) == sorted(CORPORA)
+    again = evaluate(stage / "hf-merged", tasks=(), perplexity_blocks=1)  # the stage's own export was scored
+    assert results["perplexity"] == pytest.approx(again["perplexity"], rel=1e-6)
     assert "stage 1 complete" in result.stdout
     rerun = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "complete, nothing to do" in rerun.stdout

@@ -120,6 +120,12 @@ def test_later_column_slots_reach_the_optimum_of_the_target_objective():
         approx = (slot.module.up.weight @ slot.module.down.weight).double()
         error = (y_aug - x_aug @ approx.T).square().sum().item()
         assert error == pytest.approx(optimum, rel=1e-3)  # fp32 model, fp64 optimum
+        # the optimum as if the inputs had not moved (target W X) misses it by more than that tolerance
+        gram = x_aug.T @ x_aug
+        plain_full = torch.linalg.lstsq(x_aug, torch.cat([x @ w.T, y_aug[len(x):]])).solution.T
+        top = torch.linalg.eigh(plain_full @ gram @ plain_full.T).eigenvectors[:, -slot.module.rank:]
+        plain = top @ top.T @ plain_full
+        assert (y_aug - x_aug @ plain.T).square().sum().item() > optimum * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("tp_size", [2], indirect=True)

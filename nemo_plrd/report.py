@@ -119,8 +119,8 @@ def family_report(cfg, parent_eval: Optional[dict], members: list[dict], baselin
     label, combined = headline(first)
     # the perplexity columns: (title, cell of (figures, key of its perplexities, whether it was decomposed))
     columns: list[tuple[str, Callable[[dict, str, bool], str]]] = [
-        (f"{label} ppl: decomposed", lambda f, key, cut: fmt(headline_perplexity(f, "decomposed_perplexity")) if cut
-         else ""),
+        (f"{label} ppl: decomposed",
+         lambda f, key, cut: fmt(headline_perplexity(f, "decomposed_perplexity")) if cut else ""),
         ("trained", lambda f, key, cut: fmt(headline_perplexity(f, key))),
         *([("gap closed", lambda f, key, cut: gap_closed(f, control) if cut else "")] if control else []),
         *[(name if name in first["in_domain"] else f"{name} (unseen)", lambda f, key, cut, name=name: fmt(f[key][name]))

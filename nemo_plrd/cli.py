@@ -160,12 +160,8 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir).resolve()  # results.json names it whatever directory a rerun starts in
     out = Path(args.out or Path("plrd-eval") / model_dir.name)
     try:
-        try:
-            cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
-                             args.batch_size)
-        except InputError as error:  # named as the recipes' eval section has them: here, the flags
-            flag = lambda key: "--" + key[1].replace("_", "-")
-            raise InputError(re.sub(r"\beval\.(\w+)", flag, str(error))) from None
+        cfg = EvalConfig(names(args.tasks, TASKS), args.limit, args.perplexity_blocks, names(args.heldout, CORPORA),
+                         args.batch_size)
         if not cfg.tasks and not cfg.perplexity_blocks:
             raise InputError(f"--tasks {args.tasks!r} names no task and --perplexity-blocks is 0: nothing to evaluate")
         hf_model_dir(model_dir)  # refused before --out is made
@@ -174,12 +170,13 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             with _sole_writer(out):
                 done = (out / "results.json").is_file()  # written by another plrd eval since
                 if not done:
-                    result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir)}
+                    result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir),
+                                                                 "model_from_out": _from_out(model_dir, out)}
                     write_results(result, out)
         if done:
             result = _earlier_results(out, model_dir, cfg)
-    except InputError as error:
-        parser.error(str(error))
+    except InputError as error:  # named as the recipes' eval section has them (eval.limit): here, the flags
+        parser.error(re.sub(r"\beval\.(\w+)", lambda key: "--" + key[1].replace("_", "-"), str(error)))
     print(markdown(result))
     print(f"{'already evaluated' if done else 'results'}: {out / 'results.json'}, {out / 'results.md'}")
     return 0
@@ -219,22 +216,30 @@ def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:
     """The results in ``out``, if they answer this very request (a rerun reports them); another model's or
     other settings' are refused, naming what differs (every PLRD export is named hf-<format>: a default
     ``--out`` is shared by every member)."""
-    asked = {"model": str(model_dir), "model_files": _model_files(model_dir), "tasks": sorted(cfg.tasks),
+    asked = {"model": _from_out(model_dir, out), "model_files": _model_files(model_dir), "tasks": sorted(cfg.tasks),
              "limit": cfg.limit, "perplexity_blocks": cfg.perplexity_blocks,
              "heldout": sorted(cfg.heldout) if cfg.perplexity_blocks else []}
     try:
         earlier = json.loads((out / "results.json").read_text())
-        held = {"model": earlier["model"], "model_files": earlier.get("model_files", "not recorded"),
-                "tasks": sorted(earlier["tasks"]), "limit": earlier["limit"],
+        held = {"model": earlier.get("model_from_out", _from_out(earlier["model"], out)),
+                "model_files": earlier.get("model_files", "not recorded"), "tasks": sorted(earlier["tasks"]),
+                "limit": earlier["limit"],
                 "perplexity_blocks": earlier.get("perplexity_blocks"), "heldout": sorted(earlier["perplexity"])}
     except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not plrd eval's record
         raise OutputExistsError(f"--out {out} holds a results.json that plrd eval did not write; choose another "
                                 "--out") from None
-    differ = [f"{key} {held[key]!r}" for key in asked if asked[key] != held[key]]
+    shown = held | {"model": earlier["model"]}
+    differ = [f"{key} {shown[key]!r}" for key in asked if asked[key] != held[key]]
     if differ:
         raise OutputExistsError(f"--out {out} already holds the results of another evaluation "
                                 f"({', '.join(differ)}); choose another --out")
     return earlier
+
+
+def _from_out(model_dir: str | Path, out: Path) -> str:
+    """The model's path from ``--out``: a stage's folder renamed once complete (``stage.partial`` -> ``stage``, its
+    export and evaluation inside) holds the same evaluation of the same model."""
+    return os.path.relpath(model_dir, out.resolve())
 
 
 def _model_files(model_dir: Path) -> str:
@@ -272,7 +277,8 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         prefix = prepare_dataset(documents, megatron_tokenizer(tokenizer_dir), args.output, progress=True)
     except InputError as error:
         parser.error(str(error))
-    print(f"wrote {prefix}.bin, {prefix}.idx: use it as dataset.blend=[[{prefix}], null]")
+    print(f"wrote {prefix}.bin, {prefix}.idx: use it as 'dataset.blend=[[{prefix}], null]' in a stage "
+          "(stage.dataset.blend in a family, blend in a Bridge family)")
     return 0
 
 

@@ -30,7 +30,7 @@ import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import HydraException
+from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -519,8 +519,9 @@ def with_overrides(data: DictConfig, overrides: Sequence[str]) -> DictConfig:
                              f"'{line.partition('=')[2]}'\"")
         try:
             ConfigLoaderImpl._apply_overrides_to_config([override], data)
-        except (HydraException, OmegaConfBaseException) as error:
-            raise InputError(f"override {line!r}: {error.__cause__ or error}") from None
+        except (HydraException, OmegaConfBaseException) as error:  # Hydra's own words where it has them
+            said = error if isinstance(error, ConfigCompositionException) else error.__cause__ or error
+            raise InputError(f"override {line!r}: {' '.join(str(said).split())}") from None
     return data
 
 

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from nemo_plrd.assets import cache_dir
@@ -187,17 +187,28 @@ def index_cache(prefixes: Sequence[str]) -> Path:
 
 
 @contextmanager
-def cache_builder(folder: str) -> Iterator[None]:
+def cache_builder(folder: str, wait: Optional[float] = None) -> Iterator[None]:
     """Rank 0's hold on megatron's index cache ``folder`` while it builds (megatron's rank 0 builds and
     writes, the other ranks wait for it, then read): jobs sharing the cache build one at a time, so
-    the torn files dropped first can only be a killed build's, never another job's being written."""
+    the torn files dropped first can only be a killed build's, never another job's being written.
+    Another job's hold is waited for ``wait`` seconds at most (None: as long as it takes), then refused:
+    the other ranks wait in a collective that would time out without a word."""
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         yield
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
-    with FileLock(Path(folder) / ".build.lock"):
+    lock = FileLock(Path(folder) / ".build.lock", timeout=-1 if wait is None else wait)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(f"another job has been building megatron's indices in {folder} for {wait:.0f} s, longer "
+                         "than this job's ranks can wait for it (dist.distributed_timeout_minutes); rerun once it "
+                         "has built them, or give this job a dataset.path_to_cache of its own") from None
+    try:
         drop_torn_indices(Path(folder))
         yield
+    finally:
+        lock.release()
 
 
 def drop_torn_indices(folder: Path) -> None:

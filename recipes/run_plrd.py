@@ -16,10 +16,9 @@ from the last checkpoint (other ``plrd.*`` settings or another parent are refuse
 """
 
 import argparse
-import importlib
 from pathlib import Path
 
-from nemo_plrd.bridge import recipe_function
+from nemo_plrd.bridge import load_recipe, recipe_function
 from nemo_plrd.errors import InputError
 
 
@@ -34,7 +33,7 @@ def main() -> None:
     if (args.hf_path is None) == (args.parent is None):
         parser.error("give one of --hf-path (stage 1) and --parent (a later stage)")
     try:
-        module, function = recipe_function(args.recipe, "--recipe")
+        recipe_function(args.recipe, "--recipe")  # the form at once; the function once Bridge is there
     except InputError as error:
         parser.error(str(error))
     hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
@@ -48,7 +47,7 @@ def main() -> None:
     from nemo_plrd.bridge.distill import stage_forward_step
     from nemo_plrd.bridge.stage import prepare_stage, stage_callbacks
 
-    cfg = getattr(importlib.import_module(module), function)(hf_path=hf_path)
+    cfg = load_recipe(args.recipe, "--recipe")(hf_path=hf_path)
     cfg = process_plrd_config(cfg, args.config_file, args.overrides)
     step = stage_forward_step(cfg, hf_path, args.parent)  # the teacher checked before any work
     cfg = prepare_stage(cfg, hf_path, args.parent)

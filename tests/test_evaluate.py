@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers
 from filelock import FileLock
+from tiny_llama import save_tiny_llama
 
 from nemo_plrd import evaluate as evaluate_module
 from nemo_plrd.assets import smollm2_135m
-from nemo_plrd.evaluate import evaluate, markdown, with_stderr, write_results
+from nemo_plrd.evaluate import evaluate, heldout_blocks, markdown, with_stderr, write_results
 
 
 def plrd_eval(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -62,7 +63,13 @@ def test_held_out_perplexity_alone_reads_no_lm_eval_set(monkeypatch):
     for lm-eval (a compute node has no network)."""
     monkeypatch.setattr(evaluate_module, "eval_sets", lambda: pytest.fail("an lm-eval set was read"))
     result = evaluate(smollm2_135m(), tasks=(), perplexity_blocks=1, heldout=["kjv"])
-    assert result["tasks"] == result["items"] == {} and 5 < result["perplexity"]["kjv"] < 500
+    assert result["tasks"] == result["items"] == {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32)
+    block = heldout_blocks(transformers.AutoTokenizer.from_pretrained(smollm2_135m()), 1, "kjv")
+    with torch.no_grad():  # the next-token cross entropy of the one block, from the logits, in float64
+        loss = torch.nn.functional.cross_entropy(model(block).logits[0, :-1].double(), block[0, 1:])
+    # (HF's loss sums 512 tokens' log-softmax over 49,152 logits in float32: measured 1.7e-5 apart)
+    assert result["perplexity"]["kjv"] == pytest.approx(math.exp(loss.item()), rel=1e-4)
     assert markdown(result).count("held-out perplexity") == 1
 
 
@@ -105,6 +112,24 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
         assert beside.returncode == 0 and ("already evaluated" in beside.stdout) == (run == "reported"), beside.stderr
 
 
+def test_an_evaluation_moved_with_its_model_is_reported_not_refused(tmp_path):
+    """A SLURM stage evaluates its export inside stage.partial/, then renames the folder: asked again in the
+    renamed folder, the same evaluation of the same model is reported."""
+    partial = tmp_path / "stage.partial"
+    save_tiny_llama(partial / "hf-merged")
+    first = plrd_eval(partial / "hf-merged", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
+                      "--out", partial / "eval")
+    assert first.returncode == 0, first.stderr[-3000:]
+    partial.rename(tmp_path / "stage")
+    again = plrd_eval(tmp_path / "stage" / "hf-merged", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
+                      "--out", tmp_path / "stage" / "eval")
+    assert again.returncode == 0 and "already evaluated" in again.stdout, again.stderr[-3000:]
+    shutil.copytree(tmp_path / "stage" / "hf-merged", tmp_path / "elsewhere", copy_function=shutil.copy2)
+    other = plrd_eval(tmp_path / "elsewhere", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
+                      "--out", tmp_path / "stage" / "eval")  # the same files at another path: another model
+    assert other.returncode == 2 and f"another evaluation (model '{partial / 'hf-merged'}')" in other.stderr
+
+
 def test_bad_input_is_refused(tmp_path):
     missing = plrd_eval(tmp_path / "nowhere", cwd=tmp_path)  # the default --out, plrd-eval/nowhere: not made
     assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
@@ -120,6 +145,9 @@ def test_bad_input_is_refused(tmp_path):
         "one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']" in corpus.stderr
     blocks = plrd_eval(smollm2_135m(), "--perplexity-blocks", "-1", "--out", tmp_path / "out")
     assert blocks.returncode == 2 and "--perplexity-blocks=-1 must be >= 0" in blocks.stderr  # the flag
+    many = plrd_eval(smollm2_135m(), "--tasks", ",", "--perplexity-blocks", "100000", "--heldout", "kjv",
+                     "--out", tmp_path / "out")  # refused once the text is cut into blocks: the flag too
+    assert many.returncode == 2 and "--perplexity-blocks=100000: the held-out kjv text holds" in many.stderr
     assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("")  # refused before the evaluation, not when its results are written
     file = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "file")

@@ -8,6 +8,7 @@ answers job ids (a fake scheduler); the stage scripts themselves are run by bash
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,10 @@ import transformers
 from omegaconf import OmegaConf
 
 from nemo_plrd import assets
-from nemo_plrd.bridge import require_bridge
+from nemo_plrd.bridge import load_recipe, require_bridge
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.cli import main
-from nemo_plrd.config import with_overrides
+from nemo_plrd.config import TrainConfig, with_overrides
 from nemo_plrd.errors import InputError
 from nemo_plrd.family_plan import load_family, parent_plan, plan_family, recipe_plan
 from nemo_plrd.hf import arch_from_hf
@@ -106,7 +107,11 @@ def test_a_jobs_teacher_is_looked_for_on_the_cluster_not_where_the_family_is_pla
     family = load_family(str(ROOT / "recipes" / "llama2_7b_family.yaml"),
                          ["job.overrides=['model.tensor_model_parallel_size=8','train.loss=kd',"
                           "'train.teacher=/lustre/models/Llama-2-13b-hf']"])
-    assert "train.teacher=/lustre/models/Llama-2-13b-hf" in family.job.overrides
+    for index in range(len(family.target_params)):  # every stage's job distils from it
+        train = next(line for line in render(family, index, CLUSTER).splitlines() if "recipes/run_plrd.py" in line)
+        assert "train.teacher=/lustre/models/Llama-2-13b-hf" in train.split()
+    with pytest.raises(InputError, match="train.teacher='/lustre/models/Llama-2-13b-hf' is not a directory"):
+        TrainConfig(loss="kd", teacher="/lustre/models/Llama-2-13b-hf")  # a local stage looks for it here
 
 
 # ---------------------------------------------------------------- rendering and submitting
@@ -269,9 +274,29 @@ def test_a_complete_stage_of_another_target_is_refused_not_built_on(family, fake
     (folder / "bridge").mkdir(parents=True)
     (folder / "bridge" / "plrd_stage.json").write_text(json.dumps({"plrd": {"plan": {"target_params": 5_896_000_000}}}))
     submit(other, CLUSTER, dry_run=True)  # its own family goes on from it
-    with pytest.raises(InputError, match=f"{folder} is complete with target_params 5,896,000,000, not this "
-                                         "family's 5,900,000,000: choose another output"):
+    with pytest.raises(InputError, match=re.escape(f"{folder} is complete, trained with other settings than this "
+                                                   "family's stage 1 (target_params: 5896000000 -> 5900000000): "
+                                                   "choose another output")):
         submit(family, CLUSTER, dry_run=True)
+    assert not fake_sbatch.exists()
+
+
+def test_a_complete_stage_that_read_another_stream_is_refused_not_built_on(family, fake_sbatch):
+    """The next stage reads the data from where this family's stage stops: a stage trained with another batch,
+    step count or blend would leave samples unread or read some twice."""
+    samples, stages = family.stage_samples(), len(family.target_params)
+    folder = family.stage_folder(0)
+    (folder / "bridge").mkdir(parents=True)
+    started = {"plrd": {"plan": {"target_params": family.target_params[0]}}, "stream": [0, stages * samples],
+               "dataset": {"blend": [list(family.blend[0]), None]}}
+    (folder / "bridge" / "plrd_stage.json").write_text(json.dumps(started))
+    submit(family, CLUSTER, dry_run=True)  # the family it was trained in goes on from it
+    for changed, message in ((dataclasses.replace(family, blend=[["/data/other_text_document"], None]),
+                              f"blend: [{list(family.blend[0])!r}, None] -> [['/data/other_text_document'], None]"),
+                             (dataclasses.replace(family, target_params=family.target_params[:2]),
+                              f"stream: [0, {stages * samples}] -> [0, {2 * samples}]")):
+        with pytest.raises(InputError, match=re.escape(f"this family's stage 1 ({message}): choose another output")):
+            submit(changed, CLUSTER, dry_run=True)
     assert not fake_sbatch.exists()
 
 
@@ -416,6 +441,9 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
     (["export_dtype=half"], ["--nodes", "1", "--gpus-per-node", "8"], "export_dtype='half' is not one of"),
     (['job.overrides=["dataset.blend=[[/other], null]"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "cannot be set: the family sets each stage's checkpoint.save, dataset.blend"),
+    (['job.overrides=["+dataset.data_path=/data/other_text_document"]'], ["--nodes", "1", "--gpus-per-node", "8"],
+     "dataset.data_path='/data/other_text_document' (job.config_file or job.overrides): a family's stages read its "
+     "blend"),
     (['job.config_file=null', 'job.overrides=["train.global_batch_size=256"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "model.tensor_model_parallel_size must be set in job.config_file or job.overrides"),
     ([], ["--nodes", "1", "--gpus-per-node", "8", "--workdir", "/nowhere"], "--workdir /nowhere is not a folder"),
@@ -444,17 +472,39 @@ def test_bad_input_is_refused_naming_the_key(family, overrides, args, message, c
     assert not (Path(family.output) / "launch").exists()
 
 
-def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_path):
-    """What a later stage does if it is started anyway: refuse, naming the missing parent."""
+def run_stage_script(family: BridgeFamilyConfig, index: int, tmp_path: Path) -> tuple[subprocess.CompletedProcess,
+                                                                                       Path]:
+    """Stage ``index``'s sbatch script run by bash, with an srun and scontrol that log their arguments alone."""
     bin_dir, log = tmp_path / "slurm-bin", tmp_path / "srun.log"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $@" >> {log}\n')
         (bin_dir / tool).chmod(0o755)
-    script = tmp_path / "stage2.sbatch"
-    script.write_text(render(family, 1, CLUSTER))
-    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    script = tmp_path / f"stage{index + 1}.sbatch"
+    script.write_text(render(family, index, CLUSTER))
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                               "SLURM_JOB_NODELIST": "node[1-4]", "SLURM_JOB_ID": "7"}), log
+
+
+def test_a_stage_trained_to_its_last_step_is_not_trained_again_when_its_job_reruns(family, tmp_path):
+    """Rerun after its conversion failed, a stage converts: Bridge would set up the whole job to train no step
+    and save its last one again, in place. One stopped early trains on."""
+    bridge = Path(f"{family.stage_folder(0)}.partial") / "bridge"
+    bridge.mkdir(parents=True)
+    for saved, trains in ((family.job.count("train.train_iters") // 2, True),
+                          (family.job.count("train.train_iters"), False)):
+        (bridge / "latest_checkpointed_iteration.txt").write_text(str(saved))
+        result, log = run_stage_script(family, 0, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ("recipes/run_plrd.py" in log.read_text()) == trains and "bridge_to_plrd.py" in log.read_text()
+        log.unlink()
+        family.stage_folder(0).rename(f"{family.stage_folder(0)}.partial")  # the script completed it: undone
+
+
+def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_path):
+    """What a later stage does if it is started anyway: refuse, naming the missing parent."""
+    result, log = run_stage_script(family, 1, tmp_path)
     assert result.returncode == 1 and f"the parent {family.stage_folder(0)}/checkpoint is missing" in result.stderr
     assert not log.exists() and not Path(f"{family.stage_folder(1)}.partial").exists()
 
@@ -463,6 +513,17 @@ def test_a_stage_job_refuses_a_recipe_that_is_not_module_colon_function():
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf", "--recipe",
                           "nemo_plrd.bridge.recipe"], capture_output=True, text=True)
     assert run.returncode == 2 and "--recipe='nemo_plrd.bridge.recipe' must be MODULE:FUNCTION" in run.stderr
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("nemo_plrd.no_such_module:stage", "--recipe='nemo_plrd.no_such_module:stage' cannot be loaded: No module named"),
+    ("nemo_plrd.config:no_such_function", "cannot be loaded: module 'nemo_plrd.config' has no attribute"),
+    ("json:dumps", "--recipe='json:dumps' must be a function taking hf_path=, the parent's HF folder"),
+])
+def test_a_stage_job_refuses_a_recipe_it_cannot_call_with_the_parent(recipe, message):
+    """The stage calls its recipe as function(hf_path=...): one that is not there, or takes no hf_path, is named."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_recipe(recipe, "--recipe")
 
 
 def test_a_stage_job_refuses_a_megatron_bridge_older_than_its_api_or_none():

@@ -4,7 +4,10 @@
 its modules import Bridge, this package does not, so ``nemo_plrd`` works without Bridge.
 """
 
+import importlib
+import inspect
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
 
 from nemo_plrd.errors import InputError
 
@@ -36,3 +39,19 @@ def recipe_function(recipe: str, key: str) -> tuple[str, str]:
     if not (module and colon and function) or ":" in function:
         raise InputError(f"{key}={recipe!r} must be MODULE:FUNCTION, e.g. nemo_plrd.bridge.recipe:llama_stage")
     return module, function
+
+
+def load_recipe(recipe: str, key: str) -> Callable[..., Any]:
+    """``recipe``'s function, which a stage calls as ``function(hf_path=...)``: a name that does not import, or a
+    function that takes no ``hf_path``, is refused as ``key`` before the job starts."""
+    module, function = recipe_function(recipe, key)
+    try:
+        make = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as error:
+        raise InputError(f"{key}={recipe!r} cannot be loaded: {error}") from None
+    try:
+        inspect.signature(make).bind(hf_path="")
+    except (TypeError, ValueError):
+        raise InputError(f"{key}={recipe!r} must be a function taking hf_path=, the parent's HF folder, as "
+                         "nemo_plrd.bridge.recipe:llama_stage does") from None
+    return make

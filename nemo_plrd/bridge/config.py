@@ -22,7 +22,8 @@ from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nemo_plrd.config import PLRDConfig, check_distillation, check_stream, from_dict, override_key, with_overrides
+from nemo_plrd.config import (PLRDConfig, check_distillation, check_stream, from_dict, load_yaml, override_key,
+                              with_overrides)
 from nemo_plrd.errors import InputError
 
 Config = TypeVar("Config")
@@ -81,20 +82,23 @@ def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Pa
                          "Bridge recipe's ConfigContainer")
     cfg = _with_stage_training(cfg)
     job = create_omegaconf_dict_config(cfg)[0]  # the whole job, as Bridge reads it: plrd.* may refer to any section
-    if config_file is not None and Path(config_file).is_file():
-        loaded = OmegaConf.load(config_file)
+    if config_file is not None:
+        loaded = load_yaml(config_file)  # a missing file, a folder or a list refused by name, not by Bridge's traceback
         sections = {key: value for key, value in OmegaConf.to_container(loaded).items() if key != "plrd"}  # below
         unknown = _unknown_keys(cfg, sections)
         if unknown:  # e.g. train.los: kd would train with the LM loss
             raise InputError(f"{config_file}: {', '.join(unknown)} is not a setting of the job (Bridge would skip it "
                              "with a warning); correct the name")
         job = OmegaConf.merge(job, loaded)
-    with_overrides(job, [line for line in overrides if override_key(line).split(".")[0] == "plrd"])
+    ours = [line for line in overrides if override_key(line).split(".")[0] == "plrd"]
+    with_overrides(job, ours)
     try:
         plrd = OmegaConf.to_container(job.plrd, resolve=True)
     except OmegaConfBaseException as error:
         raise InputError(f"plrd: {error}") from None
-    from_dict(PLRDConfig, plrd, "plrd.")  # before Bridge
+    from_dict(PLRDConfig, plrd, "plrd.")  # before Bridge: an unknown plrd key named with the keys allowed
+    OmegaConf.set_struct(job, True)  # the rest as Bridge applies them, but a key the job lacks named by its override
+    with_overrides(job, [line for line in overrides if line not in ours])
     cfg = process_config_with_overrides(cfg, config_file and str(config_file), list(overrides))
     cfg.plrd = from_dict(PLRDConfig, dataclasses.asdict(cfg.plrd), "plrd.")  # and what Bridge made of it
     check_distillation(cfg.train.loss, cfg.train.kd_weight, cfg.train.teacher)

@@ -58,7 +58,10 @@ class JobConfig:
         if taken:
             raise InputError(f"job.overrides {taken} cannot be set: the family sets each stage's "
                              f"{', '.join(SET_BY_FAMILY)}")
-        self.settings  # read (and refused if bad) now
+        data_path = OmegaConf.select(self.settings, "dataset.data_path")
+        if data_path is not None:  # the stage would take the family's blend and leave it unread
+            raise InputError(f"dataset.data_path={data_path!r} (job.config_file or job.overrides): a family's "
+                             "stages read its blend; give the data there (blend: [[PREFIX, ...], null])")
 
     @functools.cached_property
     def settings(self) -> DictConfig:

@@ -159,8 +159,10 @@ class IndexBuild(Callback):
     a killed build left torn are dropped first, instead of failing every later job that loads them."""
 
     def on_data_init_start(self, context: CallbackContext) -> None:
+        cfg = context.state.cfg  # the other ranks wait in Bridge's barrier meanwhile: refused before it times out
         self.held = ExitStack()
-        self.held.enter_context(cache_builder(context.state.cfg.dataset.path_to_cache))
+        wait = 0.9 * 60 * cfg.dist.distributed_timeout_minutes
+        self.held.enter_context(cache_builder(cfg.dataset.path_to_cache, wait))
 
     def on_train_start(self, context: CallbackContext) -> None:
         self.held.close()
@@ -221,8 +223,12 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                          "starts from --hf-path or --parent; leave it unset")
     save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the
     # latter proxies its TransformerConfig's fields, so both read and take the same attributes here
+    blend = cfg.dataset.blend
     started = {"plrd": dataclasses.asdict(cfg.plrd), "hf_path": hf_path, "parent": parent,
                "train": {key: getattr(cfg.train, key) for key in DISTILLATION},  # the loss it trains with
+               # the samples its checkpoint counts are of this data, cut and ordered so
+               "dataset": {"blend": [list(blend[0]), blend[1] and list(blend[1])], "split": cfg.dataset.split,
+                           "random_seed": cfg.dataset.random_seed, "seq_length": cfg.dataset.seq_length},
                # a resumed stage continues its samples of the same stream (the count is in its checkpoint)
                **({"stream": [cfg.train.first_sample, cfg.train.stream_samples]} if cfg.train.in_stream else {})}
     saved = saved_iteration(save)  # an interrupted job's newest checkpoint
@@ -283,7 +289,8 @@ def _changed_settings(save: Path, started: dict) -> list[str]:
         return []
     return config_differences(json.loads((save / STAGE_FILE).read_text()), started, {  # an older record's missing
         "plrd": field_defaults(PLRDConfig),  # keys, at their defaults
-        "train": {key: field_defaults(PLRDTrainingConfig)[key] for key in DISTILLATION}})
+        "train": {key: field_defaults(PLRDTrainingConfig)[key] for key in DISTILLATION},
+        "dataset": started["dataset"]})  # its data, which it did not record, taken as the same
 
 
 def _add_pre_wrap_hook(model_config, hook, first: bool = False) -> None:

@@ -10,7 +10,6 @@ import pytest
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.training.config import (CheckpointConfig, ConfigContainer, LoggerConfig, MockGPTDatasetConfig,
                                              OptimizerConfig, SchedulerConfig, TokenizerConfig, TrainingConfig)
-from megatron.bridge.training.utils.omegaconf_utils import OverridesError
 
 from tiny_llama import save_tiny_llama
 
@@ -126,9 +125,16 @@ def test_a_bridge_stage_s_teacher_is_resolved_and_checked_before_any_work(tiny_p
         stage_forward_step(cfg, str(tiny_parent), None)
 
 
-def test_bridge_s_own_sections_keep_bridge_s_checks():
-    with pytest.raises(OverridesError, match="train.no_such_key"):
+def test_bridge_s_own_sections_keep_bridge_s_checks_and_a_bad_override_or_file_is_named(tmp_path):
+    """Bridge refuses a key its sections lack with an OverridesError traceback; the stage names the override."""
+    with pytest.raises(InputError, match=re.escape("override 'train.no_such_key=1': Could not override "
+                                                   "'train.no_such_key'. To append to your config use +train.")):
         process_plrd_config(container(), None, ["train.no_such_key=1"])
+    (tmp_path / "list.yaml").write_text("- train\n")
+    for path, message in ((tmp_path / "missing.yaml", "does not exist"), (tmp_path, "is a folder; give a YAML file"),
+                          (tmp_path / "list.yaml", "must hold a mapping of keys to values")):
+        with pytest.raises(InputError, match=re.escape(f"{path} {message}")):
+            process_plrd_config(container(), path)
 
 
 def test_the_shipped_gpu_stage_yaml_lands_on_the_recipe(tmp_path):
@@ -274,6 +280,22 @@ def test_a_stage_resumed_with_another_loss_is_refused_naming_it(tmp_path):
 
     cfg, _ = stage_folder(tmp_path, PlanConfig(keep=0.6), train={"loss": "kd", "kd_weight": 1.0, "teacher": "parent"})
     with pytest.raises(InputError, match=r"other settings;.*Differences \(then -> now\): train.loss: 'kd' -> 'lm'$"):
+        prepare_stage(cfg, hf_path="hf")  # the only difference
+
+
+def test_a_stage_resumed_on_other_data_is_refused_naming_it(tmp_path):
+    """Its checkpoint counts the samples it read of its data, cut into sequences and ordered by a seed: on other
+    data, Bridge would go on from that count in another stream."""
+    from nemo_plrd.bridge.checkpoint import STAGE_FILE
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    cfg, save = stage_folder(tmp_path, PlanConfig(keep=0.6))
+    record = json.loads((save / STAGE_FILE).read_text()) | {"dataset": {
+        "blend": [[data_prefix(tmp_path)], None], "split": cfg.dataset.split, "random_seed": 1234, "seq_length": 64}}
+    (save / STAGE_FILE).write_text(json.dumps(record))
+    cfg.dataset.random_seed = 99
+    with pytest.raises(InputError, match=r"other settings;.*Differences \(then -> now\): dataset.random_seed: 1234 -> "
+                                         r"99$"):
         prepare_stage(cfg, hf_path="hf")  # the only difference
 
 

@@ -33,10 +33,10 @@ def main() -> None:
 
     from nemo_plrd.bridge.checkpoint import load_bridge_stage
     from nemo_plrd.checkpoint import save_checkpoint
-    from nemo_plrd.parallel import init_distributed, init_model_parallel
+    from nemo_plrd.hf import hf_arch
+    from nemo_plrd.parallel import init_tensor_parallel_over_world
 
-    init_distributed()
-    init_model_parallel(dist.get_world_size())
+    init_tensor_parallel_over_world(hf_arch(args.hf_path))
     model, arch = load_bridge_stage(args.save, args.hf_path, args.iteration)
     save_checkpoint(model, args.out_dir, arch, args.hf_path)
     if dist.get_rank() == 0:

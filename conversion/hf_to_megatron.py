@@ -29,12 +29,11 @@ def main() -> None:
     from nemo_plrd.checkpoint import save_checkpoint
     from nemo_plrd.hf import check_weights, hf_arch, import_hf
     from nemo_plrd.model import parameter_count
-    from nemo_plrd.parallel import init_distributed, init_model_parallel
+    from nemo_plrd.parallel import init_tensor_parallel_over_world
 
-    hf_arch(args.hf_dir)  # refuse a missing directory, an unsupported architecture or no weights first
+    arch = hf_arch(args.hf_dir)  # refuse a missing directory, an unsupported architecture or no weights first
     check_weights(args.hf_dir)
-    init_distributed()
-    init_model_parallel(dist.get_world_size())
+    init_tensor_parallel_over_world(arch)
     model, arch = import_hf(args.hf_dir)
     save_checkpoint(model, args.out_dir, arch, hf_source=args.hf_dir)
     if dist.get_rank() == 0:

@@ -28,18 +28,16 @@ def main() -> None:
 
     refuse_existing(args.out_dir, "HF model directory")  # before anything loads
 
-    from pathlib import Path
-
     import torch.distributed as dist
 
-    from nemo_plrd.checkpoint import hf_folder, load_model
-    from nemo_plrd.export import export_hf
-    from nemo_plrd.parallel import init_distributed, init_model_parallel
+    from nemo_plrd.checkpoint import hf_folder, load_model, read_metadata
+    from nemo_plrd.export import check_export_dtype, export_hf
+    from nemo_plrd.parallel import init_tensor_parallel_over_world
 
-    # a checkpoint without its HF config is refused before its weights load (no checkpoint: load_model says so)
-    hf = hf_folder(args.checkpoint) if Path(args.checkpoint, "metadata.json").is_file() else None
-    init_distributed()
-    init_model_parallel(dist.get_world_size())
+    arch, _ = read_metadata(args.checkpoint)  # no checkpoint, or one without its architecture: refused now
+    hf = hf_folder(args.checkpoint)  # and one without its HF config, before its weights load
+    check_export_dtype(args.dtype, hf, "--dtype")
+    init_tensor_parallel_over_world(arch)
     model, _ = load_model(args.checkpoint)
     export_hf(model, args.out_dir, hf, format=args.format, dtype=args.dtype)
     if dist.get_rank() == 0:

@@ -39,15 +39,24 @@ _CLASS_KEYS = ("model_type", "architectures", "auto_map", "transformers_version"
 _WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
 
-def _torch_dtype(dtype: str, parent_config) -> torch.dtype:
+def _torch_dtype(dtype: str, parent_config, key: str) -> torch.dtype:
     """``dtype`` as torch's; ``parent``: the dtype the parent's config.json names (fp32 if it names none)."""
+    check_dtype(key, dtype)
     if dtype == "parent":
         dtype = getattr(parent_config, "dtype", None) or getattr(parent_config, "torch_dtype", None) or "float32"
         dtype = str(dtype).removeprefix("torch.")
         if dtype not in DTYPES:
-            raise InputError(f"dtype='parent': the parent's config names {dtype}, not one of {list(DTYPES[:3])}; "
+            raise InputError(f"{key}='parent': the parent's config names {dtype}, not one of {list(DTYPES[:3])}; "
                              "give one of them")
     return getattr(torch, dtype)
+
+
+def check_export_dtype(dtype: str, hf_source: str | Path, key: str) -> None:
+    """An export's dtype against the parent's config, refused naming ``key`` (the setting the user gave) before
+    the model is trained or loaded, not once it is."""
+    from transformers import AutoConfig
+
+    _torch_dtype(dtype, AutoConfig.from_pretrained(hf_source), key)
 
 
 def _full_attention(parent_config):
@@ -91,13 +100,12 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
 
     if format not in FORMATS:
         raise InputError(f"format={format!r} is not one of {FORMATS}")
-    check_dtype("dtype", dtype)
     out_dir = Path(out_dir)
     # rank 0's answer: a late rank would see rank 0's finished export
     refuse_existing(out_dir, "HF model directory", exists_on_rank0)
     parent_config = AutoConfig.from_pretrained(hf_source)
     # refused on every rank alike, before the gather: a parent without a tokenizer fails here, not after it
-    arch, weights = arch_from_hf(parent_config), _torch_dtype(dtype, parent_config)
+    arch, weights = arch_from_hf(parent_config), _torch_dtype(dtype, parent_config, "dtype")
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_source)
     except (OSError, ValueError) as error:

@@ -45,8 +45,10 @@ def arch_from_hf(config) -> LlamaArch:
                          f"{config.hidden_size}: not supported")
     if config.hidden_act != "silu":  # megatron's gated MLP here is SwiGLU
         raise InputError(f"hidden_act={config.hidden_act!r} is not supported; supported: 'silu' (SwiGLU)")
-    if getattr(config, "mlp_bias", False) or (config.model_type == "llama" and config.attention_bias):
-        raise InputError("biases on o_proj / MLP projections are not supported")
+    if getattr(config, "mlp_bias", False):
+        raise InputError("mlp_bias=True (biases on the MLP projections) is not supported")
+    if config.model_type == "llama" and config.attention_bias:  # Qwen2's biases on q, k and v alone are
+        raise InputError("attention_bias=True (a bias on o_proj as well as on q, k and v) is not supported")
     # transformers 5 keeps rope_theta in rope_parameters (rope_scaling is an alias); 4.x at the top.
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":

@@ -77,6 +77,14 @@ def check_tensor_parallel(arch: LlamaArch, tensor_parallel_size: int, key: str =
             raise InputError(f"{key}={tensor_parallel_size} must divide {what} ({size})")
 
 
+def check_sequence_length(arch: LlamaArch, seq_length: int, key: str) -> None:
+    """A sequence longer than the parent's ``max_position_embeddings`` is out of what its RoPE was trained on
+    (megatron's own arguments refuse it too); refused before the first batch, naming ``key``."""
+    if seq_length > arch.max_sequence_length:
+        raise InputError(f"{key}={seq_length} is longer than the parent's max_position_embeddings "
+                         f"({arch.max_sequence_length})")
+
+
 def transformer_config(
     arch: LlamaArch,
     tensor_parallel_size: int = 1,

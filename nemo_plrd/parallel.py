@@ -20,6 +20,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from nemo_plrd.cpu import enable_cpu_megatron
 from nemo_plrd.errors import InputError
+from nemo_plrd.model import LlamaArch, check_tensor_parallel
 
 T = TypeVar("T")
 
@@ -67,6 +68,14 @@ def init_model_parallel(tensor_parallel_size: int = 1, seed: int = 1234, key: st
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def init_tensor_parallel_over_world(arch: LlamaArch) -> None:
+    """TP over every process the launcher started (the conversion scripts' layout), refused naming the
+    launcher's flag, with which the user set the TP size."""
+    init_distributed()
+    check_tensor_parallel(arch, dist.get_world_size(), "torchrun --nproc_per_node")
+    init_model_parallel(dist.get_world_size())
 
 
 def _destroy_model_parallel() -> None:

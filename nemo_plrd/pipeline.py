@@ -47,9 +47,9 @@ from nemo_plrd.config import (BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeCon
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
-from nemo_plrd.export import export_hf
+from nemo_plrd.export import check_export_dtype, export_hf
 from nemo_plrd.files import try_acquire, write_text_atomic
-from nemo_plrd.model import LlamaArch, check_tensor_parallel, parameter_count
+from nemo_plrd.model import LlamaArch, check_sequence_length, check_tensor_parallel, parameter_count
 from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
 from nemo_plrd.transform import apply_plan, model_ranks, plan_for
@@ -256,8 +256,13 @@ def check_inputs(cfg: DecomposeConfig) -> Path:
     HF config and tokenizer, as found now (a resumed run may see the asset cache elsewhere)."""
     arch, _, hf_source = describe_parent(_folder(cfg.parent))
     check_tensor_parallel(arch, cfg.parallel.tensor_model_parallel_size, "parallel.tensor_model_parallel_size")
+    check_sequence_length(arch, cfg.plrd.calibration.seq_length, "plrd.calibration.seq_length")
+    if cfg.train.steps:
+        check_sequence_length(arch, cfg.train.seq_length, "train.seq_length")
     if cfg.train.steps and cfg.train.loss != "lm":
         check_teacher_source(cfg)
+    if cfg.export:
+        check_export_dtype(cfg.export_dtype, hf_source, "export_dtype")
     for name in cfg.eval.heldout if cfg.eval.perplexity_blocks else ():
         _heldout(hf_source, cfg.eval.perplexity_blocks, name)
     _calibration_dataset(cfg, hf_source)

@@ -2,7 +2,7 @@
 
     python recipes/decompose.py --config recipes/smollm2_135m.yaml [key=value ...]
     torchrun --nproc_per_node 3 recipes/decompose.py --config recipes/smollm2_135m.yaml \
-        parallel.tensor_model_parallel_size=3                                            # TP = 3
+        parallel.tensor_model_parallel_size=3 output=runs/smollm2-135m-60-tp3            # TP = 3
 
 The parent is an HF model directory (imported dense), a PLRD checkpoint (a member made
 earlier: its factors are re-truncated, never multiplied out) or the embedded SmolLM2-135M.

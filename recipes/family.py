@@ -2,7 +2,7 @@
 
     python recipes/family.py --config recipes/smollm2_135m_family.yaml [key=value ...]
     torchrun --nproc_per_node 2 recipes/family.py --config recipes/smollm2_135m_family.yaml \
-        stage.train.global_batch=8   # DP = 2: micro_batch x 2 ranks
+        stage.train.global_batch=8 output=runs/family-dp2   # DP = 2: micro_batch x 2 ranks
 
 Stage 1 decomposes the parent to ``keep[0]`` of its dense linear-layer parameters and trains
 at that rank; stage k re-truncates stage k-1's checkpoint to ``keep[k-1]`` (the factors are
@@ -34,7 +34,7 @@ from nemo_plrd.cli import recipe_config, run_script
 
 def main() -> None:
     cfg = recipe_config("FamilyConfig", __doc__, "recipes/smollm2_135m_family.yaml",
-                        "'keep=[0.5, 0.3]' stage.train.steps=100")
+                        "'keep=[0.5, 0.3]' stage.train.steps=100 output=runs/family-long")
     from nemo_plrd.config import keys_under
     from nemo_plrd.parallel import init_distributed
     from nemo_plrd.pipeline import init_parallel, run_family, sole_run

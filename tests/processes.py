@@ -29,7 +29,8 @@ def kill_everything(pid: int) -> None:
         except ProcessLookupError:
             pass
     # gone, not dying: a rerun must not meet a killed rank still holding a lock or writing a file
-    psutil.wait_procs(processes, timeout=30)
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, f"still running 30 s after SIGKILL: {alive}"
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:

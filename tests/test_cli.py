@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from nemo_plrd.demo import half_break_even_ranks
+from nemo_plrd.model import SMOLLM2_135M
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +38,10 @@ def test_demo_reports_smollm2_parameter_count_and_smaller_low_rank_model():
             if re.match(r"\s*(dense|low-rank)\s+\d", line)}
     # HF's SmolLM2-135M has 134,515,008 parameters (tied embeddings).
     assert rows["dense"][1] == "134.5M"
-    assert float(rows["low-rank"][1].rstrip("M")) < 100
+    # each slot's [out, in] weight becomes [out, r] x [r, in] at half its break-even rank, in each of the 30 layers
+    ranks = half_break_even_ranks(SMOLLM2_135M)
+    saved = sum(out * inp - ranks[slot] * (out + inp) for slot, (out, inp) in SMOLLM2_135M.slot_shapes().items())
+    assert rows["low-rank"][1] == f"{(134_515_008 - SMOLLM2_135M.num_layers * saved) / 1e6:.1f}M"
 
 
 def run_script_raising(error: str) -> subprocess.CompletedProcess:

@@ -116,7 +116,7 @@ def test_bad_input_is_refused_and_nothing_is_written(parent, tmp_path):
     assert_refused(script("hf_to_megatron", tmp_path / "factored", out),
                    "is a factored export (model_type 'plrd_llama'), for inference: start from the stage's", out)
     assert_refused(script("hf_to_megatron", parent, out, nproc=2),
-                   "tensor_parallel_size=2 must divide the number of KV heads (3)", out)
+                   "torchrun --nproc_per_node=2 must divide the number of KV heads (3)", out)
     assert_refused(script("megatron_to_hf", tmp_path / "missing", out),
                    "is not a megatron dist_checkpointing checkpoint", out)
 

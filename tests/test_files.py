@@ -1,5 +1,6 @@
 """Files a resumed run reads as facts: whole or not at all, whoever else writes them."""
 
+import os
 import subprocess
 import sys
 
@@ -29,9 +30,13 @@ def test_two_writers_of_one_path_each_rename_a_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no writer's temp file left
 
 
-def test_a_write_cut_short_leaves_the_old_file_and_no_temp_file(tmp_path):
+def test_a_write_cut_short_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     write_text_atomic(path, "old")
-    with pytest.raises(TypeError):
-        write_text_atomic(path, object())  # fails while writing
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the new text is written, then the flush to the disk fails
+    with pytest.raises(OSError, match="No space left on device"):
+        write_text_atomic(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -663,12 +663,23 @@ def test_a_stage_stopped_after_its_decomposition_reruns_with_other_training_sett
      "parallel.tensor_model_parallel_size=2 must divide the number of KV heads (1)"),
     ("family", ["stage.train.loss=lm+kd", "stage.train.teacher=TEACHER"], 1,
      "stage.train.teacher='TEACHER': the teacher's architecture differs"),
+    ("decompose", ["train.seq_length=4096"], 1,  # LlamaConfig's default max_position_embeddings
+     "train.seq_length=4096 is longer than the parent's max_position_embeddings (2048)"),
+    ("family", ["stage.plrd.calibration.seq_length=4096", "stage.plrd.calibration.tokens=4096"], 1,
+     "stage.plrd.calibration.seq_length=4096 is longer than the parent's max_position_embeddings (2048)"),
+    ("decompose", ["export_dtype=parent"], 1,  # a parent whose config.json names float64 (below)
+     "export_dtype='parent': the parent's config names float64, not one of ['float32', 'bfloat16', 'float16']"),
 ])
 def test_what_a_stage_would_refuse_once_started_is_refused_before_its_output_is_claimed(
         tiny_parent, tmp_path, name, overrides, nproc, message):
-    """A claimed folder that holds a decomposition resumes only with its settings: the data's splits, the TP size
-    and the teacher are checked first, and a family names its stages' keys as its user wrote them."""
+    """A claimed folder that holds a decomposition resumes only with its settings: the data's splits, the TP size,
+    the teacher, the sequence lengths and the exports' dtype are checked first, and a family names its stages' keys
+    as its user wrote them."""
     parent = save_tiny_llama(tmp_path / "mqa", num_key_value_heads=1) if nproc == 2 else tiny_parent
+    if "export_dtype=parent" in overrides:
+        parent = save_tiny_llama(tmp_path / "fp64")
+        config = json.loads((parent / "config.json").read_text())
+        (parent / "config.json").write_text(json.dumps(config | {"dtype": "float64"}))
     teacher = save_tiny_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
     out = tmp_path / "out"
     prefix = "stage." if name == "family" else ""

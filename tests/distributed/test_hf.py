@@ -87,3 +87,6 @@ def test_unsupported_architectures_are_refused():
     fp8 = transformers.LlamaConfig(**COMMON, quantization_config={"quant_method": "fp8", "weight_block_size": [8, 8]})
     with pytest.raises(ValueError, match=r"quantization_config \(quant_method 'fp8'\) is not supported"):
         arch_from_hf(fp8)
+    for key, what in (("mlp_bias", "biases on the MLP projections"), ("attention_bias", "a bias on o_proj as well")):
+        with pytest.raises(ValueError, match=rf"{key}=True \({what}"):  # named as the config.json has it
+            arch_from_hf(transformers.LlamaConfig(**COMMON, **{key: True}))

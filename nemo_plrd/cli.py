@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -176,7 +177,9 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if done:
             result = _earlier_results(out, model_dir, cfg)
     except InputError as error:  # named as the recipes' eval section has them (eval.limit): here, the flags
-        parser.error(re.sub(r"\beval\.(\w+)", lambda key: "--" + key[1].replace("_", "-"), str(error)))
+        keys = "|".join(field.name for field in dataclasses.fields(EvalConfig))  # a key, not inside a path
+        flag = lambda key: "--" + key[1].replace("_", "-")
+        parser.error(re.sub(rf"(?<![\w./-])eval\.({keys})\b", flag, str(error)))
     print(markdown(result))
     print(f"{'already evaluated' if done else 'results'}: {out / 'results.json'}, {out / 'results.md'}")
     return 0

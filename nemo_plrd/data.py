@@ -136,12 +136,14 @@ def check_prefix(key: str, prefix: str) -> None:
 
 
 def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, sequence_length: int,
-                 num_samples: Sequence[Optional[int]], tokenizer, seed: int = 1234) -> list:
+                 num_samples: Sequence[Optional[int]], tokenizer, seed: int = 1234,
+                 wait: Optional[float] = None) -> list:
     """megatron ``GPTDataset`` s (or blends of them) for the train, valid and test splits.
 
     ``num_samples[i]`` is how many samples split i must provide (megatron repeats epochs to
     reach it); ``None`` skips the split. Every sample holds ``sequence_length`` tokens and
-    their shifted labels.
+    their shifted labels. Another job's build in the same index cache is waited for ``wait``
+    seconds at most (``cache_builder``).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -165,7 +167,7 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                                  + ("" if wanted else ", or none (0) if nothing reads it: megatron builds every "
                                                       "split of a weighted blend"))
     sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
-    with cache_builder(config.path_to_cache):
+    with cache_builder(config.path_to_cache, wait):
         splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     for name, wanted, split in zip(SPLITS, num_samples, splits):
         if wanted and len(split) < wanted:  # megatron repeats no epoch of an unweighted blend of several prefixes

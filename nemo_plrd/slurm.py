@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from nemo_plrd.assets import eval_sets
-from nemo_plrd.bridge.checkpoint import STAGE_FILE, TRACKER
+from nemo_plrd.bridge.checkpoint import STAGE_FILE
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import check_prefix
 from nemo_plrd.errors import InputError
@@ -98,13 +98,12 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Step:
-    """One command of a stage's job, skipped when ``creates`` exists (or the shell test ``done`` holds)."""
+    """One command of a stage's job, skipped when ``creates`` exists."""
 
     name: str
     creates: str
     command: list[str]  # a torchrun / python argv; its Expanded arguments are expanded by the script's shell
     every_node: bool = False  # srun one task per node (training), else one task on one node
-    done: Optional[str] = None
 
 
 def launch(cluster: Cluster, script: str, args: list[str]) -> list[str]:
@@ -127,12 +126,8 @@ def stage_steps(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> lis
     run = [STAGE_JOB, *family.start(index), "--recipe", family.job.recipe,
            *(["--config-file", family.job.config_file] if family.job.config_file else []),
            *family.stage_overrides(index, partial / "bridge")]
-    # trained to its last step (megatron's tracker is written after the save): a job rerun after a failed conversion
-    # converts, where Bridge would set up the whole job to train no step, then save that step again in its place
-    tracker = shlex.quote(str(partial / "bridge" / TRACKER))
-    trained = f"grep -qsx {family.job.count('train.train_iters')} {tracker}"
     steps = [
-        Step("train", str(checkpoint), launch(cluster, run[0], run[1:]), every_node=True, done=trained),
+        Step("train", str(checkpoint), launch(cluster, run[0], run[1:]), every_node=True),
         Step("convert", str(checkpoint), launch_tp(tp, "conversion/bridge_to_plrd.py", [
             str(partial / "bridge"), str(checkpoint), "--hf-path", family.hf_config(index)])),
     ]
@@ -185,8 +180,7 @@ def preamble(family: BridgeFamilyConfig, index: int, cluster: Cluster, rendezvou
 def step_lines(steps: list[Step], number: int, prefix: Callable[[Step], list[str]]) -> list[str]:
     """Each step as a comment and its command (after ``prefix(step)``, e.g. srun), skipped when done."""
     return [line for n, step in enumerate(steps, number) for line in (
-        f"# {n}. {step.name}", f"[ -e {shlex.quote(step.creates)} ] || {f'{step.done} || ' if step.done else ''}"
-                               f"{shell(prefix(step) + step.command)}")]
+        f"# {n}. {step.name}", f"[ -e {shlex.quote(step.creates)} ] || {shell(prefix(step) + step.command)}")]
 
 
 def completion(family: BridgeFamilyConfig, index: int) -> list[str]:
@@ -264,10 +258,11 @@ def check_complete_stage(family: BridgeFamilyConfig, index: int) -> None:
     if not record.is_file():  # an older layout, or removed to free space: nothing to compare
         return
     started, samples = json.loads(record.read_text()), family.stage_samples()
-    prefixes, weights = family.blend or ([], None)
     wanted = {"target_params": (started["plrd"]["plan"]["target_params"], family.target_params[index]),
-              "stream": (started.get("stream"), [index * samples, len(family.target_params) * samples]),
-              "blend": (started.get("dataset", {}).get("blend"), [list(prefixes), weights and list(weights)])}
+              "stream": (started.get("stream"), [index * samples, len(family.target_params) * samples])}
+    if family.blend is not None:  # (none: refused as such before anything is submitted)
+        prefixes, weights = family.blend
+        wanted["blend"] = (started.get("dataset", {}).get("blend"), [list(prefixes), weights and list(weights)])
     changed = [f"{key}: {then!r} -> {now!r}" for key, (then, now) in wanted.items() if then is not None and then != now]
     if changed:
         raise InputError(f"{folder} is complete, trained with other settings than this family's stage {index + 1}"

@@ -131,8 +131,9 @@ def test_an_evaluation_moved_with_its_model_is_reported_not_refused(tmp_path):
 
 
 def test_bad_input_is_refused(tmp_path):
-    missing = plrd_eval(tmp_path / "nowhere", cwd=tmp_path)  # the default --out, plrd-eval/nowhere: not made
-    assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
+    missing = plrd_eval(tmp_path / "eval.limit", cwd=tmp_path)  # the default --out, plrd-eval/eval.limit: not made
+    assert missing.returncode == 2 and f"{tmp_path / 'eval.limit'} is not a Hugging Face model directory (no " \
+        "config.json)" in missing.stderr  # a path, not a key to rename to a flag
     assert not (tmp_path / "plrd-eval").exists()
     (tmp_path / "done").mkdir()  # results there already: the model is looked for all the same
     (tmp_path / "done" / "results.json").write_text("{}")

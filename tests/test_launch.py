@@ -297,6 +297,8 @@ def test_a_complete_stage_that_read_another_stream_is_refused_not_built_on(famil
                               f"stream: [0, {stages * samples}] -> [0, {2 * samples}]")):
         with pytest.raises(InputError, match=re.escape(f"this family's stage 1 ({message}): choose another output")):
             submit(changed, CLUSTER, dry_run=True)
+    with pytest.raises(InputError, match="blend must name the stages' data"):  # none: refused as such
+        submit(dataclasses.replace(family, blend=None), CLUSTER, dry_run=True)
     assert not fake_sbatch.exists()
 
 
@@ -472,39 +474,17 @@ def test_bad_input_is_refused_naming_the_key(family, overrides, args, message, c
     assert not (Path(family.output) / "launch").exists()
 
 
-def run_stage_script(family: BridgeFamilyConfig, index: int, tmp_path: Path) -> tuple[subprocess.CompletedProcess,
-                                                                                       Path]:
-    """Stage ``index``'s sbatch script run by bash, with an srun and scontrol that log their arguments alone."""
+def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_path):
+    """What a later stage does if it is started anyway: refuse, naming the missing parent."""
     bin_dir, log = tmp_path / "slurm-bin", tmp_path / "srun.log"
-    bin_dir.mkdir(exist_ok=True)
+    bin_dir.mkdir()
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).write_text(f'#!/bin/bash\necho "{tool} $@" >> {log}\n')
         (bin_dir / tool).chmod(0o755)
-    script = tmp_path / f"stage{index + 1}.sbatch"
-    script.write_text(render(family, index, CLUSTER))
-    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                               "SLURM_JOB_NODELIST": "node[1-4]", "SLURM_JOB_ID": "7"}), log
-
-
-def test_a_stage_trained_to_its_last_step_is_not_trained_again_when_its_job_reruns(family, tmp_path):
-    """Rerun after its conversion failed, a stage converts: Bridge would set up the whole job to train no step
-    and save its last one again, in place. One stopped early trains on."""
-    bridge = Path(f"{family.stage_folder(0)}.partial") / "bridge"
-    bridge.mkdir(parents=True)
-    for saved, trains in ((family.job.count("train.train_iters") // 2, True),
-                          (family.job.count("train.train_iters"), False)):
-        (bridge / "latest_checkpointed_iteration.txt").write_text(str(saved))
-        result, log = run_stage_script(family, 0, tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert ("recipes/run_plrd.py" in log.read_text()) == trains and "bridge_to_plrd.py" in log.read_text()
-        log.unlink()
-        family.stage_folder(0).rename(f"{family.stage_folder(0)}.partial")  # the script completed it: undone
-
-
-def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_path):
-    """What a later stage does if it is started anyway: refuse, naming the missing parent."""
-    result, log = run_stage_script(family, 1, tmp_path)
+    script = tmp_path / "stage2.sbatch"
+    script.write_text(render(family, 1, CLUSTER))
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert result.returncode == 1 and f"the parent {family.stage_folder(0)}/checkpoint is missing" in result.stderr
     assert not log.exists() and not Path(f"{family.stage_folder(1)}.partial").exists()
 

@@ -53,6 +53,7 @@ class PLRDHook:
     hf_path: str  # the parent's tokenizer
     save: Path
     started: dict
+    wait: float  # for another job's index build (``lock_wait``)
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         on_one_device(model)
@@ -60,7 +61,7 @@ class PLRDHook:
         samples = calib.tokens // calib.seq_length
         blend = (list(self.dataset.blend[0]), self.dataset.blend[1] and list(self.dataset.blend[1]))
         train, _, _ = gpt_datasets(blend, self.dataset.split, calib.seq_length, [samples, None, None],
-                                   megatron_tokenizer(self.hf_path), self.dataset.random_seed)
+                                   megatron_tokenizer(self.hf_path), self.dataset.random_seed, self.wait)
         batches = calibration_batches(train, samples, calib.micro_batch)
         plan = plan_for(model[0], batches, self.plrd.method, ridge=self.plrd.ridge, **self.plrd.plan.request())
         model = PLRDTransform(plan, lambda: batches, self.plrd.method, self.plrd.solver, self.plrd.ridge)(model)
@@ -159,13 +160,18 @@ class IndexBuild(Callback):
     a killed build left torn are dropped first, instead of failing every later job that loads them."""
 
     def on_data_init_start(self, context: CallbackContext) -> None:
-        cfg = context.state.cfg  # the other ranks wait in Bridge's barrier meanwhile: refused before it times out
+        cfg = context.state.cfg
         self.held = ExitStack()
-        wait = 0.9 * 60 * cfg.dist.distributed_timeout_minutes
-        self.held.enter_context(cache_builder(cfg.dataset.path_to_cache, wait))
+        self.held.enter_context(cache_builder(cfg.dataset.path_to_cache, lock_wait(cfg)))
 
     def on_train_start(self, context: CallbackContext) -> None:
         self.held.close()
+
+
+def lock_wait(cfg: PLRDConfigContainer) -> float:
+    """How long rank 0 waits for another job's build in an index cache: its other ranks wait for it in a
+    collective, which would time out without a word after ``dist.distributed_timeout_minutes``."""
+    return 0.9 * 60 * cfg.dist.distributed_timeout_minutes
 
 
 def stage_callbacks(cfg: PLRDConfigContainer) -> list[Callback]:
@@ -247,6 +253,8 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         plan = RankPlan.from_json((save / PLAN_FILE).read_text())
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         cfg.checkpoint.load = str(save)
+        if saved == cfg.train.train_iters:  # rerun once trained (its conversion failed): Bridge trains no step, and
+            cfg.checkpoint.save_interval = saved  # saves at the end only off the interval, so not its last one again
         return cfg
     # the parent as the stage's conversion and the next stage read it: refused now, not once the stage has trained
     arch, ranks, _ = describe_parent(parent or hf_path)
@@ -270,7 +278,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
             load_checkpoint(model[0], parent)  # resharded to the job's TP size
             return model
 
-    for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started)):
+    for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started, lock_wait(cfg))):
         _add_pre_wrap_hook(provider, hook)
     return cfg
 

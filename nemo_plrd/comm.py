@@ -11,20 +11,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch.distributed as dist
 
-# Collective -> which positional argument holds the full (logical) tensor it moves:
-# all-reduce its buffer, all-gather its output, reduce-scatter its input.
+# Collective -> the argument holding the full (logical) data it moves: all-reduce its buffer, all-gather its
+# output, reduce-scatter and all-to-all their input (a tensor, or a list of one tensor per rank).
 _FULL_TENSOR_ARG = {
-    "all_reduce": 0,
-    "all_gather_into_tensor": 0,
-    "_all_gather_base": 0,
-    "reduce_scatter_tensor": 1,
-    "_reduce_scatter_base": 1,
-    "broadcast": 0,
+    "all_reduce": "tensor",
+    "broadcast": "tensor",
+    "all_gather_into_tensor": "output_tensor",
+    "_all_gather_base": "output_tensor",
+    "all_gather": "tensor_list",
+    "reduce_scatter_tensor": "input",
+    "_reduce_scatter_base": "input",
+    "reduce_scatter": "input_list",
+    "all_to_all_single": "input",
 }
 _ALIAS_MODULES = (
     "megatron.core.tensor_parallel.mappings",
@@ -57,13 +61,16 @@ class CollectiveMeter:
         return sum(c.nbytes for c in (self.calls if group is None else self.on(group)))
 
     def _counting(self, op: str, fn: Callable) -> Callable:
-        index = _FULL_TENSOR_ARG[op]
+        signature = inspect.signature(fn)  # the group and the data, passed by position or by keyword
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            tensor = args[index]
-            nbytes = tensor.numel() * tensor.element_size()
-            self.calls.append(Collective(op, tuple(tensor.shape), nbytes, kwargs.get("group")))
+            bound = signature.bind(*args, **kwargs).arguments
+            data = bound[_FULL_TENSOR_ARG[op]]
+            parts = data if isinstance(data, (list, tuple)) else [data]
+            shape = tuple(data.shape) if parts is not data else (len(parts), *parts[0].shape)
+            nbytes = sum(part.numel() * part.element_size() for part in parts)
+            self.calls.append(Collective(op, shape, nbytes, bound.get("group")))
             return fn(*args, **kwargs)
 
         return wrapper

@@ -150,9 +150,9 @@ def check_blend(key: str, blend: Any) -> list[str]:
     prefixes, weights = blend if isinstance(blend, list) and len(blend) == 2 else (None, None)
     if not (isinstance(prefixes, list) and prefixes and all(isinstance(p, str) for p in prefixes)
             and (weights is None or (isinstance(weights, list) and len(weights) == len(prefixes)
-                                     and all(_matches(w, float) and w > 0 for w in weights)))):
+                                     and all(_matches(w, float) and 0 < w < math.inf for w in weights)))):
         raise InputError(f"{key}={blend!r} must be [prefixes, weights]: a list of dataset prefixes and null "
-                         "or one positive weight per prefix (megatron's GPTDatasetConfig.blend)")
+                         "or one positive, finite weight per prefix (megatron's GPTDatasetConfig.blend)")
     return prefixes
 
 
@@ -397,8 +397,8 @@ class FamilyConfig:
     def __post_init__(self) -> None:
         _check_parent(self.parent)
         self.output = _check_output(self.output)
-        if not self.keep or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])) \
-                or not 0 < self.keep[-1] <= self.keep[0] < 1:
+        if not self.keep or not all(0 < keep < 1 for keep in self.keep) \
+                or any(later >= earlier for earlier, later in zip(self.keep, self.keep[1:])):
             raise InputError(f"keep={self.keep} must list one or more fractions in (0, 1), strictly decreasing "
                              "(each stage smaller than the one before)")
         if any(name not in BASELINES for name in self.baselines) or len(set(self.baselines)) < len(self.baselines):

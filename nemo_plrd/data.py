@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from nemo_plrd.assets import cache_dir
 from nemo_plrd.errors import InputError, MissingInputError
-from nemo_plrd.files import fsync
+from nemo_plrd.files import fsync, refuse_existing
 from nemo_plrd.parallel import rank0_decides
 
 SPLITS = ("train", "valid", "test")
@@ -104,6 +104,8 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
 def _write_dataset(documents: Iterable[str], tokenizer, prefix: Path, progress: bool) -> None:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    # asked again under the lock: a run that waited for it may find the dataset finished, never rewritten
+    refuse_existing(prefix, "dataset", exists=lambda prefix: Path(f"{prefix}.idx").exists())
     tmp = prefix.with_name(prefix.name + ".partial")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
     tokens = 0  # of text, not counting the EOD tokens
@@ -126,6 +128,13 @@ def _write_dataset(documents: Iterable[str], tokenizer, prefix: Path, progress: 
         fsync(Path(f"{tmp}{suffix}"))
         os.replace(f"{tmp}{suffix}", f"{prefix}{suffix}")
     fsync(prefix.parent)
+
+
+def blend_lists(blend) -> tuple[list[str], Optional[list[float]]]:
+    """``(prefixes, weights)`` in plain lists, whatever sequences a config holds them in (OmegaConf's, tuples):
+    what megatron's dataset config takes, and what a stage's record holds, so the two compare as equal."""
+    prefixes, weights = blend
+    return list(prefixes), None if weights is None else list(weights)
 
 
 def check_prefix(key: str, prefix: str) -> None:

@@ -104,7 +104,7 @@ def _balanced(up: Tensor, down: Tensor, up_reduce: Reduce, down_reduce: Reduce, 
     """Rescale so that ||up[:, j]|| == ||down[j, :]|| (the product is unchanged)."""
     up_norm = up_reduce(up.square().sum(0)).sqrt()
     down_norm = down_reduce(down.square().sum(1)).sqrt()
-    scale = (down_norm / up_norm.clamp_min(1e-30)).sqrt()
+    scale = (down_norm / up_norm.clamp_min(1e-30)).sqrt().clamp_min(1e-30)  # no energy: left at zero, not NaN
     return (up * scale).to(dtype).contiguous(), (down / scale[:, None]).to(dtype).contiguous()
 
 
@@ -218,7 +218,7 @@ def row_retruncate(
     and E the top eigenvectors of R C_z R^T: up' = Q E_r, down_i' = E_r^T R down_i.
     """
     u, v = up.double(), down.double()
-    _check(rank, v.shape[0], "the current rank")
+    _check(rank, min(v.shape[0], u.shape[0]), "the current rank, and the output size")
     cov = reduce(v @ v.T) if latent_cov is None else latent_cov.double()  # r x r
     q, r_upper = torch.linalg.qr(u)
     _, e = _top_eigenvectors(r_upper @ cov @ r_upper.T, rank)

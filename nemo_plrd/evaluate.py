@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from nemo_plrd.assets import CORPORA, cache_dir, corpus, eval_sets
-from nemo_plrd.errors import InputError, MissingInputError
+from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
 from nemo_plrd.report import format_table
 
@@ -121,13 +121,11 @@ def heldout_perplexity(model, tokenizer, num_blocks: int, names: Sequence[str]) 
 
 
 def hf_model_dir(path: str | Path) -> Path:
-    from nemo_plrd.hf import check_weights
+    from nemo_plrd.hf import check_weights, model_type
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise MissingInputError(f"{path} is not a Hugging Face model directory (no config.json)")
+    model_type(path)  # merged or factored exports alike
     check_weights(path)
-    return path
+    return Path(path)
 
 
 def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optional[int] = None,

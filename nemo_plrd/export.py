@@ -124,6 +124,7 @@ def _write(full, arch, parent_config, ranks, format, out_dir: Path, hf_source, d
     from transformers import GenerationConfig
 
     state = to_hf(merge_factors(full), arch) if format == "merged" else to_hf_factored(full, arch)
+    full.clear()  # state holds most of its tensors themselves: the caller's reference would keep every one alive
     for name in list(state):  # one tensor at a time: no second copy of the model (save_pretrained records the dtype)
         state[name] = state[name].to(dtype)
     hf_model = _hf_model(format, parent_config, ranks, arch)

@@ -57,6 +57,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def leftover_temp_files(folder: Path) -> list[Path]:
+    """The temp files ``write_text_atomic`` calls under ``folder`` left where their process was killed."""
+    return [path for path in folder.rglob(".*.tmp*") if path.name.rpartition(".tmp")[2].isdigit()]
+
+
 def refuse_existing(path: str | Path, what: str, exists: Callable[[Path], bool] = Path.exists) -> None:
     """Outputs are never overwritten: ``path`` (a ``what``) refused if it ``exists`` (under torch.distributed,
     rank 0's answer for every rank: ``parallel.exists_on_rank0``), or if it could not be made; a script asks

@@ -265,9 +265,10 @@ def import_hf(hf_model_dir: str | Path, sequence_parallel: bool = False) -> tupl
     return model, arch
 
 
-def _config(hf_model_dir: str | Path, missing: str = NOT_HF):
-    """The HF config of ``hf_model_dir``; ``missing``: what to say of a folder without one."""
-    from transformers import AutoConfig
+def model_type(hf_model_dir: str | Path, missing: str = NOT_HF) -> str:
+    """The ``model_type`` an HF folder's config.json names, one transformers or a factored export's code knows;
+    ``missing``: what to say of a folder without a config."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig
 
@@ -275,15 +276,27 @@ def _config(hf_model_dir: str | Path, missing: str = NOT_HF):
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{path} {missing} (no config.json)")
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        kind = json.loads((path / "config.json").read_text()).get("model_type")
     except (ValueError, AttributeError) as error:  # not JSON (UnicodeDecodeError is a ValueError), or not a mapping
         raise InputError(f"{path / 'config.json'} is not an HF model's config (a JSON mapping): {error}") from None
-    if model_type is None:
+    if kind is None:
         raise InputError(f"{path / 'config.json'} names no model_type: not an HF model's config")
-    if model_type == PLRDLlamaConfig.model_type:  # before transformers asks whether to run its code
-        raise InputError(f"{path} is a factored export (model_type {model_type!r}), for inference: start from the "
-                         "stage's checkpoint/ (or its hf-merged/ export) instead")
-    return AutoConfig.from_pretrained(path)
+    if kind not in CONFIG_MAPPING and kind != PLRDLlamaConfig.model_type:
+        raise InputError(f"{path / 'config.json'} names model_type {kind!r}, which this transformers does not know")
+    return kind
+
+
+def _config(hf_model_dir: str | Path, missing: str = NOT_HF):
+    """The HF config of ``hf_model_dir``; ``missing``: what to say of a folder without one."""
+    from transformers import AutoConfig
+
+    from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig
+
+    kind = model_type(hf_model_dir, missing)
+    if kind == PLRDLlamaConfig.model_type:  # before transformers asks whether to run its code
+        raise InputError(f"{hf_model_dir} is a factored export (model_type {kind!r}), for inference: start from "
+                         "the stage's checkpoint/ (or its hf-merged/ export) instead")
+    return AutoConfig.from_pretrained(hf_model_dir)
 
 
 def hf_arch(hf_model_dir: str | Path, missing: str = NOT_HF) -> LlamaArch:

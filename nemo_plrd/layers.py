@@ -11,10 +11,11 @@ r-dimensional activations instead of hidden-sized ones (docs/design.md, section 
                                                                    and z gathered again for up's weight grad)
     row slot (linear_proj, linear_fc2), input x sharded on in, output replicated:
         z = down(x)          down: r x in,  sharded on in    fwd: all-reduce z [s,b,r] (SP: reduce-scatter)
+                                                              bwd: identity (SP: all-gather dz [s,b,r])
         y = up(z) + bias     up:   out x r, replicated       no communication
 
 The dense layers move [s,b,in] (column backward; SP: its forward and backward gathers too) and
-[s,b,out] (row forward) instead.
+[s,b,out] (row forward; SP: its backward gather too) instead.
 r is never a sharded dimension, so it need not divide by the TP size.
 
 Both classes take the keyword arguments megatron's layer specs pass to
@@ -57,10 +58,10 @@ def break_even_rank(out_features: int, in_features: int) -> float:
 
 
 def _check_rank(rank: int, out_features: int, in_features: int) -> None:
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(out_features, in_features):
         raise ValueError(
-            f"rank={rank!r} is invalid for a {out_features}x{in_features} slot: "
-            "it must be a positive integer"
+            f"rank={rank!r} is invalid for a {out_features}x{in_features} slot: it must be a positive integer "
+            f"at most {min(out_features, in_features)} (a wider pair is no more expressive than the dense layer)"
         )
 
 

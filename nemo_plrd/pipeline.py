@@ -48,7 +48,7 @@ from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_dataset
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import check_export_dtype, export_hf
-from nemo_plrd.files import try_acquire, write_text_atomic
+from nemo_plrd.files import leftover_temp_files, try_acquire, write_text_atomic
 from nemo_plrd.model import LlamaArch, check_sequence_length, check_tensor_parallel, parameter_count
 from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
@@ -174,6 +174,8 @@ def finish(partial: Path, out: Path) -> None:
             text = record.read_text()
             write_text_atomic(record, text.replace(old + "/", new + "/") if record.suffix == ".md" else
                               json.dumps(_moved(json.loads(text), old, new), indent=1) + "\n")
+    for tmp in leftover_temp_files(partial):  # a killed run's, not part of the output
+        tmp.unlink()
     partial.rename(out)
 
 

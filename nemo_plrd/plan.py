@@ -188,11 +188,15 @@ def plan_ranks(
         check_slot_names(layer_shapes)
     cells = [(layer, slot, shape) for layer, layer_shapes in enumerate(shapes) for slot, shape in layer_shapes.items()]
 
+    current = [max_ranks[layer].get(slot) if max_ranks is not None else None for layer, slot, _ in cells]
     if ranks is not None:
         slots = []
-        for layer, slot, (out, inp) in cells:
-            rank = ranks[slot] if slot in ranks else max_ranks and max_ranks[layer].get(slot)
-            keep_dense = rank is None or rank >= out * inp / (out + inp)
+        for (layer, slot, (out, inp)), now in zip(cells, current):
+            rank = ranks.get(slot, now)
+            if now is not None and rank > now:
+                raise InputError(f"ranks: {slot}={rank} is above the rank {now} layer {layer}'s {slot} has; a plan "
+                                 "can only lower a rank")
+            keep_dense = rank is None or (now is None and rank >= out * inp / (out + inp))
             slots.append(SlotPlan(layer, slot, out, inp, None if keep_dense else rank))
         return RankPlan(tuple(slots), other_params)
 
@@ -201,26 +205,27 @@ def plan_ranks(
         budget = int(keep * dense)
     else:
         budget = target_params - other_params
+    costs = [out + inp for _, _, (out, inp) in cells]
+    size = sum(out * inp if now is None else now * cost for now, cost, (_, _, (out, inp)) in zip(current, costs, cells))
     # a slot that no multiple of ``multiple`` factors below break-even stays as it is, paid for first: dense, or
     # in an already factored model at the rank it has (a plan can only lower a rank)
     caps = [_largest_rank_below_break_even(out, inp, multiple) for _, _, (out, inp) in cells]
-    current = [max_ranks[layer].get(slot) if max_ranks is not None else None for layer, slot, _ in cells]
-    fixed = sum(out * inp if rank is None else rank * (out + inp)
-                for cap, rank, (_, _, (out, inp)) in zip(caps, current, cells) if cap < multiple)
-    smallest = fixed + sum(multiple * (out + inp) for cap, (_, _, (out, inp)) in zip(caps, cells) if cap >= multiple)
+    fixed = sum(out * inp if now is None else now * cost
+                for cap, now, cost, (_, _, (out, inp)) in zip(caps, current, costs, cells) if cap < multiple)
+    factored = [i for i, cap in enumerate(caps) if cap >= multiple]
+    caps = [min(cap, now or cap) for cap, now in zip(caps, current)]  # below a factored slot's rank
+    smallest = fixed + sum(min(multiple, caps[i]) * costs[i] for i in factored)
     if budget < smallest:
         raise InputError(
             f"the budget of {budget + other_params:,} parameters is below the smallest plan "
-            f"(rank {multiple} in every slot: {smallest + other_params:,})"
+            f"(rank {multiple} in every slot, or its own rank where lower: {smallest + other_params:,})"
         )
-    if budget >= dense:
-        raise InputError(f"the budget of {budget + other_params:,} parameters is not below the dense "
-                         f"model's {dense + other_params:,}: nothing to decompose")
+    if budget >= size:
+        dense_now = all(now is None for now in current)
+        raise InputError(f"the budget of {budget + other_params:,} parameters is not below the "
+                         f"{'dense' if dense_now else 'factored'} model's {size + other_params:,}: nothing to "
+                         f"decompose{'' if dense_now else ' (a plan can only lower its ranks)'}")
     budget -= fixed
-    factored = [i for i, cap in enumerate(caps) if cap >= multiple]
-    if max_ranks is not None:
-        caps = [min(cap, max_ranks[layer].get(slot) or cap) for cap, (layer, slot, _) in zip(caps, cells)]
-    costs = [out + inp for _, _, (out, inp) in cells]
 
     if allocation == "uniform":
         share = budget / (dense - fixed)

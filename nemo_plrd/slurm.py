@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from nemo_plrd.assets import eval_sets
 from nemo_plrd.bridge.checkpoint import STAGE_FILE
 from nemo_plrd.bridge.family import BridgeFamilyConfig
-from nemo_plrd.data import check_prefix
+from nemo_plrd.data import blend_lists, check_prefix
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import heldout_blocks
 from nemo_plrd.files import write_text_atomic
@@ -261,8 +261,7 @@ def check_complete_stage(family: BridgeFamilyConfig, index: int) -> None:
     wanted = {"target_params": (started["plrd"]["plan"]["target_params"], family.target_params[index]),
               "stream": (started.get("stream"), [index * samples, len(family.target_params) * samples])}
     if family.blend is not None:  # (none: refused as such before anything is submitted)
-        prefixes, weights = family.blend
-        wanted["blend"] = (started.get("dataset", {}).get("blend"), [list(prefixes), weights and list(weights)])
+        wanted["blend"] = (started.get("dataset", {}).get("blend"), list(blend_lists(family.blend)))
     changed = [f"{key}: {then!r} -> {now!r}" for key, (then, now) in wanted.items() if then is not None and then != now]
     if changed:
         raise InputError(f"{folder} is complete, trained with other settings than this family's stage {index + 1}"

@@ -10,11 +10,13 @@ never multiplied out) and trains again. Each stage is ``recipes/decompose.py``'s
 settings under ``stage:``. When all stages are trained, rank 0 evaluates every member with
 lm-eval (so no rank waits on another's evaluation). OUTPUT holds:
 
-    stage1-keep0.6/ ...     each stage as recipes/decompose.py writes it (checkpoint, exports)
+    stage1-keep0.6/ ...     each stage as recipes/decompose.py writes it (checkpoint, exports),
+                            without its own eval/: the family evaluates every model in eval/
     control/, one-shot-keep0.25/
                             the baselines (``baselines:``), each a stage of its own: the parent
-                            trained dense like one stage; the parent decomposed straight to the
-                            last keep and trained on all the stages' tokens
+                            trained like one stage at its own ranks (dense, or a member parent's);
+                            the parent decomposed straight to the last keep and trained on all the
+                            stages' tokens
     eval/                   lm-eval of the parent (an HF parent), every member and every baseline
     family.md, family.json  one row per model: parameters, held-out perplexity (in-domain and per
                             corpus) after the decomposition and after training, the share of the

@@ -91,10 +91,13 @@ def test_an_hf_folder_without_weights_or_with_a_config_that_is_not_one_is_refuse
                    tmp_path / "out")
     for text, message in (('{"hidden_size": 64}', "config.json names no model_type: not an HF model's config"),
                           ("not json", "config.json is not an HF model's config (a JSON mapping)"),
-                          ("[1]", "config.json is not an HF model's config (a JSON mapping)")):
+                          ("[1]", "config.json is not an HF model's config (a JSON mapping)"),
+                          ('{"model_type": "foo_bar"}',
+                           "config.json names model_type 'foo_bar', which this transformers does not know")):
         (config_only / "config.json").write_text(text)
-        with pytest.raises(ValueError, match=re.escape(message)):
-            describe_parent(config_only)
+        for check in (describe_parent, hf_model_dir):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                check(config_only)
 
 
 def assert_refused(result, message: str, out: Path) -> None:

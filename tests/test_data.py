@@ -20,7 +20,7 @@ from nemo_plrd.data import (DataParallelBatches, cache_builder, gpt_datasets, in
                             prepare_dataset, read_documents)
 from nemo_plrd.config import FamilyConfig, load_config
 from nemo_plrd.evaluate import HELDOUT_BLOCK, heldout_blocks
-from nemo_plrd.errors import InputError
+from nemo_plrd.errors import InputError, OutputExistsError
 from nemo_plrd.parallel import init_distributed, init_model_parallel
 from nemo_plrd.pipeline import train_batches
 from processes import kill_when
@@ -98,6 +98,16 @@ def test_a_tokenizer_without_an_end_of_document_token_is_refused(tmp_path):
     with pytest.raises(InputError, match="the tokenizer has no end-of-document token"):
         prepare_dataset(["one"], megatron_tokenizer(tmp_path), tmp_path / "out")
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_finished_dataset_is_never_written_again(documents, tokenizer, tmp_path):
+    """Two runs for one prefix: the one that waited for the other's lock finds its dataset and is refused
+    (the command's own check came before the wait)."""
+    path = prepare_dataset(documents, tokenizer, tmp_path / "corpus")
+    written = [Path(f"{path}{suffix}").stat().st_mtime_ns for suffix in (".bin", ".idx")]
+    with pytest.raises(OutputExistsError, match=f"dataset {path} already exists; choose a new path"):
+        prepare_dataset(documents[:2], tokenizer, path)
+    assert [Path(f"{path}{suffix}").stat().st_mtime_ns for suffix in (".bin", ".idx")] == written
 
 
 def test_a_dataset_written_again_at_the_same_path_is_read_through_its_own_indices(documents, tokenizer, tmp_path,

@@ -131,15 +131,33 @@ def test_target_corrected_column_retruncation_equals_decomposing_the_product(tar
     torch.testing.assert_close(new_up @ new_down, ref_up @ ref_down, rtol=1e-8, atol=1e-10)
 
 
-def test_retruncation_keeps_directions_without_energy_finite(data):
+@pytest.mark.parametrize("retruncate", [column_retruncate, row_retruncate])
+def test_retruncation_keeps_directions_without_energy_finite(data, retruncate):
     """A product of rank 3 re-truncated to 6: the three empty directions come back as zeros, not NaN."""
     weight, cov = data
     up, down = column_factors(weight, 3, input_cov=cov, ridge=0.0)
     padded_up, padded_down = torch.cat([up, torch.zeros(M, 5, dtype=up.dtype)], 1), \
         torch.cat([down, torch.zeros(5, N, dtype=down.dtype)], 0)
-    new_up, new_down = column_retruncate(padded_up, padded_down, 6, input_cov=cov, ridge=0.0)
+    new_up, new_down = retruncate(padded_up, padded_down, 6)
     assert new_up.isfinite().all() and new_down.isfinite().all()
     torch.testing.assert_close(new_up @ new_down, up @ down, rtol=1e-8, atol=1e-10)
+
+
+def test_factoring_past_a_weight_s_own_rank_leaves_the_empty_directions_at_zero(data):
+    """A weight of rank 3 factored at rank 6, column and row: the product is the weight, with no NaN."""
+    weight, cov = data
+    low = weight[:, :3] @ weight[:3]  # rank 3
+    for up, down in (column_factors(low, 6, input_cov=cov, ridge=0.0), row_factors(low, 6)):
+        assert up.isfinite().all() and down.isfinite().all()
+        torch.testing.assert_close(up @ down, low, rtol=1e-8, atol=1e-8)
+
+
+def test_a_rank_the_factors_cannot_give_is_refused():
+    """A row slot's pair wider than its output (r > out) re-truncates to at most out directions: asking for
+    more is refused rather than answered with fewer."""
+    up, down = torch.randn(16, 24, dtype=torch.float64), torch.randn(24, 40, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"rank=20 is outside \[1, 16\] \(the current rank, and the output size\)"):
+        row_retruncate(up, down, 20)
 
 
 def test_spectra_give_the_error_of_every_rank(data):
@@ -187,5 +205,5 @@ def test_out_of_range_ranks_are_refused(data):
     with pytest.raises(ValueError, match=r"rank=49 is outside \[1, 48\]"):
         row_factors(weight, 49)
     up, down = row_factors(weight, 8)
-    with pytest.raises(ValueError, match=r"rank=9 is outside \[1, 8\] \(the current rank\)"):
+    with pytest.raises(ValueError, match=r"rank=9 is outside \[1, 8\] \(the current rank"):
         row_retruncate(up, down, 9)

@@ -40,3 +40,24 @@ def test_a_write_cut_short_leaves_the_old_file_and_no_temp_file(tmp_path, monkey
     with pytest.raises(OSError, match="No space left on device"):
         write_text_atomic(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+KILLED_WRITER = """import os, signal, sys
+os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # killed once the text is on disk, before the rename
+from nemo_plrd.files import write_text_atomic
+write_text_atomic(sys.argv[1], "{}")
+"""
+
+
+def test_a_finished_output_carries_no_temp_file_of_a_writer_killed_in_it(tmp_path):
+    from nemo_plrd.pipeline import finish
+
+    partial = tmp_path / "out.partial"
+    (partial / "stage1").mkdir(parents=True)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(partial / "stage1" / "decomposed.json")])
+    left = [p.name for p in (partial / "stage1").iterdir()]
+    assert killed.returncode == -9 and len(left) == 1 and left[0].startswith(".decomposed.json.tmp"), left
+    write_text_atomic(partial / "stage1" / "decomposed.json", "{}")  # the rerun writes it whole
+    finish(partial, tmp_path / "out")
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "stage1", "stage1/decomposed.json"]

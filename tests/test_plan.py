@@ -6,12 +6,13 @@ import re
 import pytest
 import torch
 
+from nemo_plrd.family_plan import other_params
 from nemo_plrd.model import SMOLLM2_135M
 from nemo_plrd.plan import RankPlan, plan_ranks
 
 SHAPES = [SMOLLM2_135M.slot_shapes()] * SMOLLM2_135M.num_layers
 SLOT_PARAMS = sum(o * i for o, i in SMOLLM2_135M.slot_shapes().values()) * SMOLLM2_135M.num_layers
-OTHER = 134_515_008 - SLOT_PARAMS  # embeddings and norms of SmolLM2-135M
+OTHER = other_params(SMOLLM2_135M)  # embeddings and norms
 
 
 def spectra(seed=0):
@@ -35,7 +36,7 @@ def test_target_parameter_count(allocation):
     plan = plan_ranks(SHAPES, target_params=100_000_000, other_params=OTHER,
                       allocation=allocation, spectra=spectra())
     assert 0.99e8 <= plan.params <= 1e8
-    assert plan.dense_params == 134_515_008
+    assert plan.dense_params == 134_515_008  # SmolLM2-135M's parameter count, as transformers reports it
 
 
 def test_spectrum_allocation_gives_more_rank_where_energy_is_spread():
@@ -95,6 +96,25 @@ def test_a_factored_slot_below_one_rank_step_keeps_its_rank_when_a_budget_is_pla
     later = plan_ranks(shapes, keep=0.3, max_ranks=member)
     assert [layer["linear_qkv"] for layer in later.layer_ranks()] == [2, 2]
     assert later.slot_params <= int(0.3 * sum(out * inp for layer in shapes for out, inp in layer.values()))
+
+
+def test_a_factored_slot_below_one_rank_step_counts_at_its_own_rank_in_the_smallest_plan():
+    """A budget between rank ``multiple`` everywhere and the smaller ranks a factored model already has fits."""
+    shapes = [{"linear_qkv": (64, 64), "linear_proj": (64, 64)}]
+    plan = plan_ranks(shapes, keep=0.2, max_ranks=[{"linear_qkv": 4, "linear_proj": 24}])
+    assert plan.layer_ranks() == [{"linear_qkv": 4, "linear_proj": 8}]
+
+
+def test_a_factored_model_is_never_planned_above_its_ranks():
+    """A budget the member already meets, or an explicit rank above its own, is refused: planning the member's
+    own ranks instead would train the stage as a copy of its parent."""
+    member = plan_ranks(SHAPES, keep=0.4).layer_ranks()
+    with pytest.raises(ValueError, match=r"parameters is not below the factored model's [\d,]+: nothing to decompose "
+                                         r"\(a plan can only lower its ranks\)"):
+        plan_ranks(SHAPES, keep=0.7, max_ranks=member)
+    with pytest.raises(ValueError, match=rf"ranks: linear_fc1=500 is above the rank {member[0]['linear_fc1']} layer 0's "
+                                         "linear_fc1 has; a plan can only lower a rank"):
+        plan_ranks(SHAPES, ranks={"linear_fc1": 500}, max_ranks=member)
 
 
 def test_table_and_json_round_trip(tmp_path):

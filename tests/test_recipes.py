@@ -152,6 +152,9 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["train.decay_style=WSD"], "train.wsd_decay_steps=None is set exactly when decay_style is WSD"),
     (["dataset.blend=[[/no/such/data], null]"], "dataset.blend: '/no/such/data' is not a megatron indexed dataset"),
     (["dataset.blend=[[shakespeare], [1, 2]]"], "dataset.blend=[['shakespeare'], [1, 2]] must be [prefixes, weights]"),
+    (["dataset.blend=[[shakespeare, kjv], [1, inf]]"],  # megatron would normalise the weights to [0, nan]
+     "dataset.blend=[['shakespeare', 'kjv'], [1, inf]] must be [prefixes, weights]: a list of dataset prefixes and "
+     "null or one positive, finite weight per prefix"),
     (["dataset.split='90,10'"], "dataset.split='90,10' must be three shares"),
     (["dataset.split=90,10,0"], "override 'dataset.split=90,10,0' is a sweep (a list of choices); quote a value "
                                 "with commas, and on a command line quote that for the shell too: "
@@ -279,6 +282,7 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     (["keep=[0.6, 1.5]"], "keep=[0.6, 1.5] must list one or more fractions in (0, 1), strictly decreasing"),
     (["keep=[0.9, 0]"], "keep=[0.9, 0] must list one or more fractions in (0, 1)"),
     (["keep=[1.5]"], "keep=[1.5] must list one or more fractions in (0, 1)"),
+    (["keep=[0.6, nan, 0.3]"], "keep=[0.6, nan, 0.3] must list one or more fractions in (0, 1)"),
     (["output=runs/.."], "output='runs/..' must name a new folder"),
     (["stage.plrd.plan.keep=0.5"], "stage.plrd.plan.keep cannot be set: the family sets each stage's"),
     (["stage.output=x"], "stage.output cannot be set"),
@@ -501,13 +505,18 @@ def trained_stage(tiny_parent, tmp_path_factory) -> Path:
 
 def assert_killed_mid_training_resumes_exactly(tiny_parent, reference: Path, out: Path, *settings: str) -> None:
     """SIGKILL once step 3 is logged (the last save was at step 2), then the same command: the
-    losses, validation losses, perplexity and every exported weight equal the uninterrupted run's."""
+    losses, validation losses, perplexity and every exported weight equal the uninterrupted run's, and
+    it resumed rather than started again (a run started again would reach the same figures on CPU)."""
     partial = Path(f"{out}.partial")
     args = (f"parent={tiny_parent}", f"output={out}", *settings)
     kill_when(launch(*args, nproc=2), lambda: logged_steps(partial / "metrics.jsonl") >= 3)
     assert not out.exists() and [p.name for p in (partial / "train").iterdir()] == ["iter_0000002"]
+    planned = (partial / "plan.json").stat().st_mtime_ns
+    saved_rows = (partial / "metrics.jsonl").read_text().splitlines()[:2]  # steps 1-2, with their tokens/s
     run = recipe(*args, nproc=2)  # the same command again
     assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "plan.json").stat().st_mtime_ns == planned  # not decomposed again
+    assert (out / "metrics.jsonl").read_text().splitlines()[:2] == saved_rows  # steps 1-2 not trained again
     expected, resumed = (json.loads((s / "summary.json").read_text()) for s in (reference, out))
     assert len(resumed["train_losses"]) == 6 and resumed["train_losses"] == expected["train_losses"]
     assert [step for step, _ in resumed["valid_losses"]] == [3, 6] and resumed["valid_losses"] == expected["valid_losses"]
@@ -758,8 +767,10 @@ def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_
     before = {p: p.stat().st_mtime_ns for p in stage1.rglob("*")}
     records = {p.relative_to(partial): p.read_text() for p in before if p.name in RECORDS}
     assert before and records and not out.exists()
+    planned = (partial / "stage2-keep0.3.partial" / "plan.json").stat().st_mtime_ns
     run = recipe(*args, name="family", config=FAMILY_YAML)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "stage2-keep0.3" / "plan.json").stat().st_mtime_ns == planned  # stage 2 not decomposed again
     # stage 1 untouched, but for its records, which the family's rename made name the final folders
     assert {p.relative_to(out): t for p, t in ((p, p.stat().st_mtime_ns) for p in (out / stage1.name).rglob("*"))
             if p.name not in RECORDS} == {p.relative_to(partial): t for p, t in before.items() if p.name not in RECORDS}

@@ -30,7 +30,7 @@ from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrain
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import describe_parent, load_checkpoint
 from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
-from nemo_plrd.data import (cache_builder, calibration_batches, check_prefix, gpt_datasets, index_cache,
+from nemo_plrd.data import (blend_lists, cache_builder, calibration_batches, check_prefix, gpt_datasets, index_cache,
                             megatron_tokenizer)
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import append_line, write_text_atomic
@@ -59,9 +59,9 @@ class PLRDHook:
         on_one_device(model)
         calib = self.plrd.calibration
         samples = calib.tokens // calib.seq_length
-        blend = (list(self.dataset.blend[0]), self.dataset.blend[1] and list(self.dataset.blend[1]))
-        train, _, _ = gpt_datasets(blend, self.dataset.split, calib.seq_length, [samples, None, None],
-                                   megatron_tokenizer(self.hf_path), self.dataset.random_seed, self.wait)
+        train, _, _ = gpt_datasets(blend_lists(self.dataset.blend), self.dataset.split, calib.seq_length,
+                                   [samples, None, None], megatron_tokenizer(self.hf_path), self.dataset.random_seed,
+                                   self.wait)
         batches = calibration_batches(train, samples, calib.micro_batch)
         plan = plan_for(model[0], batches, self.plrd.method, ridge=self.plrd.ridge, **self.plrd.plan.request())
         model = PLRDTransform(plan, lambda: batches, self.plrd.method, self.plrd.solver, self.plrd.ridge)(model)
@@ -229,11 +229,10 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
                          "starts from --hf-path or --parent; leave it unset")
     save, provider = Path(cfg.checkpoint.save), cfg.model  # a GPTModelProvider or GPTModelConfig: the
     # latter proxies its TransformerConfig's fields, so both read and take the same attributes here
-    blend = cfg.dataset.blend
     started = {"plrd": dataclasses.asdict(cfg.plrd), "hf_path": hf_path, "parent": parent,
                "train": {key: getattr(cfg.train, key) for key in DISTILLATION},  # the loss it trains with
                # the samples its checkpoint counts are of this data, cut and ordered so
-               "dataset": {"blend": [list(blend[0]), blend[1] and list(blend[1])], "split": cfg.dataset.split,
+               "dataset": {"blend": list(blend_lists(cfg.dataset.blend)), "split": cfg.dataset.split,
                            "random_seed": cfg.dataset.random_seed, "seq_length": cfg.dataset.seq_length},
                # a resumed stage continues its samples of the same stream (the count is in its checkpoint)
                **({"stream": [cfg.train.first_sample, cfg.train.stream_samples]} if cfg.train.in_stream else {})}

@@ -31,7 +31,7 @@ def save_parent(model, path):
 
 
 @pytest.mark.parametrize("tp_size", [1, 2], indirect=True)
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 def test_factored_model_exports_merged_and_factored(kind, tp_size, tmp_path_factory):
     root = shared_tmp(tmp_path_factory, f"{kind}{tp_size}")
     parent = f"{root}/parent"

@@ -68,7 +68,7 @@ def test_sharded_state_dict_marks_replicated_factors():
         assert replicated.replica_id[1] == tp_rank
     # Sharded like megatron's dense weight: column on out, row on in.
     assert column_up.global_shape == (qkv_out, RANKS["linear_qkv"])  # one key per layer
-    assert column_up.global_shape[-2:] == (qkv_out, RANKS["linear_qkv"])
+    assert column_down.global_shape == (RANKS["linear_qkv"], ARCH.hidden_size)
     assert column_up.local_shape[-2:] == (qkv_out // tp, RANKS["linear_qkv"])
     assert row_down.global_shape[-2:] == (RANKS["linear_proj"], ARCH.hidden_size)
     assert row_down.local_shape[-2:] == (RANKS["linear_proj"], ARCH.hidden_size // tp)

@@ -111,7 +111,7 @@ def test_low_rank_layer_matches_dense(slot, tp_size, sequence_parallel, bias):
         assert all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True, min(IN, OUT) + 1])
 def test_invalid_rank_is_refused(rank):
     init_model_parallel(1)
     config = TransformerConfig(num_layers=1, hidden_size=IN, num_attention_heads=4,

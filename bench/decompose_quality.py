@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 
 from nemo_plrd.assets import corpus, smollm2_135m
 from nemo_plrd.calibrate import SecondMoment, capture_layer_inputs, run_layer
+from nemo_plrd.cli import positive_int
 from nemo_plrd.decompose import column_factors
 from nemo_plrd.hf import _qkv_to_hf, hf_arch, load_hf_weights
 from nemo_plrd.data import token_blocks
@@ -79,8 +80,8 @@ def per_matrix_whitening(model, arch, calibration, keep: float, ridge: float = 1
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--calibration-tokens", type=positive_int, default=8192)
+    parser.add_argument("--eval-tokens", type=positive_int, default=8192)
     parser.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = parser.parse_args()

@@ -21,6 +21,7 @@ from timing import interleaved_medians  # bench/ is on sys.path when this runs a
 from transformers import AutoModelForCausalLM
 
 from nemo_plrd.assets import smollm2_135m
+from nemo_plrd.cli import positive_int
 from nemo_plrd.decompose import column_factors, column_retruncate, column_spectrum
 from nemo_plrd.report import format_table
 
@@ -37,8 +38,8 @@ def spd(size: int, seed: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of the SmolLM2 comparison")
-    parser.add_argument("--repeats-large", type=int, default=1,
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds of the SmolLM2 comparison")
+    parser.add_argument("--repeats-large", type=positive_int, default=1,
                         help="timed rounds of each 11008x4096 comparison (seconds to a minute each)")
     args = parser.parse_args()
     rows = []

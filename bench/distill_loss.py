@@ -20,6 +20,7 @@ import torch
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from timing import interleaved_medians  # bench/ is on sys.path when this runs as a script
 
+from nemo_plrd.cli import positive_int
 from nemo_plrd.distill import distillation_loss
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.report import format_table
@@ -49,10 +50,10 @@ def saved_bytes(loss, logits, teacher, labels) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--micro-batch", type=positive_int, default=4)
+    parser.add_argument("--seq-length", type=positive_int, default=256)
+    parser.add_argument("--vocab", type=positive_int, default=49152)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()
     init_model_parallel(1)
     gen = torch.Generator().manual_seed(0)

@@ -14,7 +14,8 @@ by side (one GPU holds them all). Every model is
 evaluated on ``limit`` items per lm-eval task (the whole split where it is smaller), so the
 standard errors are small enough to tell members apart. One table: per model and loss the
 in-domain held-out perplexity, its ratio to the control's, the share of the decomposition's
-gap to the control that training closed, the unseen genre's perplexity and the mean accuracy.
+gap to the control that training closed, the unseen genre's perplexity and the mean accuracy with its
+standard error.
 Each family is a recipes/family.py output: an interrupted run resumes, a finished one is read back.
 """
 
@@ -22,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+from nemo_plrd.cli import positive_int
+from nemo_plrd.evaluate import with_stderr
 from nemo_plrd.report import format_table, gap_closed, headline_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +62,23 @@ def run_families(commands: list[list[str]], concurrent: bool) -> None:
 
 
 def mean_accuracy(figures: dict) -> str:
-    tasks = figures["eval"]["tasks"] if "eval" in figures else {}
-    return f"{sum(t['acc'] for t in tasks.values()) / len(tasks):.3f}" if tasks else ""
+    """The tasks' mean accuracy ± its standard error (their items drawn independently: the errors add in
+    quadrature)."""
+    tasks = list(figures["eval"]["tasks"].values()) if "eval" in figures else []
+    if not tasks:
+        return ""
+    mean = {"acc": sum(task["acc"] for task in tasks) / len(tasks)}
+    errors = [task.get("acc_stderr") for task in tasks]
+    if all(isinstance(error, (int, float)) and error == error for error in errors):  # NaN: lm-eval had none
+        mean["acc_stderr"] = math.sqrt(sum(error**2 for error in errors)) / len(tasks)
+    return with_stderr(mean)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=4, help="training steps per stage, x the main job's 24")
-    parser.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step (the recipe's 4)")
-    parser.add_argument("--limit", type=int, default=200, help="lm-eval items per task")
+    parser.add_argument("--scale", type=positive_int, default=4, help="training steps per stage, x the main job's 24")
+    parser.add_argument("--batch", type=positive_int, default=4, help="sequences of 256 tokens per step (the recipe's 4)")
+    parser.add_argument("--limit", type=positive_int, default=200, help="lm-eval items per task")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
                         help="the families to train; lm is always one (it trains the control)")
     parser.add_argument("--concurrent", action="store_true", help="run the families side by side (on a GPU)")
@@ -87,7 +99,7 @@ def main() -> None:
     header = ["model", "params"]
     for loss in losses:
         header += [f"{loss}: in-domain ppl", "/ control", "gap closed", *(f"{name} (unseen)" for name in unseen),
-                   "mean acc"]
+                   "mean acc ± se"]
     keep = [f"stage {i} (keep {k:g})" for i, k in enumerate(first["keep"], 1)]
     names = ["control", *keep, f"one-shot (keep {first['keep'][-1]:g})"]
     rows = []

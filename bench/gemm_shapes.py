@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from timing import interleaved_medians  # bench/ is on sys.path when this runs as a script
 
+from nemo_plrd.cli import positive_int
 from nemo_plrd.report import format_table
 
 TOKENS = 2048
@@ -42,7 +43,7 @@ def gemms(out: int, inp: int, rank: int | None) -> dict[str, tuple[Callable[[], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=positive_int, default=15)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     print(f"CPU, {torch.get_num_threads()} threads, fp32, {TOKENS} tokens; median of {args.repeats} interleaved runs")

@@ -26,6 +26,7 @@ from timing import interleaved_medians, matmul_split  # bench/ is on sys.path wh
 from transformers import AutoModelForCausalLM
 
 from nemo_plrd.assets import smollm2_135m
+from nemo_plrd.cli import positive_int
 from nemo_plrd.export import export_hf
 from nemo_plrd.hf import import_hf
 from nemo_plrd.parallel import init_model_parallel
@@ -69,12 +70,12 @@ def phase_flops(model) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, nargs="+", default=[0.6, 0.4, 0.25])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--profile", action="store_true", help="also split decode time: matmuls vs the rest")
     parser.add_argument("--parent", default=None, help="HF LLaMA directory (default: the embedded SmolLM2-135M)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on cpu, bf16 on cuda")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=positive_int, default=1)
     args = parser.parse_args()
     if args.profile and args.device == "cuda":
         parser.error("--profile splits CPU time (eager ops); run it with --device cpu")

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from nemo_plrd.cli import positive_int
 from nemo_plrd.report import format_table
 
 WAYS = ("tensor by tensor", "whole model")
@@ -55,14 +56,21 @@ def measure(hf_dir: str, tp: int, way: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hf_dir", nargs="?")
-    parser.add_argument("--tp", type=int, default=3, help="default 3: SmolLM2-135M has 3 KV heads")
+    parser.add_argument("--tp", type=positive_int, default=3, help="default 3: SmolLM2-135M has 3 KV heads")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return shard(args.hf_dir, args.tp, args.child)
     from nemo_plrd.assets import smollm2_135m
+    from nemo_plrd.errors import InputError
+    from nemo_plrd.hf import hf_arch
+    from nemo_plrd.model import check_tensor_parallel
 
     hf_dir = args.hf_dir or str(smollm2_135m())
+    try:  # a shard megatron would never hold (query groups split, uneven MLP shards) measures nothing real
+        check_tensor_parallel(hf_arch(hf_dir), args.tp, "--tp")
+    except InputError as error:
+        parser.error(str(error))
     base = measure(hf_dir, args.tp, "imports only")["peak"]
     results = {way: measure(hf_dir, args.tp, way) for way in WAYS}
     first, second = results.values()

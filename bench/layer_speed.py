@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 from tp_comm import make_layer  # bench/ is on sys.path when this runs as a script
 
+from nemo_plrd.cli import positive_int
 from nemo_plrd.layers import break_even_rank
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.report import format_table
@@ -66,7 +67,7 @@ def bare_pair(low_rank):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp32 on cpu, bf16 on cuda")
     args = parser.parse_args()

@@ -8,9 +8,10 @@ member's uniform plan (``plan_for(keep=...)``, as the family recipe plans it), e
 the stages' own ``Trainer`` (megatron DDP, optimizer and scheduler; TP=1, fp32) on synthetic
 tokens. One optimizer step per model per round, rounds interleaved (dense, members, dense,
 ...), median seconds per step. The FLOP ratio is the member's training FLOPs per token over
-the dense model's: 3 x the forward's (2 per weight of every block matrix and of the LM head,
-plus 4 x heads x head_dim per layer per attended position over the causal context), which
-the rank reduces only in part. Target: time ratio <= 1.15 x FLOP ratio. ``--profile`` adds
+the dense model's: 3 x the forward's, as the family's plan table counts it
+(``family_plan.forward_flops_per_token``: 2 per weight of every block matrix and of the LM head,
+plus 4 x hidden per layer per attended position over the causal context), which the rank
+reduces only in part. Target: time ratio <= 1.15 x FLOP ratio. ``--profile`` adds
 where a step's time goes (torch's profiler: matrix products vs everything else: the optimizer
 step, cross-entropy over the vocabulary, norms, attention, gradient buffers) and the ceiling:
 the time / FLOP ratio the member would reach if its matrix products took exactly the dense
@@ -25,30 +26,24 @@ import torch
 from megatron.core.optimizer import OptimizerConfig
 from timing import interleaved_medians, matmul_split  # bench/ is on sys.path when this runs as a script
 
+from nemo_plrd.cli import positive_int
 from nemo_plrd.data import DataParallelBatches, token_samples
+from nemo_plrd.family_plan import forward_flops_per_token, parent_plan
 from nemo_plrd.model import SMOLLM2_135M, build_gpt, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.report import format_table
 from nemo_plrd.train import Schedule, Trainer
-from nemo_plrd.transform import decoder_layers, plan_for
+from nemo_plrd.transform import plan_for
 
 ARCH = SMOLLM2_135M
-
-
-def training_flops_per_token(model: torch.nn.Module, seq_length: int) -> float:
-    """3 x the forward's FLOPs per token: weight products of the blocks and the LM head, and attention."""
-    block_weights = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters() if p.dim() == 2)
-    attended = (seq_length + 1) / 2  # mean causal context per position
-    attention = 4 * ARCH.num_layers * ARCH.num_attention_heads * ARCH.head_dim * attended
-    return 3 * (2 * (block_weights + ARCH.vocab_size * ARCH.hidden_size) + attention)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, nargs="+", default=[0.6, 0.4, 0.25])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--micro-batch", type=positive_int, default=4)
+    parser.add_argument("--seq-length", type=positive_int, default=256)
     parser.add_argument("--profile", action="store_true", help="also split a step's time: matmuls vs the rest")
     args = parser.parse_args()
     init_model_parallel(1)
@@ -57,8 +52,9 @@ def main() -> None:
     tokens = torch.randint(0, ARCH.vocab_size, (steps * args.micro_batch, args.seq_length + 1),
                            generator=torch.Generator().manual_seed(0))
     dense = build_gpt(ARCH)
-    models = {"dense": dense} | {f"keep {keep:g}": build_gpt(ARCH, plan_for(dense, keep=keep).layer_ranks())
-                                 for keep in args.keep}
+    plans = {"dense": parent_plan(ARCH)} | {f"keep {keep:g}": plan_for(dense, keep=keep) for keep in args.keep}
+    models = {"dense": dense} | {name: build_gpt(ARCH, plan.layer_ranks()) for name, plan in plans.items()
+                                 if name != "dense"}
     trainers = {name: Trainer(model, OptimizerConfig(lr=1e-4, min_lr=1e-5),
                               Schedule(steps, args.micro_batch, decay_style="constant"),
                               DataParallelBatches(token_samples(tokens), args.micro_batch, args.micro_batch, 0, 1))
@@ -67,7 +63,7 @@ def main() -> None:
     splits = {name: matmul_split(t.step) for name, t in trainers.items()} if args.profile else {}
 
     step_tokens = args.micro_batch * args.seq_length
-    flops = {name: training_flops_per_token(model, args.seq_length) for name, model in models.items()}
+    flops = {name: 3 * forward_flops_per_token(plan, ARCH, args.seq_length) for name, plan in plans.items()}
     rows, profiled = [], []
     for name, model in models.items():
         time_ratio, flop_ratio = seconds[name] / seconds["dense"], flops[name] / flops["dense"]

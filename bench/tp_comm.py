@@ -22,6 +22,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_plrd.cli import positive_int
 from nemo_plrd.comm import CollectiveMeter
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
 from nemo_plrd.parallel import init_model_parallel
@@ -74,7 +75,7 @@ def measure(slot, out, inp, rank, sequence_parallel) -> tuple[CollectiveMeter, C
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens-per-step", type=int, default=8192,
+    parser.add_argument("--tokens-per-step", type=positive_int, default=8192,
                         help="tokens per optimizer step per TP group, for the gradient share")
     args = parser.parse_args()
     init_model_parallel(dist.get_world_size() if dist.is_initialized() else 2)

@@ -20,6 +20,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig
 from timing import interleaved_medians  # bench/ is on sys.path when this runs as a script
 
+from nemo_plrd.cli import positive_int
 from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.distill import stage_loss
 from nemo_plrd.model import SMOLLM2_135M, build_gpt
@@ -34,9 +35,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16_mixed": torch.bfloat16}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, default=0.6)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--micro-batch", type=positive_int, default=4)
+    parser.add_argument("--seq-length", type=positive_int, default=256)
     parser.add_argument("--fp32-only", action="store_true",
                         help="on a CPU without AVX-512 bf16, where bf16 matrix products crawl")
     args = parser.parse_args()

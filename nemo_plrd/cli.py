@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from nemo_plrd.config import EvalConfig
 
 
-def _positive(text: str, high: float = float("inf"), what: str = "a positive integer") -> int:
+def positive_int(text: str, high: float = float("inf"), what: str = "a positive integer") -> int:
     try:
         value = int(text)
     except ValueError:
@@ -34,7 +34,7 @@ def _positive(text: str, high: float = float("inf"), what: str = "a positive int
 
 
 def _port(text: str) -> int:
-    return _positive(text, 65535, "a TCP port (1-65535)")
+    return positive_int(text, 65535, "a TCP port (1-65535)")
 
 
 def run_script(main: Callable[[], None]) -> None:
@@ -72,22 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="plrd", description="Progressive Low-Rank Decomposition")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="dense vs low-rank SmolLM2-135M architecture under TP")
-    demo.add_argument("--tp", type=_positive, default=3,
+    demo.add_argument("--tp", type=positive_int, default=3,
                       help="tensor-parallel size; must divide SmolLM2's 3 KV heads (1 or 3)")
-    demo.add_argument("--steps", type=_positive, default=3)
-    demo.add_argument("--seq-length", type=_positive, default=256)
-    demo.add_argument("--micro-batch", type=_positive, default=1)
+    demo.add_argument("--steps", type=positive_int, default=3)
+    demo.add_argument("--seq-length", type=positive_int, default=256)
+    demo.add_argument("--micro-batch", type=positive_int, default=1)
     evaluate = commands.add_parser("eval", help="lm-eval accuracies and held-out perplexity of an HF model directory")
     evaluate.add_argument("model_dir", help="HF model directory (stock, or a factored PLRD export)")
     evaluate.add_argument("--tasks", default="all",
                           help="comma-separated: arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,mmlu (default all)")
-    evaluate.add_argument("--limit", type=_positive, default=None, help="items per task (default: all)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="items per task (default: all)")
     evaluate.add_argument("--perplexity-blocks", type=int, default=8,
                           help="held-out blocks of 512 tokens per corpus (0: none)")
     evaluate.add_argument("--heldout", default="all",
                           help="comma-separated embedded corpora whose held-out text is scored: "
                                "shakespeare,wikipedia,kjv,news (default all)")
-    evaluate.add_argument("--batch-size", type=_positive, default=8,
+    evaluate.add_argument("--batch-size", type=positive_int, default=8,
                           help="lm-eval requests per forward pass (default 8; larger on a GPU)")
     evaluate.add_argument("--out", default=None, help="results folder (default: plrd-eval/<model dir name>)")
     prepare = commands.add_parser("prepare-data",
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     submit = commands.add_parser("submit", help="a Bridge family recipe's stages as chained SLURM jobs")
     submit.add_argument("recipe", help="a Bridge family recipe, e.g. recipes/llama2_7b_family.yaml")
     submit.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style overrides of the recipe")
-    submit.add_argument("--nodes", type=_positive, required=True, help="nodes per stage job")
-    submit.add_argument("--gpus-per-node", type=_positive, required=True)
+    submit.add_argument("--nodes", type=positive_int, required=True, help="nodes per stage job")
+    submit.add_argument("--gpus-per-node", type=positive_int, required=True)
     submit.add_argument("--partition")
     submit.add_argument("--account")
     submit.add_argument("--time", help="wall-clock limit per stage job, e.g. 04:00:00")

@@ -1,5 +1,7 @@
-"""bench/hf_inference.py's FLOP accounting, the denominator of its target, against torch's own counter."""
+"""FLOP accounting against torch's own counter: the family plan table's (bench/stage_throughput.py's
+denominator too) and bench/hf_inference.py's, the denominator of its target."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,7 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import hf_inference  # noqa: E402
 
+from nemo_plrd.family_plan import forward_flops_per_token  # noqa: E402
 from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig, PLRDLlamaForCausalLM  # noqa: E402
+from nemo_plrd.model import SMOLLM2_135M, build_gpt, gpt_forward  # noqa: E402
+from nemo_plrd.parallel import init_model_parallel  # noqa: E402
+from nemo_plrd.plan import plan_ranks  # noqa: E402
 
 SIZES = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=True)
@@ -53,3 +59,16 @@ def test_phase_flops_equal_the_counted_ones(factored):
     model.config._attn_implementation = "sdpa"
     tokens = hf_inference.PREFILL
     assert counted(lambda: model(prompt)) == formula["prefill"] - per_position * tokens * (tokens + 1) // 2
+
+
+def test_the_family_table_s_flops_per_token_equal_the_counted_ones_of_a_megatron_forward():
+    """A factored megatron GPT's forward: every product is counted, the weights' exactly as the formula has
+    them; megatron's local attention multiplies the whole S x S square, the formula the causal half."""
+    arch = dataclasses.replace(SMOLLM2_135M, num_layers=2, vocab_size=1000)
+    init_model_parallel(1)
+    plan = plan_ranks([arch.slot_shapes()] * arch.num_layers, keep=0.5)
+    model = build_gpt(arch, plan.layer_ranks()).eval()
+    tokens = 16
+    masked = 2 * arch.num_layers * arch.hidden_size * tokens * (tokens - 1)  # 4 x hidden x the S(S-1)/2 above
+    assert counted(lambda: gpt_forward(model, torch.randint(0, arch.vocab_size, (1, tokens)))) == \
+        forward_flops_per_token(plan, arch, tokens) * tokens + masked

@@ -123,7 +123,7 @@ def heldout_perplexity(model, tokenizer, num_blocks: int, names: Sequence[str]) 
 def hf_model_dir(path: str | Path) -> Path:
     from nemo_plrd.hf import check_weights, model_type
 
-    model_type(path)  # merged or factored exports alike
+    model_type(path, remote_code=True)  # loaded with trust_remote_code: exports merged or factored, any HF model
     check_weights(path)
     return Path(path)
 

@@ -265,9 +265,10 @@ def import_hf(hf_model_dir: str | Path, sequence_parallel: bool = False) -> tupl
     return model, arch
 
 
-def model_type(hf_model_dir: str | Path, missing: str = NOT_HF) -> str:
-    """The ``model_type`` an HF folder's config.json names, one transformers or a factored export's code knows;
-    ``missing``: what to say of a folder without a config."""
+def model_type(hf_model_dir: str | Path, missing: str = NOT_HF, remote_code: bool = False) -> str:
+    """The ``model_type`` an HF folder's config.json names, one transformers or a factored export's code knows
+    (``remote_code``: or the folder's own code, which its ``auto_map`` names); ``missing``: what to say of a
+    folder without a config."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from nemo_plrd.hf_modeling.modeling_plrd import PLRDLlamaConfig
@@ -276,12 +277,14 @@ def model_type(hf_model_dir: str | Path, missing: str = NOT_HF) -> str:
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{path} {missing} (no config.json)")
     try:
-        kind = json.loads((path / "config.json").read_text()).get("model_type")
-    except (ValueError, AttributeError) as error:  # not JSON (UnicodeDecodeError is a ValueError), or not a mapping
+        config = json.loads((path / "config.json").read_text())
+        kind, own_code = config.get("model_type"), "AutoConfig" in (config.get("auto_map") or {})
+    except (ValueError, AttributeError, TypeError) as error:  # not JSON (UnicodeDecodeError is a ValueError), or
+        # not a mapping, or an auto_map that is not one
         raise InputError(f"{path / 'config.json'} is not an HF model's config (a JSON mapping): {error}") from None
-    if kind is None:
+    if not isinstance(kind, str):
         raise InputError(f"{path / 'config.json'} names no model_type: not an HF model's config")
-    if kind not in CONFIG_MAPPING and kind != PLRDLlamaConfig.model_type:
+    if kind not in CONFIG_MAPPING and kind != PLRDLlamaConfig.model_type and not (remote_code and own_code):
         raise InputError(f"{path / 'config.json'} names model_type {kind!r}, which this transformers does not know")
     return kind
 

@@ -92,12 +92,19 @@ def test_an_hf_folder_without_weights_or_with_a_config_that_is_not_one_is_refuse
     for text, message in (('{"hidden_size": 64}', "config.json names no model_type: not an HF model's config"),
                           ("not json", "config.json is not an HF model's config (a JSON mapping)"),
                           ("[1]", "config.json is not an HF model's config (a JSON mapping)"),
+                          ('{"model_type": ["llama"]}', "config.json names no model_type"),
                           ('{"model_type": "foo_bar"}',
                            "config.json names model_type 'foo_bar', which this transformers does not know")):
         (config_only / "config.json").write_text(text)
         for check in (describe_parent, hf_model_dir):
             with pytest.raises(ValueError, match=re.escape(message)):
                 check(config_only)
+    # a model with its own code (auto_map) is one plrd eval loads (trust_remote_code), never a parent
+    (config_only / "config.json").write_text('{"model_type": "foo_bar", "auto_map": {"AutoConfig": "foo.FooConfig"}}')
+    with pytest.raises(ValueError, match="config.json names model_type 'foo_bar', which this transformers does not"):
+        describe_parent(config_only)
+    with pytest.raises(MissingInputError, match="has an HF config but no weights"):
+        hf_model_dir(config_only)  # its config passed
 
 
 def assert_refused(result, message: str, out: Path) -> None:

@@ -138,18 +138,21 @@ def test_retruncation_keeps_directions_without_energy_finite(data, retruncate):
     up, down = column_factors(weight, 3, input_cov=cov, ridge=0.0)
     padded_up, padded_down = torch.cat([up, torch.zeros(M, 5, dtype=up.dtype)], 1), \
         torch.cat([down, torch.zeros(5, N, dtype=down.dtype)], 0)
-    new_up, new_down = retruncate(padded_up, padded_down, 6)
+    whitened = dict(input_cov=cov, ridge=0.0) if retruncate is column_retruncate else {}
+    new_up, new_down = retruncate(padded_up, padded_down, 6, **whitened)
     assert new_up.isfinite().all() and new_down.isfinite().all()
     torch.testing.assert_close(new_up @ new_down, up @ down, rtol=1e-8, atol=1e-10)
 
 
 def test_factoring_past_a_weight_s_own_rank_leaves_the_empty_directions_at_zero(data):
-    """A weight of rank 3 factored at rank 6, column and row: the product is the weight, with no NaN."""
+    """A weight with three non-zero rows factored at rank 6, column and row: the product is the weight, and
+    the three directions with no energy at all (exactly: outputs the weight never writes) are zeros, not NaN."""
     weight, cov = data
-    low = weight[:, :3] @ weight[:3]  # rank 3
+    low = torch.cat([weight[:3], torch.zeros(M - 3, N, dtype=weight.dtype)])
     for up, down in (column_factors(low, 6, input_cov=cov, ridge=0.0), row_factors(low, 6)):
         assert up.isfinite().all() and down.isfinite().all()
         torch.testing.assert_close(up @ down, low, rtol=1e-8, atol=1e-8)
+        assert (up.norm(dim=0) * down.norm(dim=1)).sort().values[:3].max() < 1e-8
 
 
 def test_a_rank_the_factors_cannot_give_is_refused():

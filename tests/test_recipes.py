@@ -451,6 +451,7 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     for member in members + [control, oneshot]:
         assert all(Path(path).is_dir() for path in (member["parent"], member["hf_source"], member["eval"]["model"]))
     assert second["member_params"] < first["member_params"] < first["parent_params"]
+    assert second["parent_params"] == first["member_params"]  # counted on the model stage 2 loaded: stage 1's
     # the control: the parent as it is (no calibration, no slot changed), then trained like a stage
     assert control["parent"] == oneshot["parent"] == str(tiny_parent)
     assert control["member_params"] == control["parent_params"] == first["parent_params"]

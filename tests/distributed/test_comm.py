@@ -34,6 +34,25 @@ def test_meter_counts_megatron_collectives_by_full_tensor_size(tp_size):
     assert len(meter.calls) == 3
 
 
+@pytest.mark.parametrize("tp_size", [2], indirect=True)
+def test_meter_reads_the_group_given_by_position_and_counts_list_collectives(tp_size):
+    """Every argument by position (megatron's MoE paths pass lists of per-rank parts): the same group and
+    the same full size as by keyword."""
+    init_model_parallel(tp_size)
+    group = parallel_state.get_tensor_model_parallel_group()
+    x = torch.randn(4, 5)  # 80 bytes
+    meter = CollectiveMeter()
+    with meter.measure():
+        torch.distributed.all_reduce(x.clone(), torch.distributed.ReduceOp.SUM, group)
+        torch.distributed.all_gather([torch.empty_like(x) for _ in range(tp_size)], x, group)
+        torch.distributed.reduce_scatter(torch.empty_like(x), [x.clone() for _ in range(tp_size)],
+                                         torch.distributed.ReduceOp.SUM, group)
+        torch.distributed.all_to_all_single(torch.empty_like(x), x, None, None, group)
+    assert [(c.op, c.shape, c.nbytes) for c in meter.on(group)] == [
+        ("all_reduce", (4, 5), 80), ("all_gather", (2, 4, 5), 160), ("reduce_scatter", (2, 4, 5), 160),
+        ("all_to_all_single", (4, 5), 80)]
+
+
 SMOLLM2_SLOTS = [case[1:] for case in CASES if case[0] == "SmolLM2-135M"]
 
 

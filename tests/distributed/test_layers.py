@@ -111,14 +111,15 @@ def test_low_rank_layer_matches_dense(slot, tp_size, sequence_parallel, bias):
         assert all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+@pytest.mark.parametrize("layer", [LowRankColumnParallelLinear, LowRankRowParallelLinear])
 @pytest.mark.parametrize("rank", [0, -3, 2.5, True, min(IN, OUT) + 1])
-def test_invalid_rank_is_refused(rank):
+def test_invalid_rank_is_refused(rank, layer):
     init_model_parallel(1)
     config = TransformerConfig(num_layers=1, hidden_size=IN, num_attention_heads=4,
                                use_cpu_initialization=True)
     with pytest.raises(ValueError, match=rf"rank={rank!r} is invalid for a {OUT}x{IN} slot"):
-        LowRankColumnParallelLinear(IN, OUT, rank=rank, config=config,
-                                    init_method=torch.nn.init.zeros_)
+        layer(IN, OUT, rank=rank, config=config, init_method=torch.nn.init.zeros_, bias=True,
+              **({"input_is_parallel": True, "skip_bias_add": False} if layer is LowRankRowParallelLinear else {}))
 
 
 @pytest.mark.parametrize("tp_size", [2], indirect=True)

@@ -403,6 +403,10 @@ class FamilyConfig:
                              "(each stage smaller than the one before)")
         if any(name not in BASELINES for name in self.baselines) or len(set(self.baselines)) < len(self.baselines):
             raise InputError(f"baselines={self.baselines} must list distinct names of {list(BASELINES)}")
+        if "one-shot" in self.baselines and len(self.keep) == 1:
+            raise InputError(f"baselines={self.baselines} with keep={self.keep}: the one-shot member of a one-stage "
+                             "family is its stage 1 again (the same decomposition, trained on the same samples); "
+                             f"leave one-shot out (baselines={[name for name in self.baselines if name != 'one-shot']})")
         plrd = self.stage.get("plrd", {})
         plan = plrd.get("plan", {}) if isinstance(plrd, dict) else None
         if not isinstance(plan, dict):

@@ -45,7 +45,8 @@ def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_uns
               "decomposed_perplexity": {"news": 90.0, "kjv": 40.0}, "member_perplexity": {"news": 60.0, "kjv": 30.0},
               "parent_params": 100, "member_params": 60, "train_losses": [5.0, 4.0], "train_tokens": 1024,
               "heldout_tokens": 4088, "seconds": 1.0}
-    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.6], output=str(tmp_path / "f"))
+    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.6], baselines=["control"],
+                                 output=str(tmp_path / "f"))
     report = "\n".join(family_report(family, None, [member], {}, 1.0))
     header, parent_row, member_row = report.splitlines()[2:5]
     assert header.split() == ["model", "keep", "parameters", "trained", "on", "unseen", "ppl:", "decomposed",
@@ -71,7 +72,8 @@ def test_the_control_s_keep_is_its_parent_s_share_of_the_dense_linear_layers(tmp
               "member_perplexity": perplexity, "parent_params": 100_000_000, "member_params": 60_000_000,
               "train_losses": [],
               "heldout_tokens": 4088, "seconds": 1.0, "member_linear_params": 48, "dense_linear_params": 80}
-    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.4], output=str(tmp_path / "f"))
+    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.4], baselines=["control"],
+                                 output=str(tmp_path / "f"))
     for control, keep in ((member, "0.6"), ({**member, "dense_linear_params": 48}, "1"),
                           ({key: value for key, value in member.items() if key != "dense_linear_params"}, "1")):
         rows = "\n".join(family_report(family, None, [member], {"control": control}, 1.0)).splitlines()[3:6]
@@ -84,7 +86,8 @@ def test_a_family_measured_without_held_out_perplexity_reports_no_perplexity(tmp
               "member_perplexity": None, "parent_params": 100_000_000, "member_params": 60_000_000,
               "member_linear_params": 48, "train_losses": [5.0], "train_tokens": 1024, "heldout_tokens": 0,
               "seconds": 1.0}
-    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.6], output=str(tmp_path / "f"))
+    family = dataclasses.replace(load_config(FamilyConfig, FAMILY_YAML, []), keep=[0.6], baselines=["control"],
+                                 output=str(tmp_path / "f"))
     report = "\n".join(family_report(family, None, [member], {"control": member}, 1.0))
     assert report.splitlines()[2].split() == ["model", "keep", "parameters", "trained", "on"]
     assert "perplexity" not in report and "Gap closed" not in report and "Each stage trained on 1,024 tokens" in report
@@ -283,6 +286,9 @@ def test_the_family_config_sets_each_stage_and_reads_scientific_floats(tmp_path)
     (["keep=[0.9, 0]"], "keep=[0.9, 0] must list one or more fractions in (0, 1)"),
     (["keep=[1.5]"], "keep=[1.5] must list one or more fractions in (0, 1)"),
     (["keep=[0.6, nan, 0.3]"], "keep=[0.6, nan, 0.3] must list one or more fractions in (0, 1)"),
+    (["keep=[0.5]"], "baselines=['control', 'one-shot'] with keep=[0.5]: the one-shot member of a one-stage family "
+                     "is its stage 1 again (the same decomposition, trained on the same samples); leave one-shot out "
+                     "(baselines=['control'])"),
     (["output=runs/.."], "output='runs/..' must name a new folder"),
     (["stage.plrd.plan.keep=0.5"], "stage.plrd.plan.keep cannot be set: the family sets each stage's"),
     (["stage.output=x"], "stage.output cannot be set"),

@@ -146,10 +146,11 @@ def check_export(export: list[str], at_least_one: Optional[str] = None) -> None:
 
 
 def check_blend(key: str, blend: Any) -> list[str]:
-    """megatron's ``[prefixes, weights]`` shape (the files are not looked at); the prefixes."""
-    prefixes, weights = blend if isinstance(blend, list) and len(blend) == 2 else (None, None)
-    if not (isinstance(prefixes, list) and prefixes and all(isinstance(p, str) for p in prefixes)
-            and (weights is None or (isinstance(weights, list) and len(weights) == len(prefixes)
+    """megatron's ``[prefixes, weights]`` shape, in lists or tuples (the files are not looked at); the prefixes."""
+    sequence = (list, tuple)
+    prefixes, weights = blend if isinstance(blend, sequence) and len(blend) == 2 else (None, None)
+    if not (isinstance(prefixes, sequence) and prefixes and all(isinstance(p, str) for p in prefixes)
+            and (weights is None or (isinstance(weights, sequence) and len(weights) == len(prefixes)
                                      and all(_matches(w, float) and 0 < w < math.inf for w in weights)))):
         raise InputError(f"{key}={blend!r} must be [prefixes, weights]: a list of dataset prefixes and null "
                          "or one positive, finite weight per prefix (megatron's GPTDatasetConfig.blend)")

@@ -243,28 +243,39 @@ def pending_stages(family: BridgeFamilyConfig) -> list[int]:
     starts from; an earlier stage's folder may have been removed to free space, its work is done."""
     complete = [index for index in range(len(family.target_params)) if family.stage_folder(index).is_dir()]
     for index in complete:
-        check_complete_stage(family, index)
-    return list(range(complete[-1] + 1 if complete else 0, len(family.target_params)))
+        check_stage_record(family, index, family.stage_folder(index), "complete")
+    pending = list(range(complete[-1] + 1 if complete else 0, len(family.target_params)))
+    partial = Path(f"{family.stage_folder(pending[0])}.partial") if pending else None
+    if partial is not None and (partial / "checkpoint").exists():  # its job goes straight on to export and eval
+        check_stage_record(family, pending[0], partial, "trained and converted")
+    return pending
 
 
-def check_complete_stage(family: BridgeFamilyConfig, index: int) -> None:
-    """A complete stage's folder is taken as this family's stage ``index`` only if its job ran with what the
+def check_stage_record(family: BridgeFamilyConfig, index: int, folder: Path, state: str) -> None:
+    """A trained stage's ``folder`` is taken as this family's stage ``index`` only if its job ran with what the
     family sets: its name keeps its target to 3 significant figures (a family whose target changed below that
-    would build on a member of another size), and the next stage reads the data from where this family's stage
-    ``index`` stops (another batch, step count or blend would skip samples or read some twice). Its own record
-    (what its job started with) says; what an older record lacks goes unchecked."""
-    folder = family.stage_folder(index)
+    would build on a member of another size), it started from this family's parent or previous stage, and the
+    next stage reads the data from where this family's stage ``index`` stops (another batch, step count,
+    blend, order or sequence length would skip samples or read some twice). Its own record (what its job
+    started with) says; what an older record lacks, or the job leaves to its recipe, goes unchecked."""
     record = folder / "bridge" / STAGE_FILE
     if not record.is_file():  # an older layout, or removed to free space: nothing to compare
         return
     started, samples = json.loads(record.read_text()), family.stage_samples()
+    data = started.get("dataset", {})
+    parent_key, parent = family.starts_from(index)
     wanted = {"target_params": (started["plrd"]["plan"]["target_params"], family.target_params[index]),
-              "stream": (started.get("stream"), [index * samples, len(family.target_params) * samples])}
+              parent_key: (started.get(parent_key), parent),
+              "stream": (started.get("stream"), [index * samples, len(family.target_params) * samples]),
+              "dataset.seq_length": (data.get("seq_length"), family.job.count("dataset.seq_length"))}
+    for key in ("split", "random_seed"):
+        wanted[f"dataset.{key}"] = (data.get(key), family.job.get(f"dataset.{key}"))
     if family.blend is not None:  # (none: refused as such before anything is submitted)
-        wanted["blend"] = (started.get("dataset", {}).get("blend"), list(blend_lists(family.blend)))
-    changed = [f"{key}: {then!r} -> {now!r}" for key, (then, now) in wanted.items() if then is not None and then != now]
+        wanted["dataset.blend"] = (data.get("blend"), list(blend_lists(family.blend)))
+    changed = [f"{key}: {then!r} -> {now!r}" for key, (then, now) in wanted.items()
+               if then is not None and now is not None and then != now]
     if changed:
-        raise InputError(f"{folder} is complete, trained with other settings than this family's stage {index + 1}"
+        raise InputError(f"{folder} is {state}, trained with other settings than this family's stage {index + 1}"
                          f" ({'; '.join(changed)}): choose another output, or remove the folder to train the stage "
                          "again")
 

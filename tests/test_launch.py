@@ -281,25 +281,56 @@ def test_a_complete_stage_of_another_target_is_refused_not_built_on(family, fake
     assert not fake_sbatch.exists()
 
 
-def test_a_complete_stage_that_read_another_stream_is_refused_not_built_on(family, fake_sbatch):
+@pytest.mark.parametrize("state", ["complete", "trained and converted"])
+def test_a_trained_stage_that_read_another_stream_is_refused_not_built_on(family, fake_sbatch, state):
     """The next stage reads the data from where this family's stage stops: a stage trained with another batch,
-    step count or blend would leave samples unread or read some twice."""
+    step count, blend, order or sequence length, or from another parent, would leave samples unread or read some
+    twice, or make a member of another model. A stage whose job failed after its conversion (its .partial
+    holds the checkpoint) is checked too: its job goes straight on to export it, and the next stage builds on it."""
     samples, stages = family.stage_samples(), len(family.target_params)
-    folder = family.stage_folder(0)
+    folder = family.stage_folder(0) if state == "complete" else Path(f"{family.stage_folder(0)}.partial")
     (folder / "bridge").mkdir(parents=True)
-    started = {"plrd": {"plan": {"target_params": family.target_params[0]}}, "stream": [0, stages * samples],
-               "dataset": {"blend": [list(family.blend[0]), None]}}
+    (folder / "checkpoint").mkdir()
+    seq_length = family.job.count("dataset.seq_length")
+    started = {"plrd": {"plan": {"target_params": family.target_params[0]}}, "hf_path": family.parent,
+               "parent": None, "stream": [0, stages * samples],
+               "dataset": {"blend": [list(family.blend[0]), None], "split": "99,1,0", "random_seed": 1234,
+                           "seq_length": seq_length}}
     (folder / "bridge" / "plrd_stage.json").write_text(json.dumps(started))
     submit(family, CLUSTER, dry_run=True)  # the family it was trained in goes on from it
+
+    def job(*overrides: str) -> BridgeFamilyConfig:
+        return dataclasses.replace(family, job=dataclasses.replace(family.job, overrides=[*family.job.overrides,
+                                                                                          *overrides]))
+
     for changed, message in ((dataclasses.replace(family, blend=[["/data/other_text_document"], None]),
-                              f"blend: [{list(family.blend[0])!r}, None] -> [['/data/other_text_document'], None]"),
+                              f"dataset.blend: [{list(family.blend[0])!r}, None] -> [['/data/other_text_document'], "
+                              "None]"),
                              (dataclasses.replace(family, target_params=family.target_params[:2]),
-                              f"stream: [0, {stages * samples}] -> [0, {2 * samples}]")):
-        with pytest.raises(InputError, match=re.escape(f"this family's stage 1 ({message}): choose another output")):
+                              f"stream: [0, {stages * samples}] -> [0, {2 * samples}]"),
+                             (dataclasses.replace(family, parent="/lustre/models/other"),
+                              f"hf_path: {family.parent!r} -> '/lustre/models/other'"),
+                             (job(f"dataset.seq_length={2 * seq_length}"),
+                              f"dataset.seq_length: {seq_length} -> {2 * seq_length}"),
+                             (job("dataset.random_seed=7"), "dataset.random_seed: 1234 -> 7"),
+                             (job("dataset.split='98,1,1'"), "dataset.split: '99,1,0' -> '98,1,1'")):
+        with pytest.raises(InputError, match=re.escape(f"{folder} is {state}, trained with other settings than this "
+                                                       f"family's stage 1 ({message}): choose another output")):
             submit(changed, CLUSTER, dry_run=True)
     with pytest.raises(InputError, match="blend must name the stages' data"):  # none: refused as such
         submit(dataclasses.replace(family, blend=None), CLUSTER, dry_run=True)
     assert not fake_sbatch.exists()
+
+
+def test_a_job_setting_interpolated_from_the_recipe_s_keys_is_named_not_a_traceback(family, tmp_path):
+    """Without Bridge the recipe function's values are unknown: a job YAML interpolating one (valid for Bridge)
+    cannot give the plan its number."""
+    (tmp_path / "job.yaml").write_text("dataset:\n  seq_length: ${model.seq_length}\n")
+    job = dataclasses.replace(family.job, config_file=str(tmp_path / "job.yaml"),
+                              overrides=[line for line in family.job.overrides if "seq_length" not in line])
+    with pytest.raises(InputError, match=re.escape("dataset.seq_length must be set in job.config_file or "
+                                                   "job.overrides, to a value (not one interpolated from a key")):
+        dataclasses.replace(family, job=job).train_tokens()
 
 
 def test_a_submission_while_the_last_one_s_jobs_are_queued_is_refused_naming_them(family, fake_sbatch, tmp_path):

@@ -58,7 +58,7 @@ class JobConfig:
         if taken:
             raise InputError(f"job.overrides {taken} cannot be set: the family sets each stage's "
                              f"{', '.join(SET_BY_FAMILY)}")
-        data_path = OmegaConf.select(self.settings, "dataset.data_path")
+        data_path = self.get("dataset.data_path")
         if data_path is not None:  # the stage would take the family's blend and leave it unread
             raise InputError(f"dataset.data_path={data_path!r} (job.config_file or job.overrides): a family's "
                              "stages read its blend; give the data there (blend: [[PREFIX, ...], null])")
@@ -69,11 +69,20 @@ class JobConfig:
         data = load_yaml(self.config_file) if self.config_file else OmegaConf.create({})
         return with_overrides(data, self.overrides)
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """``key`` as the job's YAML and overrides set it; ``default`` where they do not, or where it interpolates
+        a key only the recipe function sets (read by Bridge's job alone)."""
+        try:
+            return OmegaConf.select(self.settings, key, default=default)
+        except OmegaConfBaseException:
+            return default
+
     def setting(self, key: str, default: Any = None) -> Any:
-        value = OmegaConf.select(self.settings, key, default=default)
+        value = self.get(key, default)
         if value is None:
-            raise InputError(f"{key} must be set in job.config_file or job.overrides: the recipe function's "
-                             "default is not read without Bridge, and the plan needs it")
+            raise InputError(f"{key} must be set in job.config_file or job.overrides, to a value (not one "
+                             "interpolated from a key the recipe function sets): the recipe function's default is "
+                             "not read without Bridge, and the plan needs it")
         return value
 
     def count(self, key: str, default: Optional[int] = None) -> int:
@@ -145,11 +154,15 @@ class BridgeFamilyConfig:
         """The HF config and tokenizer stage ``index`` starts from (a PLRD checkpoint carries its parent's)."""
         return self.parent if index == 0 else str(self.stage_folder(index - 1) / "checkpoint" / "hf")
 
+    def starts_from(self, index: int) -> tuple[str, str]:
+        """Stage ``index``'s parent, as its record names it: ``hf_path``, the HF model, or ``parent``, the previous
+        stage's checkpoint."""
+        return ("hf_path", self.parent) if index == 0 else ("parent", str(self.stage_folder(index - 1) / "checkpoint"))
+
     def start(self, index: int) -> list[str]:
-        """``recipes/run_plrd.py``'s parent arguments: the HF model, or the previous stage's checkpoint."""
-        if index == 0:
-            return ["--hf-path", self.parent]
-        return ["--parent", str(self.stage_folder(index - 1) / "checkpoint")]
+        """``recipes/run_plrd.py``'s parent arguments (``--hf-path`` or ``--parent``)."""
+        key, path = self.starts_from(index)
+        return [f"--{key.replace('_', '-')}", path]
 
     def stage_overrides(self, index: int, save: Path) -> list[str]:
         """The job's overrides, then what the family sets for stage ``index``: its data, where in the stream it
@@ -164,7 +177,7 @@ class BridgeFamilyConfig:
                 *([f"train.teacher={hydra_value(self.parent)}"] if distilled else [])]  # a later stage knows only --parent
 
     def plan_request(self, index: int) -> dict[str, Any]:
-        plan = OmegaConf.select(self.job.settings, "plrd.plan", default={})
+        plan = self.job.get("plrd.plan", {})
         return {"target_params": self.target_params[index], "allocation": plan.get("allocation", "uniform"),
                 "multiple": plan.get("multiple", 8)}
 

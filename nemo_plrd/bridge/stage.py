@@ -29,12 +29,12 @@ from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, saved_iteration
 from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import describe_parent, load_checkpoint
-from nemo_plrd.config import PLRDConfig, config_differences, field_defaults, stream_length
+from nemo_plrd.config import PLRDConfig, check_blend, config_differences, field_defaults, stream_length
 from nemo_plrd.data import (blend_lists, cache_builder, calibration_batches, check_prefix, gpt_datasets, index_cache,
                             megatron_tokenizer)
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import append_line, write_text_atomic
-from nemo_plrd.model import check_tensor_parallel
+from nemo_plrd.model import check_sequence_length, check_tensor_parallel
 from nemo_plrd.plan import RankPlan
 from nemo_plrd.spec import low_rank_block_spec
 from nemo_plrd.train import keep_saved_steps
@@ -208,7 +208,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     if cfg.dataset.blend is None:
         raise InputError("dataset.blend (or dataset.data_path) must name the stage's data: PLRD calibrates on its "
                          "train split")
-    for prefix in cfg.dataset.blend[0]:
+    for prefix in check_blend("dataset.blend", cfg.dataset.blend):
         check_prefix("dataset.blend", prefix)
     if cfg.dataset.path_to_cache is None:  # megatron's default, beside the data, keys the indices by path alone
         # a folder of its own: Bridge builds there without the lock under which calibration's build drops torn files
@@ -252,12 +252,15 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
         plan = RankPlan.from_json((save / PLAN_FILE).read_text())
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         cfg.checkpoint.load = str(save)
-        if saved == cfg.train.train_iters:  # rerun once trained (its conversion failed): Bridge trains no step, and
-            cfg.checkpoint.save_interval = saved  # saves at the end only off the interval, so not its last one again
+        if saved == train_iters(cfg.train):  # rerun once trained (its conversion failed): Bridge trains no step,
+            cfg.checkpoint.save_interval = saved  # and saves at the end only off the interval, so not its last again
         return cfg
     # the parent as the stage's conversion and the next stage read it: refused now, not once the stage has trained
     arch, ranks, _ = describe_parent(parent or hf_path)
     check_tensor_parallel(arch, tp, "model.tensor_model_parallel_size")
+    for key, length in (("dataset.seq_length", cfg.dataset.seq_length),
+                        ("plrd.calibration.seq_length", cfg.plrd.calibration.seq_length)):
+        check_sequence_length(arch, length, key)
     cfg.checkpoint.load = None  # a recipe's default would load another run into the decomposed model
     provider.perform_initialization = False  # the parent's weights replace it
     if parent is None:
@@ -280,6 +283,12 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started, lock_wait(cfg))):
         _add_pre_wrap_hook(provider, hook)
     return cfg
+
+
+def train_iters(train) -> Optional[int]:
+    """The job's step count: ``train.train_iters``, or what Bridge derives from ``train.train_samples`` when it
+    validates the job (after the stage is prepared); None for an epoch count."""
+    return train.train_samples // train.global_batch_size if train.train_samples else train.train_iters
 
 
 def _blend(data_path) -> tuple[list[str], Optional[list[float]]]:

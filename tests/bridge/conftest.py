@@ -17,4 +17,4 @@ from tiny_llama import save_tiny_llama  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_parent(tmp_path_factory) -> Path:
     """A tiny random LLaMA with SmolLM2's tokenizer, so the stage's data is real text."""
-    return save_tiny_llama(tmp_path_factory.mktemp("parent"), max_position_embeddings=256)
+    return save_tiny_llama(tmp_path_factory.mktemp("parent"), max_position_embeddings=512)  # >= every calibration here

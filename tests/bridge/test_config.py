@@ -1,6 +1,7 @@
 """The ``plrd:`` section on Bridge's ConfigContainer, through Bridge's own process_config_with_overrides."""
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -221,6 +222,45 @@ def stage_folder(tmp_path: Path, plan: Optional[PlanConfig] = None, **record) ->
                                                    "parent": None, **record}))
     (save / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
     return cfg, save
+
+
+@pytest.mark.parametrize("budget", [{"train_iters": 2}, {"train_iters": None, "train_samples": 8}])
+def test_a_stage_rerun_once_trained_saves_nothing_again(tmp_path, budget):
+    """Its last checkpoint (step 2 of 2; with train.train_samples, Bridge derives the step count only after the
+    stage is prepared) is its save interval: Bridge, training no step, saves at the end only off the interval."""
+    from nemo_plrd.bridge.checkpoint import PLAN_FILE
+    from nemo_plrd.bridge.stage import prepare_stage
+    from nemo_plrd.plan import RankPlan, SlotPlan
+
+    cfg, save = stage_folder(tmp_path)
+    RankPlan((SlotPlan(0, "linear_proj", 64, 64, 8),)).save(save / PLAN_FILE)
+    for key, value in budget.items():
+        setattr(cfg.train, key, value)
+    prepare_stage(cfg, hf_path="hf")
+    assert cfg.checkpoint.save_interval == 2
+
+
+def test_a_blend_of_another_shape_or_a_sequence_past_the_parent_s_is_refused_at_setup(tmp_path, tiny_parent):
+    """Named before any rank loads a model (before: megatron's assertion on every rank, or a prefix read
+    character by character); a sequence longer than the parent's positions, which neither megatron's RoPE nor
+    Bridge refuses, as the local stage refuses it."""
+    from nemo_plrd.bridge.checkpoint import TRACKER
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    prefix = data_prefix(tmp_path)
+    cases = ((("dataset", "blend", [prefix]), "dataset.blend=[" + repr(prefix) + "] must be [prefixes, weights]"),
+             (("dataset", "blend", ([prefix, prefix], [0.5])), "must be [prefixes, weights]"),
+             (("dataset", "seq_length", 4096), "dataset.seq_length=4096 is longer than the parent's "
+                                               "max_position_embeddings (512)"),
+             (("plrd.calibration", "seq_length", 4096), "plrd.calibration.seq_length=4096 is longer than the "
+                                                        "parent's max_position_embeddings (512)"))
+    for number, ((section, key, value), message) in enumerate(cases):
+        (tmp_path / str(number)).mkdir()
+        cfg, save = stage_folder(tmp_path / str(number))
+        (save / TRACKER).unlink()  # a fresh start
+        setattr(functools.reduce(getattr, section.split("."), cfg), key, value)
+        with pytest.raises(InputError, match=re.escape(message)):
+            prepare_stage(cfg, hf_path=str(tiny_parent))
 
 
 def test_a_stage_s_data_is_looked_for_at_setup_and_indexed_by_its_version(tmp_path, tiny_parent, monkeypatch):

@@ -738,7 +738,8 @@ def test_an_output_taken_over_by_other_settings_keeps_nothing_the_stopped_run_le
     (a decomposition's checkpoint without its record, gigabytes at 7B) does not end up in the finished output."""
     init_distributed()
     family = tmp_path / "family.partial"
-    configs = lambda keep: load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", f"keep=[{keep}]"])
+    configs = lambda keep: load_config(FamilyConfig, FAMILY_YAML, [f"output={tmp_path / 'family'}", f"keep=[{keep}]",
+                                                                   "baselines=[control]"])
     claim(family, configs(0.6), untrained=lambda: _family_untrained(family), section="stage.")
     (family / "stage1-keep0.6.partial" / "train" / DECOMPOSED).mkdir(parents=True)
     (family / ".lock").touch()  # the run's own, held by sole_run

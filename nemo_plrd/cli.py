@@ -263,15 +263,14 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
     from nemo_plrd.assets import smollm2_135m
     from nemo_plrd.config import EMBEDDED_PARENT
-    from nemo_plrd.data import megatron_tokenizer, prepare_dataset, read_documents
+    from nemo_plrd.data import dataset_written, megatron_tokenizer, prepare_dataset, read_documents
     from nemo_plrd.files import refuse_existing
 
     try:
         if args.output.endswith("/") or Path(args.output).is_dir():
             raise InputError(f"--output {args.output} is a folder; give the dataset's path prefix (--output "
                              f"{Path(args.output) / 'corpus'} writes {Path(args.output) / 'corpus'}.bin and .idx)")
-        # a dataset is complete once its .idx is there; a .bin alone is a killed run's, which this one replaces
-        refuse_existing(args.output, "dataset", exists=lambda prefix: Path(f"{prefix}.idx").exists())
+        refuse_existing(args.output, "dataset", exists=dataset_written)
         tokenizer_dir = smollm2_135m() if args.tokenizer == EMBEDDED_PARENT else Path(args.tokenizer)
         if not (tokenizer_dir / "tokenizer_config.json").is_file():
             raise InputError(f"--tokenizer {tokenizer_dir} is not an HF model or tokenizer directory "

@@ -101,11 +101,17 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
     return prefix
 
 
+def dataset_written(prefix: str | Path) -> bool:
+    """A dataset is complete once its ``.idx`` is there (renamed into place last); a ``.bin`` alone is a killed
+    run's, which the next one replaces."""
+    return Path(f"{prefix}.idx").exists()
+
+
 def _write_dataset(documents: Iterable[str], tokenizer, prefix: Path, progress: bool) -> None:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     # asked again under the lock: a run that waited for it may find the dataset finished, never rewritten
-    refuse_existing(prefix, "dataset", exists=lambda prefix: Path(f"{prefix}.idx").exists())
+    refuse_existing(prefix, "dataset", exists=dataset_written)
     tmp = prefix.with_name(prefix.name + ".partial")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
     tokens = 0  # of text, not counting the EOD tokens

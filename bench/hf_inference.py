@@ -54,9 +54,10 @@ def forward_flops(model, tokens: int, cached: int, logits: int) -> int:
     """
     config = model.config
     attended = tokens * cached + tokens * (tokens + 1) // 2
-    attention_width = config.num_attention_heads * config.head_dim
+    # heads x head_dim is the hidden size (the import refuses a parent where it is not); a Qwen2 config has
+    # no head_dim
     return (2 * block_weights(model) * tokens + 2 * model.lm_head.weight.numel() * logits
-            + 4 * config.num_hidden_layers * attention_width * attended)
+            + 4 * config.num_hidden_layers * config.hidden_size * attended)
 
 
 def phase_flops(model) -> dict[str, int]:

@@ -22,9 +22,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from tp_comm import make_layer  # bench/ is on sys.path when this runs as a script
 
 from nemo_plrd.cli import positive_int
-from nemo_plrd.layers import break_even_rank
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.report import format_table
+from nemo_plrd.slots import break_even_rank
 
 # (shape name, slot, out, in, tokens, ranks)
 CASES = [

@@ -34,6 +34,7 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, distrib_optimizer
 
@@ -135,6 +136,11 @@ class DatasetConfig:
                 or not float(shares[0]) > 0:
             raise InputError(f"dataset.split={self.split!r} must be three shares 'train,valid,test' "
                              "(e.g. '90,10,0'), the train share > 0")
+
+    @property
+    def shares(self) -> list[float]:
+        """``split``'s train / valid / test shares as megatron reads them (normalised to sum to 1)."""
+        return parse_and_normalize_split(self.split)
 
 
 def check_export(export: list[str], at_least_one: Optional[str] = None) -> None:
@@ -319,7 +325,7 @@ class DecomposeConfig:
         self.ddp_config()  # refused now, not after the decomposition (the optimizer's config with it)
         check_export(self.export)
         check_dtype("export_dtype", self.export_dtype)
-        if self.train.steps and self.train.eval_iters and not float(self.dataset.split.replace("/", ",").split(",")[1]):
+        if self.train.steps and self.train.eval_iters and not self.dataset.shares[1]:
             raise InputError(f"train.eval_iters={self.train.eval_iters} needs a valid share in dataset.split="
                              f"{self.dataset.split!r} (or train.eval_iters=0 train.eval_interval=0)")
         if self.eval.tasks and not self.export:

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from nemo_plrd.comm import CollectiveMeter
 from nemo_plrd.data import DataParallelBatches, token_samples
-from nemo_plrd.layers import break_even_rank
 from nemo_plrd.model import SMOLLM2_135M, LlamaArch, build_gpt, parameter_count
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.report import format_table
+from nemo_plrd.slots import break_even_rank
 from nemo_plrd.train import Schedule, Trainer
 
 

@@ -15,7 +15,7 @@ from nemo_plrd.errors import InputError
 from nemo_plrd.model import LlamaArch
 from nemo_plrd.plan import BUDGET_KEYS, RankPlan, SlotPlan, plan_ranks
 from nemo_plrd.report import format_table
-from nemo_plrd.slots import SLOTS
+from nemo_plrd.slots import SLOTS, break_even_rank
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def family_table(arch: LlamaArch, stages: Sequence[StagePlan], parent: Optional[
     parent = parent or parent_plan(arch)
     shapes = arch.slot_shapes()
     header = ["member", "params", "of parent"] + [
-        f"{slot.removeprefix('linear_')} {out}x{inp} (r*={out * inp / (out + inp):.0f})"
+        f"{slot.removeprefix('linear_')} {out}x{inp} (r*={break_even_rank(out, inp):.0f})"
         for slot, (out, inp) in shapes.items()] + [
         "dense slots", "GFLOP/token (fwd)", "train tokens"]
     seq_length = stages[0].seq_length if stages else arch.max_sequence_length

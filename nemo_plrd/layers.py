@@ -52,11 +52,6 @@ from nemo_plrd.slots import COLUMN, ROW
 _SWIGLU_TAKES_GROUPS = "dp_group" in inspect.signature(apply_swiglu_sharded_factory).parameters
 
 
-def break_even_rank(out_features: int, in_features: int) -> float:
-    """The rank at which a factor pair costs as many parameters and FLOPs as W itself."""
-    return out_features * in_features / (out_features + in_features)
-
-
 def _check_rank(rank: int, out_features: int, in_features: int) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(out_features, in_features):
         raise ValueError(

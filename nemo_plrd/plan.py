@@ -25,7 +25,7 @@ import torch
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import write_text_atomic
 from nemo_plrd.report import format_table
-from nemo_plrd.slots import SLOTS, check_slot_names
+from nemo_plrd.slots import SLOTS, break_even_rank, check_slot_names
 
 Shape = tuple[int, int]  # (out, in)
 ALLOCATIONS = ("uniform", "spectrum")
@@ -49,7 +49,7 @@ class SlotPlan:
 
     @property
     def break_even(self) -> float:
-        return self.dense_params / (self.out_features + self.in_features)
+        return break_even_rank(self.out_features, self.in_features)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _table_row(run: list[SlotPlan]) -> tuple:
 
 
 def _largest_rank_below_break_even(out: int, inp: int, multiple: int) -> int:
-    return (math.ceil(out * inp / (out + inp)) - 1) // multiple * multiple
+    return (math.ceil(break_even_rank(out, inp)) - 1) // multiple * multiple
 
 
 def _energy_fraction(spectrum: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,7 @@ def plan_ranks(
             if now is not None and rank > now:
                 raise InputError(f"ranks: {slot}={rank} is above the rank {now} layer {layer}'s {slot} has; a plan "
                                  "can only lower a rank")
-            keep_dense = rank is None or (now is None and rank >= out * inp / (out + inp))
+            keep_dense = rank is None or (now is None and rank >= break_even_rank(out, inp))
             slots.append(SlotPlan(layer, slot, out, inp, None if keep_dense else rank))
         return RankPlan(tuple(slots), other_params)
 

@@ -27,6 +27,12 @@ SLOTS = {
 SlotRanks = Mapping[str, Optional[int]]
 
 
+def break_even_rank(out_features: int, in_features: int) -> float:
+    """The rank at which a factor pair costs as many parameters and FLOPs as W itself: a slot factored at
+    or above it is cheaper dense."""
+    return out_features * in_features / (out_features + in_features)
+
+
 def one_key_per_layer(ranks: Union[SlotRanks, Sequence[SlotRanks], None]) -> bool:
     """Whether a model of ``ranks`` (one mapping for every layer, or one per layer) is checkpointed with
     one key per layer: when it factors a slot, as factor shapes may differ between layers (megatron

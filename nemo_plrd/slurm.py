@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from nemo_plrd.assets import eval_sets
+from nemo_plrd.bridge import check_stage_parallelism
 from nemo_plrd.bridge.checkpoint import STAGE_FILE
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import blend_lists, check_prefix
@@ -75,14 +76,8 @@ class Cluster:
     def check_layout(self, family: BridgeFamilyConfig) -> None:
         """TP within a node and dividing the world; the global batch split over the data-parallel ranks."""
         world = self.nodes * self.gpus_per_node
-        pp = family.job.count("model.pipeline_model_parallel_size", 1)
-        if pp != 1:
-            raise InputError(f"model.pipeline_model_parallel_size={pp}: a PLRD stage needs 1 (its calibration runs "
-                             "the whole model layer by layer in one process; docs/scale.md)")
-        cp = family.job.count("model.context_parallel_size", 1)
-        if cp != 1:
-            raise InputError(f"model.context_parallel_size={cp}: a PLRD stage needs 1 (its layers' local attention "
-                             "has no context-parallel path; docs/scale.md)")
+        check_stage_parallelism(family.job.count("model.pipeline_model_parallel_size", 1),
+                                family.job.count("model.context_parallel_size", 1))
         tp = family.tensor_parallel_size
         if self.gpus_per_node % tp:
             raise InputError(f"model.tensor_model_parallel_size={tp} must divide --gpus-per-node="

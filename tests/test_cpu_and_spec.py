@@ -8,9 +8,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_plrd.cpu import CpuRNGStatesTracker, TorchNorm
-from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear, break_even_rank
+from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
 from nemo_plrd.model import SMOLLM2_135M, LlamaArch
 from nemo_plrd.report import duration, format_table
+from nemo_plrd.slots import break_even_rank
 from nemo_plrd.spec import low_rank_block_spec, low_rank_layer_spec, spec_submodules
 
 

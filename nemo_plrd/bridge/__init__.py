@@ -32,6 +32,18 @@ def require_bridge(installed: str | None = None) -> None:
                          "checked: megatron-bridge 0.6.2, megatron-core 0.19.2)")
 
 
+def check_stage_parallelism(pipeline: int, context: int) -> None:
+    """A stage's calibration runs the whole model layer by layer in one process, and its layer spec's attention
+    is megatron's local one, which has no context-parallel path: refused where the job is submitted and where it
+    starts (docs/scale.md)."""
+    if pipeline != 1:
+        raise InputError(f"model.pipeline_model_parallel_size={pipeline}: a PLRD stage needs 1 (its calibration runs "
+                         "the whole model layer by layer in one process; docs/scale.md)")
+    if context != 1:
+        raise InputError(f"model.context_parallel_size={context}: a PLRD stage needs 1 (its layers' local attention "
+                         "has no context-parallel path; docs/scale.md)")
+
+
 def recipe_function(recipe: str, key: str) -> tuple[str, str]:
     """``recipe``'s module and function, refused (as ``key``) unless it is ``MODULE:FUNCTION``: checked where it
     is named, so a family's submission refuses what its stage jobs would."""

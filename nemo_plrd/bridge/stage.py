@@ -25,6 +25,7 @@ import torch
 from megatron.bridge.models import AutoBridge
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
+from nemo_plrd.bridge import check_stage_parallelism
 from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, saved_iteration
 from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
@@ -192,12 +193,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     """
     if cfg.checkpoint.save is None:
         raise InputError("checkpoint.save must be set: a PLRD stage records its ranks beside its checkpoints")
-    if cfg.model.pipeline_model_parallel_size != 1:
-        raise InputError(f"model.pipeline_model_parallel_size={cfg.model.pipeline_model_parallel_size}: a PLRD stage "
-                         "needs 1 (calibration runs the whole model layer by layer; docs/scale.md)")
-    if cfg.model.context_parallel_size != 1:
-        raise InputError(f"model.context_parallel_size={cfg.model.context_parallel_size}: a PLRD stage needs 1 (its "
-                         "layer spec's attention is megatron's local one, which runs without context parallelism)")
+    check_stage_parallelism(cfg.model.pipeline_model_parallel_size, cfg.model.context_parallel_size)
     tp = cfg.model.tensor_model_parallel_size
     if cfg.model.sequence_parallel and tp > 1 and cfg.plrd.calibration.seq_length % tp:
         raise InputError(f"plrd.calibration.seq_length={cfg.plrd.calibration.seq_length} must be a multiple of "

@@ -69,10 +69,13 @@ def _check_checkpoint(path: Path) -> None:
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Load ``model``'s weights; a training checkpoint's other state (optimizer, scheduler, RNG), which
+    megatron's load returns with them, is left out."""
     path = Path(path)
     _check_checkpoint(path)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
-    model.load_state_dict(state)
+    wanted = model.sharded_state_dict()
+    state = dist_checkpointing.load(wanted, str(path))
+    model.load_state_dict({key: state[key] for key in wanted})
 
 
 def read_metadata(path: str | Path) -> tuple[LlamaArch, list[dict]]:

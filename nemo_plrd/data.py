@@ -169,18 +169,25 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                               tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
                               eod_mask_loss=False, create_attention_mask=False,
                               path_to_cache=rank0_decides(lambda: str(index_cache(blend[0]))))  # rank 0 builds
-    # megatron loops forever looking for samples in a split with no documents; it sizes every split of a
-    # weighted blend with a share (one not asked for gets one sample, then is dropped)
+    # megatron loops forever looking for samples in a split with no documents; it builds every split with a
+    # share of a weighted blend (one not asked for gets one sample, then is dropped) and of an unweighted blend
+    # of several prefixes, which it weights by their splits' sizes, asserting each is at least one sample
+    by_size = blend[1] is None and len(blend[0]) > 1
+    unasked = ", or none (0) if nothing reads it: megatron builds every split of a weighted blend or one of several"
     for prefix in blend[0]:
-        documents = IndexedDataset(prefix).sequence_lengths.shape[0]
+        dataset = IndexedDataset(prefix)  # kept while its lengths are read: they are a view of its memory map
+        lengths = dataset.sequence_lengths
         for name, wanted, bounds in zip(SPLITS, num_samples, config.split_matrix):
-            begin, end = bounds or (0, 0)
-            built = wanted or (bounds is not None and blend[1] is not None)
-            if built and int(round(end * documents)) <= int(round(begin * documents)):
+            begin, end = (int(round(bound * len(lengths))) for bound in bounds or (0, 0))
+            if not (wanted or (bounds is not None and (blend[1] is not None or by_size))):
+                continue
+            if end <= begin:
                 raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} no documents "
-                                 f"(it has {documents}); give that split a larger share"
-                                 + ("" if wanted else ", or none (0) if nothing reads it: megatron builds every "
-                                                      "split of a weighted blend"))
+                                 f"(it has {len(lengths)}); give that split a larger share" + ("" if wanted else unasked))
+            if by_size and lengths[begin:end].sum() <= sequence_length:
+                raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} "
+                                 f"{lengths[begin:end].sum()} tokens, not one sample of {sequence_length}; give that "
+                                 f"split a larger share{'' if wanted else unasked}, or the prefixes weights")
     sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
     with cache_builder(config.path_to_cache, wait):
         splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()

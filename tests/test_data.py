@@ -279,9 +279,27 @@ def test_a_split_without_documents_is_refused_instead_of_searched_forever(prefix
         gpt_datasets(([prefix], None), "99,1,0", 32, [8, 8, None], tokenizer)
     # weighted, megatron builds the valid split too, asked for or not (calibration asks for train alone)
     with pytest.raises(InputError, match=r"leaves the valid split of .* no documents .* or none \(0\) if nothing "
-                                         r"reads it: megatron builds every split of a weighted blend"):
+                                         r"reads it: megatron builds every split of a weighted blend or one of several"):
         gpt_datasets(([prefix], [1.0]), "99,1,0", 32, [8, None, None], tokenizer)
     train, valid, _ = gpt_datasets(([prefix], [1.0]), "100,0,0", 32, [8, None, None], tokenizer)
+    assert len(train) >= 8 and valid is None
+
+
+def test_an_unweighted_blend_of_several_refuses_a_split_it_cannot_weight(documents, tokenizer, tmp_path):
+    """Unweighted, megatron builds every split of each of several prefixes and weights them by their sizes:
+    one with no documents, or no whole sample, was an empty AssertionError in its BlendedDataset."""
+    init_distributed()
+    halves = [str(prepare_dataset(documents[i::2], tokenizer, tmp_path / f"half{i}")) for i in range(2)]
+    with pytest.raises(InputError, match=r"dataset.split='99,1,0' leaves the valid split of .*half0 no documents "
+                                         r".* or none \(0\) if nothing reads it: megatron builds every split of a "
+                                         r"weighted blend or one of several"):
+        gpt_datasets((halves, None), "99,1,0", 32, [8, None, None], tokenizer)
+    short = [str(prepare_dataset(["one two three four five six seven"] * 20, tokenizer, tmp_path / f"short{i}"))
+             for i in range(2)]  # 8 tokens a document: the valid split's 2 make no sample of 32
+    with pytest.raises(InputError, match=r"dataset.split='90,10,0' leaves the valid split of .*short0 16 tokens, "
+                                         r"not one sample of 32; .* or the prefixes weights"):
+        gpt_datasets((short, None), "90,10,0", 32, [8, None, None], tokenizer)
+    train, valid, _ = gpt_datasets((halves, None), "90,10,0", 32, [8, None, None], tokenizer)
     assert len(train) >= 8 and valid is None
 
 

@@ -9,6 +9,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.optimizer import OptimizerConfig
 
+from nemo_plrd.checkpoint import load_model, save_checkpoint
 from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import init_model_parallel
@@ -109,6 +110,20 @@ def test_a_run_resumed_from_its_checkpoint_takes_the_uninterrupted_steps(tmp_pat
     losses += [resumed.step()["loss"] for _ in range(2)]
     assert losses == expected
     assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", [{}, {"bf16": True}])
+def test_a_training_checkpoint_loads_as_a_model(tmp_path, optimizer):
+    """A stage's train/iter_* holds the optimizer, scheduler and RNG beside the weights; converted or
+    named as a parent it loads the weights alone (bf16 mixed: the model's bf16 ones, into an fp32 model)."""
+    trained = trainer(Schedule(4, global_batch=4), **optimizer)
+    for _ in range(2):
+        trained.step()
+    save_checkpoint(trained.model, tmp_path / "iter_2", ARCH, state=trained.state())
+    loaded, _ = load_model(tmp_path / "iter_2")
+    assert all(torch.equal(a.float(), b) for a, b in zip(trained.model.parameters(), loaded.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(trainer(Schedule(4, global_batch=4)).model.parameters(),
+                                                     loaded.parameters()))  # trained: not the step-0 weights
 
 
 def test_the_last_step_is_logged_whatever_the_log_interval(tmp_path):

@@ -389,7 +389,8 @@ class FamilyConfig:
     """``recipes/family.py``: one stage per entry of ``keep``, each stage's parent the previous stage's checkpoint.
 
     ``stage`` holds every stage's settings as ``recipes/decompose.py`` takes them, less
-    ``parent``, ``output`` and ``plrd.plan.keep``, which the family sets per stage.
+    ``parent``, ``output``, the plan's budget (``plrd.plan.keep``) and the stream position
+    (``train.first_sample``, ``train.stream_samples``), which the family sets per stage.
     ``baselines`` are what the members are measured against, trained with the same settings:
     ``control``, the parent as it is (dense, or a member's ranks) and trained like one stage, and
     ``one-shot``, the parent decomposed straight to the last member's size and trained on the whole family's tokens.

@@ -7,7 +7,7 @@ conversion, exports and lm-eval on one node. Each task depends on the one before
 (``afterok``, and ``--kill-on-invalid-dep=yes`` so a failure cancels the rest). Their job ids go
 to ``OUTPUT/launch/jobs.json``, as ``plrd submit``'s own launcher records them, so a second
 submission while they are queued or running is refused. Needs the
-``slurm`` extra: ``pip install nemo-plrd[slurm]``.
+``slurm`` extra: ``pip install -e '.[slurm]'`` in the checkout.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def stage_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool
     try:
         import nemo_run as run
     except ImportError as error:
-        raise InputError(f"--launcher nemo-run needs nemo-run: pip install nemo-plrd[slurm] ({error})") from None
+        raise InputError(f"--launcher nemo-run needs nemo-run: pip install -e '.[slurm]' in the "
+                         f"nemo-plrd checkout ({error})") from None
     launch = Path(family.output).resolve() / "launch" / "nemo-run"
     if any(character.isspace() or character == "%" for character in str(launch)):
         raise InputError(f"output={family.output!r}: nemo-run writes the tasks' log and work folders under it into "

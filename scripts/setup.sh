@@ -3,7 +3,8 @@
 #   bash scripts/setup.sh                  # .venv, exactly the tested set in constraints.txt
 #   bash scripts/setup.sh --bridge         # .venv-bridge: the Megatron-Bridge test lane (tests/bridge/)
 #   bash scripts/setup.sh --latest DIR     # a venv in DIR with the newest releases (torch stays pinned)
-# Idempotent: pip runs again only when setup.py or the constraint set changed since the last install.
+# Idempotent: pip runs again only when setup.py, the constraint set, this script or the venv's Python changed
+# since the last install. Linux (x86_64 / aarch64) with bash >= 4.4: the pinned torch is PyTorch's +cpu build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +37,8 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
     rm -rf "$VENV"; exit 1; }
 fi
 pip=("$VENV/bin/pip" --quiet)
-TORCH=$(grep '^torch==' constraints.txt | cut -d= -f3)  # the CPU build, e.g. 2.13.0+cpu
+TORCH=$(grep '^torch==' constraints.txt | cut -d= -f3) || {  # the CPU build, e.g. 2.13.0+cpu
+  echo "[setup] constraints.txt pins no torch== (the CPU build every install takes)" >&2; exit 1; }
 # PyPI's Linux torch is the CUDA build; the CPU build is on PyTorch's own index. Taken from the indexes
 # pip is configured with where they have it (a local wheel house, a mirror), else from PyTorch's.
 install_torch() {
@@ -60,7 +62,8 @@ fi
 
 extra=()
 if [ "$BRIDGE" = 1 ]; then extra=(-r tests/bridge/requirements.txt); fi
-stamp="$VENV/.nemo-plrd-installed-$(cat setup.py "$CONSTRAINTS" "${extra[@]:1}" $([ "$BRIDGE" = 1 ] && echo tests/bridge/nemo-run.txt) | sha256sum | cut -c1-16)"
+stamp="$VENV/.nemo-plrd-installed-$( ("$VENV/bin/python" --version; cat scripts/setup.sh setup.py "$CONSTRAINTS" \
+  "${extra[@]:1}" $([ "$BRIDGE" = 1 ] && echo tests/bridge/nemo-run.txt)) | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing nemo-plrd and the tested set ($CONSTRAINTS) into $VENV"
   "${pip[@]}" install -c "$CONSTRAINTS" pip setuptools

@@ -14,9 +14,10 @@ status=0
 "$python" -m torch.distributed.run --standalone --nproc_per_node 2 --log-dir "$logs" --redirects 1:3 \
   -m pytest -q -p no:cacheprovider tests/distributed "$@" || status=$?
 if [ "$status" -ne 0 ]; then
+  shopt -s nullglob  # torchrun stopped before its workers (a rendezvous failure) left no rank log
   for log in "$logs"/*/attempt_0/1/stdout.log "$logs"/*/attempt_0/1/stderr.log; do
     echo "=== rank 1: $log (last 200 lines)"
-    tail -n 200 "$log"
+    tail -n 200 "$log" || true
   done
 fi
 exit "$status"

@@ -303,7 +303,7 @@ def test_an_unweighted_blend_of_several_refuses_a_split_it_cannot_weight(documen
     assert len(train) >= 8 and valid is None
 
 
-def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(prefix, tokenizer):
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused():
     with pytest.raises(InputError, match="the global batch 6 is not a multiple of micro batch 2 x data-parallel size 2"):
         DataParallelBatches([], 2, 6, 0, 2)
 

@@ -12,12 +12,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
-
-from filelock import FileLock
+from typing import TYPE_CHECKING, Callable
 
 from nemo_plrd.errors import InputError, OutputExistsError
-from nemo_plrd.files import try_acquire
+from nemo_plrd.files import held_folder
 
 if TYPE_CHECKING:
     from nemo_plrd.config import EvalConfig
@@ -168,7 +166,8 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         hf_model_dir(model_dir)  # refused before --out is made
         done = (out / "results.json").is_file()  # then only read: a read-only --out reports its results too
         if not done:
-            with _sole_writer(out):
+            with held_folder(out, EVAL_LOCK, f"--out {out}", "is being written by another plrd eval",
+                             "let it finish, or choose another --out"):
                 done = (out / "results.json").is_file()  # written by another plrd eval since
                 if not done:
                     result = evaluate(model_dir, **vars(cfg)) | {"model_files": _model_files(model_dir),
@@ -186,33 +185,6 @@ def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 EVAL_LOCK = ".lock"  # in --out while a plrd eval writes it
-
-
-@contextlib.contextmanager
-def _sole_writer(out: Path) -> Iterator[None]:
-    """``out`` made before the evaluation (a path that cannot be a folder is refused now, not after hours of
-    lm-eval) and held by this run: two evaluations into one folder would each replace the other's results.
-    A folder this run made and left empty (a refused request) goes."""
-    made = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"--out {out} cannot be made a folder: {error.strerror}") from None
-    lock = FileLock(out / EVAL_LOCK)
-    try:
-        held = try_acquire(lock)
-    except OSError as error:
-        raise InputError(f"--out {out} is not writable: {error.strerror}") from None
-    if not held:
-        raise InputError(f"--out {out} is being written by another plrd eval (it holds {out / EVAL_LOCK}); "
-                         "let it finish, or choose another --out")
-    try:
-        yield
-    finally:
-        lock.release()
-        (out / EVAL_LOCK).unlink(missing_ok=True)
-        if made and not any(out.iterdir()):
-            out.rmdir()
 
 
 def _earlier_results(out: Path, model_dir: Path, cfg: EvalConfig) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.errors import InputError
 from nemo_plrd.slurm import (Cluster, completion, pending_stages, preamble, prepare_submission, record_jobs,
-                             refuse_if_queued, stage_steps, step_lines)
+                             sole_submission, stage_steps, step_lines)
 
 
 def stage_tasks(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> list[tuple[str, int, str]]:
@@ -84,8 +84,7 @@ def submit_experiment(family: BridgeFamilyConfig, cluster: Cluster, dry_run: boo
             if fresh and output.exists() and not any(path.is_file() for path in output.rglob("*")):
                 shutil.rmtree(output)
         return
-    refuse_if_queued(family)
-    with stage_experiment(family, cluster, dry_run) as experiment:
+    with sole_submission(family), stage_experiment(family, cluster, dry_run) as experiment:
         try:
             experiment.run(detach=True)
         except Exception as error:  # nemo-run stops at the first task it fails to submit: the ones before it are queued

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -90,3 +91,31 @@ def try_acquire(lock: FileLock) -> bool:
         return True
     except Timeout:
         return False
+
+
+@contextmanager
+def held_folder(folder: Path, lock_name: str, named: str, busy: str, advice: str) -> Iterator[None]:
+    """``folder``, made if missing (a path that cannot be one is refused now, not after the work), held by this
+    process through the lock ``folder/lock_name`` while the block runs: another holder is refused as
+    "``named`` ``busy`` (it holds LOCK); ``advice``". The kernel drops the lock of a process that dies. The
+    folders this made and left empty (a refused request) go."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{named} cannot be made a folder: {error.strerror}") from None
+    lock = FileLock(folder / lock_name)
+    try:
+        held = try_acquire(lock)
+    except OSError as error:
+        raise InputError(f"{named} is not writable: {error.strerror}") from None
+    if not held:
+        raise InputError(f"{named} {busy} (it holds {folder / lock_name}); {advice}")
+    try:
+        yield
+    finally:
+        lock.release()
+        (folder / lock_name).unlink(missing_ok=True)
+        for path in made:  # the deepest first
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()

@@ -20,9 +20,10 @@ import re
 import shlex
 import shutil
 import subprocess
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from nemo_plrd.assets import eval_sets
 from nemo_plrd.bridge import check_stage_parallelism
@@ -31,7 +32,7 @@ from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import blend_lists, check_prefix
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import heldout_blocks
-from nemo_plrd.files import write_text_atomic
+from nemo_plrd.files import held_folder, write_text_atomic
 from nemo_plrd.model import check_tensor_parallel
 
 
@@ -200,6 +201,9 @@ def render(family: BridgeFamilyConfig, index: int, cluster: Cluster) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUBMIT_LOCK = ".submit.lock"  # in OUTPUT/launch while a plrd submit queues the family's jobs
+
+
 def jobs_record(family: BridgeFamilyConfig) -> Path:
     """``OUTPUT/launch/jobs.json``: the job id of each stage the last submission queued."""
     return Path(family.output) / "launch" / "jobs.json"
@@ -209,13 +213,20 @@ def record_jobs(family: BridgeFamilyConfig, submitted: dict[str, str]) -> None:
     write_text_atomic(jobs_record(family), json.dumps(submitted, indent=1) + "\n")
 
 
-def refuse_if_queued(family: BridgeFamilyConfig) -> None:
-    """A second chain would train the same stages into the same folders: refused while the last one's jobs run."""
-    running = queued_jobs(family)
-    if running:
-        raise InputError(f"{family.output}: stages of an earlier submission are queued or running ("
-                         f"{', '.join(f'{name}: job {job}' for name, job in running.items())}); wait for them to "
-                         f"end, or scancel them, then submit again")
+@contextmanager
+def sole_submission(family: BridgeFamilyConfig) -> Iterator[None]:
+    """The one ``plrd submit`` of ``family`` from its look at the queue to its record of the jobs it queued: a
+    second chain would train the same stages into the same folders, refused while the last one's jobs are queued
+    or running, and while another submission is between the two."""
+    with held_folder(jobs_record(family).parent, SUBMIT_LOCK, f"output={family.output}",
+                     "is being submitted by another plrd submit", "let it finish (submitted again, a family goes on "
+                     "after its last complete stage)"):
+        running = queued_jobs(family)
+        if running:
+            raise InputError(f"{family.output}: stages of an earlier submission are queued or running ("
+                             f"{', '.join(f'{name}: job {job}' for name, job in running.items())}); wait for them to "
+                             f"end, or scancel them, then submit again")
+        yield
 
 
 def queued_jobs(family: BridgeFamilyConfig) -> dict[str, str]:
@@ -332,37 +343,36 @@ def submit(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool = False,
     if not stages:
         out(f"{family.output}: every stage is complete, nothing to submit")
         return []
-    if not dry_run:
-        refuse_if_queued(family)
-    prepare_submission(family, cluster, dry_run)
-    if stages[0]:
-        out(f"skipping {', '.join(family.stage_name(i) for i in range(stages[0]))}: "
-            f"{family.stage_name(stages[0] - 1)} is complete")
-    scripts = {index: render(family, index, cluster) for index in stages}  # each refused before any is written
-    if not dry_run and shutil.which("sbatch") is None:
-        raise InputError("sbatch is not on PATH: submit from a SLURM login node, or see the jobs with --dry-run")
-    launch_dir = Path(family.output) / "launch"
-    submitted: dict[str, str] = {}  # job ids by stage name, for the next submission's check (queued_jobs)
-    previous = None  # the job id of the stage before, or in a dry run its name
-    for index, script in scripts.items():
-        path = launch_dir / f"{family.stage_name(index)}.sbatch"
-        after = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
-        # the log's path in sbatch's argv, exactly: an #SBATCH line is split at spaces and strips quotes
-        # (a % of the path written %%, or sbatch reads it as one of its patterns)
-        log = f"{str(launch_dir).replace('%', '%%')}/%x-%j.log"
-        command = ["sbatch", "--parsable", f"--output={log}", *after, str(path)]
-        if dry_run:
-            out(f"# {path}\n{script}\n# would submit: {shlex.join(command)}\n")
-            previous = f"<job id of {family.stage_name(index)}>"
-            continue
-        launch_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, script)
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise InputError(f"{shlex.join(command)} failed ({result.returncode}): {result.stderr.strip()}"
-                             + (f"; submitted before it: {', '.join(submitted.values())}" if submitted else ""))
-        before, previous = previous, result.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
-        submitted[family.stage_name(index)] = previous
-        record_jobs(family, submitted)
-        out(f"{family.stage_name(index)}: job {previous}" + (f" (after {before})" if before else ""))
-    return list(submitted.values())
+    with nullcontext() if dry_run else sole_submission(family):
+        prepare_submission(family, cluster, dry_run)
+        if stages[0]:
+            out(f"skipping {', '.join(family.stage_name(i) for i in range(stages[0]))}: "
+                f"{family.stage_name(stages[0] - 1)} is complete")
+        scripts = {index: render(family, index, cluster) for index in stages}  # each refused before any is written
+        if not dry_run and shutil.which("sbatch") is None:
+            raise InputError("sbatch is not on PATH: submit from a SLURM login node, or see the jobs with --dry-run")
+        launch_dir = Path(family.output) / "launch"
+        submitted: dict[str, str] = {}  # job ids by stage name, for the next submission's check (queued_jobs)
+        previous = None  # the job id of the stage before, or in a dry run its name
+        for index, script in scripts.items():
+            path = launch_dir / f"{family.stage_name(index)}.sbatch"
+            after = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
+            # the log's path in sbatch's argv, exactly: an #SBATCH line is split at spaces and strips quotes
+            # (a % of the path written %%, or sbatch reads it as one of its patterns)
+            log = f"{str(launch_dir).replace('%', '%%')}/%x-%j.log"
+            command = ["sbatch", "--parsable", f"--output={log}", *after, str(path)]
+            if dry_run:
+                out(f"# {path}\n{script}\n# would submit: {shlex.join(command)}\n")
+                previous = f"<job id of {family.stage_name(index)}>"
+                continue
+            launch_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, script)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                raise InputError(f"{shlex.join(command)} failed ({result.returncode}): {result.stderr.strip()}"
+                                 + (f"; submitted before it: {', '.join(submitted.values())}" if submitted else ""))
+            before, previous = previous, result.stdout.strip().split(";")[0]  # --parsable: ID or ID;CLUSTER
+            submitted[family.stage_name(index)] = previous
+            record_jobs(family, submitted)
+            out(f"{family.stage_name(index)}: job {previous}" + (f" (after {before})" if before else ""))
+        return list(submitted.values())

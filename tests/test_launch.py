@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import transformers
+from filelock import FileLock
 from omegaconf import OmegaConf
 
 from nemo_plrd import assets
@@ -343,6 +344,21 @@ def test_a_submission_while_the_last_one_s_jobs_are_queued_is_refused_naming_the
     assert len(fake_sbatch.read_text().splitlines()) == 4  # nothing submitted
     (tmp_path / "queue").write_text("999\n")  # they ended (a failure cancels the rest: all gone)
     assert submit(family, CLUSTER) == ["105", "106", "107", "108"]
+
+
+def test_a_submission_while_another_is_queueing_the_family_is_refused(family, fake_sbatch):
+    """From its look at the queue to its record of the jobs it queued, a submission holds the family: two at
+    once would each find nothing queued and submit a chain."""
+    launch = Path(family.output) / "launch"
+    launch.mkdir(parents=True)
+    with FileLock(launch / ".submit.lock"):  # another plrd submit, between the two
+        with pytest.raises(InputError, match=rf"output={re.escape(family.output)} is being submitted by another "
+                                             r"plrd submit \(it holds .*\.submit\.lock\); let it finish"):
+            submit(family, CLUSTER)
+    assert not fake_sbatch.exists()
+    assert submit(family, CLUSTER) == ["101", "102", "103", "104"]
+    assert sorted(path.name for path in launch.iterdir()) == ["jobs.json", *sorted(
+        f"{family.stage_name(index)}.sbatch" for index in range(4))]  # the lock gone with the submission
 
 
 def test_a_script_of_a_family_under_a_path_with_quotes_and_spaces_runs(family, tmp_path):

@@ -207,8 +207,11 @@ def plot_family(cfg, members: list[dict], baselines: dict[str, dict], path: Path
     axes.set(xlabel="parameters (millions)", ylabel="held-out perplexity", yscale="log",
              title=f"PLRD family of {model_name(cfg.parent)}")
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    # minor ticks at 2 and 5 x 10^k labelled too: enough to read values off, few enough not to crowd
-    axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
+    # minor ticks at 2 and 5 x 10^k labelled too: enough to read values off, few enough not to crowd; every one
+    # on an axis within a decade, which may hold no major tick and one of those (read when drawn, limits set)
+    within_decade = lambda: axes.get_ylim()[1] < 10 * axes.get_ylim()[0]
+    axes.yaxis.set_minor_formatter(FuncFormatter(
+        lambda value, _: f"{value:g}" if within_decade() or f"{value:.0e}"[0] in "25" else ""))
     axes.tick_params(axis="y", which="minor", labelsize=7)
     axes.invert_xaxis()  # the family grows smaller to the right
     axes.grid(alpha=0.3)

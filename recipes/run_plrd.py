@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nemo_plrd.bridge import load_recipe, recipe_function
 from nemo_plrd.errors import InputError
+from nemo_plrd.hf import model_type
 
 
 def main() -> None:
@@ -32,11 +33,16 @@ def main() -> None:
     args = parser.parse_args()
     if (args.hf_path is None) == (args.parent is None):
         parser.error("give one of --hf-path (stage 1) and --parent (a later stage)")
+    hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
     try:
         recipe_function(args.recipe, "--recipe")  # the form at once; the function once Bridge is there
+        if args.parent is not None and not (Path(args.parent) / "metadata.json").is_file():
+            raise InputError(f"--parent {args.parent} is not a nemo-plrd checkpoint (no metadata.json): make one of "
+                             "the previous stage's Bridge checkpoint with conversion/bridge_to_plrd.py")
+        model_type(hf_path, "(--hf-path) is not a Hugging Face model directory" if args.hf_path else
+                   "(the --parent checkpoint's HF config and tokenizer) is missing")
     except InputError as error:
         parser.error(str(error))
-    hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
 
     from nemo_plrd.bridge import require_bridge
 

@@ -536,6 +536,18 @@ def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_pa
     assert not log.exists() and not Path(f"{family.stage_folder(1)}.partial").exists()
 
 
+@pytest.mark.parametrize("start, message", [
+    (["--hf-path", "runs/typo"], "runs/typo (--hf-path) is not a Hugging Face model directory (no config.json)"),
+    (["--parent", "runs/stage1"], "--parent runs/stage1 is not a nemo-plrd checkpoint (no metadata.json): make one "
+                                  "of the previous stage's Bridge checkpoint with conversion/bridge_to_plrd.py"),
+])
+def test_a_stage_job_refuses_a_parent_that_is_not_there_naming_the_flag(start, message):
+    """Before: transformers' hub lookup of the path, a traceback about repo ids."""
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), *start], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
 def test_a_stage_job_refuses_a_recipe_that_is_not_module_colon_function():
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf", "--recipe",
                           "nemo_plrd.bridge.recipe"], capture_output=True, text=True)
@@ -553,12 +565,13 @@ def test_a_stage_job_refuses_a_recipe_it_cannot_call_with_the_parent(recipe, mes
         load_recipe(recipe, "--recipe")
 
 
-def test_a_stage_job_refuses_a_megatron_bridge_older_than_its_api_or_none():
+def test_a_stage_job_refuses_a_megatron_bridge_older_than_its_api_or_none(tmp_path):
     """The NeMo 26.06 container carries Bridge 0.5.0, whose API the stage does not match: refused at the
     job's start, naming the versions, not an ImportError deep in the stage (this venv has no Bridge)."""
     with pytest.raises(InputError, match="megatron-bridge 0.5.0 is installed; a Bridge stage needs 0.6.0 or newer"):
         require_bridge("0.5.0")
     require_bridge("0.6.2")
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf"],
+    transformers.LlamaConfig().save_pretrained(tmp_path)
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "a Bridge stage needs megatron-bridge" in run.stderr, run.stderr[-2000:]

@@ -63,6 +63,9 @@ def test_a_family_trained_on_none_of_the_held_out_corpora_calls_its_headline_uns
     assert {text.get_text() for text in axes.get_legend().get_texts()} == {
         "unseen: parent, then each member after training", "unseen: each member right after its decomposition",
         "news (unseen genre), trained", "kjv (unseen genre), trained"}
+    low, high = axes.get_ylim()  # 20 to 60: within a decade, no major tick; every minor one labelled (was: 20, 50)
+    assert [label.get_text() for label in axes.yaxis.get_ticklabels(minor=True)
+            if low <= label.get_position()[1] <= high] == ["20", "30", "40", "50", "60"]
 
 
 def test_the_control_s_keep_is_its_parent_s_share_of_the_dense_linear_layers(tmp_path):

@@ -105,7 +105,11 @@ def check_teacher_source(student: Path, teacher: Path, where: str) -> None:
     (before any work: a mismatch is refused before hours of decomposition)."""
     from transformers import AutoTokenizer
 
-    (student_arch, _, student_hf), (teacher_arch, _, teacher_hf) = map(describe_parent, (student, teacher))
+    student_arch, _, student_hf = describe_parent(student)
+    try:
+        teacher_arch, _, teacher_hf = describe_parent(teacher)
+    except InputError as error:  # a path or model refused as a parent would be: named as the teacher
+        raise type(error)(f"{where}: {error}") from None
     check_teacher(student_arch, teacher_arch, AutoTokenizer.from_pretrained(student_hf).get_vocab(),
                   AutoTokenizer.from_pretrained(teacher_hf).get_vocab(), where)
 

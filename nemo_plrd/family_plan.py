@@ -9,7 +9,7 @@ energy; its totals match, its per-layer ranks are only known after calibration.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from nemo_plrd.errors import InputError
 from nemo_plrd.model import LlamaArch
@@ -42,9 +42,10 @@ def parent_plan(arch: LlamaArch, ranks: Optional[Sequence[Mapping[str, Optional[
 
 
 def plan_family(arch: LlamaArch, requests: Sequence[Mapping[str, Any]],
-                parent: Optional[RankPlan] = None) -> list[RankPlan]:
+                parent: Optional[RankPlan] = None, name: Callable[[int], str] = "stage {}".format) -> list[RankPlan]:
     """One plan per stage; ``requests``: ``plan_ranks`` keywords (keep= / target_params= / ranks=, allocation=,
-    multiple=), each stage's ranks capped by the previous stage's (the first's by ``parent``'s)."""
+    multiple=), each stage's ranks capped by the previous stage's (the first's by ``parent``'s). A refused request
+    is named by ``name(its number)`` and its budget."""
     plans, previous = [], parent or parent_plan(arch)
     for number, request in enumerate(requests, 1):
         try:
@@ -53,7 +54,7 @@ def plan_family(arch: LlamaArch, requests: Sequence[Mapping[str, Any]],
                               **request | {"allocation": "uniform"})  # spectrum: same budget, ranks after calibration
         except InputError as error:
             budget = ", ".join(f"{key}={value}" for key, value in request.items() if key in BUDGET_KEYS)
-            raise InputError(f"stage {number} ({budget}): {error}") from None
+            raise InputError(f"{name(number)} ({budget}): {error}") from None
         plans.append(plan)
         previous = plan
     return plans

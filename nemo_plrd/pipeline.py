@@ -48,6 +48,7 @@ from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_dataset
 from nemo_plrd.errors import InputError
 from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import check_export_dtype, export_hf
+from nemo_plrd.family_plan import parent_plan, plan_family
 from nemo_plrd.files import leftover_temp_files, try_acquire, write_text_atomic
 from nemo_plrd.model import LlamaArch, check_sequence_length, check_tensor_parallel, parameter_count
 from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
@@ -255,8 +256,10 @@ def check_inputs(cfg: DecomposeConfig) -> Path:
     refused too. The TP size against the parent's shapes, the teacher, ``eval.perplexity_blocks`` against the
     held-out texts as the parent's tokenizer cuts them, and the data's splits against the samples asked of them
     (megatron keeps the indices it builds here in its cache, for the stage). Returns the folder of the parent's
-    HF config and tokenizer, as found now (a resumed run may see the asset cache elsewhere)."""
-    arch, _, hf_source = describe_parent(_folder(cfg.parent))
+    HF config and tokenizer, as found now (a resumed run may see the asset cache elsewhere). The plan is checked
+    uniformly, on the parent's shapes: its budget against the parent's size and the smallest plan."""
+    arch, ranks, hf_source = describe_parent(_folder(cfg.parent))
+    plan_family(arch, [cfg.plrd.plan.request()], parent_plan(arch, ranks), name=lambda _: "plrd.plan")
     check_tensor_parallel(arch, cfg.parallel.tensor_model_parallel_size, "parallel.tensor_model_parallel_size")
     check_sequence_length(arch, cfg.plrd.calibration.seq_length, "plrd.calibration.seq_length")
     if cfg.train.steps:

@@ -6,9 +6,10 @@ import re
 import pytest
 
 from nemo_plrd.config import TrainConfig
-from nemo_plrd.distill import check_teacher
-from nemo_plrd.errors import InputError
+from nemo_plrd.distill import check_teacher, check_teacher_source
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.model import SMOLLM2_135M
+from tiny_llama import save_tiny_llama
 
 
 def test_a_teacher_of_another_architecture_is_refused_naming_the_difference():
@@ -16,6 +17,15 @@ def test_a_teacher_of_another_architecture_is_refused_naming_the_difference():
     with pytest.raises(InputError, match=r"train.teacher='x': the teacher's architecture differs from the student's "
                                          r"\(num_layers 12 vs 30, hidden_size 640 vs 576\)"):
         check_teacher(SMOLLM2_135M, other, {"a": 0}, {"a": 0}, "train.teacher='x'")
+
+
+def test_a_teacher_that_is_no_model_is_refused_naming_the_teacher(tmp_path):
+    """Refused as a parent would be, but as the teacher (before: the same words, no key)."""
+    student, teacher = save_tiny_llama(tmp_path / "student"), tmp_path / "empty"
+    teacher.mkdir()
+    with pytest.raises(MissingInputError, match=re.escape(f"train.teacher='x': {teacher} is neither a PLRD checkpoint "
+                                                          "nor an HF model directory")):
+        check_teacher_source(student, teacher, "train.teacher='x'")
 
 
 def test_a_teacher_with_another_tokenizer_is_refused():

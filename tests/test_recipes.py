@@ -400,6 +400,16 @@ def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
+def test_a_budget_no_plan_fits_is_refused_naming_it_before_the_output_is_claimed(tiny_parent, tmp_path):
+    """Planned from the parent's shapes before any work (before: after OUTPUT.partial and its config.json were
+    written, and without the key)."""
+    out = tmp_path / "out"
+    run = recipe(f"parent={tiny_parent}", f"output={out}", "plrd.plan.keep=null", "plrd.plan.target_params=5")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "plrd.plan (target_params=5): the budget of 5 parameters is below the smallest plan" in run.stderr
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
 def test_a_second_run_of_an_output_being_written_is_refused_and_touches_nothing(tiny_parent, tmp_path):
     """A double launch, or a job requeued while the first still runs: refused while the first holds
     OUTPUT.partial's lock, instead of deleting its checkpoints under it."""

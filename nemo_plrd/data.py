@@ -183,7 +183,7 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                 continue
             if end <= begin:
                 raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} no documents "
-                                 f"(it has {len(lengths)}); give that split a larger share" + ("" if wanted else unasked))
+                                 f"(it has {len(lengths)}); give that split a larger share{'' if wanted else unasked}")
             if by_size and lengths[begin:end].sum() <= sequence_length:
                 raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} "
                                  f"{lengths[begin:end].sum()} tokens, not one sample of {sequence_length}; give that "

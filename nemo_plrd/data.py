@@ -184,9 +184,9 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
             if end <= begin:
                 raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} no documents "
                                  f"(it has {len(lengths)}); give that split a larger share{'' if wanted else unasked}")
-            if by_size and lengths[begin:end].sum() <= sequence_length:
+            if by_size and (tokens := lengths[begin:end].sum()) <= sequence_length:
                 raise InputError(f"dataset.split={split!r} leaves the {name} split of {prefix} "
-                                 f"{lengths[begin:end].sum()} tokens, not one sample of {sequence_length}; give that "
+                                 f"{tokens} tokens, not one sample of {sequence_length}; give that "
                                  f"split a larger share{'' if wanted else unasked}, or the prefixes weights")
     sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
     with cache_builder(config.path_to_cache, wait):

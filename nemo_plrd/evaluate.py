@@ -136,6 +136,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
     offline_environment()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = hf_model_dir(model_dir)
@@ -147,8 +148,11 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
     result = {"model": str(model_dir), "parameters": model.num_parameters(), "limit": limit, "tasks": {}, "items": {},
               "perplexity_blocks": perplexity_blocks,
               "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
+    # the configs are whole (task_configs): lm-eval's index of its ~14,000 task YAMLs, which its default task manager
+    # builds first (half a minute on a CPU core), is not read
     output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-                                     tasks=configs, limit=limit, log_samples=samples) if tasks else None
+                                     tasks=configs, limit=limit, log_samples=samples,
+                                     task_manager=TaskManager(include_defaults=False)) if tasks else None
     for task in tasks:
         metrics = output["results"][f"plrd_{task}"]
         result["tasks"][task] = {name.split(",")[0]: value for name, value in metrics.items()

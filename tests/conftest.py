@@ -1,4 +1,5 @@
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,22 @@ def cluster_family(tmp_path):
             f"parent={tmp_path / 'hf'}", f"output={tmp_path / 'family'}", f"blend=[[{tmp_path / 'corpus'}], null]"])
 
     return load
+
+
+@pytest.fixture
+def plrd_here(capsys):
+    """``plrd_here(*args)``: the ``plrd`` command line run in this process, answered as a subprocess's would be
+    (exit status, stdout, stderr), without a new interpreter importing torch and megatron again (seconds a call).
+    What only a process shows (its exit through the console script, tracebacks) is tested with real ones."""
+    from nemo_plrd.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()  # what the test printed before
+        try:
+            status = main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's parser.error: 2
+            status = exit.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, status or 0, out, err)
+
+    return run

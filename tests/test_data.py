@@ -308,40 +308,33 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused():
         DataParallelBatches([], 2, 6, 0, 2)
 
 
-def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path):
+def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path, plrd_here):
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"body": f"Document {i}. To be, or not to be."}) + "\n" for i in range(5)))
-    plrd = [sys.executable, "-m", "nemo_plrd.cli", "prepare-data"]
-    run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs")],
-                         capture_output=True, text=True, timeout=300)
+    run = plrd_here("prepare-data", str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs"))
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(IndexedDataset(str(tmp_path / "out" / "docs")).document_indices) - 1 == 5
     assert f"use it as 'dataset.blend=[[{tmp_path / 'out' / 'docs'}], null]' in a stage" in run.stdout  # pastable
-    run = subprocess.run([*plrd, str(source), "--output", str(tmp_path / "bad")], capture_output=True, text=True,
-                         timeout=300)
+    run = plrd_here("prepare-data", str(source), "--output", str(tmp_path / "bad"))
     assert run.returncode == 2 and "has no string field 'text' (--json-key)" in run.stderr
     assert not list(tmp_path.glob("bad*"))  # nothing that looks finished
     for inputs, output, message in (  # refused before anything is read: a missing input after a good one
             ([source, tmp_path / "typo.jsonl"], tmp_path / "bad", f"{tmp_path / 'typo.jsonl'} is not a file"),
             ([source], source / "docs", f"dataset {source / 'docs'} cannot be made: {source} is a file, not a folder"),
             ([source], f"{tmp_path}/", f"--output {tmp_path}/ is a folder; give the dataset's path prefix")):
-        run = subprocess.run([*plrd, *map(str, inputs), "--json-key", "body", "--output", str(output)],
-                             capture_output=True, text=True, timeout=300)
+        run = plrd_here("prepare-data", *map(str, inputs), "--json-key", "body", "--output", str(output))
         assert run.returncode == 2 and message in run.stderr and "tokenising" not in run.stderr, run.stderr[-2000:]
     (tmp_path / "empty.txt").write_text("")
-    run = subprocess.run([*plrd, str(tmp_path / "empty.txt"), "--output", str(tmp_path / "bad")], capture_output=True,
-                         text=True, timeout=300)
+    run = plrd_here("prepare-data", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "bad"))
     assert run.returncode == 2 and f"no text to write into {tmp_path / 'bad'}: the documents are empty" in run.stderr
     assert not list(tmp_path.glob("bad*"))
     # megatron's cached indices of a prefix are keyed by its path, not its contents: never rewritten
     index = (tmp_path / "out" / "docs.idx").read_bytes()
-    run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs")],
-                         capture_output=True, text=True, timeout=300)
+    run = plrd_here("prepare-data", str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "docs"))
     assert run.returncode == 2 and f"dataset {tmp_path / 'out' / 'docs'} already exists; choose a new path" in run.stderr
     assert (tmp_path / "out" / "docs.idx").read_bytes() == index
     (tmp_path / "out" / "cut.bin").write_bytes(b"a run killed between its renames")  # no .idx: not a dataset
-    run = subprocess.run([*plrd, str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "cut")],
-                         capture_output=True, text=True, timeout=300)
+    run = plrd_here("prepare-data", str(source), "--json-key", "body", "--output", str(tmp_path / "out" / "cut"))
     assert run.returncode == 0, run.stderr[-2000:]
     cut, docs = IndexedDataset(str(tmp_path / "out" / "cut")), IndexedDataset(str(tmp_path / "out" / "docs"))
     assert cut[0].tolist() == docs[0].tolist()

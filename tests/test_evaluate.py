@@ -18,9 +18,9 @@ from nemo_plrd.assets import smollm2_135m
 from nemo_plrd.evaluate import evaluate, heldout_blocks, markdown, with_stderr, write_results
 
 
-def plrd_eval(*args, cwd=None) -> subprocess.CompletedProcess:
+def plrd_eval(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nemo_plrd.cli", "eval", *map(str, args)],
-                          capture_output=True, text=True, timeout=900, cwd=cwd)
+                          capture_output=True, text=True, timeout=900)
 
 
 def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
@@ -73,8 +73,8 @@ def test_held_out_perplexity_alone_reads_no_lm_eval_set(monkeypatch):
     assert markdown(result).count("held-out perplexity") == 1
 
 
-def test_cli_writes_stable_results_for_every_task(tmp_path):
-    runs = []
+def test_cli_writes_stable_results_for_every_task(tmp_path, plrd_here):
+    runs = []  # two processes: results that differ from one interpreter to the next would show
     for name in ("a", "b"):
         done = plrd_eval(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--heldout", "shakespeare,news",
                          "--out", tmp_path / name)
@@ -94,75 +94,78 @@ def test_cli_writes_stable_results_for_every_task(tmp_path):
     assert table.count("\n") == 10 and "held-out perplexity: news" in table  # header + 7 tasks + 2 corpora
     assert " ± " in table
     results = (tmp_path / "a" / "results.json").read_bytes()
-    again = plrd_eval(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--heldout", "shakespeare,news",
-                      "--out", tmp_path / "a")  # the same request: reported, not run again
+    again = plrd_here("eval", smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--heldout",
+                      "shakespeare,news", "--out", tmp_path / "a")  # the same request: reported, not run again
     assert again.returncode == 0 and again.stdout.startswith(table) and "already evaluated" in again.stdout
-    other = plrd_eval(smollm2_135m(), "--limit", "2", "--out", tmp_path / "a")  # other settings (or another model)
+    other = plrd_here("eval", smollm2_135m(), "--limit", "2", "--out", tmp_path / "a")  # other settings (or model)
     assert other.returncode == 2 and (f"--out {tmp_path / 'a'} already holds the results of another evaluation "
                                       "(perplexity_blocks 1, heldout ['news', 'shakespeare'])") in other.stderr
     model = tmp_path / "model"  # the same path holding another model (removed and written again): evaluated
     shutil.copytree(smollm2_135m(), model)
-    plrd_eval(model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", tmp_path / "m")
+    plrd_here("eval", model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", tmp_path / "m")
     (model / "config.json").write_text((model / "config.json").read_text() + " ")
-    again = plrd_eval(model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", tmp_path / "m")
+    again = plrd_here("eval", model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
+                      "--out", tmp_path / "m")
     assert again.returncode == 2 and "another evaluation (model_files" in again.stderr
     assert (tmp_path / "a" / "results.json").read_bytes() == results
     for run in ("evaluated", "reported"):  # results beside the model's files are not the model
-        beside = plrd_eval(model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", model)
+        beside = plrd_here("eval", model, "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0", "--out", model)
         assert beside.returncode == 0 and ("already evaluated" in beside.stdout) == (run == "reported"), beside.stderr
 
 
-def test_an_evaluation_moved_with_its_model_is_reported_not_refused(tmp_path):
+def test_an_evaluation_moved_with_its_model_is_reported_not_refused(tmp_path, plrd_here):
     """A SLURM stage evaluates its export inside stage.partial/, then renames the folder: asked again in the
     renamed folder, the same evaluation of the same model is reported."""
     partial = tmp_path / "stage.partial"
     save_tiny_llama(partial / "hf-merged")
-    first = plrd_eval(partial / "hf-merged", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
+    first = plrd_here("eval", partial / "hf-merged", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
                       "--out", partial / "eval")
     assert first.returncode == 0, first.stderr[-3000:]
     partial.rename(tmp_path / "stage")
-    again = plrd_eval(tmp_path / "stage" / "hf-merged", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
-                      "--out", tmp_path / "stage" / "eval")
+    again = plrd_here("eval", tmp_path / "stage" / "hf-merged", "--tasks", "piqa", "--limit", "1",
+                      "--perplexity-blocks", "0", "--out", tmp_path / "stage" / "eval")
     assert again.returncode == 0 and "already evaluated" in again.stdout, again.stderr[-3000:]
     shutil.copytree(tmp_path / "stage" / "hf-merged", tmp_path / "elsewhere", copy_function=shutil.copy2)
-    other = plrd_eval(tmp_path / "elsewhere", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
+    other = plrd_here("eval", tmp_path / "elsewhere", "--tasks", "piqa", "--limit", "1", "--perplexity-blocks", "0",
                       "--out", tmp_path / "stage" / "eval")  # the same files at another path: another model
     assert other.returncode == 2 and f"another evaluation (model '{partial / 'hf-merged'}')" in other.stderr
 
 
-def test_bad_input_is_refused(tmp_path):
-    missing = plrd_eval(tmp_path / "eval.limit", cwd=tmp_path)  # the default --out, plrd-eval/eval.limit: not made
+def test_bad_input_is_refused(tmp_path, plrd_here, monkeypatch):
+    with monkeypatch.context() as here:
+        here.chdir(tmp_path)
+        missing = plrd_here("eval", tmp_path / "eval.limit")  # the default --out, plrd-eval/eval.limit: not made
     assert missing.returncode == 2 and f"{tmp_path / 'eval.limit'} is not a Hugging Face model directory (no " \
         "config.json)" in missing.stderr  # a path, not a key to rename to a flag
     assert not (tmp_path / "plrd-eval").exists()
     (tmp_path / "done").mkdir()  # results there already: the model is looked for all the same
     (tmp_path / "done" / "results.json").write_text("{}")
-    missing = plrd_eval(tmp_path / "nowhere", "--out", tmp_path / "done")
+    missing = plrd_here("eval", tmp_path / "nowhere", "--out", tmp_path / "done")
     assert missing.returncode == 2 and "is not a Hugging Face model directory (no config.json)" in missing.stderr
-    unknown = plrd_eval(smollm2_135m(), "--tasks", "arc_easy,squad", "--out", tmp_path / "out")
+    unknown = plrd_here("eval", smollm2_135m(), "--tasks", "arc_easy,squad", "--out", tmp_path / "out")
     assert unknown.returncode == 2 and "unknown task(s) ['squad']; the tasks are" in unknown.stderr
-    corpus = plrd_eval(smollm2_135m(), "--heldout", "shakespeare,poetry", "--out", tmp_path / "out")
+    corpus = plrd_here("eval", smollm2_135m(), "--heldout", "shakespeare,poetry", "--out", tmp_path / "out")
     assert corpus.returncode == 2 and "--heldout=['shakespeare', 'poetry'] must name distinct embedded corpora, " \
         "one or more, of ['shakespeare', 'wikipedia', 'kjv', 'news']" in corpus.stderr
-    blocks = plrd_eval(smollm2_135m(), "--perplexity-blocks", "-1", "--out", tmp_path / "out")
+    blocks = plrd_here("eval", smollm2_135m(), "--perplexity-blocks", "-1", "--out", tmp_path / "out")
     assert blocks.returncode == 2 and "--perplexity-blocks=-1 must be >= 0" in blocks.stderr  # the flag
-    many = plrd_eval(smollm2_135m(), "--tasks", ",", "--perplexity-blocks", "100000", "--heldout", "kjv",
+    many = plrd_here("eval", smollm2_135m(), "--tasks", ",", "--perplexity-blocks", "100000", "--heldout", "kjv",
                      "--out", tmp_path / "out")  # refused once the text is cut into blocks: the flag too
     assert many.returncode == 2 and "--perplexity-blocks=100000: the held-out kjv text holds" in many.stderr
     assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("")  # refused before the evaluation, not when its results are written
-    file = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "file")
+    file = plrd_here("eval", smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "file")
     assert file.returncode == 2 and f"--out {tmp_path / 'file'} cannot be made a folder: File exists" in file.stderr
     (tmp_path / "busy").mkdir()
     with FileLock(tmp_path / "busy" / ".lock"):  # another plrd eval writing there: each would replace the other's
-        busy = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "busy")
+        busy = plrd_here("eval", smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "busy")
     assert busy.returncode == 2 and f"--out {tmp_path / 'busy'} is being written by another plrd eval" in busy.stderr
     for text in ("{}", "not json"):  # results.json of something else: refused, not a traceback
         (tmp_path / "done" / "results.json").write_text(text)
-        foreign = plrd_eval(smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "done")
+        foreign = plrd_here("eval", smollm2_135m(), "--tasks", "piqa", "--out", tmp_path / "done")
         assert foreign.returncode == 2 and f"--out {tmp_path / 'done'} holds a results.json that plrd eval did not " \
             "write; choose another --out" in foreign.stderr
-    nothing = plrd_eval(smollm2_135m(), "--tasks", ",", "--perplexity-blocks", "0", "--out", tmp_path / "out")
+    nothing = plrd_here("eval", smollm2_135m(), "--tasks", ",", "--perplexity-blocks", "0", "--out", tmp_path / "out")
     assert nothing.returncode == 2 and "--tasks ',' names no task and --perplexity-blocks is 0: nothing to " \
         "evaluate" in nothing.stderr
     assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from nemo_plrd.errors import MissingInputError
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.files import refuse_existing, sync_tree
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import exists_on_rank0
@@ -84,8 +84,15 @@ def read_metadata(path: str | Path) -> tuple[LlamaArch, list[dict]]:
     _check_checkpoint(path)
     if not (path / METADATA).is_file():
         raise MissingInputError(f"{path} has no {METADATA}: it was not saved by nemo_plrd with its architecture")
-    metadata = json.loads((path / METADATA).read_text())
-    return LlamaArch(**metadata["arch"]), metadata["ranks"]
+    try:
+        metadata = json.loads((path / METADATA).read_text())
+        arch, ranks = LlamaArch(**metadata["arch"]), metadata["ranks"]
+        if not (isinstance(ranks, list) and len(ranks) == arch.num_layers and all(isinstance(r, dict) for r in ranks)):
+            raise ValueError(f"'ranks' must hold one mapping per layer, {arch.num_layers}")
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, a key missing, a field unknown or of another type
+        raise InputError(f"{path / METADATA} is damaged ({type(error).__name__}: {error}): not a checkpoint "
+                         "nemo_plrd can rebuild; use another, or run the stage that wrote it again") from None
+    return arch, ranks
 
 
 def build_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch.nn.Module, LlamaArch]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.model import LlamaArch
@@ -187,6 +187,17 @@ def merge_factors(full: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _tensor_names(file: Path) -> list[str]:
+    """The tensors a safetensors file holds, by its header: a file cut short (a copy or a save that stopped), or
+    not safetensors at all, is refused naming it, not at the first tensor read, deep in a load."""
+    try:
+        with safe_open(file, framework="pt") as weights:
+            return list(weights.keys())
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{file} cannot be read as safetensors ({error}): the model's weights are damaged or were "
+                         "not all written") from None
+
+
 class SafetensorsWeights(Mapping[str, Tensor]):
     """An HF checkpoint's tensors by name, each read from its safetensors file when asked for, in fp32.
 
@@ -199,10 +210,14 @@ class SafetensorsWeights(Mapping[str, Tensor]):
         folder = Path(folder)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            self.files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                self.files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise InputError(f"{index} is not a safetensors index ({type(error).__name__}: {error})") from None
+            for file in set(self.files.values()):
+                _tensor_names(file)
         else:
-            with safe_open(folder / "model.safetensors", framework="pt") as weights:
-                self.files = dict.fromkeys(weights.keys(), folder / "model.safetensors")
+            self.files = dict.fromkeys(_tensor_names(folder / "model.safetensors"), folder / "model.safetensors")
         self.folder = folder
 
     def __getitem__(self, name: str) -> Tensor:
@@ -222,25 +237,30 @@ class SafetensorsWeights(Mapping[str, Tensor]):
         return len(self.files)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+WEIGHT_FILES = (*SAFETENSORS_FILES, "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _holds_any(folder: str | Path, names: tuple[str, ...]) -> bool:
+    return any((Path(folder) / name).is_file() for name in names)
 
 
 def check_weights(hf_model_dir: str | Path) -> None:
     """An HF model directory holds weights (a config alone, such as a PLRD checkpoint's ``hf/``, is refused
     before any work, not when transformers looks for them)."""
-    if not any((Path(hf_model_dir) / name).is_file() for name in WEIGHT_FILES):
+    if not _holds_any(hf_model_dir, WEIGHT_FILES):
         raise MissingInputError(f"{hf_model_dir} has an HF config but no weights (none of {', '.join(WEIGHT_FILES)})")
+    if _holds_any(hf_model_dir, SAFETENSORS_FILES):
+        SafetensorsWeights(hf_model_dir)  # every file's header read: damaged weights refused before any work
 
 
 def hf_weights(hf_model_dir: str | Path) -> Mapping[str, Tensor]:
     """An HF checkpoint's fp32 state dict: read lazily from safetensors, else (PyTorch pickles) loaded whole."""
     from transformers import AutoModelForCausalLM
 
-    folder = Path(hf_model_dir)
-    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
-        return SafetensorsWeights(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    if _holds_any(hf_model_dir, SAFETENSORS_FILES):
+        return SafetensorsWeights(hf_model_dir)
+    return AutoModelForCausalLM.from_pretrained(hf_model_dir, dtype=torch.float32).state_dict()
 
 
 def load_hf_weights(model: torch.nn.Module, hf_model_dir: str | Path) -> None:

@@ -15,7 +15,7 @@ import transformers
 
 from nemo_plrd.assets import smollm2_135m
 from nemo_plrd.checkpoint import describe_parent
-from nemo_plrd.errors import MissingInputError
+from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.evaluate import hf_model_dir
 from nemo_plrd.hf import SafetensorsWeights, to_megatron
 from tiny_llama import save_tiny_llama
@@ -161,3 +161,26 @@ def test_a_checkpoint_whose_parent_has_no_tokenizer_is_refused_before_its_weight
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (ckpt / "hf" / name).unlink()
     assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt / 'hf'} holds no tokenizer transformers can load", out)
+
+
+def test_damaged_weights_are_refused_naming_the_file_before_any_work(tmp_path):
+    """A model.safetensors cut short (a copy or a save that stopped), not safetensors at all, or a shard its
+    index names missing: refused as a stage's parent or teacher and by plrd eval, naming the file (before: a
+    SafetensorError traceback once the stage had claimed its output, or transformers' own in plrd eval)."""
+    tiny = save_tiny_llama(tmp_path / "tiny")
+    weights = (tiny / "model.safetensors").read_bytes()
+    for damaged, reason in ((weights[:len(weights) // 2], "incomplete metadata"), (b"not safetensors", "header")):
+        (tiny / "model.safetensors").write_bytes(damaged)
+        for check in (describe_parent, hf_model_dir):
+            with pytest.raises(InputError, match=rf"{tiny / 'model.safetensors'} cannot be read as safetensors "
+                                                 rf"\(.*{reason}.*\): the model's weights are damaged or were not all "
+                                                 "written"):
+                check(tiny)
+    (tiny / "model.safetensors").write_bytes(weights)
+    index = {"weight_map": {"lm_head.weight": "shard-2.safetensors"}}
+    (tiny / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match=f"{tiny / 'shard-2.safetensors'} cannot be read as safetensors"):
+        describe_parent(tiny)
+    (tiny / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(InputError, match=f"{tiny / 'model.safetensors.index.json'} is not a safetensors index"):
+        describe_parent(tiny)

@@ -11,6 +11,7 @@ from megatron.core.optimizer import OptimizerConfig
 
 from nemo_plrd.checkpoint import load_model, save_checkpoint
 from nemo_plrd.data import DataParallelBatches, token_samples
+from nemo_plrd.errors import InputError
 from nemo_plrd.model import LlamaArch, build_gpt
 from nemo_plrd.parallel import init_model_parallel
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, masked_loss, run
@@ -141,3 +142,24 @@ def test_a_resumed_run_drops_the_steps_after_its_checkpoint_and_a_line_cut_short
     metrics.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3)) + '{"step": 4, "lo')
     keep_saved_steps(metrics, 2)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_a_checkpoint_whose_record_is_damaged_is_refused_naming_it(tmp_path):
+    """plrd.json cut short, or not the record a save writes: refused as bad input naming the file (before: a
+    JSONDecodeError, KeyError or TypeError traceback from wherever the checkpoint was read: a stage's parent or
+    teacher, a conversion, a resumed stage)."""
+    save_checkpoint(trainer(Schedule(1, global_batch=4)).model, tmp_path / "ckpt", ARCH)
+    record = tmp_path / "ckpt" / "plrd.json"
+    whole = json.loads(record.read_text())
+    for text, reason in ((record.read_text()[:40], "JSONDecodeError"),
+                         ("[]", "TypeError: list indices"),
+                         (json.dumps({"ranks": whole["ranks"]}), "KeyError: 'arch'"),
+                         (json.dumps(whole | {"arch": whole["arch"] | {"layers": 2}}), "TypeError: .*'layers'"),
+                         (json.dumps(whole | {"ranks": whole["ranks"][:1]}),
+                          "ValueError: 'ranks' must hold one mapping per layer, 2")):
+        record.write_text(text)
+        with pytest.raises(InputError, match=rf"{record} is damaged \({reason}.*\): not a checkpoint nemo_plrd can "
+                                             "rebuild; use another, or run the stage that wrote it again"):
+            load_model(tmp_path / "ckpt")
+    record.write_text(json.dumps(whole))
+    load_model(tmp_path / "ckpt")

@@ -149,7 +149,7 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str] = TASKS, limit: Optiona
               "perplexity_blocks": perplexity_blocks,
               "perplexity": heldout_perplexity(model, tokenizer, perplexity_blocks, heldout)}
     # the configs are whole (task_configs): lm-eval's index of its ~14,000 task YAMLs, which its default task manager
-    # builds first (half a minute on a CPU core), is not read
+    # builds first (18 s on a CPU core: bench/eval_setup.py), is not read
     output = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                                      tasks=configs, limit=limit, log_samples=samples,
                                      task_manager=TaskManager(include_defaults=False)) if tasks else None

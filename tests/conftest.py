@@ -1,6 +1,9 @@
+import runpy
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch.distributed as dist
@@ -45,20 +48,38 @@ def cluster_family(tmp_path):
     return load
 
 
+
+def _answered(capsys, call: Callable[[], object], args) -> subprocess.CompletedProcess:
+    """``call()``'s exit status (its return value, or the code of a SystemExit: argparse's and ``run_script``'s
+    refusals exit 2) and what it printed, as a subprocess's would be answered."""
+    capsys.readouterr()  # what the test printed before
+    try:
+        status = call()
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, 1 if isinstance(status, str) else status or 0, out, err)  # as sys.exit
+
+
 @pytest.fixture
 def plrd_here(capsys):
-    """``plrd_here(*args)``: the ``plrd`` command line run in this process, answered as a subprocess's would be
-    (exit status, stdout, stderr), without a new interpreter importing torch and megatron again (seconds a call).
-    What only a process shows (its exit through the console script, tracebacks) is tested with real ones."""
+    """``plrd_here(*args)``: the ``plrd`` command line run in this process, without a new interpreter importing
+    torch and megatron again (seconds a call). What only a process shows (the console script's exit, a rank's
+    failure under torchrun) is tested with real ones."""
     from nemo_plrd.cli import main
 
-    def run(*args) -> subprocess.CompletedProcess:
-        capsys.readouterr()  # what the test printed before
-        try:
-            status = main([str(arg) for arg in args])
-        except SystemExit as exit:  # argparse's parser.error: 2
-            status = exit.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, status or 0, out, err)
+    return lambda *args: _answered(capsys, lambda: main([str(arg) for arg in args]), args)
+
+
+@pytest.fixture
+def script_here(capsys, monkeypatch):
+    """``script_here(path, *args)``: ``python path args`` run in this process, for refusals that come before the
+    script sets up its process group (a script that goes on to load a model is run as a process)."""
+
+    def run(path: Path, *args) -> subprocess.CompletedProcess:
+        argv = [str(path), *map(str, args)]
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            return _answered(capsys, lambda: runpy.run_path(str(path), run_name="__main__"), argv)
 
     return run

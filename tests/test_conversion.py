@@ -23,8 +23,12 @@ from tiny_llama import save_tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def conversion(name: str) -> Path:
+    return ROOT / "conversion" / f"{name}.py"
+
+
 def script(name: str, *args, nproc: int = 1) -> subprocess.CompletedProcess:
-    path = str(ROOT / "conversion" / f"{name}.py")
+    path = str(conversion(name))
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--nproc_per_node", str(nproc)]
     return subprocess.run([*launcher, path, *map(str, args)], capture_output=True, text=True, timeout=900,
@@ -73,7 +77,7 @@ def test_a_tied_checkpoint_that_holds_the_output_layer_alone_imports_as_transfor
     assert imported.keys() == expected.keys() and all(torch.equal(imported[k], expected[k]) for k in expected)
 
 
-def test_an_hf_folder_without_weights_or_with_a_config_that_is_not_one_is_refused_naming_it(tmp_path):
+def test_an_hf_folder_without_weights_or_with_a_config_that_is_not_one_is_refused_naming_it(tmp_path, script_here):
     """A PLRD checkpoint's hf/ (config and tokenizer only) given as a parent, a model to evaluate or to import."""
     config_only = tmp_path / "config-only"
     config_only.mkdir()
@@ -81,8 +85,8 @@ def test_an_hf_folder_without_weights_or_with_a_config_that_is_not_one_is_refuse
     for check in (describe_parent, hf_model_dir):
         with pytest.raises(MissingInputError, match=f"{config_only} has an HF config but no weights"):
             check(config_only)
-    assert_refused(script("hf_to_megatron", config_only, tmp_path / "out"), "has an HF config but no weights",
-                   tmp_path / "out")
+    assert_refused(script_here(conversion("hf_to_megatron"), config_only, tmp_path / "out"),
+                   "has an HF config but no weights", tmp_path / "out")
     for text, message in (('{"hidden_size": 64}', "config.json names no model_type: not an HF model's config"),
                           ("not json", "config.json is not an HF model's config (a JSON mapping)"),
                           ("[1]", "config.json is not an HF model's config (a JSON mapping)"),
@@ -110,46 +114,46 @@ def assert_refused(result, message: str, out: Path, torchrun: bool = False) -> N
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
-def test_bad_input_is_refused_and_nothing_is_written(parent, tmp_path):
+def test_bad_input_is_refused_and_nothing_is_written(parent, tmp_path, script_here):
     out = tmp_path / "out"
-    assert_refused(script("hf_to_megatron", tmp_path / "missing", out),
+    assert_refused(script_here(conversion("hf_to_megatron"), tmp_path / "missing", out),
                    "is not a Hugging Face model directory (no config.json)", out)
     transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
-    assert_refused(script("hf_to_megatron", tmp_path / "gpt2", out),
+    assert_refused(script_here(conversion("hf_to_megatron"), tmp_path / "gpt2", out),
                    "architecture 'gpt2' is not supported; supported: ('llama', 'mistral', 'qwen2')", out)
     (tmp_path / "factored").mkdir()  # an hf-factored export's config: its own model type, its code named
     (tmp_path / "factored" / "config.json").write_text(json.dumps(
         {"model_type": "plrd_llama", "auto_map": {"AutoConfig": "modeling_plrd.PLRDLlamaConfig"}}))
-    assert_refused(script("hf_to_megatron", tmp_path / "factored", out),
+    assert_refused(script_here(conversion("hf_to_megatron"), tmp_path / "factored", out),
                    "is a factored export (model_type 'plrd_llama'), for inference: start from the stage's", out)
     assert_refused(script("hf_to_megatron", parent, out, nproc=2),
                    "torchrun --nproc_per_node=2 must divide the number of KV heads (3)", out, torchrun=True)
-    assert_refused(script("megatron_to_hf", tmp_path / "missing", out),
+    assert_refused(script_here(conversion("megatron_to_hf"), tmp_path / "missing", out),
                    "is not a megatron dist_checkpointing checkpoint", out)
 
 
 @pytest.mark.parametrize("name, what", [("hf_to_megatron", "checkpoint directory"),
                                         ("megatron_to_hf", "HF model directory"),
                                         ("bridge_to_plrd", "checkpoint directory")])
-def test_an_existing_output_is_refused_before_anything_loads(tmp_path, name, what):
+def test_an_existing_output_is_refused_before_anything_loads(tmp_path, script_here, name, what):
     """Its input is missing too: refused for the output first, so nothing was read (at 70B, hours)."""
     taken = tmp_path / "taken"
     taken.mkdir()
     extra = ["--hf-path", tmp_path / "missing"] if name == "bridge_to_plrd" else []
-    result = script(name, tmp_path / "missing", taken, *extra)
+    result = script_here(conversion(name), tmp_path / "missing", taken, *extra)
     assert result.returncode == 2 and f"{what} {taken} already exists; choose a new path" in result.stderr
     assert not list(taken.iterdir())
     (tmp_path / "file").write_text("")  # an output below a file
-    result = script(name, tmp_path / "missing", tmp_path / "file" / "out", *extra)
+    result = script_here(conversion(name), tmp_path / "missing", tmp_path / "file" / "out", *extra)
     assert result.returncode == 2 and f"{what} {tmp_path / 'file' / 'out'} cannot be made: {tmp_path / 'file'} is a " \
                                       "file, not a folder" in result.stderr
 
 
-def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(tmp_path):
+def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(tmp_path, script_here):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     assert script("hf_to_megatron", save_tiny_llama(tmp_path / "tiny"), ckpt).returncode == 0
     shutil.rmtree(ckpt / "hf")
-    assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt} has no hf/config.json", out)
+    assert_refused(script_here(conversion("megatron_to_hf"), ckpt, out), f"{ckpt} has no hf/config.json", out)
     with pytest.raises(MissingInputError, match=f"{ckpt} has no hf/config.json"):  # as a stage's parent or teacher
         describe_parent(ckpt)
 

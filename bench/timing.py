@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from nemo_plrd.report import format_table
+
 
 def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each callable over ``repeats`` rounds of (a, b, c, a, b, c, ...), after a warm-up."""
@@ -29,3 +31,10 @@ def matmul_split(run: Callable[[], object]) -> tuple[float, float]:
     events = profile.key_averages()
     matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
     return matmul / 1e6, (sum(e.self_cpu_time_total for e in events) - matmul) / 1e6
+
+
+def speedup_table(what: str, before: tuple[str, float], after: tuple[str, float], digits: int = 2) -> str:
+    """One comparison's two timings, (label, seconds) each, as a table with the second's speed-up over the first."""
+    (old, slow), (new, fast) = before, after
+    return format_table((what, "seconds", "speed-up"), [(old, f"{slow:.{digits}f}", "1.0x"),
+                                                         (new, f"{fast:.{digits}f}", f"{slow / fast:.1f}x")])

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from timing import interleaved_medians  # bench/ is on sys.path when this runs as a script
+from timing import interleaved_medians, speedup_table  # bench/ is on sys.path when this runs as a script
 
 from nemo_plrd import assets
 from nemo_plrd.cli import positive_int
-from nemo_plrd.report import format_table
 
 WALK = assets._drop_nodes
 
@@ -50,9 +49,8 @@ def main() -> None:
     seconds = interleaved_medians({"remove": lambda: articles(remove_one_by_one), "walk": lambda: articles(WALK)},
                                   args.repeats)
     print(f"{len(walked)} articles of the Wikipedia dump sample, median of {args.repeats} interleaved rounds")
-    print(format_table(("references and links dropped", "seconds", "speed-up"), [
-        ("Wikicode.remove, node by node", f"{seconds['remove']:.1f}", "1.0x"),
-        ("one walk down the tree", f"{seconds['walk']:.1f}", f"{seconds['remove'] / seconds['walk']:.1f}x")]))
+    print(speedup_table("references and links dropped", ("Wikicode.remove, node by node", seconds["remove"]),
+                        ("one walk down the tree", seconds["walk"]), digits=1))
 
 
 if __name__ == "__main__":

@@ -19,16 +19,11 @@ case "${1:-}" in
   *) echo "[setup] unknown argument '$1': give none, --bridge or --latest VENV_DIR" >&2; exit 2 ;;
 esac
 PYTHON=${PYTHON:-python3}
-# One setup of a venv at a time (scripts/run.sh and scripts/test.sh started together would both build .venv);
-# two venvs build side by side (scripts/test.sh builds .venv and .venv-bridge so).
-mkdir -p .cache
-with_lock() {  # with_lock NAME COMMAND...: COMMAND, holding .cache/NAME.lock where flock exists
-  if ! command -v flock >/dev/null; then "${@:2}"; return; fi
-  (flock -n 8 || { echo "[setup] waiting for another scripts/setup.sh ($1)"; flock 8; }; "${@:2}") 8>".cache/$1.lock"
-}
+# One setup at a time (scripts/run.sh and scripts/test.sh started together would both build .venv).
 if command -v flock >/dev/null; then
-  exec 9>".cache/setup-$(echo "$VENV" | tr / _).lock"
-  flock -n 9 || { echo "[setup] waiting for another scripts/setup.sh building $VENV"; flock 9; }
+  mkdir -p .cache
+  exec 9>.cache/setup.lock
+  flock -n 9 || { echo "[setup] waiting for another scripts/setup.sh to finish"; flock 9; }
 fi
 # A venv whose creation was cut short (Ctrl-C, no ensurepip) has a python but no pip: made again.
 if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
@@ -61,7 +56,7 @@ if [ "$LATEST" = 1 ]; then
   # torch stays pinned in every call: an unpinned `torch` pulls GBs of CUDA wheels (an eager upgrade
   # would take one).
   install_torch "torch==$TORCH"
-  with_lock setup-checkout "${pip[@]}" install --upgrade --upgrade-strategy eager -e ".[test]" "torch==$TORCH"
+  "${pip[@]}" install --upgrade --upgrade-strategy eager -e ".[test]" "torch==$TORCH"
   exit 0
 fi
 
@@ -82,9 +77,8 @@ if [ ! -f "$stamp" ]; then
     # nemo-run and what it imports, --no-deps too: its declared requirements conflict with Bridge's set.
     "${pip[@]}" install --no-deps -c "$CONSTRAINTS" -r tests/bridge/nemo-run.txt
   fi
-  # built with the pinned setuptools just installed, not the newest one build isolation would fetch; one venv's
-  # at a time, as it writes nemo_plrd.egg-info into the checkout
-  with_lock setup-checkout "${pip[@]}" install --no-build-isolation -c "$CONSTRAINTS" -e ".[test]" "${extra[@]}"
+  # built with the pinned setuptools just installed, not the newest one build isolation would fetch
+  "${pip[@]}" install --no-build-isolation -c "$CONSTRAINTS" -e ".[test]" "${extra[@]}"
   # Anything extra or at another version means this venv is not what CI tested.
   if ! drift=$(diff <(pinned) <(frozen)); then
     echo "[setup] $VENV differs from $CONSTRAINTS ('<' pinned, '>' installed):" >&2

@@ -6,9 +6,9 @@
 #      against Bridge's real code, and the training, data, decomposition and tensor-parallel tests
 #      again on its megatron-core 0.19. Skipped with --latest (its set is pinned).
 # Lanes 1 and 3 each run one single-threaded pytest process, so lane 3 runs beside lanes 1 and 2 (its
-# output printed when it ends), from the two venvs' setup on: on 2 cores the suite takes the longest lane's
-# time, not the sum. Lane 3's TP tests run last, alone (about a minute): beside the other lanes'
-# multi-process tests, they once lost a gloo connection.
+# output printed when it ends): on 2 cores the suite takes the longest lane's time, not the sum. Lane 3's
+# TP tests run last, alone (about a minute): beside the other lanes' multi-process tests, they once lost a
+# gloo connection.
 # Extra arguments go to every pytest run; the single-process and Bridge runs print their ten slowest tests
 # (the suite's budget is 30 min). `--latest` first runs the suite in a throw-away venv with the newest releases
 # instead of the tested set (what a user installing today gets).
@@ -26,17 +26,19 @@ if [ "${1:-}" = "--latest" ]; then
   diff <(grep -v '^#' constraints.txt | LC_ALL=C sort -f) \
        <("$VENV/bin/pip" freeze --all --exclude-editable | LC_ALL=C sort -f) || true
 else
+  bash scripts/setup.sh
+fi
+python=$VENV/bin/python
+
+if [ "$VENV" = .venv ]; then
   bridge_log=$(mktemp)
-  # A session of its own, so that an early exit (a failed lane or setup, Ctrl-C) stops it and all it started:
-  # SIGTERM reaches pip, pytest and the torchrun launchers, which stop their workers. Its setup (.venv-bridge)
-  # runs beside this one's (.venv).
+  # A session of its own, so that an early exit (a failed lane, Ctrl-C) stops it and all it started:
+  # SIGTERM reaches pytest and the torchrun launchers, which stop their workers.
   setsid bash scripts/test_bridge.sh --no-tp "$@" >"$bridge_log" 2>&1 &
   bridge=$!
   trap 'kill -TERM -- "-$bridge" 2>/dev/null || true; rm -f "$bridge_log"' EXIT
   echo "[test] the Bridge lane runs beside the others; its output follows theirs"
-  bash scripts/setup.sh
 fi
-python=$VENV/bin/python
 
 status=0
 "$python" -m pytest -q --durations=10 --ignore=tests/distributed --ignore=tests/bridge "$@" || status=$?

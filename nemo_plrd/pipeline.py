@@ -233,7 +233,8 @@ def _datasets(cfg: DecomposeConfig, hf_source: Path, seq_length: int, samples: i
 
 @functools.lru_cache(maxsize=4)
 def _megatron_tokenizer(hf_source: Path):
-    """Loaded once per run for the four times the stage builds its datasets (a third of a second a load)."""
+    """Loaded once per run for the four times the stage builds its datasets (a third of a second a load); cached
+    here, not on ``megatron_tokenizer``, whose source names the corpus datasets' cache folders."""
     return megatron_tokenizer(hf_source)
 
 

@@ -655,7 +655,7 @@ def test_more_held_out_blocks_than_a_corpus_holds_are_refused_before_any_work(ti
     folder would resume only with the same settings) and before the parent loads."""
     out = tmp_path / "out"
     run = recipe_here(f"parent={tiny_parent}", f"output={out}", f"{key}=18", name=name,
-                 config=FAMILY_YAML if name == "family" else YAML)
+                      config=FAMILY_YAML if name == "family" else YAML)
     assert run.returncode == 2, run.stderr[-3000:]
     assert f"error: {key}=18: the held-out news text holds 17 blocks" in run.stderr
     assert not out.exists() and not Path(f"{out}.partial").exists()

@@ -112,9 +112,9 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
     the uninterrupted run's losses exactly; distilled, with the teacher (never checkpointed) loaded again;
     a family's later stage, from its checkpoint's place in the stream, not from its first sample again; with
     the data's cached indices torn as a kill while megatron saved them leaves them, built again."""
-    layout = [f"model.tensor_model_parallel_size={tp}",
-              *{"lm": LOCAL_ADAM if tp == 1 else [], "kd": DISTILLED, "stream": STREAMED}[kind]]
-    reference = {"kd": kd_stage, "stream": stream_stage}.get(kind, tp2_stage if tp == 2 else tp1_stage)
+    reference, settings = {(1, "lm"): (tp1_stage, LOCAL_ADAM), (2, "lm"): (tp2_stage, []),
+                           (1, "kd"): (kd_stage, DISTILLED), (1, "stream"): (stream_stage, STREAMED)}[tp, kind]
+    layout = [f"model.tensor_model_parallel_size={tp}", *settings]  # the reference's settings
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(tiny_parent, killed, *layout, nproc=tp), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)

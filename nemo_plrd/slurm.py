@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 from nemo_plrd.assets import eval_sets
 from nemo_plrd.bridge import check_stage_parallelism
-from nemo_plrd.bridge.checkpoint import STAGE_FILE
+from nemo_plrd.bridge.checkpoint import read_started
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import blend_lists, check_prefix
 from nemo_plrd.errors import InputError
@@ -264,10 +264,9 @@ def check_stage_record(family: BridgeFamilyConfig, index: int, folder: Path, sta
     next stage reads the data from where this family's stage ``index`` stops (another batch, step count,
     blend, order or sequence length would skip samples or read some twice). Its own record (what its job
     started with) says; what an older record lacks, or the job leaves to its recipe, goes unchecked."""
-    record = folder / "bridge" / STAGE_FILE
-    if not record.is_file():  # an older layout, or removed to free space: nothing to compare
+    started, samples = read_started(folder / "bridge"), family.stage_samples()
+    if started is None:  # an older layout, or removed to free space: nothing to compare
         return
-    started, samples = json.loads(record.read_text()), family.stage_samples()
     data = started.get("dataset", {})
     parent_key, parent = family.starts_from(index)
     wanted = {"target_params": (started["plrd"]["plan"]["target_params"], family.target_params[index]),

@@ -8,8 +8,9 @@ model built at those ranks loads them directly, at any TP size; the rest of Brid
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import yaml
@@ -27,13 +28,44 @@ TRAIN_STATE = "latest_train_state.pt"  # Bridge's: the newest iteration saved, w
 STAGE_FILE = "plrd_stage.json"  # in checkpoint.save: the PLRD settings and parent the stage started with
 RUN_CONFIG = "run_config.yaml"  # Bridge's, in each iter_* folder: the job's whole config
 
+T = TypeVar("T")
+
+
+def read_record(path: Path, parse: Callable[[Path], T]) -> T:
+    """``parse(path)`` of a record a stage resumes, converts or is checked by: one that cannot be read (a copy cut
+    short, an edit, another file under its name) is refused naming it, not met as a traceback from the parser."""
+    try:
+        return parse(path)
+    except Exception as error:  # whatever the parser raises on text it cannot take
+        detail = (str(error).splitlines() or [""])[0].split(". ")[0]  # its first sentence: torch.load's goes on
+        # to advise loading the file with weights_only=False
+        raise InputError(f"{path} is damaged ({type(error).__name__}: {detail}): restore it, or run the stage again "
+                         "with a new checkpoint.save") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict):
+        raise TypeError(f"a JSON object was expected, not {type(record).__name__}")
+    return record
+
+
+def read_plan(save: Path) -> RankPlan:
+    """The ranks the stage in ``save`` decomposed its parent at."""
+    return read_record(save / PLAN_FILE, lambda path: RankPlan.from_json(path.read_text()))
+
+
+def read_started(save: Path) -> Optional[dict[str, Any]]:
+    """The settings and parent the stage in ``save`` started with (None where unrecorded: an older stage)."""
+    return read_record(save / STAGE_FILE, _json_object) if (save / STAGE_FILE).is_file() else None
+
 
 def _train_iters(folder: Path) -> Optional[int]:
     """The ``train.train_iters`` of the job that saved ``folder`` (Bridge's ``run_config.yaml`` beside it)."""
     config = folder / RUN_CONFIG
     if not config.is_file():
         return None
-    return (yaml.safe_load(config.read_text()).get("train") or {}).get("train_iters")
+    return read_record(config, lambda path: (yaml.safe_load(path.read_text()).get("train") or {}).get("train_iters"))
 
 
 def saved_iteration(save: Path) -> Optional[int]:
@@ -41,9 +73,9 @@ def saved_iteration(save: Path) -> Optional[int]:
     ``TRAIN_STATE`` first, megatron's ``TRACKER`` else. A kill between the two writes leaves the tracker one save
     behind: read alone, it would resume the metrics and the conversion at another step than the model's."""
     if (save / TRAIN_STATE).is_file():
-        return int(torch.load(save / TRAIN_STATE, weights_only=True)["step"])
+        return read_record(save / TRAIN_STATE, lambda path: int(torch.load(path, weights_only=True)["step"]))
     if (save / TRACKER).is_file():
-        return int((save / TRACKER).read_text())
+        return read_record(save / TRACKER, lambda path: int(path.read_text()))
     return None
 
 
@@ -67,7 +99,7 @@ def load_bridge_stage(save: str | Path, hf_path: str | Path,
                          f"a job with status 0): run it again to finish, or give --iteration {iteration} to take it "
                          "as it is")
     arch = arch_from_hf(AutoConfig.from_pretrained(hf_path))
-    model = build_gpt(arch, RankPlan.from_json((save / PLAN_FILE).read_text()).layer_ranks())
+    model = build_gpt(arch, read_plan(save).layer_ranks())
     wanted = model.sharded_state_dict()
     loaded = dist_checkpointing.load(wanted, str(folder))
     model.load_state_dict({key: value for key, value in loaded.items() if key in wanted})

@@ -26,7 +26,7 @@ from megatron.bridge.models import AutoBridge
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
 from nemo_plrd.bridge import check_stage_parallelism
-from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, saved_iteration
+from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, read_plan, read_started, saved_iteration
 from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import describe_parent, load_checkpoint
@@ -36,7 +36,6 @@ from nemo_plrd.data import (blend_lists, cache_builder, calibration_batches, che
 from nemo_plrd.errors import InputError
 from nemo_plrd.files import append_line, write_text_atomic
 from nemo_plrd.model import check_sequence_length, check_tensor_parallel
-from nemo_plrd.plan import RankPlan
 from nemo_plrd.spec import low_rank_block_spec
 from nemo_plrd.train import keep_saved_steps
 from nemo_plrd.transform import PLRDTransform, plan_for
@@ -245,7 +244,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     _add_pre_wrap_hook(provider, StageStart(save, saved, cfg.dataset.path_to_cache),  # before any that loads
                        first=True)  # or communicates
     if resume:
-        plan = RankPlan.from_json((save / PLAN_FILE).read_text())
+        plan = read_plan(save)
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         cfg.checkpoint.load = str(save)
         if saved == train_iters(cfg.train):  # rerun once trained (its conversion failed): Bridge trains no step,
@@ -297,9 +296,10 @@ def _blend(data_path) -> tuple[list[str], Optional[list[float]]]:
 
 def _changed_settings(save: Path, started: dict) -> list[str]:
     """What differs between the settings ``save``'s stage started with and ``started`` (none when unrecorded)."""
-    if not (save / STAGE_FILE).is_file():
+    recorded = read_started(save)
+    if recorded is None:
         return []
-    return config_differences(json.loads((save / STAGE_FILE).read_text()), started, {  # an older record's missing
+    return config_differences(recorded, started, {  # an older record's missing
         "plrd": field_defaults(PLRDConfig),  # keys, at their defaults
         "train": {key: field_defaults(PLRDTrainingConfig)[key] for key in DISTILLATION},
         "dataset": started["dataset"]})  # its data, which it did not record, taken as the same

@@ -355,6 +355,32 @@ def test_a_stage_of_a_family_resumed_in_another_stream_is_refused_an_earlier_rec
         prepare_stage(cfg, hf_path="hf")  # the record's missing plrd.ridge is no difference: listed first if it were
 
 
+@pytest.mark.parametrize("record, text, error", [
+    ("latest_checkpointed_iteration.txt", "abc", "ValueError: invalid literal for int() with base 10: 'abc'"),
+    ("latest_train_state.pt", "not a torch save", "UnpicklingError: Weights only load failed):"),
+    ("plrd_plan.json", '{"slots": [', "JSONDecodeError: Expecting value"),
+    ("plrd_stage.json", "[]", "TypeError: a JSON object was expected, not list"),
+    ("run_config.yaml", "train: [", "ParserError: while parsing a flow node")])
+def test_a_stage_whose_records_are_damaged_is_refused_naming_the_record(tmp_path, record, text, error):
+    """A resumed stage (and the conversion, which reads Bridge's run_config.yaml too) refuses a record it cannot read,
+    naming it, before anything is loaded (before: a traceback from the parser, or torch.load's)."""
+    from nemo_plrd.bridge.checkpoint import load_bridge_stage
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    cfg, save = stage_folder(tmp_path, PlanConfig(keep=0.6))  # the job's own settings: it would resume
+    iteration = save / "iter_0000002"
+    iteration.mkdir()
+    (iteration / "metadata.json").write_text("{}")
+    damaged = (iteration if record == "run_config.yaml" else save) / record
+    damaged.write_text(text)
+    with pytest.raises(InputError, match=re.escape(f"{damaged} is damaged ({error}")):
+        if record == "run_config.yaml":
+            load_bridge_stage(save, "hf")
+        else:
+            prepare_stage(cfg, hf_path="hf")
+    assert len((save / "metrics.jsonl").read_text().splitlines()) == 3  # refused before anything changed
+
+
 def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_first_save(tmp_path, tiny_parent):
     """Dropped once the ranks agree that the stage starts afresh (its first pre-wrap hook), not before."""
     from nemo_plrd.bridge.checkpoint import TRACKER

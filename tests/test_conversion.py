@@ -149,19 +149,27 @@ def test_an_existing_output_is_refused_before_anything_loads(tmp_path, script_he
                                       "file, not a folder" in result.stderr
 
 
-def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(tmp_path, script_here):
-    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    assert script("hf_to_megatron", save_tiny_llama(tmp_path / "tiny"), ckpt).returncode == 0
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny LLaMA imported by hf_to_megatron.py, for the tests to copy and damage."""
+    folder = tmp_path_factory.mktemp("tiny")
+    imported = script("hf_to_megatron", save_tiny_llama(folder / "hf"), folder / "ckpt")
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    return folder / "ckpt"
+
+
+def test_a_checkpoint_without_its_hf_config_is_refused_before_its_weights_load(tiny_checkpoint, tmp_path, script_here):
+    ckpt, out = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"), tmp_path / "out"
     shutil.rmtree(ckpt / "hf")
     assert_refused(script_here(conversion("megatron_to_hf"), ckpt, out), f"{ckpt} has no hf/config.json", out)
     with pytest.raises(MissingInputError, match=f"{ckpt} has no hf/config.json"):  # as a stage's parent or teacher
         describe_parent(ckpt)
 
 
-def test_a_checkpoint_whose_parent_has_no_tokenizer_is_refused_before_its_weights_are_gathered(tmp_path):
+def test_a_checkpoint_whose_parent_has_no_tokenizer_is_refused_before_its_weights_are_gathered(tiny_checkpoint,
+                                                                                              tmp_path):
     """An HF model is exported with its parent's tokenizer: without one, refused before the export's work."""
-    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
-    assert script("hf_to_megatron", save_tiny_llama(tmp_path / "tiny"), ckpt).returncode == 0
+    ckpt, out = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"), tmp_path / "out"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (ckpt / "hf" / name).unlink()
     assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt / 'hf'} holds no tokenizer transformers can load", out)

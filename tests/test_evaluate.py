@@ -74,10 +74,10 @@ def test_held_out_perplexity_alone_reads_no_lm_eval_set(monkeypatch):
 
 
 def test_cli_writes_stable_results_for_every_task(tmp_path, plrd_here):
-    runs = []  # two processes: results that differ from one interpreter to the next would show
-    for name in ("a", "b"):
-        done = plrd_eval(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--heldout", "shakespeare,news",
-                         "--out", tmp_path / name)
+    runs = []  # in a new interpreter and in this one: results that differ from one to the next would show
+    for name, plrd in (("a", plrd_eval), ("b", lambda *args: plrd_here("eval", *args))):
+        done = plrd(smollm2_135m(), "--limit", "2", "--perplexity-blocks", "1", "--heldout", "shakespeare,news",
+                    "--out", tmp_path / name)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "held-out perplexity" in done.stdout
         runs.append(json.loads((tmp_path / name / "results.json").read_text()))

@@ -469,11 +469,11 @@ def test_dry_run_prints_every_script_and_submits_nothing(family, fake_sbatch, ca
     assert "'--dependency=afterok:<job id of stage3-4.15b>' --kill-on-invalid-dep=yes" in printed
 
 
-def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path):
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch anywhere on it
-    result = subprocess.run([sys.executable, "-m", "nemo_plrd.cli", "submit", "recipes/mistral_7b_family.yaml",
-                             "--nodes", "2", "--gpus-per-node", "8", "--dry-run", f"output={tmp_path / 'f'}"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path, plrd_here, monkeypatch):
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch anywhere on it
+    monkeypatch.chdir(ROOT)
+    result = plrd_here("submit", "recipes/mistral_7b_family.yaml", "--nodes", "2", "--gpus-per-node", "8", "--dry-run",
+                       f"output={tmp_path / 'f'}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("#SBATCH --nodes=2\n") == 4 and "--hf-path /models/Mistral-7B-v0.1" in result.stdout
 
@@ -550,16 +550,14 @@ def test_a_stage_without_its_parent_stops_before_running_anything(family, tmp_pa
     (["--parent", "runs/stage1"], "--parent runs/stage1 is not a nemo-plrd checkpoint (no metadata.json): make one "
                                   "of the previous stage's Bridge checkpoint with conversion/bridge_to_plrd.py"),
 ])
-def test_a_stage_job_refuses_a_parent_that_is_not_there_naming_the_flag(start, message):
-    """Before: transformers' hub lookup of the path, a traceback about repo ids."""
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), *start], capture_output=True,
-                         text=True)
-    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+def test_a_stage_job_refuses_a_parent_that_is_not_there_naming_the_flag(start, message, script_here):
+    """Before: transformers' hub lookup of the path, a traceback about repo ids (here: an exception out of the run)."""
+    run = script_here(ROOT / "recipes" / "run_plrd.py", *start)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
 
 
-def test_a_stage_job_refuses_a_recipe_that_is_not_module_colon_function():
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", "hf", "--recipe",
-                          "nemo_plrd.bridge.recipe"], capture_output=True, text=True)
+def test_a_stage_job_refuses_a_recipe_that_is_not_module_colon_function(script_here):
+    run = script_here(ROOT / "recipes" / "run_plrd.py", "--hf-path", "hf", "--recipe", "nemo_plrd.bridge.recipe")
     assert run.returncode == 2 and "--recipe='nemo_plrd.bridge.recipe' must be MODULE:FUNCTION" in run.stderr
 
 
@@ -574,13 +572,12 @@ def test_a_stage_job_refuses_a_recipe_it_cannot_call_with_the_parent(recipe, mes
         load_recipe(recipe, "--recipe")
 
 
-def test_a_stage_job_refuses_a_megatron_bridge_older_than_its_api_or_none(tmp_path):
+def test_a_stage_job_refuses_a_megatron_bridge_older_than_its_api_or_none(tmp_path, script_here):
     """The NeMo 26.06 container carries Bridge 0.5.0, whose API the stage does not match: refused at the
     job's start, naming the versions, not an ImportError deep in the stage (this venv has no Bridge)."""
     with pytest.raises(InputError, match="megatron-bridge 0.5.0 is installed; a Bridge stage needs 0.6.0 or newer"):
         require_bridge("0.5.0")
     require_bridge("0.6.2")
     transformers.LlamaConfig().save_pretrained(tmp_path)
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "run_plrd.py"), "--hf-path", str(tmp_path)],
-                         capture_output=True, text=True)
+    run = script_here(ROOT / "recipes" / "run_plrd.py", "--hf-path", tmp_path)
     assert run.returncode == 2 and "a Bridge stage needs megatron-bridge" in run.stderr, run.stderr[-2000:]

@@ -532,17 +532,23 @@ def trained_stage(tiny_parent, tmp_path_factory) -> Path:
     return out
 
 
-def assert_killed_mid_training_resumes_exactly(tiny_parent, reference: Path, out: Path, *settings: str) -> None:
-    """SIGKILL once step 3 is logged (the last save was at step 2), then the same command: the
-    losses, validation losses, perplexity and every exported weight equal the uninterrupted run's, and
-    it resumed rather than started again (a run started again would reach the same figures on CPU)."""
+def killed_at_step_3(tiny_parent, out: Path, *settings: str) -> tuple[str, ...]:
+    """The stage's arguments, once its run at DP=2 was sent SIGKILL with step 3 logged (the last save was at step 2)."""
     partial = Path(f"{out}.partial")
     args = (f"parent={tiny_parent}", f"output={out}", *settings)
     kill_when(launch(*args, nproc=2), lambda: logged_steps(partial / "metrics.jsonl") >= 3)
     assert not out.exists() and [p.name for p in (partial / "train").iterdir()] == ["iter_0000002"]
+    return args
+
+
+def assert_resumes_exactly(reference: Path, out: Path, args: tuple[str, ...]) -> None:
+    """The killed stage's command again: the losses, validation losses, perplexity and every exported weight equal
+    the uninterrupted run's, and it resumed rather than started again (a run started again would reach the same
+    figures on CPU)."""
+    partial = Path(f"{out}.partial")
     planned = (partial / "plan.json").stat().st_mtime_ns
     saved_rows = (partial / "metrics.jsonl").read_text().splitlines()[:2]  # steps 1-2, with their tokens/s
-    run = recipe(*args, nproc=2)  # the same command again
+    run = recipe(*args, nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "plan.json").stat().st_mtime_ns == planned  # not decomposed again
     assert (out / "metrics.jsonl").read_text().splitlines()[:2] == saved_rows  # steps 1-2 not trained again
@@ -579,7 +585,8 @@ def test_a_distilled_stage_trains_on_the_kl_to_its_parent_at_tp2(tiny_parent, di
 
 def test_a_distilled_stage_killed_mid_training_resumes_exactly(tiny_parent, distilled_stage, tmp_path):
     """The teacher is reloaded from the parent on the rerun; nothing of it is in the training state."""
-    assert_killed_mid_training_resumes_exactly(tiny_parent, distilled_stage[0], tmp_path / "kd", *DISTILLED)
+    out = tmp_path / "kd"
+    assert_resumes_exactly(distilled_stage[0], out, killed_at_step_3(tiny_parent, out, *DISTILLED))
 
 
 def test_a_teacher_of_another_architecture_is_refused_before_any_work(tiny_parent, tmp_path, recipe_here):
@@ -592,20 +599,17 @@ def test_a_teacher_of_another_architecture_is_refused_before_any_work(tiny_paren
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
-def test_a_stage_killed_mid_training_resumes_to_exactly_the_uninterrupted_run(tiny_parent, trained_stage, tmp_path):
-    assert_killed_mid_training_resumes_exactly(tiny_parent, trained_stage, tmp_path / "stage", *TRAINED)
-
-
-def test_a_stage_killed_at_dp2_resumes_at_dp1_to_the_uninterrupted_run(tiny_parent, trained_stage, tmp_path):
-    """Resumed on fewer ranks (a job requeued on other nodes): the same global batch, now two micro-batches
-    accumulated on one rank, continues from the checkpoint saved at DP=2 and ends where the uninterrupted
-    DP=2 run ended (fp32; the gradients sum in another order, hence the tolerance). The checkpoint's RNG
-    streams load at the new size; no step draws from them (the model has no dropout)."""
+def test_a_stage_killed_mid_training_resumes_exactly_and_on_fewer_ranks_closely(tiny_parent, trained_stage, tmp_path):
+    """The kill's leftovers resumed twice: at DP=2, exactly the uninterrupted run; at DP=1 (a job requeued on other
+    nodes), the same global batch, now two micro-batches accumulated on one rank, continues from the checkpoint
+    saved at DP=2 and ends where the uninterrupted DP=2 run ended (fp32; the gradients sum in another order, hence
+    the tolerance). The checkpoint's RNG streams load at the new size; no step draws from them (no dropout)."""
     out = tmp_path / "stage"
-    partial = Path(f"{out}.partial")
-    args = (f"parent={tiny_parent}", f"output={out}", *TRAINED)
-    kill_when(launch(*args, nproc=2), lambda: logged_steps(partial / "metrics.jsonl") >= 3)
-    assert [p.name for p in (partial / "train").iterdir()] == ["iter_0000002"]
+    args = killed_at_step_3(tiny_parent, out, *TRAINED)
+    killed = shutil.copytree(f"{out}.partial", tmp_path / "killed", symlinks=True)
+    assert_resumes_exactly(trained_stage, out, args)
+    shutil.rmtree(out)
+    killed.rename(f"{out}.partial")
     run = recipe(*args, nproc=1)
     assert run.returncode == 0, run.stderr[-3000:]
     expected, resumed = (json.loads((s / "summary.json").read_text()) for s in (trained_stage, out))

@@ -55,11 +55,6 @@ def trained(tiny_parent: Path, folder: Path, *overrides: str, nproc: int = 1) ->
     return save
 
 
-@pytest.fixture(scope="module")
-def tp2_stage(tiny_parent, tmp_path_factory) -> Path:
-    return trained(tiny_parent, tmp_path_factory.mktemp("tp2"), "model.tensor_model_parallel_size=2", nproc=2)
-
-
 LOCAL_ADAM = ["optimizer.adam_beta2=0.999"]  # the local loop's Adam, for the comparison with it below
 
 
@@ -68,12 +63,14 @@ def tp1_stage(tiny_parent, tmp_path_factory) -> Path:
     return trained(tiny_parent, tmp_path_factory.mktemp("tp1"), *LOCAL_ADAM)
 
 
-DISTILLED = [*LOCAL_ADAM, "train.loss=kd"]  # from the parent
+# At TP=2 the stage is distilled from the parent as well: the LM loss + 0.5 x the KL over vocab-parallel logits.
+DISTILLED = ["train.loss=lm+kd", "train.kd_weight=0.5"]
+TP2 = [*LOCAL_ADAM, "model.tensor_model_parallel_size=2", *DISTILLED]
 
 
 @pytest.fixture(scope="module")
-def kd_stage(tiny_parent, tmp_path_factory) -> Path:
-    return trained(tiny_parent, tmp_path_factory.mktemp("kd"), *DISTILLED)
+def tp2_stage(tiny_parent, tmp_path_factory) -> Path:
+    return trained(tiny_parent, tmp_path_factory.mktemp("tp2"), *TP2, nproc=2)
 
 
 # A family's later stage: samples 8-31 of a stream of 40 (the stage reads 6 x 4).
@@ -104,19 +101,18 @@ def test_stage_1_loads_the_hf_parent_decomposes_it_and_trains_it(tiny_parent, tp
         assert losses(save) == loss
 
 
-@pytest.mark.parametrize("tp, kind", [(1, "lm"), (2, "lm"), (1, "kd"), (1, "stream")])
+@pytest.mark.parametrize("tp, kind", [(1, "lm"), (2, "lm+kd"), (1, "stream")])
 def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_same_losses(
-        tiny_parent, tp1_stage, tp2_stage, kd_stage, stream_stage, tmp_path, tp, kind):
+        tiny_parent, tp1_stage, tp2_stage, stream_stage, tmp_path, tp, kind):
     """SIGKILL to every process once step 3 is logged (saved at step 2), the same command again: the
     factored model is rebuilt at the recorded ranks (not decomposed again) and steps 3-6 repeat
     the uninterrupted run's losses exactly; distilled, with the teacher (never checkpointed) loaded again;
     a family's later stage, from its checkpoint's place in the stream, not from its first sample again; with
     the data's cached indices torn as a kill while megatron saved them leaves them, built again."""
-    reference, settings = {(1, "lm"): (tp1_stage, LOCAL_ADAM), (2, "lm"): (tp2_stage, []),
-                           (1, "kd"): (kd_stage, DISTILLED), (1, "stream"): (stream_stage, STREAMED)}[tp, kind]
-    layout = [f"model.tensor_model_parallel_size={tp}", *settings]  # the reference's settings
+    reference, settings = {(1, "lm"): (tp1_stage, LOCAL_ADAM), (2, "lm+kd"): (tp2_stage, TP2),
+                           (1, "stream"): (stream_stage, STREAMED)}[tp, kind]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(tiny_parent, killed, *layout, nproc=tp), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command(tiny_parent, killed, *settings, nproc=tp), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     kill_when(process, lambda: (killed / "metrics.jsonl").is_file()
               and (killed / "metrics.jsonl").read_text().count("\n") >= 3)  # step 3 logged whole
@@ -132,7 +128,7 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
         for path in indices:
             path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
     plan = (killed / "plrd_plan.json").stat().st_mtime_ns
-    result = run(tiny_parent, killed, *layout, nproc=tp)
+    result = run(tiny_parent, killed, *settings, nproc=tp)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (killed / "plrd_plan.json").stat().st_mtime_ns == plan  # resumed, not decomposed again
     assert losses(killed) == losses(reference)
@@ -144,20 +140,15 @@ def test_a_stage_killed_mid_training_resumes_from_its_last_checkpoint_with_the_s
         assert int(read) == 8 + 24
 
 
-@pytest.mark.parametrize("loss, tp, stream", [("lm", 1, False), ("kd", 1, False), ("lm+kd", 2, False),
-                                              ("lm", 1, True)])
-def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, tp1_stage, kd_stage, stream_stage, tmp_path,
+@pytest.mark.parametrize("loss, tp, stream", [("lm", 1, False), ("lm+kd", 2, False), ("lm", 1, True)])
+def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, tp1_stage, tp2_stage, stream_stage, tmp_path,
                                                               loss, tp, stream):
     """The same stage through recipes/decompose.py (nemo-plrd's loop on megatron-core, TP=1) and through
     Bridge's pretrain (at ``tp``): same parent, data, calibration, plan, batches, optimizer, schedule and
     loss: the LM loss, or distilled from the parent (the local KL is tested against a dense reference);
     and a stage that starts further in its family's stream reads the same samples both ways."""
-    distilled = {"lm": [], "kd": ["train.loss=kd"], "lm+kd": ["train.loss=lm+kd", "train.kd_weight=0.5"]}[loss]
-    bridge = {("lm", 1, False): tp1_stage, ("kd", 1, False): kd_stage, ("lm", 1, True): stream_stage}.get(
-        (loss, tp, stream), tmp_path / "bridge")
-    if not bridge.exists():
-        result = run(tiny_parent, bridge, *LOCAL_ADAM, f"model.tensor_model_parallel_size={tp}", *distilled, nproc=tp)
-        assert result.returncode == 0, result.stderr[-3000:]
+    bridge = {("lm", 1, False): tp1_stage, ("lm+kd", 2, False): tp2_stage,
+              ("lm", 1, True): stream_stage}[loss, tp, stream]
     # Bridge's count of the stream's samples read, as a resumed job would start from it
     read = torch.load(bridge / "latest_train_state.pt", weights_only=False)["consumed_train_samples"]
     assert int(read) == (8 if stream else 0) + 24
@@ -169,7 +160,7 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, tp1_s
          "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "train.steps=6", "train.seq_length=64",
          "train.micro_batch=2", "train.global_batch=4", "train.warmup_steps=1", "optimizer.lr=1e-2",
          "optimizer.min_lr=1e-3", "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "export=[]",
-         "eval.tasks=[]", "eval.perplexity_blocks=0", *distilled, *(STREAM if stream else [])], capture_output=True, text=True, timeout=900,
+         "eval.tasks=[]", "eval.perplexity_blocks=0", *(DISTILLED if loss == "lm+kd" else []), *(STREAM if stream else [])], capture_output=True, text=True, timeout=900,
         env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert RankPlan.from_json((bridge / "plrd_plan.json").read_text()) == \
@@ -200,7 +191,7 @@ def test_a_stage_resumes_from_the_step_bridge_records_when_megatron_s_tracker_la
     save = tmp_path / "stage1"
     shutil.copytree(tp2_stage, save)
     (save / "latest_checkpointed_iteration.txt").write_text("4")
-    result = run(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
+    result = run(tiny_parent, save, *TP2, nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert losses(save) == losses(tp2_stage)
     convert("bridge_to_plrd.py", save, tmp_path / "converted", "--hf-path", tiny_parent)
@@ -239,7 +230,7 @@ def test_ranks_that_read_the_checkpoint_folder_differently_stop_together_naming_
         metrics.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
     (tmp_path / "hide.py").write_text(HIDE_CHECKPOINTS_ON_RANK_1)
     indices = index_cache([corpus_dataset("shakespeare", tiny_parent)])
-    hidden = command(tiny_parent, save, "model.tensor_model_parallel_size=2", nproc=2)
+    hidden = command(tiny_parent, save, *TP2, nproc=2)
     hidden.insert(hidden.index(str(Path(__file__).with_name("on_cpu.py"))) + 1, str(tmp_path / "hide.py"))
     result = subprocess.run(hidden, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode != 0

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import FileSystemReader
 
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.files import refuse_existing, sync_tree
@@ -66,6 +67,31 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, arch: Optional[Lla
 def _check_checkpoint(path: Path) -> None:
     if not (path / "metadata.json").is_file():
         raise MissingInputError(f"{path} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
+    check_shards(path)
+
+
+def check_shards(path: Path) -> None:
+    """Every shard file of the checkpoint at ``path`` holds the bytes its index (torch's ``.metadata``, which
+    megatron's torch_dist format writes) places in it. A copy or transfer cut short is refused naming the file before
+    any rank reads (torch's reader fails midway through the load, naming no file)."""
+    index = path / ".metadata"
+    if not index.is_file():  # another of megatron's formats: nothing to check by
+        return
+    advice = "the checkpoint was not copied or saved whole; copy it again, or use another"
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        ends: dict[str, int] = {}
+        for item in storage.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    except Exception as error:  # whatever unpickling a damaged index raises
+        raise InputError(f"{index} is damaged ({type(error).__name__}): {advice}") from None
+    for name, end in sorted(ends.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise InputError(f"{shard} is missing ({index.name} places {end:,} bytes in it): {advice}")
+        if shard.stat().st_size < end:
+            raise InputError(f"{shard} is cut short ({shard.stat().st_size:,} of the {end:,} bytes {index.name} places "
+                             f"in it): {advice}")
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:

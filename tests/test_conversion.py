@@ -175,6 +175,26 @@ def test_a_checkpoint_whose_parent_has_no_tokenizer_is_refused_before_its_weight
     assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt / 'hf'} holds no tokenizer transformers can load", out)
 
 
+def test_a_checkpoint_copied_short_is_refused_naming_the_file_before_any_work(tiny_checkpoint, tmp_path, script_here):
+    """A shard file cut short or missing (a copy or transfer that stopped), or the shards' index damaged: refused
+    naming the file, as a stage's parent or teacher and by the export (before: torch's reader failed midway through
+    the load, naming no file)."""
+    ckpt, out = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"), tmp_path / "out"
+    shard = next(ckpt.glob("*.distcp"))
+    whole = shard.read_bytes()
+    for damage, message in ((lambda: shard.write_bytes(whole[:len(whole) // 2]),
+                             f"{shard} is cut short ({len(whole) // 2:,} of the "),
+                            (shard.unlink, f"{shard} is missing (.metadata places ")):
+        damage()
+        assert_refused(script_here(conversion("megatron_to_hf"), ckpt, out), message, out)
+        with pytest.raises(InputError, match=re.escape(message)):
+            describe_parent(ckpt)
+    shard.write_bytes(whole)
+    (ckpt / ".metadata").write_bytes((ckpt / ".metadata").read_bytes()[:100])
+    with pytest.raises(InputError, match=re.escape(f"{ckpt / '.metadata'} is damaged (")):
+        describe_parent(ckpt)
+
+
 def test_damaged_weights_are_refused_naming_the_file_before_any_work(tmp_path):
     """A model.safetensors cut short (a copy or a save that stopped), not safetensors at all, or a shard its
     index names missing: refused as a stage's parent or teacher and by plrd eval, naming the file (before: a

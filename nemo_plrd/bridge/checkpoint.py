@@ -17,6 +17,7 @@ import yaml
 from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
+from nemo_plrd.checkpoint import check_shards
 from nemo_plrd.errors import InputError, MissingInputError
 from nemo_plrd.hf import arch_from_hf
 from nemo_plrd.model import LlamaArch, build_gpt
@@ -98,6 +99,7 @@ def load_bridge_stage(save: str | Path, hf_path: str | Path,
                          "stage stopped early (train.exit_duration_in_mins, exit_interval or exit_signal_handler end "
                          f"a job with status 0): run it again to finish, or give --iteration {iteration} to take it "
                          "as it is")
+    check_shards(folder)
     arch = arch_from_hf(AutoConfig.from_pretrained(hf_path))
     model = build_gpt(arch, read_plan(save).layer_ranks())
     wanted = model.sharded_state_dict()

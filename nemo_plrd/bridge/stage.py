@@ -29,7 +29,7 @@ from nemo_plrd.bridge import check_stage_parallelism
 from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, read_plan, read_started, saved_iteration
 from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
-from nemo_plrd.checkpoint import describe_parent, load_checkpoint
+from nemo_plrd.checkpoint import check_shards, describe_parent, load_checkpoint
 from nemo_plrd.config import PLRDConfig, check_blend, config_differences, field_defaults, stream_length
 from nemo_plrd.data import (blend_lists, cache_builder, calibration_batches, check_prefix, gpt_datasets, index_cache,
                             megatron_tokenizer)
@@ -244,6 +244,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     _add_pre_wrap_hook(provider, StageStart(save, saved, cfg.dataset.path_to_cache),  # before any that loads
                        first=True)  # or communicates
     if resume:
+        check_shards(save / f"iter_{saved:07d}")  # Bridge's load would fail midway on a shard cut short
         plan = read_plan(save)
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         cfg.checkpoint.load = str(save)

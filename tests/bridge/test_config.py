@@ -381,6 +381,25 @@ def test_a_stage_whose_records_are_damaged_is_refused_naming_the_record(tmp_path
     assert len((save / "metrics.jsonl").read_text().splitlines()) == 3  # refused before anything changed
 
 
+def test_a_stage_resumed_from_a_checkpoint_copied_short_is_refused_naming_the_shard(tmp_path):
+    """Before Bridge loads it (torch's reader failed midway, naming no file); the conversion reads it alike."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from nemo_plrd.bridge.checkpoint import load_bridge_stage
+    from nemo_plrd.bridge.stage import prepare_stage
+
+    cfg, save = stage_folder(tmp_path, PlanConfig(keep=0.6))  # the job's own settings: it would resume
+    iteration = save / "iter_0000002"
+    dcp.save({"weight": torch.ones(64)}, checkpoint_id=iteration)  # a shard and its index, as megatron writes them
+    (iteration / "metadata.json").write_text("{}")
+    shard = next(iteration.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    for read in (lambda: prepare_stage(cfg, hf_path="hf"), lambda: load_bridge_stage(save, "hf")):
+        with pytest.raises(InputError, match=re.escape(f"{shard} is cut short (100 of the ")):
+            read()
+
+
 def test_a_stage_started_afresh_keeps_no_metrics_of_a_job_killed_before_its_first_save(tmp_path, tiny_parent):
     """Dropped once the ranks agree that the stage starts afresh (its first pre-wrap hook), not before."""
     from nemo_plrd.bridge.checkpoint import TRACKER

@@ -32,6 +32,11 @@ RUN_CONFIG = "run_config.yaml"  # Bridge's, in each iter_* folder: the job's who
 T = TypeVar("T")
 
 
+def iteration_folder(save: Path, iteration: int) -> Path:
+    """Where megatron saves ``iteration`` under ``checkpoint.save``."""
+    return save / f"iter_{iteration:07d}"
+
+
 def read_record(path: Path, parse: Callable[[Path], T]) -> T:
     """``parse(path)`` of a record a stage resumes, converts or is checked by: one that cannot be read (a copy cut
     short, an edit, another file under its name) is refused naming it, not met as a traceback from the parser."""
@@ -90,7 +95,7 @@ def load_bridge_stage(save: str | Path, hf_path: str | Path,
                                 "checkpoint.save of a PLRD Bridge stage")
     newest = iteration is None
     iteration = saved if newest else iteration
-    folder = save / f"iter_{iteration:07d}"
+    folder = iteration_folder(save, iteration)
     if not (folder / "metadata.json").is_file():
         raise MissingInputError(f"{folder} is not a saved iteration of {save}")
     planned = _train_iters(folder)

@@ -26,7 +26,8 @@ from megatron.bridge.models import AutoBridge
 from megatron.bridge.training.callbacks import Callback, CallbackContext
 
 from nemo_plrd.bridge import check_stage_parallelism
-from nemo_plrd.bridge.checkpoint import PLAN_FILE, STAGE_FILE, read_plan, read_started, saved_iteration
+from nemo_plrd.bridge.checkpoint import (PLAN_FILE, STAGE_FILE, iteration_folder, read_plan, read_started,
+                                        saved_iteration)
 from nemo_plrd.bridge.config import DISTILLATION, PLRDConfigContainer, PLRDTrainingConfig
 from nemo_plrd.bridge.distill import loss_key
 from nemo_plrd.checkpoint import check_shards, describe_parent, load_checkpoint
@@ -244,7 +245,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
     _add_pre_wrap_hook(provider, StageStart(save, saved, cfg.dataset.path_to_cache),  # before any that loads
                        first=True)  # or communicates
     if resume:
-        check_shards(save / f"iter_{saved:07d}")  # Bridge's load would fail midway on a shard cut short
+        check_shards(iteration_folder(save, saved))  # Bridge's load would fail midway on a shard cut short
         plan = read_plan(save)
         provider.transformer_layer_spec = functools.partial(low_rank_block_spec, ranks=plan.layer_ranks())
         cfg.checkpoint.load = str(save)

@@ -160,8 +160,8 @@ def test_the_local_path_and_bridge_train_the_same_stage_alike(tiny_parent, tp1_s
          "plrd.calibration.tokens=512", "plrd.calibration.seq_length=128", "train.steps=6", "train.seq_length=64",
          "train.micro_batch=2", "train.global_batch=4", "train.warmup_steps=1", "optimizer.lr=1e-2",
          "optimizer.min_lr=1e-3", "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "export=[]",
-         "eval.tasks=[]", "eval.perplexity_blocks=0", *(DISTILLED if loss == "lm+kd" else []), *(STREAM if stream else [])], capture_output=True, text=True, timeout=900,
-        env=ENV)
+         "eval.tasks=[]", "eval.perplexity_blocks=0", *(DISTILLED if loss == "lm+kd" else []),
+         *(STREAM if stream else [])], capture_output=True, text=True, timeout=900, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert RankPlan.from_json((bridge / "plrd_plan.json").read_text()) == \
         RankPlan.from_json((local / "plan.json").read_text())

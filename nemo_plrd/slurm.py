@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from nemo_plrd.assets import eval_sets
-from nemo_plrd.bridge import check_stage_parallelism
+from nemo_plrd.bridge import check_stage_parallelism, require_bridge
 from nemo_plrd.bridge.checkpoint import read_started
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import blend_lists, check_prefix
@@ -299,7 +299,30 @@ def prepare_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bo
                              "machine; submit from a node that sees the cluster's filesystem, or --dry-run")
         for prefix in family.blend[0]:
             check_prefix("blend", prefix)
+    check_job_here(family, cluster)
+    if not dry_run:
         fetch_eval_assets(family, job_cache(cluster))
+
+
+def check_job_here(family: BridgeFamilyConfig, cluster: Cluster) -> None:
+    """The stage jobs' Bridge config, built now as each job will build it, where the jobs run on this machine's
+    Megatron-Bridge (no container image: sbatch passes the jobs this environment) and the parent is here: a key
+    misspelt in ``job.overrides`` or ``job.config_file``, which the first job would refuse after its wait in the
+    queue, is refused before any job is queued. Elsewhere each job checks its config as it starts."""
+    if cluster.container_image or not (Path(family.parent) / "config.json").is_file():
+        return
+    try:
+        require_bridge()
+    except InputError:  # none here, or one too old to be the jobs' own
+        return
+    from nemo_plrd.bridge.config import stage_config
+
+    try:  # stage 1's: the stages differ only in the settings the family sets
+        stage_config(family.job.recipe, "job.recipe", family.parent, family.job.config_file,
+                     family.stage_overrides(0, family.stage_folder(0) / "bridge"))
+    except InputError as error:
+        raise InputError(f"job (job.config_file, job.overrides), as this machine's Megatron-Bridge reads it: "
+                         f"{error}") from None
 
 
 def job_cache(cluster: Cluster) -> Path:

@@ -19,6 +19,8 @@ from nemo_plrd.bridge.distill import DistillationStep, stage_forward_step
 from nemo_plrd.config import CalibrationConfig, PLRDConfig, PlanConfig
 from nemo_plrd.errors import InputError
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def bridge_container() -> ConfigContainer:
     """What a Bridge recipe function returns (a tiny model on mock data)."""
@@ -136,6 +138,25 @@ def test_bridge_s_own_sections_keep_bridge_s_checks_and_a_bad_override_or_file_i
                           (tmp_path / "list.yaml", "must hold a mapping of keys to values")):
         with pytest.raises(InputError, match=re.escape(f"{path} {message}")):
             process_plrd_config(container(), path)
+
+
+def test_a_bridge_key_misspelt_in_a_family_s_job_is_refused_at_submission_where_the_jobs_run_on_this_bridge(
+        cluster_family, plrd_here):
+    """Without a container image the jobs run on the Bridge installed where ``plrd submit`` runs: it builds
+    the stage's config as each job will, so a misspelt key is refused before the queue, not by the first job
+    after it. With one, the container's Bridge is the jobs' own, and each job checks its config as it starts."""
+    family = cluster_family("llama2_7b_family.yaml")
+    submit = ["submit", ROOT / "recipes" / "llama2_7b_family.yaml", "--nodes", "1", "--gpus-per-node", "8",
+              "--workdir", ROOT, "--dry-run", f"parent={family.parent}", f"output={family.output}",
+              f"blend=[[{family.blend[0][0]}], null]", "eval.tasks=[]", "eval.perplexity_blocks=0"]
+    assert plrd_here(*submit).stdout.count("#!/bin/bash") == 4  # the shipped job builds
+    typo = 'job.overrides=["optimizer.lrr=1e-4"]'
+    refused = plrd_here(*submit, typo)
+    assert refused.returncode == 2 and not refused.stdout
+    assert ("job (job.config_file, job.overrides), as this machine's Megatron-Bridge reads it: override "
+            "'optimizer.lrr=1e-4': Could not override 'optimizer.lrr'") in refused.stderr
+    in_container = plrd_here(*submit, typo, "--container-image", "nvcr.io/nvidia/nemo:26.06")
+    assert in_container.returncode == 0 and "optimizer.lrr=1e-4" in in_container.stdout
 
 
 def test_the_shipped_gpu_stage_yaml_lands_on_the_recipe(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,16 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from tqdm import tqdm
 
 from nemo_plrd.assets import cache_dir
 from nemo_plrd.errors import InputError, MissingInputError
-from nemo_plrd.files import fsync, refuse_existing
+from nemo_plrd.files import fsync, refuse_existing, try_acquire
 from nemo_plrd.parallel import rank0_decides
 
 SPLITS = ("train", "valid", "test")
+BUILD_POLL = 1.0  # seconds (cache_builder)
 
 
 def megatron_tokenizer(hf_dir: str | Path):
@@ -151,14 +153,12 @@ def check_prefix(key: str, prefix: str) -> None:
 
 
 def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, sequence_length: int,
-                 num_samples: Sequence[Optional[int]], tokenizer, seed: int = 1234,
-                 wait: Optional[float] = None) -> list:
+                 num_samples: Sequence[Optional[int]], tokenizer, seed: int = 1234) -> list:
     """megatron ``GPTDataset`` s (or blends of them) for the train, valid and test splits.
 
     ``num_samples[i]`` is how many samples split i must provide (megatron repeats epochs to
     reach it); ``None`` skips the split. Every sample holds ``sequence_length`` tokens and
-    their shifted labels. Another job's build in the same index cache is waited for ``wait``
-    seconds at most (``cache_builder``).
+    their shifted labels. Another job's build in the same index cache is waited for (``cache_builder``).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -189,7 +189,7 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
                                  f"{tokens} tokens, not one sample of {sequence_length}; give that "
                                  f"split a larger share{'' if wanted else unasked}, or the prefixes weights")
     sizes = [1 if wanted is None and blend[1] is not None else wanted for wanted in num_samples]
-    with cache_builder(config.path_to_cache, wait):
+    with cache_builder(config.path_to_cache):
         splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     for name, wanted, split in zip(SPLITS, num_samples, splits):
         if wanted and len(split) < wanted:  # megatron repeats no epoch of an unweighted blend of several prefixes
@@ -211,28 +211,30 @@ def index_cache(prefixes: Sequence[str]) -> Path:
 
 
 @contextmanager
-def cache_builder(folder: str, wait: Optional[float] = None) -> Iterator[None]:
+def cache_builder(folder: str) -> Iterator[None]:
     """Rank 0's hold on megatron's index cache ``folder`` while it builds (megatron's rank 0 builds and
     writes, the other ranks wait for it, then read): jobs sharing the cache build one at a time, so
     the torn files dropped first can only be a killed build's, never another job's being written.
-    Another job's hold is waited for ``wait`` seconds at most (None: as long as it takes), then refused:
-    the other ranks wait in a collective that would time out without a word."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        yield
-        return
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(Path(folder) / ".build.lock", timeout=-1 if wait is None else wait)
+    Another job's build is waited for as long as it takes, in rounds of ``BUILD_POLL`` seconds that
+    every rank joins (rank 0's try for the lock, broadcast): ranks waiting in one collective instead
+    would time out after the process group's timeout, without a word of why."""
+    lock = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        lock = FileLock(Path(folder) / ".build.lock")
+    waiting = False
+    while not rank0_decides(lambda: try_acquire(lock, BUILD_POLL)):
+        if lock is not None and not waiting:
+            print(f"[data] waiting for another job's build of megatron's indices in {folder}", file=sys.stderr,
+                  flush=True)
+            waiting = True
     try:
-        lock.acquire()
-    except Timeout:
-        raise InputError(f"another job has been building megatron's indices in {folder} for {wait:.0f} s, longer "
-                         "than this job's ranks can wait for it (dist.distributed_timeout_minutes); rerun once it "
-                         "has built them, or give this job a dataset.path_to_cache of its own") from None
-    try:
-        drop_torn_indices(Path(folder))
+        if lock is not None:
+            drop_torn_indices(Path(folder))
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def drop_torn_indices(folder: Path) -> None:

@@ -84,10 +84,10 @@ def check_can_make(path: str | Path, named: str) -> None:
         raise InputError(f"{named} cannot be made: {above} is not writable")
 
 
-def try_acquire(lock: FileLock) -> bool:
-    """Whether this process now holds ``lock``; held by another, it is not waited for."""
+def try_acquire(lock: FileLock, timeout: float = 0) -> bool:
+    """Whether this process now holds ``lock``, another holder waited for ``timeout`` seconds at most."""
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=timeout)
         return True
     except Timeout:
         return False

@@ -16,7 +16,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nemo_plrd.assets import (CORPORA, HELD_OUT_EVERY, SMOLLM2, _pip_download, _split, corpus, corpus_dataset,
                                gguf_tokenizer, smollm2_135m)
-from nemo_plrd.data import (DataParallelBatches, cache_builder, gpt_datasets, index_cache, megatron_tokenizer,
+from nemo_plrd.data import (DataParallelBatches, gpt_datasets, index_cache, megatron_tokenizer,
                             prepare_dataset, read_documents)
 from nemo_plrd.config import FamilyConfig, load_config
 from nemo_plrd.evaluate import HELDOUT_BLOCK, heldout_blocks
@@ -199,17 +199,6 @@ def test_a_build_waits_for_another_job_building_in_the_same_cache(prefix, tokeni
         being_written.write_bytes(whole)  # the other job's save completes
     waiting.join()
     assert all(torch.equal(before[i]["tokens"], built[0][i]["tokens"]) for i in range(len(before)))
-
-
-def test_a_build_that_waited_longer_than_its_ranks_can_is_refused_naming_the_cache(tmp_path):
-    """A Bridge job's other ranks wait in a collective meanwhile: refused before it would time out unsaid."""
-    with FileLock(tmp_path / ".build.lock"):  # another job's rank 0, building
-        with pytest.raises(InputError, match=f"another job has been building megatron's indices in {tmp_path} for "
-                                             "1 s, longer than this job's ranks can wait"):
-            with cache_builder(str(tmp_path), wait=1):
-                pytest.fail("built while another job held the cache")
-    with cache_builder(str(tmp_path), wait=0.5):  # free again: held at once
-        pass
 
 
 def test_a_family_s_stages_read_the_one_shot_baseline_s_stream_one_after_another(prefix, tmp_path):

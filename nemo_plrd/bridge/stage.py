@@ -54,15 +54,13 @@ class PLRDHook:
     hf_path: str  # the parent's tokenizer
     save: Path
     started: dict
-    wait: float  # for another job's index build (``lock_wait``)
 
     def __call__(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
         on_one_device(model)
         calib = self.plrd.calibration
         samples = calib.tokens // calib.seq_length
         train, _, _ = gpt_datasets(blend_lists(self.dataset.blend), self.dataset.split, calib.seq_length,
-                                   [samples, None, None], megatron_tokenizer(self.hf_path), self.dataset.random_seed,
-                                   self.wait)
+                                   [samples, None, None], megatron_tokenizer(self.hf_path), self.dataset.random_seed)
         batches = calibration_batches(train, samples, calib.micro_batch)
         plan = plan_for(model[0], batches, self.plrd.method, ridge=self.plrd.ridge, **self.plrd.plan.request())
         model = PLRDTransform(plan, lambda: batches, self.plrd.method, self.plrd.solver, self.plrd.ridge)(model)
@@ -163,16 +161,10 @@ class IndexBuild(Callback):
     def on_data_init_start(self, context: CallbackContext) -> None:
         cfg = context.state.cfg
         self.held = ExitStack()
-        self.held.enter_context(cache_builder(cfg.dataset.path_to_cache, lock_wait(cfg)))
+        self.held.enter_context(cache_builder(cfg.dataset.path_to_cache))
 
     def on_train_start(self, context: CallbackContext) -> None:
         self.held.close()
-
-
-def lock_wait(cfg: PLRDConfigContainer) -> float:
-    """How long rank 0 waits for another job's build in an index cache: its other ranks wait for it in a
-    collective, which would time out without a word after ``dist.distributed_timeout_minutes``."""
-    return 0.9 * 60 * cfg.dist.distributed_timeout_minutes
 
 
 def stage_callbacks(cfg: PLRDConfigContainer) -> list[Callback]:
@@ -277,7 +269,7 @@ def prepare_stage(cfg: PLRDConfigContainer, hf_path: str, parent: Optional[str] 
             load_checkpoint(model[0], parent)  # resharded to the job's TP size
             return model
 
-    for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started, lock_wait(cfg))):
+    for hook in (load_parent, PLRDHook(cfg.plrd, cfg.dataset, hf_path, save, started)):
         _add_pre_wrap_hook(provider, hook)
     return cfg
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -72,8 +73,9 @@ def _check_checkpoint(path: Path) -> None:
 
 def check_shards(path: Path) -> None:
     """Every shard file of the checkpoint at ``path`` holds the bytes its index (torch's ``.metadata``, which
-    megatron's torch_dist format writes) places in it. A copy or transfer cut short is refused naming the file before
-    any rank reads (torch's reader fails midway through the load, naming no file)."""
+    megatron's torch_dist format writes) places in it, and megatron's ``common.pt`` is whole. A copy or transfer cut
+    short is refused naming the file before any rank reads (torch's reader fails midway through the load, naming no
+    file)."""
     index = path / ".metadata"
     if not index.is_file():  # another of megatron's formats: nothing to check by
         return
@@ -92,6 +94,15 @@ def check_shards(path: Path) -> None:
         if shard.stat().st_size < end:
             raise InputError(f"{shard} is cut short ({shard.stat().st_size:,} of the {end:,} bytes {index.name} places "
                              f"in it): {advice}")
+    if not (path / "metadata.json").is_file():  # torch's format without megatron's: no common state
+        return
+    common = path / "common.pt"  # megatron's state beside the shards: a torch.save zip, its directory at the end
+    try:
+        zipfile.ZipFile(common).close()
+    except FileNotFoundError:
+        raise InputError(f"{common} is missing (megatron's state beside the shards): {advice}") from None
+    except (zipfile.BadZipFile, OSError) as error:
+        raise InputError(f"{common} is damaged ({type(error).__name__}: {error}): {advice}") from None
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:

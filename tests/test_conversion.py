@@ -176,9 +176,9 @@ def test_a_checkpoint_whose_parent_has_no_tokenizer_is_refused_before_its_weight
 
 
 def test_a_checkpoint_copied_short_is_refused_naming_the_file_before_any_work(tiny_checkpoint, tmp_path, script_here):
-    """A shard file cut short or missing (a copy or transfer that stopped), or the shards' index damaged: refused
-    naming the file, as a stage's parent or teacher and by the export (before: torch's reader failed midway through
-    the load, naming no file)."""
+    """A shard file or megatron's common.pt cut short or missing (a copy or transfer that stopped), or the shards'
+    index damaged: refused naming the file, as a stage's parent or teacher and by the export (before: torch's reader
+    failed midway through the load, naming no file)."""
     ckpt, out = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"), tmp_path / "out"
     shard = next(ckpt.glob("*.distcp"))
     whole = shard.read_bytes()
@@ -190,6 +190,14 @@ def test_a_checkpoint_copied_short_is_refused_naming_the_file_before_any_work(ti
         with pytest.raises(InputError, match=re.escape(message)):
             describe_parent(ckpt)
     shard.write_bytes(whole)
+    common = (ckpt / "common.pt").read_bytes()
+    (ckpt / "common.pt").write_bytes(common[:len(common) // 2])
+    assert_refused(script_here(conversion("megatron_to_hf"), ckpt, out), f"{ckpt / 'common.pt'} is damaged (BadZipFile",
+                   out)
+    (ckpt / "common.pt").unlink()
+    with pytest.raises(InputError, match=re.escape(f"{ckpt / 'common.pt'} is missing")):
+        describe_parent(ckpt)
+    (ckpt / "common.pt").write_bytes(common)
     (ckpt / ".metadata").write_bytes((ckpt / ".metadata").read_bytes()[:100])
     with pytest.raises(InputError, match=re.escape(f"{ckpt / '.metadata'} is damaged (")):
         describe_parent(ckpt)

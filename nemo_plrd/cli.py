@@ -18,7 +18,7 @@ from nemo_plrd.errors import InputError, OutputExistsError
 from nemo_plrd.files import held_folder
 
 if TYPE_CHECKING:
-    from nemo_plrd.config import EvalConfig
+    from nemo_plrd.evaluate import EvalConfig
 
 
 def positive_int(text: str, high: float = float("inf"), what: str = "a positive integer") -> int:
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from nemo_plrd.assets import CORPORA
-    from nemo_plrd.config import EvalConfig
-    from nemo_plrd.evaluate import TASKS, evaluate, hf_model_dir, markdown, write_results
+    from nemo_plrd.evaluate import TASKS, EvalConfig, evaluate, hf_model_dir, markdown, write_results
 
     def names(value: str, every) -> list[str]:
         return list(every) if value == "all" else [name.strip() for name in value.split(",") if name.strip()]

@@ -41,7 +41,7 @@ from megatron.core.optimizer import OptimizerConfig, distrib_optimizer
 from nemo_plrd.assets import CORPORA
 from nemo_plrd.distill import LOSSES
 from nemo_plrd.errors import InputError, MissingInputError
-from nemo_plrd.evaluate import check_tasks
+from nemo_plrd.evaluate import EvalConfig
 from nemo_plrd.export_options import FORMATS, check_dtype
 from nemo_plrd.files import check_can_make
 from nemo_plrd.family_plan import recipe_plan
@@ -271,32 +271,6 @@ def optimizer_config(**values: Any) -> OptimizerConfig:
         if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
             raise InputError(f"optimizer.{key}={getattr(cfg, key)} must be >= 0{note}")
     return cfg
-
-
-@dataclass
-class EvalConfig:
-    """lm-eval tasks on the first export (none: no lm-eval) and held-out perplexity: ``perplexity_blocks``
-    blocks (0: none) of each ``heldout`` corpus's held-out documents, which no calibration or training
-    reads; the reports' headline perplexity is over those of the corpora the stage trains on. The
-    fields are ``nemo_plrd.evaluate.evaluate``'s keyword arguments, so every caller passes them all."""
-
-    tasks: list[str] = field(default_factory=list)
-    limit: Optional[int] = None  # items per task
-    perplexity_blocks: int = 8  # of 512 tokens per corpus, measured on the megatron model before and after
-    heldout: list[str] = field(default_factory=lambda: list(CORPORA))
-    batch_size: int = 8  # lm-eval's requests per forward pass: raise it on a GPU (scores equal up to float rounding)
-
-    def __post_init__(self) -> None:
-        check_tasks(self.tasks, "eval.tasks")
-        _check_positive("eval", batch_size=self.batch_size)
-        if self.limit is not None:
-            _check_positive("eval", limit=self.limit)
-        if self.perplexity_blocks < 0:
-            raise InputError(f"eval.perplexity_blocks={self.perplexity_blocks} must be >= 0")
-        unknown = [name for name in self.heldout if name not in CORPORA]
-        if unknown or not self.heldout or len(set(self.heldout)) < len(self.heldout):
-            raise InputError(f"eval.heldout={self.heldout} must name distinct embedded corpora, one or more, "
-                             f"of {list(CORPORA)}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -69,6 +70,34 @@ def check_tasks(tasks: Sequence[str], key: str = "tasks") -> None:
         raise InputError(f"{key}: unknown task(s) {unknown}; the tasks are {list(TASKS)}")
     if len(set(tasks)) < len(tasks):
         raise InputError(f"{key}={list(tasks)} names a task twice")
+
+
+@dataclass
+class EvalConfig:
+    """lm-eval tasks on the first export (none: no lm-eval) and held-out perplexity: ``perplexity_blocks``
+    blocks (0: none) of each ``heldout`` corpus's held-out documents, which no calibration or training
+    reads; the reports' headline perplexity is over those of the corpora the stage trains on. The
+    fields are ``evaluate``'s keyword arguments, so every caller passes them all. Here, not beside the
+    recipes' other sections, so that ``plrd eval`` checks its flags without importing megatron."""
+
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[int] = None  # items per task
+    perplexity_blocks: int = 8  # of 512 tokens per corpus, measured on the megatron model before and after
+    heldout: list[str] = field(default_factory=lambda: list(CORPORA))
+    batch_size: int = 8  # lm-eval's requests per forward pass: raise it on a GPU (scores equal up to float rounding)
+
+    def __post_init__(self) -> None:
+        check_tasks(self.tasks, "eval.tasks")
+        for name in ("batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"eval.{name}={value} must be a positive integer")
+        if self.perplexity_blocks < 0:
+            raise InputError(f"eval.perplexity_blocks={self.perplexity_blocks} must be >= 0")
+        unknown = [name for name in self.heldout if name not in CORPORA]
+        if unknown or not self.heldout or len(set(self.heldout)) < len(self.heldout):
+            raise InputError(f"eval.heldout={self.heldout} must name distinct embedded corpora, one or more, "
+                             f"of {list(CORPORA)}")
 
 
 def task_configs(tasks: Sequence[str]) -> list[dict]:

@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_plrd.bridge import recipe_function
-from nemo_plrd.config import (EvalConfig, PLRDConfig, TrainConfig, check_blend, check_distillation, check_export,
+from nemo_plrd.config import (PLRDConfig, TrainConfig, check_blend, check_distillation, check_export,
                               distils_from_family_parent, from_dict, load_yaml, override_key, with_overrides)
 from nemo_plrd.errors import InputError
+from nemo_plrd.evaluate import EvalConfig
 from nemo_plrd.export_options import check_dtype
 from nemo_plrd.model import LlamaArch
 

@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,14 +316,19 @@ def check_job_here(family: BridgeFamilyConfig, cluster: Cluster) -> None:
         require_bridge()
     except InputError:  # none here, or one too old to be the jobs' own
         return
-    from nemo_plrd.bridge.config import stage_config
+    try:
+        from nemo_plrd.bridge.config import stage_config
 
-    try:  # stage 1's: the stages differ only in the settings the family sets
+        # stage 1's: the stages differ only in the settings the family sets
         stage_config(family.job.recipe, "job.recipe", family.parent, family.job.config_file,
                      family.stage_overrides(0, family.stage_folder(0) / "bridge"))
     except InputError as error:
         raise InputError(f"job (job.config_file, job.overrides), as this machine's Megatron-Bridge reads it: "
                          f"{error}") from None
+    except Exception as error:  # Bridge or the recipe function cannot run here (a login node without the GPU stack)
+        first_line = str(error).partition("\n")[0]
+        print(f"note: the stages' Bridge config cannot be built on this machine ({type(error).__name__}: "
+              f"{first_line}); each job checks its own as it starts", file=sys.stderr)
 
 
 def job_cache(cluster: Cluster) -> Path:

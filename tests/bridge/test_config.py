@@ -141,10 +141,11 @@ def test_bridge_s_own_sections_keep_bridge_s_checks_and_a_bad_override_or_file_i
 
 
 def test_a_bridge_key_misspelt_in_a_family_s_job_is_refused_at_submission_where_the_jobs_run_on_this_bridge(
-        cluster_family, plrd_here):
+        cluster_family, plrd_here, tmp_path, monkeypatch):
     """Without a container image the jobs run on the Bridge installed where ``plrd submit`` runs: it builds
     the stage's config as each job will, so a misspelt key is refused before the queue, not by the first job
-    after it. With one, the container's Bridge is the jobs' own, and each job checks its config as it starts."""
+    after it. With one, the container's Bridge is the jobs' own, and each job checks its config as it starts;
+    so does each job whose config cannot be built where it is submitted (a login node without the GPU stack)."""
     family = cluster_family("llama2_7b_family.yaml")
     submit = ["submit", ROOT / "recipes" / "llama2_7b_family.yaml", "--nodes", "1", "--gpus-per-node", "8",
               "--workdir", ROOT, "--dry-run", f"parent={family.parent}", f"output={family.output}",
@@ -157,6 +158,12 @@ def test_a_bridge_key_misspelt_in_a_family_s_job_is_refused_at_submission_where_
             "'optimizer.lrr=1e-4': Could not override 'optimizer.lrr'") in refused.stderr
     in_container = plrd_here(*submit, typo, "--container-image", "nvcr.io/nvidia/nemo:26.06")
     assert in_container.returncode == 0 and "optimizer.lrr=1e-4" in in_container.stdout
+    (tmp_path / "gpu_recipe.py").write_text("def stage(hf_path):\n    raise RuntimeError('No CUDA GPUs are available')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    unbuilt = plrd_here(*submit, typo, "job.recipe=gpu_recipe:stage")
+    assert unbuilt.returncode == 0 and unbuilt.stdout.count("#!/bin/bash") == 4
+    assert ("note: the stages' Bridge config cannot be built on this machine (RuntimeError: No CUDA GPUs are "
+            "available); each job checks its own as it starts") in unbuilt.stderr
 
 
 def test_the_shipped_gpu_stage_yaml_lands_on_the_recipe(tmp_path):

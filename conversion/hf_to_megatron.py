@@ -27,12 +27,13 @@ def main() -> None:
     import torch.distributed as dist
 
     from nemo_plrd.checkpoint import save_checkpoint
-    from nemo_plrd.hf import check_weights, hf_arch, import_hf
+    from nemo_plrd.hf import check_weights, hf_arch, hf_tokenizer, import_hf
     from nemo_plrd.model import parameter_count
     from nemo_plrd.parallel import init_tensor_parallel_over_world
 
     arch = hf_arch(args.hf_dir)  # refuse a missing directory, an unsupported architecture or no weights first
     check_weights(args.hf_dir)
+    hf_tokenizer(args.hf_dir)  # the checkpoint carries it: its export and a stage started from it read it
     init_tensor_parallel_over_world(arch)
     model, arch = import_hf(args.hf_dir)
     save_checkpoint(model, args.out_dir, arch, hf_source=args.hf_dir)

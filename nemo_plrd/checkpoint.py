@@ -149,14 +149,17 @@ def load_model(path: str | Path, sequence_parallel: bool = False) -> tuple[torch
 
 def describe_parent(source: str | Path) -> tuple[LlamaArch, Optional[list[dict]], Path]:
     """(arch, ranks per layer or None for a dense HF model, folder of the HF config + tokenizer) of what
-    ``load_parent`` would load, without its weights."""
-    from nemo_plrd.hf import check_weights, hf_arch
+    ``load_parent`` would load, without its weights (their files and the tokenizer checked)."""
+    from nemo_plrd.hf import check_weights, hf_arch, hf_tokenizer
 
     path = Path(source)
     if (path / "metadata.json").is_file():
-        return *read_metadata(path), hf_folder(path)
+        arch, ranks = read_metadata(path)
+        hf_tokenizer(hf_folder(path))
+        return arch, ranks, hf_folder(path)
     arch = hf_arch(path, missing="is neither a PLRD checkpoint nor an HF model directory")
     check_weights(path)
+    hf_tokenizer(path)
     return arch, None, path
 
 

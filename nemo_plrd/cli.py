@@ -236,6 +236,7 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from nemo_plrd.config import EMBEDDED_PARENT
     from nemo_plrd.data import dataset_written, megatron_tokenizer, prepare_dataset, read_documents
     from nemo_plrd.files import refuse_existing
+    from nemo_plrd.hf import hf_tokenizer
 
     try:
         if args.output.endswith("/") or Path(args.output).is_dir():
@@ -246,6 +247,10 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if not (tokenizer_dir / "tokenizer_config.json").is_file():
             raise InputError(f"--tokenizer {tokenizer_dir} is not an HF model or tokenizer directory "
                              "(no tokenizer_config.json)")
+        try:
+            hf_tokenizer(tokenizer_dir)
+        except InputError as error:
+            raise type(error)(f"--tokenizer {error}") from None
         documents = chain.from_iterable([read_documents(path, args.json_key) for path in args.inputs])  # all there
         prefix = prepare_dataset(documents, megatron_tokenizer(tokenizer_dir), args.output, progress=True)
     except InputError as error:

@@ -150,10 +150,11 @@ def heldout_perplexity(model, tokenizer, num_blocks: int, names: Sequence[str]) 
 
 
 def hf_model_dir(path: str | Path) -> Path:
-    from nemo_plrd.hf import check_weights, model_type
+    from nemo_plrd.hf import check_weights, hf_tokenizer, model_type
 
     model_type(path, remote_code=True)  # loaded with trust_remote_code: exports merged or factored, any HF model
     check_weights(path)
+    hf_tokenizer(path, remote_code=True)
     return Path(path)
 
 

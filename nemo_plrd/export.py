@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nemo_plrd.errors import InputError, MissingInputError
+from nemo_plrd.errors import InputError
 from nemo_plrd.export_options import DTYPES, FORMATS, check_dtype
 from nemo_plrd.files import refuse_existing, sync_tree
-from nemo_plrd.hf import arch_from_hf, full_state, merge_factors, to_hf, to_hf_factored
+from nemo_plrd.hf import arch_from_hf, full_state, hf_tokenizer, merge_factors, to_hf, to_hf_factored
 from nemo_plrd.parallel import exists_on_rank0
 from nemo_plrd.transform import model_ranks
 
@@ -96,7 +96,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
               dtype: str = "float32") -> Path:
     """Write ``model`` to ``out_dir`` as an HF model in ``dtype`` (one of ``DTYPES``); ``hf_source`` holds the
     parent's config and tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     if format not in FORMATS:
         raise InputError(f"format={format!r} is not one of {FORMATS}")
@@ -106,11 +106,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, hf_source: str | Path
     parent_config = AutoConfig.from_pretrained(hf_source)
     # refused on every rank alike, before the gather: a parent without a tokenizer fails here, not after it
     arch, weights = arch_from_hf(parent_config), _torch_dtype(dtype, parent_config, "dtype")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_source)
-    except (OSError, ValueError) as error:
-        raise MissingInputError(f"{hf_source} holds no tokenizer transformers can load, and an HF model is "
-                                f"exported with its parent's ({str(error).strip().splitlines()[0]})") from None
+    tokenizer = hf_tokenizer(hf_source)  # an HF model is exported with its parent's
     writer = not dist.is_initialized() or dist.get_rank() == 0
     full = full_state(model, keep=writer)  # collective: every rank takes part
     if writer:

@@ -254,6 +254,26 @@ def check_weights(hf_model_dir: str | Path) -> None:
         SafetensorsWeights(hf_model_dir)  # every file's header read: damaged weights refused before any work
 
 
+def hf_tokenizer(folder: str | Path, remote_code: bool = False):
+    """The HF tokenizer in ``folder`` (a model's, or a PLRD checkpoint's ``hf/``), refused naming the folder where
+    transformers cannot load one, or where its vocabulary is larger than its model's (``config.json``'s
+    ``vocab_size``): its ids past the model's would index outside the embedding, a traceback from deep inside
+    the forward, after the model has loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote_code)
+    except (OSError, ValueError) as error:
+        raise MissingInputError(f"{folder} holds no tokenizer transformers can load ("
+                                f"{str(error).strip().partition(chr(10))[0]})") from None
+    config = Path(folder) / "config.json"
+    vocab_size = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+    if isinstance(vocab_size, int) and tokenizer.vocab_size > vocab_size:
+        raise InputError(f"{folder}: its tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
+                         f"vocab_size {vocab_size:,} (config.json): give the model the tokenizer it was trained with")
+    return tokenizer
+
+
 def hf_weights(hf_model_dir: str | Path) -> Mapping[str, Tensor]:
     """An HF checkpoint's fp32 state dict: read lazily from safetensors, else (PyTorch pickles) loaded whole."""
     from transformers import AutoModelForCausalLM

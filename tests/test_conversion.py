@@ -173,6 +173,31 @@ def test_a_checkpoint_whose_parent_has_no_tokenizer_is_refused_before_its_weight
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (ckpt / "hf" / name).unlink()
     assert_refused(script("megatron_to_hf", ckpt, out), f"{ckpt / 'hf'} holds no tokenizer transformers can load", out)
+    with pytest.raises(MissingInputError, match=f"{ckpt / 'hf'} holds no tokenizer"):  # as a stage's parent or teacher
+        describe_parent(ckpt)
+
+
+def test_an_hf_model_without_a_tokenizer_or_with_a_larger_one_is_refused_naming_it_before_any_work(tmp_path,
+                                                                                                  script_here,
+                                                                                                  plrd_here):
+    """As a stage's parent or teacher, by plrd eval, hf_to_megatron.py and plrd prepare-data (before: transformers'
+    ValueError once the weights had loaded, or, with another model's larger tokenizer, the embedding's IndexError
+    in the first forward; hf_to_megatron.py wrote a checkpoint that no export could read)."""
+    without = save_tiny_llama(tmp_path / "without")
+    (without / "tokenizer.json").unlink()  # tokenizer_config.json alone
+    larger = save_tiny_llama(tmp_path / "larger", vocab_size=1000)
+    out = tmp_path / "out"
+    for model, message in ((without, f"{without} holds no tokenizer transformers can load"),
+                           (larger, f"{larger}: its tokenizer has 49,152 tokens, more than the model's vocab_size "
+                                    "1,000 (config.json)")):
+        for check in (describe_parent, hf_model_dir):
+            with pytest.raises(InputError, match=re.escape(message)):
+                check(model)
+        assert_refused(script_here(conversion("hf_to_megatron"), model, out), message, out)
+    (tmp_path / "text.txt").write_text("Some text.")
+    refused = plrd_here("prepare-data", tmp_path / "text.txt", "--tokenizer", without, "--output", tmp_path / "data")
+    assert refused.returncode == 2 and f"--tokenizer {without} holds no tokenizer" in refused.stderr
+    assert not list(tmp_path.glob("data*"))
 
 
 def test_a_checkpoint_copied_short_is_refused_naming_the_file_before_any_work(tiny_checkpoint, tmp_path, script_here):

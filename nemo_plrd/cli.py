@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--time", help="wall-clock limit per stage job, e.g. 04:00:00")
     submit.add_argument("--container-image", help="pyxis container image holding Megatron-Bridge 0.6 or newer")
     submit.add_argument("--mounts", action="append", default=[], metavar="SRC:DST",
-                        help="container mount (repeatable), e.g. /lustre:/lustre")
+                        help="container mount (repeatable, with --container-image), e.g. /lustre:/lustre")
     submit.add_argument("--workdir", default=os.getcwd(),
                         help="this nemo-plrd checkout as the nodes see it (default: the current directory); "
                              "the jobs run in it, so the recipe's relative paths are read from it")

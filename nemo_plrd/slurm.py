@@ -47,6 +47,7 @@ HEAD_NODE = "${HEAD_NODE}"  # the rendezvous host: the job's first node, set in 
 JOB_ID = "${SLURM_JOB_ID}"  # the rendezvous id
 # sbatch's --time formats; anything else would be refused by sbatch only after the earlier stages were queued
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|INFINITE|UNLIMITED", re.IGNORECASE)
+SLURM_NAMES = re.compile(r"[\w.-]+(,[\w.-]+)*")  # partitions and accounts: no spaces, no = or # (an #SBATCH line's)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ class Cluster:
         bad = [m for m in self.container_mounts if ":" not in m or "," in m]
         if bad:
             raise InputError(f"--mounts {bad}: each mount is SRC:DST[:FLAGS], one per --mounts")
+        if self.container_mounts and not self.container_image:
+            raise InputError(f"--mounts {list(self.container_mounts)} without --container-image: the mounts are into "
+                             "the container; give its image, or leave --mounts out")
+        for flag, value, what in (("partition", self.partition, "partition name (or a comma-separated list of them)"),
+                                  ("account", self.account, "account name")):
+            if value is not None and not SLURM_NAMES.fullmatch(value):  # e.g. the next argument, swallowed
+                raise InputError(f"--{flag} {value!r} is not a SLURM {what}")
 
     def check_layout(self, family: BridgeFamilyConfig) -> None:
         """TP within a node and dividing the world; the global batch split over the data-parallel ranks."""

@@ -495,6 +495,13 @@ def test_dry_run_needs_no_sbatch_and_no_cluster_filesystem(tmp_path, plrd_here, 
     (['job.overrides=["checkpoint.save=x"]'], ["--nodes", "1", "--gpus-per-node", "8"],
      "job.overrides ['checkpoint.save=x'] cannot be set"),
     (["target_params=[5000000000, 5000000000]"], ["--nodes", "1", "--gpus-per-node", "8"], "strictly decreasing"),
+    (["target_params=[0]"], ["--nodes", "1", "--gpus-per-node", "8"], "target_params=[0] must list one or more "
+                                                                       "parameter counts (whole numbers >= 1)"),
+    ([], ["--nodes", "1", "--gpus-per-node", "8", "--mounts", "/lustre:/lustre"],
+     "--mounts ['/lustre:/lustre'] without --container-image: the mounts are into the container"),
+    ([], ["--nodes", "1", "--gpus-per-node", "8", "--partition"],  # its value left out: the next override taken
+     "is not a SLURM partition name (or a comma-separated list of them)"),
+    ([], ["--nodes", "1", "--gpus-per-node", "8", "--account="], "--account '' is not a SLURM account name"),
     (["blend=[corpus]"], ["--nodes", "1", "--gpus-per-node", "8"], "must be [prefixes, weights]"),
     (["export_dtype=half"], ["--nodes", "1", "--gpus-per-node", "8"], "export_dtype='half' is not one of"),
     (['job.overrides=["dataset.blend=[[/other], null]"]'], ["--nodes", "1", "--gpus-per-node", "8"],

@@ -109,10 +109,10 @@ class BridgeFamilyConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if not self.target_params or any(later >= earlier for earlier, later
-                                         in zip(self.target_params, self.target_params[1:])):
-            raise InputError(f"target_params={self.target_params} must list one or more parameter counts, "
-                             "strictly decreasing (each stage smaller than the one before)")
+        if not self.target_params or min(self.target_params) < 1 or any(
+                later >= earlier for earlier, later in zip(self.target_params, self.target_params[1:])):
+            raise InputError(f"target_params={self.target_params} must list one or more parameter counts (whole "
+                             "numbers >= 1), strictly decreasing (each stage smaller than the one before)")
         if self.blend is not None:
             check_blend("blend", self.blend)  # the files are on the cluster: submit looks for them
         check_export(self.export, at_least_one="the next stage starts from the checkpoint, the evaluation from "

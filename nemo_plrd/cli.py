@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if SMOLLM2_135M.num_query_groups % args.tp:
             parser.error(f"--tp {args.tp} does not divide SmolLM2-135M's "
                          f"{SMOLLM2_135M.num_query_groups} KV heads; use 1 or 3")
+        if args.seq_length > SMOLLM2_135M.max_sequence_length:
+            parser.error(f"--seq-length {args.seq_length} is longer than SmolLM2-135M's "
+                         f"{SMOLLM2_135M.max_sequence_length} positions")
         if "RANK" not in os.environ and args.tp > 1:
             return _relaunch_under_torchrun(args.tp)
         from nemo_plrd.demo import run_demo

@@ -16,10 +16,12 @@ def plrd(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_demo_refuses_a_tp_size_that_does_not_divide_the_kv_heads():
-    result = plrd("demo", "--tp", "2")
-    assert result.returncode == 2
-    assert "--tp 2 does not divide SmolLM2-135M's 3 KV heads; use 1 or 3" in result.stderr
+def test_demo_refuses_a_layout_or_sequence_smollm2_cannot_take(plrd_here):
+    for args, message in ((("--tp", "2"), "--tp 2 does not divide SmolLM2-135M's 3 KV heads; use 1 or 3"),
+                          (("--seq-length", "100000"), "--seq-length 100000 is longer than SmolLM2-135M's 8192 "
+                                                       "positions")):  # before: an out-of-memory traceback
+        result = plrd_here("demo", *args)
+        assert result.returncode == 2 and message in result.stderr
 
 
 def test_numeric_options_refuse_what_they_cannot_take_naming_the_option():

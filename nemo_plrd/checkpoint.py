@@ -155,8 +155,9 @@ def describe_parent(source: str | Path) -> tuple[LlamaArch, Optional[list[dict]]
     path = Path(source)
     if (path / "metadata.json").is_file():
         arch, ranks = read_metadata(path)
-        hf_tokenizer(hf_folder(path))
-        return arch, ranks, hf_folder(path)
+        hf = hf_folder(path)
+        hf_tokenizer(hf)
+        return arch, ranks, hf
     arch = hf_arch(path, missing="is neither a PLRD checkpoint nor an HF model directory")
     check_weights(path)
     hf_tokenizer(path)

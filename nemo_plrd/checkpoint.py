@@ -73,7 +73,7 @@ def _check_checkpoint(path: Path) -> None:
 
 def check_shards(path: Path) -> None:
     """Every shard file of the checkpoint at ``path`` holds the bytes its index (torch's ``.metadata``, which
-    megatron's torch_dist format writes) places in it, and megatron's ``common.pt`` is whole. A copy or transfer cut
+    megatron's torch_dist format writes) places in it, and megatron's common state is there. A copy or transfer cut
     short is refused naming the file before any rank reads (torch's reader fails midway through the load, naming no
     file)."""
     index = path / ".metadata"
@@ -81,9 +81,9 @@ def check_shards(path: Path) -> None:
         return
     advice = "the checkpoint was not copied or saved whole; copy it again, or use another"
     try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
+        metadata = FileSystemReader(str(path)).read_metadata()
         ends: dict[str, int] = {}
-        for item in storage.values():
+        for item in metadata.storage_data.values():
             ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
     except Exception as error:  # whatever unpickling a damaged index raises
         raise InputError(f"{index} is damaged ({type(error).__name__}): {advice}") from None
@@ -94,15 +94,17 @@ def check_shards(path: Path) -> None:
         if shard.stat().st_size < end:
             raise InputError(f"{shard} is cut short ({shard.stat().st_size:,} of the {end:,} bytes {index.name} places "
                              f"in it): {advice}")
-    if not (path / "metadata.json").is_file():  # torch's format without megatron's: no common state
-        return
-    common = path / "common.pt"  # megatron's state beside the shards: a torch.save zip, its directory at the end
-    try:
-        zipfile.ZipFile(common).close()
-    except FileNotFoundError:
-        raise InputError(f"{common} is missing (megatron's state beside the shards): {advice}") from None
-    except (zipfile.BadZipFile, OSError) as error:
-        raise InputError(f"{common} is damaged ({type(error).__name__}: {error}): {advice}") from None
+    # megatron's common state: an object in the shards from megatron-core 0.19, common.pt beside them before (a
+    # torch.save zip, whose directory, at the end of the file, a cut copy loses)
+    common = path / "common.pt"
+    if common.is_file():
+        try:
+            zipfile.ZipFile(common).close()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise InputError(f"{common} is damaged ({type(error).__name__}: {error}): {advice}") from None
+    elif (path / "metadata.json").is_file() and not any(key.startswith("common_state")
+                                                        for key in metadata.state_dict_metadata):
+        raise InputError(f"{common} is missing (megatron's state beside the shards): {advice}")
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from nemo_plrd.assets import eval_sets
-from nemo_plrd.bridge import check_stage_parallelism, require_bridge
+from nemo_plrd.bridge import check_stage_parallelism, load_recipe, require_bridge
 from nemo_plrd.bridge.checkpoint import read_started
 from nemo_plrd.bridge.family import BridgeFamilyConfig
 from nemo_plrd.data import blend_lists, check_prefix
@@ -295,9 +295,10 @@ def check_stage_record(family: BridgeFamilyConfig, index: int, folder: Path, sta
 
 
 def prepare_submission(family: BridgeFamilyConfig, cluster: Cluster, dry_run: bool) -> None:
-    """Before anything is submitted: the layout, the data named, and (not in a dry run, which may render on
-    a machine without the cluster's filesystem) the parent and the data there, and the eval steps' assets
-    fetched into the jobs' cache."""
+    """Before anything is submitted: the layout, the data named, (not in a dry run, which may render on a
+    machine without the cluster's filesystem) the parent and the data there, the stage's Bridge config where
+    it can be built here (``check_job_here``), and (not in a dry run) the eval steps' assets fetched into the
+    jobs' cache."""
     cluster.check_layout(family)
     if family.blend is None:
         raise InputError("blend must name the stages' data: [[PREFIX, ...], null] (megatron indexed datasets, "
@@ -317,26 +318,37 @@ def check_job_here(family: BridgeFamilyConfig, cluster: Cluster) -> None:
     """The stage jobs' Bridge config, built now as each job will build it, where the jobs run on this machine's
     Megatron-Bridge (no container image: sbatch passes the jobs this environment) and the parent is here: a key
     misspelt in ``job.overrides`` or ``job.config_file``, which the first job would refuse after its wait in the
-    queue, is refused before any job is queued. Elsewhere each job checks its config as it starts."""
+    queue, is refused before any job is queued. Elsewhere, and where Bridge or the recipe function cannot run
+    here, each job checks its config as it starts."""
     if cluster.container_image or not (Path(family.parent) / "config.json").is_file():
         return
     try:
         require_bridge()
     except InputError:  # none here, or one too old to be the jobs' own
         return
+    sys.path.insert(0, cluster.workdir)  # the jobs' PYTHONPATH: a recipe module may live in the checkout
     try:
-        from nemo_plrd.bridge.config import stage_config
+        from nemo_plrd.bridge.config import process_plrd_config
 
-        # stage 1's: the stages differ only in the settings the family sets
-        stage_config(family.job.recipe, "job.recipe", family.parent, family.job.config_file,
-                     family.stage_overrides(0, family.stage_folder(0) / "bridge"))
+        job = load_recipe(family.job.recipe, "job.recipe")(hf_path=family.parent)
+    except Exception as error:  # Bridge or the recipe cannot run here (e.g. a login node without the GPU stack)
+        return _cannot_build_here(error)
+    finally:
+        sys.path.remove(cluster.workdir)
+    overrides = family.stage_overrides(0, family.stage_folder(0) / "bridge")  # the stages differ only in the family's
+    try:
+        process_plrd_config(job, family.job.config_file, overrides)
     except InputError as error:
         raise InputError(f"job (job.config_file, job.overrides), as this machine's Megatron-Bridge reads it: "
                          f"{error}") from None
-    except Exception as error:  # Bridge or the recipe function cannot run here (a login node without the GPU stack)
-        first_line = str(error).partition("\n")[0]
-        print(f"note: the stages' Bridge config cannot be built on this machine ({type(error).__name__}: "
-              f"{first_line}); each job checks its own as it starts", file=sys.stderr)
+    except Exception as error:
+        _cannot_build_here(error)
+
+
+def _cannot_build_here(error: Exception) -> None:
+    first_line = str(error).partition("\n")[0]
+    print(f"note: the stages' Bridge config cannot be built on this machine ({type(error).__name__}: {first_line}); "
+          "each job checks its own as it starts", file=sys.stderr)
 
 
 def job_cache(cluster: Cluster) -> Path:

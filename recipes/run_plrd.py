@@ -18,7 +18,7 @@ from the last checkpoint (other ``plrd.*`` settings or another parent are refuse
 import argparse
 from pathlib import Path
 
-from nemo_plrd.bridge import recipe_function
+from nemo_plrd.bridge import load_recipe, recipe_function
 from nemo_plrd.errors import InputError
 
 
@@ -52,11 +52,12 @@ def main() -> None:
     require_bridge()
     from megatron.bridge.training.pretrain import pretrain
 
-    from nemo_plrd.bridge.config import stage_config
+    from nemo_plrd.bridge.config import process_plrd_config
     from nemo_plrd.bridge.distill import stage_forward_step
     from nemo_plrd.bridge.stage import prepare_stage, stage_callbacks
 
-    cfg = stage_config(args.recipe, "--recipe", hf_path, args.config_file, args.overrides)
+    cfg = load_recipe(args.recipe, "--recipe")(hf_path=hf_path)
+    cfg = process_plrd_config(cfg, args.config_file, args.overrides)
     step = stage_forward_step(cfg, hf_path, args.parent)  # the teacher checked before any work
     cfg = prepare_stage(cfg, hf_path, args.parent)
     pretrain(cfg, step, callbacks=stage_callbacks(cfg))

@@ -22,7 +22,6 @@ from megatron.bridge.training.utils.omegaconf_utils import create_omegaconf_dict
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nemo_plrd.bridge import load_recipe
 from nemo_plrd.config import (PLRDConfig, check_distillation, check_stream, from_dict, load_yaml, override_key,
                               with_overrides)
 from nemo_plrd.errors import InputError
@@ -72,13 +71,6 @@ def _with_stage_training(cfg: PLRDConfigContainer) -> PLRDConfigContainer:
     if not isinstance(cfg.train, PLRDTrainingConfig):  # Bridge's own: Bridge would skip train.loss
         cfg.train = _promoted(cfg.train, PLRDTrainingConfig)
     return cfg
-
-
-def stage_config(recipe: str, key: str, hf_path: str, config_file: Optional[str | Path] = None,
-                 overrides: Sequence[str] = ()) -> PLRDConfigContainer:
-    """A stage job's whole config as its job builds it: the ``recipe`` function's container for ``hf_path``, then
-    the YAML file and the overrides (``key``: the flag or setting that named the recipe, for its refusals)."""
-    return process_plrd_config(load_recipe(recipe, key)(hf_path=hf_path), config_file, overrides)
 
 
 def process_plrd_config(cfg: PLRDConfigContainer, config_file: Optional[str | Path] = None,

@@ -4,6 +4,8 @@ import dataclasses
 import functools
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -141,7 +143,7 @@ def test_bridge_s_own_sections_keep_bridge_s_checks_and_a_bad_override_or_file_i
 
 
 def test_a_bridge_key_misspelt_in_a_family_s_job_is_refused_at_submission_where_the_jobs_run_on_this_bridge(
-        cluster_family, plrd_here, tmp_path, monkeypatch):
+        cluster_family, plrd_here, tmp_path):
     """Without a container image the jobs run on the Bridge installed where ``plrd submit`` runs: it builds
     the stage's config as each job will, so a misspelt key is refused before the queue, not by the first job
     after it. With one, the container's Bridge is the jobs' own, and each job checks its config as it starts;
@@ -158,12 +160,20 @@ def test_a_bridge_key_misspelt_in_a_family_s_job_is_refused_at_submission_where_
             "'optimizer.lrr=1e-4': Could not override 'optimizer.lrr'") in refused.stderr
     in_container = plrd_here(*submit, typo, "--container-image", "nvcr.io/nvidia/nemo:26.06")
     assert in_container.returncode == 0 and "optimizer.lrr=1e-4" in in_container.stdout
-    (tmp_path / "gpu_recipe.py").write_text("def stage(hf_path):\n    raise RuntimeError('No CUDA GPUs are available')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    unbuilt = plrd_here(*submit, typo, "job.recipe=gpu_recipe:stage")
-    assert unbuilt.returncode == 0 and unbuilt.stdout.count("#!/bin/bash") == 4
-    assert ("note: the stages' Bridge config cannot be built on this machine (RuntimeError: No CUDA GPUs are "
-            "available); each job checks its own as it starts") in unbuilt.stderr
+    checkout = tmp_path / "checkout"  # the jobs' --workdir, holding the job's own recipe module
+    for name in ("recipes/run_plrd.py", "recipes/bridge/llama_stage.yaml"):
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, checkout / name)
+    elsewhere = [arg if arg != ROOT else checkout for arg in submit]
+    for recipe, reason in (("def stage(hf_path):\n    raise RuntimeError('No CUDA GPUs are available')\n",
+                            "RuntimeError: No CUDA GPUs are available"),  # found on the jobs' PYTHONPATH
+                           ("import cuda_only_kernels\n", "InputError: job.recipe='gpu_recipe:stage' cannot be "
+                                                          "loaded: No module named 'cuda_only_kernels'")):
+        (checkout / "gpu_recipe.py").write_text(recipe)
+        sys.modules.pop("gpu_recipe", None)
+        unbuilt = plrd_here(*elsewhere, typo, "job.recipe=gpu_recipe:stage", "~architecture")  # planned from the parent
+        assert unbuilt.returncode == 0 and unbuilt.stdout.count("#!/bin/bash") == 4
+        assert f"note: the stages' Bridge config cannot be built on this machine ({reason}" in unbuilt.stderr
 
 
 def test_the_shipped_gpu_stage_yaml_lands_on_the_recipe(tmp_path):

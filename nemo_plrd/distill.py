@@ -103,15 +103,15 @@ def check_teacher(student: LlamaArch, teacher: LlamaArch, student_tokenizer: dic
 def check_teacher_source(student: Path, teacher: Path, where: str) -> None:
     """``check_teacher`` on two PLRD checkpoints or HF model directories, from their configs alone
     (before any work: a mismatch is refused before hours of decomposition)."""
-    from transformers import AutoTokenizer
+    from nemo_plrd.hf import hf_tokenizer
 
     student_arch, _, student_hf = describe_parent(student)
     try:
         teacher_arch, _, teacher_hf = describe_parent(teacher)
     except InputError as error:  # a path or model refused as a parent would be: named as the teacher
         raise type(error)(f"{where}: {error}") from None
-    check_teacher(student_arch, teacher_arch, AutoTokenizer.from_pretrained(student_hf).get_vocab(),
-                  AutoTokenizer.from_pretrained(teacher_hf).get_vocab(), where)
+    check_teacher(student_arch, teacher_arch, hf_tokenizer(student_hf).get_vocab(),
+                  hf_tokenizer(teacher_hf).get_vocab(), where)  # loaded by describe_parent
 
 
 def load_teacher(source: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -13,6 +13,7 @@ model) or ``to_hf_factored`` (the factored model of ``hf_modeling``) map back.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -258,7 +259,18 @@ def hf_tokenizer(folder: str | Path, remote_code: bool = False):
     """The HF tokenizer in ``folder`` (a model's, or a PLRD checkpoint's ``hf/``), refused naming the folder where
     transformers cannot load one, or where its vocabulary is larger than its model's (``config.json``'s
     ``vocab_size``): its ids past the model's would index outside the embedding, a traceback from deep inside
-    the forward, after the model has loaded."""
+    the forward, after the model has loaded. Loaded once per process while the folder's files stay as they are
+    (half a second for SmolLM2's, asked for by every check of a parent and a teacher); callers only read it."""
+    folder = Path(folder)
+    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()) \
+        if folder.is_dir() else ()
+    return _checked_tokenizer(folder, folder.absolute(), remote_code, files)
+
+
+@functools.lru_cache(maxsize=8)
+def _checked_tokenizer(folder: Path, where: Path, remote_code: bool, files: tuple):
+    """``hf_tokenizer``'s load and checks; ``where`` (the folder wherever the process runs) and ``files`` (name,
+    size, time) key the cache, so an edited folder is read again (a refusal raises, and is never cached)."""
     from transformers import AutoTokenizer
 
     try:
@@ -266,7 +278,7 @@ def hf_tokenizer(folder: str | Path, remote_code: bool = False):
     except (OSError, ValueError) as error:
         raise MissingInputError(f"{folder} holds no tokenizer transformers can load ("
                                 f"{str(error).strip().partition(chr(10))[0]})") from None
-    config = Path(folder) / "config.json"
+    config = folder / "config.json"
     vocab_size = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
     if isinstance(vocab_size, int) and tokenizer.vocab_size > vocab_size:
         raise InputError(f"{folder}: its tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "

@@ -36,7 +36,6 @@ import torch.distributed as dist
 from filelock import FileLock
 from megatron.core import dist_checkpointing, parallel_state
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from nemo_plrd import distill, report
 from nemo_plrd.assets import CORPORA, corpus_dataset, smollm2_135m
@@ -50,6 +49,7 @@ from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_re
 from nemo_plrd.export import check_export_dtype, export_hf
 from nemo_plrd.family_plan import parent_plan, plan_family
 from nemo_plrd.files import leftover_temp_files, try_acquire, write_text_atomic
+from nemo_plrd.hf import hf_tokenizer
 from nemo_plrd.model import LlamaArch, check_sequence_length, check_tensor_parallel, parameter_count
 from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
 from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
@@ -254,7 +254,7 @@ def _training_datasets(cfg: DecomposeConfig, hf_source: Path):
 @functools.lru_cache(maxsize=4)
 def _heldout(hf_source: Path, num_blocks: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """{corpus: the held-out blocks every report scores}, tokenised once per run by one tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(hf_source)
+    tokenizer = hf_tokenizer(hf_source)  # loaded by describe_parent
     return {name: heldout_blocks(tokenizer, num_blocks, name) for name in names}
 
 

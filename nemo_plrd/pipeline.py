@@ -52,7 +52,7 @@ from nemo_plrd.files import leftover_temp_files, try_acquire, write_text_atomic
 from nemo_plrd.hf import hf_tokenizer
 from nemo_plrd.model import LlamaArch, check_sequence_length, check_tensor_parallel, parameter_count
 from nemo_plrd.parallel import exists_on_rank0, init_model_parallel, rank0_decides
-from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run
+from nemo_plrd.train import Schedule, Trainer, keep_saved_steps, perplexity, run, shard
 from nemo_plrd.transform import apply_plan, model_ranks, plan_for
 
 CONFIG = "config.json"
@@ -286,13 +286,15 @@ def check_inputs(cfg: DecomposeConfig) -> Path:
 
 def heldout_perplexity(model: torch.nn.Module, cfg: DecomposeConfig, hf_source: Path) -> Optional[dict[str, float]]:
     """{corpus: the megatron model's held-out perplexity} (None with eval.perplexity_blocks=0); half a
-    minute or more on a CPU, so rank 0 shows it in tokens/s."""
+    minute or more on a CPU, so rank 0 shows its share in tokens/s. The data-parallel ranks split the blocks."""
     if not cfg.eval.perplexity_blocks:
         return None
     blocks = _heldout(hf_source, cfg.eval.perplexity_blocks, tuple(cfg.eval.heldout))
-    with tqdm(total=sum(b[:, 1:].numel() for b in blocks.values()), desc="held-out perplexity", unit="tok",
-              unit_scale=True, disable=not _rank0()) as bar:
-        return {name: perplexity(model, b, progress=bar) for name, b in blocks.items()}
+    group = parallel_state.get_data_parallel_group()
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    with tqdm(total=sum(shard(b, rank, size)[:, 1:].numel() for b in blocks.values()), desc="held-out perplexity",
+              unit="tok", unit_scale=True, disable=not _rank0()) as bar:
+        return {name: perplexity(model, b, progress=bar, group=group) for name, b in blocks.items()}
 
 
 def decompose(cfg: DecomposeConfig, partial: Path, parent_perplexity: Optional[dict] = None

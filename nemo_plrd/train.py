@@ -276,14 +276,23 @@ def run(trainer: Trainer, save: Callable[[Trainer], None], save_interval: int, m
     bar.close()
 
 
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, progress: Optional[tqdm] = None
-               ) -> float:
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4, progress: Optional[tqdm] = None,
+               group: Optional[dist.ProcessGroup] = None) -> float:
     """exp(mean next-token loss) over ``blocks`` [n, s+1] of held-out tokens (``progress`` advanced by
-    each batch's predicted tokens)."""
-    losses = []
+    each batch's predicted tokens). With a data-parallel ``group``, each of its ranks takes every
+    group-size-th block (the model replicas need not all read every block) and the sums are added up."""
+    rank, size = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    total = torch.zeros(2, dtype=torch.float64)  # the blocks' mean losses, summed; the number of blocks
     with torch.no_grad():
-        for batch in blocks.split(batch_size):
-            losses.append(lm_loss(model, batch).item() * batch.shape[0])
+        for batch in shard(blocks, rank, size).split(batch_size):
+            total += torch.tensor([lm_loss(model, batch).item() * batch.shape[0], batch.shape[0]], dtype=torch.float64)
             if progress is not None:
                 progress.update(batch[:, 1:].numel())
-    return math.exp(sum(losses) / blocks.shape[0])
+    if size > 1:
+        dist.all_reduce(total, group=group)
+    return math.exp(total[0].item() / total[1].item())
+
+
+def shard(blocks: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """The blocks that data-parallel rank ``rank`` of ``size`` measures."""
+    return blocks[rank::size]

@@ -1,6 +1,8 @@
 """A GPTModel with low-rank slots trains identically at TP=1 and TP=2 and reshards on load."""
 
 import dataclasses
+import io
+import math
 
 import pytest
 import torch
@@ -8,13 +10,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from tqdm import tqdm
 
 from nemo_plrd.checkpoint import load_checkpoint, save_checkpoint
 from nemo_plrd.data import DataParallelBatches, token_samples
 from nemo_plrd.layers import LowRankColumnParallelLinear, LowRankRowParallelLinear
 from nemo_plrd.model import SMOLLM2_135M, LlamaArch, build_gpt, parameter_count, transformer_config
 from nemo_plrd.parallel import init_model_parallel
-from nemo_plrd.train import Schedule, Trainer
+from nemo_plrd.train import Schedule, Trainer, perplexity
 
 ARCH = LlamaArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                  num_query_groups=2, vocab_size=128, max_sequence_length=64)
@@ -73,6 +76,25 @@ def test_sharded_state_dict_marks_replicated_factors():
     assert row_down.global_shape[-2:] == (RANKS["linear_proj"], ARCH.hidden_size)
     assert row_down.local_shape[-2:] == (RANKS["linear_proj"], ARCH.hidden_size // tp)
     assert column_up.replica_id[1] == row_down.replica_id[1] == 0
+
+
+@pytest.mark.parametrize("tp_size", [1, 2], indirect=True)
+def test_held_out_perplexity_split_over_the_data_parallel_ranks_is_that_of_every_block(tp_size):
+    """At TP=1 the two ranks are data-parallel: of 5 blocks, rank 0 measures 3 and rank 1 measures 2, and both
+    report the perplexity of all 5, as the full logits give it (fp32 logits, float64 sums: rel 1e-5). At TP=2 the
+    pair measures all 5 together."""
+    init_model_parallel(tp_size, seed=3)
+    model = build_gpt(ARCH, RANKS)
+    blocks = torch.randint(0, ARCH.vocab_size, (5, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(
+            input_ids=blocks[:, :-1], position_ids=torch.arange(16).expand(5, 16), attention_mask=None))
+    expected = math.exp(torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), blocks[:, 1:].flatten()))
+    progress = tqdm(file=io.StringIO())
+    measured = perplexity(model, blocks, batch_size=2, progress=progress, group=parallel_state.get_data_parallel_group())
+    assert measured == pytest.approx(expected, rel=1e-5)
+    share = 5 if tp_size == 2 else [3, 2][dist.get_rank()]
+    assert progress.n == share * 16  # the tokens this rank predicted
 
 
 @pytest.mark.parametrize("tp_size", [2], indirect=True)

@@ -245,6 +245,10 @@ def _prepare_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if args.output.endswith("/") or Path(args.output).is_dir():
             raise InputError(f"--output {args.output} is a folder; give the dataset's path prefix (--output "
                              f"{Path(args.output) / 'corpus'} writes {Path(args.output) / 'corpus'}.bin and .idx)")
+        if Path(args.output).suffix in (".bin", ".idx"):  # the prefix gets them: corpus.bin would write corpus.bin.bin
+            prefix = Path(args.output).with_suffix("")
+            raise InputError(f"--output {args.output} names one of the dataset's files; give its path prefix "
+                             f"(--output {prefix} writes {prefix}.bin and .idx)")
         refuse_existing(args.output, "dataset", exists=dataset_written)
         tokenizer_dir = smollm2_135m() if args.tokenizer == EMBEDDED_PARENT else Path(args.tokenizer)
         if not (tokenizer_dir / "tokenizer_config.json").is_file():

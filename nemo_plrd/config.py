@@ -160,6 +160,10 @@ def check_blend(key: str, blend: Any) -> list[str]:
                                      and all(_matches(w, float) and 0 < w < math.inf for w in weights)))):
         raise InputError(f"{key}={blend!r} must be [prefixes, weights]: a list of dataset prefixes and null "
                          "or one positive, finite weight per prefix (megatron's GPTDatasetConfig.blend)")
+    twice = sorted({prefix for prefix in prefixes if prefixes.count(prefix) > 1})
+    if twice:  # megatron would build the dataset twice, each copy drawing its samples on its own
+        raise InputError(f"{key}={blend!r} names {twice} more than once: name each dataset once and give it a "
+                         "larger weight instead")
     return prefixes
 
 
@@ -333,6 +337,9 @@ class DecomposeConfig:
         optimizer = self.optimizer_config()
         ddp = from_dict(DistributedDataParallelConfig, ddp_defaults(optimizer) | self.ddp, "ddp.",
                         fixed=("use_distributed_optimizer",))
+        if ddp.bucket_size is not None and ddp.bucket_size < 1:
+            raise InputError(f"ddp.bucket_size={ddp.bucket_size} must be a positive number of parameters per "
+                             "gradient bucket, or null (megatron's default)")
         check_loop_supports(optimizer, ddp)
         return ddp
 
@@ -529,8 +536,8 @@ def load_config(cls: type[Config], path: str | Path, overrides: Sequence[str] = 
     data = with_overrides(load_yaml(path), overrides)
     try:
         plain = OmegaConf.to_container(data, resolve=True)
-    except OmegaConfBaseException as error:  # an interpolation that does not resolve
-        raise InputError(f"{path}: {error}") from None
+    except OmegaConfBaseException as error:  # an interpolation that does not resolve, in the file or an override
+        raise InputError(f"{path}{' with the overrides' if overrides else ''}: {error}") from None
     return from_dict(cls, plain)
 
 

@@ -190,12 +190,22 @@ def sole_run(output: str) -> Iterator[None]:
     """
     partial = partial_folder(output)
     lock = FileLock(partial / ".lock") if _rank0() and not Path(output).exists() else None
-    if lock is not None:
-        partial.mkdir(parents=True, exist_ok=True)
-    free = rank0_decides(lambda: lock is None or try_acquire(lock))
-    if not free:
-        raise InputError(f"output={output!r} is being written by another run (it holds {partial / '.lock'}); "
-                         "let it finish, or stop it, then run this again")
+
+    def refusal() -> Optional[str]:
+        if lock is None:
+            return None
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a folder the configs' checks let through: a read-only mount, /proc
+            return f"output={output!r} cannot be made: {error.strerror} ({partial})"
+        if not try_acquire(lock):
+            return (f"output={output!r} is being written by another run (it holds {partial / '.lock'}); "
+                    "let it finish, or stop it, then run this again")
+        return None
+
+    refused = rank0_decides(refusal)  # on every rank: rank 0's error alone would leave the others waiting
+    if refused:
+        raise InputError(refused)
     try:
         yield
     finally:

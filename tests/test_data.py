@@ -310,7 +310,9 @@ def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path, p
     for inputs, output, message in (  # refused before anything is read: a missing input after a good one
             ([source, tmp_path / "typo.jsonl"], tmp_path / "bad", f"{tmp_path / 'typo.jsonl'} is not a file"),
             ([source], source / "docs", f"dataset {source / 'docs'} cannot be made: {source} is a file, not a folder"),
-            ([source], f"{tmp_path}/", f"--output {tmp_path}/ is a folder; give the dataset's path prefix")):
+            ([source], f"{tmp_path}/", f"--output {tmp_path}/ is a folder; give the dataset's path prefix"),
+            ([source], tmp_path / "bad.bin", f"--output {tmp_path / 'bad.bin'} names one of the dataset's files; give "
+                                            f"its path prefix (--output {tmp_path / 'bad'} writes {tmp_path / 'bad'}.bin")):
         run = plrd_here("prepare-data", *map(str, inputs), "--json-key", "body", "--output", str(output))
         assert run.returncode == 2 and message in run.stderr and "tokenising" not in run.stderr, run.stderr[-2000:]
     (tmp_path / "empty.txt").write_text("")

@@ -139,6 +139,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["ddp.use_distributed_optimizer=true"], "ddp.use_distributed_optimizer cannot be set: it follows optimizer."),
     (["ddp.bucket_sise=100"], "unknown key(s) ['ddp.bucket_sise']; allowed here: ['ddp.grad_reduce_in_fp32', "),
     (["ddp.overlap_grad_reduce=yes"], "ddp.overlap_grad_reduce='yes' must be bool"),
+    (["+ddp.bucket_size=-1"], "ddp.bucket_size=-1 must be a positive number of parameters per gradient bucket"),
     (["+optimizer.adam_eps=0"], "optimizer.adam_eps=0 must be > 0"),  # unseen tokens' embedding rows: 0/0
     # what megatron's own loop does and a stage's does not: refused, not trained wrong
     (["+optimizer.loss_scale=1024"], "optimizer.loss_scale=1024 cannot be set: a stage's step does not scale"),
@@ -161,6 +162,8 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["dataset.blend=[[shakespeare, kjv], [1, inf]]"],  # megatron would normalise the weights to [0, nan]
      "dataset.blend=[['shakespeare', 'kjv'], [1, inf]] must be [prefixes, weights]: a list of dataset prefixes and "
      "null or one positive, finite weight per prefix"),
+    (["dataset.blend=[[shakespeare, kjv, shakespeare], null]"], "dataset.blend=[['shakespeare', 'kjv', "
+     "'shakespeare'], None] names ['shakespeare'] more than once: name each dataset once and give it a larger weight"),
     (["dataset.split='90,10'"], "dataset.split='90,10' must be three shares"),
     (["dataset.split=90,10,0"], "override 'dataset.split=90,10,0' is a sweep (a list of choices); quote a value "
                                 "with commas, and on a command line quote that for the shell too: "
@@ -168,7 +171,7 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
     (["+plrd.no_such_key=1"], "unknown key(s) ['plrd.no_such_key']"),
     (["plrd.stage=abc"], "unknown key(s) ['plrd.stage']"),
     (["~plrd.plan"], "missing key(s) ['plrd.plan']"),
-    (["train.steps=${train.no_such}"], f"{YAML}: Interpolation key 'train.no_such' not found"),
+    (["train.steps=${train.no_such}"], f"{YAML} with the overrides: Interpolation key 'train.no_such' not found"),
     (["parallel.tensor_model_parallel_size=0"], "parallel.tensor_model_parallel_size=0 must be a positive integer"),
     (["parent=/no/such/model"], "parent='/no/such/model' is not a directory"),
     (["output=."], "output='.' must name a new folder"),
@@ -407,6 +410,15 @@ def test_the_recipe_refuses_bad_input_and_writes_nothing(tmp_path, recipe_here):
     run = recipe_here(f"output={out}", "plrd.plan.keep=2")
     assert run.returncode == 2 and "plrd.plan.keep=2 must be a fraction in (0, 1)" in run.stderr, run.stderr[-2000:]
     assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user is refused earlier: /proc is not writable to it")
+def test_an_output_the_file_system_will_not_make_is_refused_naming_it(recipe_here):
+    """/proc lets root past the configs' check (writable to it) but makes no folder: refused in one line, as a read-only
+    mount would be (before: a traceback from rank 0's mkdir, the other ranks left waiting)."""
+    run = recipe_here("output=/proc/plrd-stage")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "output='/proc/plrd-stage' cannot be made: No such file or directory (/proc/plrd-stage.partial)" in run.stderr
 
 
 def test_a_budget_no_plan_fits_is_refused_naming_it_before_the_output_is_claimed(tiny_parent, tmp_path, recipe_here):

@@ -160,6 +160,9 @@ def describe_parent(source: str | Path) -> tuple[LlamaArch, Optional[list[dict]]
         hf = hf_folder(path)
         hf_tokenizer(hf)
         return arch, ranks, hf
+    if (path / "checkpoint" / "metadata.json").is_file():  # a stage's folder (its config.json is the stage's)
+        raise InputError(f"{path} is a stage's output, not a model: its member is {path / 'checkpoint'} (the PLRD "
+                         "checkpoint a later stage starts from)")
     arch = hf_arch(path, missing="is neither a PLRD checkpoint nor an HF model directory")
     check_weights(path)
     hf_tokenizer(path)

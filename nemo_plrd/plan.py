@@ -149,10 +149,13 @@ def check_request(ranks: Optional[Mapping[str, int]], keep: Optional[float], tar
     if allocation not in ALLOCATIONS:
         raise InputError(f"allocation={allocation!r} is not one of {ALLOCATIONS}")
     if ranks is not None:
-        check_slot_names(ranks)
+        try:
+            check_slot_names(ranks)
+        except InputError as error:
+            raise InputError(f"ranks={ranks!r}: {error}") from None
         for slot, rank in ranks.items():
             if not _is_int(rank) or rank < 1:
-                raise InputError(f"rank {rank!r} for {slot} must be a positive integer")
+                raise InputError(f"ranks={ranks!r}: rank {rank!r} for {slot} must be a positive integer")
     if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep < 1):
         raise InputError(f"keep={keep!r} must be a fraction in (0, 1)")
     if target_params is not None and (not _is_int(target_params) or target_params < 1):

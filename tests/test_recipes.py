@@ -125,7 +125,10 @@ def test_the_shipped_config_loads_and_overrides_reach_nested_fields(tmp_path):
                                            "plrd.plan.target_params= (got plrd.plan.keep=0.6, "
                                            "plrd.plan.target_params=80000000; a null value, or an override ~KEY"),
     (["~plrd.plan.keep"], "give exactly one of plrd.plan.ranks=, plrd.plan.keep=, plrd.plan.target_params= (got none"),
-    (["plrd.plan.keep=null", "plrd.plan.ranks={linear_qkv: 64, attention: 8}"], "unknown slot name(s) ['attention']"),
+    (["plrd.plan.keep=null", "plrd.plan.ranks={linear_qkv: 64, attention: 8}"],
+     "plrd.plan.ranks={'linear_qkv': 64, 'attention': 8}: unknown slot name(s) ['attention']"),
+    (["plrd.plan.keep=null", "plrd.plan.ranks={linear_qkv: 0}"],
+     "plrd.plan.ranks={'linear_qkv': 0}: rank 0 for linear_qkv must be a positive integer"),
     (["plrd.method=qr"], "plrd.method='qr' is not one of ('activation', 'svd')"),
     (["plrd.ridge=-1"], "plrd.ridge=-1 must be a number >= 0"),
     (["plrd.calibration.tokens=0"], "plrd.calibration.tokens=0 must be a positive integer"),
@@ -801,6 +804,16 @@ def test_a_finished_stage_is_kept_and_another_config_against_it_is_refused(tiny_
     assert run.returncode == 2, run.stderr[-3000:]
     assert "was started with another config" in run.stderr and "optimizer.lr: 0.001 -> 0.002" in run.stderr
     assert {p: p.stat().st_mtime_ns for p in trained_stage.rglob("*")} == before
+
+
+def test_a_stage_s_folder_given_as_the_next_stage_s_parent_is_refused_naming_its_checkpoint(trained_stage, tmp_path,
+                                                                                            recipe_here):
+    """Its config.json is the stage's settings, not an HF config (before: "config.json names no model_type")."""
+    out = tmp_path / "next"
+    run = recipe_here(f"parent={trained_stage}", f"output={out}", "plrd.plan.keep=0.3")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"{trained_stage} is a stage's output, not a model: its member is {trained_stage / 'checkpoint'}" in run.stderr
+    assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
 def test_a_family_killed_in_stage_2_keeps_stage_1_and_finishes(tiny_parent, tmp_path, recipe_here):

@@ -103,6 +103,28 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
     return prefix
 
 
+TOKENIZER_RECORD = ".tokenizer.json"  # PREFIX.tokenizer.json: which vocabulary wrote PREFIX.bin's ids
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """A digest of a megatron tokenizer's tokens in id order: two tokenizers of one digest write the same ids."""
+    return hashlib.sha256(json.dumps(tokenizer.vocab).encode()).hexdigest()[:16]
+
+
+def check_tokenized_by(prefix: str, tokenizer) -> None:
+    """A dataset ``plrd prepare-data`` wrote records its tokenizer: one of another vocabulary is refused, whose ids
+    would each name another token of the model's (or none). One written elsewhere (megatron's
+    preprocess_data.py) records none and is taken as it is."""
+    record = Path(f"{prefix}{TOKENIZER_RECORD}")
+    if not record.is_file():
+        return
+    written = json.loads(record.read_text())
+    if written["vocabulary"] != vocabulary_digest(tokenizer):
+        raise InputError(f"dataset {prefix} was tokenised by {written['tokenizer']} ({written['vocab_size']:,} "
+                         f"tokens), whose vocabulary is not the model's ({tokenizer.path}, {len(tokenizer.vocab):,} "
+                         f"tokens): prepare it again with `plrd prepare-data --tokenizer {tokenizer.path}`")
+
+
 def dataset_written(prefix: str | Path) -> bool:
     """A dataset is complete once its ``.idx`` is there (renamed into place last); a ``.bin`` alone is a killed
     run's, which the next one replaces."""
@@ -132,7 +154,9 @@ def _write_dataset(documents: Iterable[str], tokenizer, prefix: Path, progress: 
         for suffix in (".bin", ".idx"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         raise
-    for suffix in (".bin", ".idx"):
+    Path(f"{tmp}{TOKENIZER_RECORD}").write_text(json.dumps(
+        {"tokenizer": str(tokenizer.path), "vocab_size": len(tokenizer.vocab), "vocabulary": vocabulary_digest(tokenizer)}))
+    for suffix in (TOKENIZER_RECORD, ".bin", ".idx"):  # the index last: it marks the dataset complete
         fsync(Path(f"{tmp}{suffix}"))
         os.replace(f"{tmp}{suffix}", f"{prefix}{suffix}")
     fsync(prefix.parent)
@@ -175,6 +199,7 @@ def gpt_datasets(blend: tuple[list[str], Optional[list[float]]], split: str, seq
     by_size = blend[1] is None and len(blend[0]) > 1
     unasked = ", or none (0) if nothing reads it: megatron builds every split of a weighted blend or one of several"
     for prefix in blend[0]:
+        check_tokenized_by(prefix, tokenizer)
         dataset = IndexedDataset(prefix)  # kept while its lengths are read: they are a view of its memory map
         lengths = dataset.sequence_lengths
         for name, wanted, bounds in zip(SPLITS, num_samples, config.split_matrix):

@@ -342,5 +342,32 @@ def test_prepare_data_killed_while_writing_leaves_nothing_behind_once_run_again(
     assert not out.with_name("docs.idx").exists()
     run = subprocess.run(plrd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert sorted(path.name for path in out.parent.iterdir()) == [".docs.lock", "docs.bin", "docs.idx"]
+    assert sorted(path.name for path in out.parent.iterdir()) == [".docs.lock", "docs.bin", "docs.idx",
+                                                                  "docs.tokenizer.json"]
     assert len(IndexedDataset(str(out)).document_indices) - 1 == 6_000
+
+
+def test_a_dataset_of_another_vocabulary_is_refused_and_one_of_the_same_read_from_any_folder(tmp_path, plrd_here):
+    """prepare-data records which vocabulary wrote the ids (PREFIX.tokenizer.json): data prepared with one token
+    more (its ids would name other tokens of the model, or none) is refused before megatron builds any index,
+    naming both tokenizers; data of the same vocabulary is read whatever folder its tokenizer came from."""
+    (tmp_path / "docs.txt").write_text("To be, or not to be, that is the question. " * 40)
+    other = tmp_path / "other"
+    larger = transformers.AutoTokenizer.from_pretrained(smollm2_135m())
+    larger.add_tokens(["<plrd>"])
+    larger.save_pretrained(other)
+    (tmp_path / "copy").mkdir()
+    for name, vocabulary in (("theirs", other), ("ours", copy_tokenizer(tmp_path / "copy"))):
+        run = plrd_here("prepare-data", tmp_path / "docs.txt", "--tokenizer", vocabulary, "--output", tmp_path / name)
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "theirs.tokenizer.json").read_text())["vocab_size"] == 49_153
+    parent = megatron_tokenizer(smollm2_135m())
+    read = lambda name: gpt_datasets(([str(tmp_path / name)], None), "100,0,0", 16, [4, None, None], parent)[0]
+    with pytest.raises(InputError) as refused:
+        read("theirs")
+    assert str(refused.value) == (
+        f"dataset {tmp_path / 'theirs'} was tokenised by {other} (49,153 tokens), whose vocabulary is not the "
+        f"model's ({smollm2_135m()}, 49,152 tokens): prepare it again with `plrd prepare-data --tokenizer "
+        f"{smollm2_135m()}`")
+    assert not index_cache([str(tmp_path / "theirs")]).exists()
+    assert len(read("ours")) >= 4  # megatron builds whole epochs

@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sbatch scripts chained with --dependency=afterok, or a nemo-run Experiment")
     submit.add_argument("--dry-run", action="store_true", help="print the jobs and their order; submit nothing")
     args, extra = parser.parse_known_args(argv)
+    # a refusal shows the command's own usage line ("usage: plrd prepare-data ..."), as argparse's own do
+    parser = commands.choices[args.command]
     # overrides may follow the options too (argparse collects a positional list only before them)
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e and not e.startswith("~")
                                                         for e in extra)):  # key=value, or ~key (Hydra's delete)

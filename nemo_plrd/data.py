@@ -57,6 +57,11 @@ def read_documents(path: str | Path, json_key: str = "text") -> Iterator[str]:
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{path} is not a file; give UTF-8 text files or JSON-lines files")
+    if path.suffix.lower() in JSON_LINES:
+        with path.open("rb") as file:
+            if file.read(4096).lstrip().startswith(b"["):  # what json.dump of a list of records writes
+                raise InputError(f"{path} holds a JSON array; give JSON lines, one object per line (e.g. "
+                                 f"jq -c '.[]' {path} > {path.with_suffix('.jsonl')})")
     return _documents(path, json_key)
 
 

@@ -307,14 +307,19 @@ def test_prepare_data_command_writes_a_dataset_and_refuses_bad_input(tmp_path, p
     run = plrd_here("prepare-data", str(source), "--output", str(tmp_path / "bad"))
     assert run.returncode == 2 and "has no string field 'text' (--json-key)" in run.stderr
     assert not list(tmp_path.glob("bad*"))  # nothing that looks finished
+    array = tmp_path / "array.json"  # json.dump of a list of records: not JSON lines
+    array.write_text(json.dumps([{"body": "To be."}, {"body": "Or not."}], indent=1))
     for inputs, output, message in (  # refused before anything is read: a missing input after a good one
             ([source, tmp_path / "typo.jsonl"], tmp_path / "bad", f"{tmp_path / 'typo.jsonl'} is not a file"),
             ([source], source / "docs", f"dataset {source / 'docs'} cannot be made: {source} is a file, not a folder"),
             ([source], f"{tmp_path}/", f"--output {tmp_path}/ is a folder; give the dataset's path prefix"),
             ([source], tmp_path / "bad.bin", f"--output {tmp_path / 'bad.bin'} names one of the dataset's files; give "
-                                            f"its path prefix (--output {tmp_path / 'bad'} writes {tmp_path / 'bad'}.bin")):
+                                            f"its path prefix (--output {tmp_path / 'bad'} writes {tmp_path / 'bad'}.bin"),
+            ([array], tmp_path / "bad", f"{array} holds a JSON array; give JSON lines, one object per line (e.g. "
+                                        f"jq -c '.[]' {array} > {tmp_path / 'array.jsonl'})")):
         run = plrd_here("prepare-data", *map(str, inputs), "--json-key", "body", "--output", str(output))
         assert run.returncode == 2 and message in run.stderr and "tokenising" not in run.stderr, run.stderr[-2000:]
+        assert run.stderr.startswith("usage: plrd prepare-data ")  # the command's usage, not plrd's
     (tmp_path / "empty.txt").write_text("")
     run = plrd_here("prepare-data", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "bad"))
     assert run.returncode == 2 and f"no text to write into {tmp_path / 'bad'}: the documents are empty" in run.stderr

@@ -18,6 +18,7 @@ reports, which is scored whole and in order rather than sampled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -111,8 +112,11 @@ def prepare_dataset(documents: Iterable[str], tokenizer, prefix: str | Path, pro
 TOKENIZER_RECORD = ".tokenizer.json"  # PREFIX.tokenizer.json: which vocabulary wrote PREFIX.bin's ids
 
 
+@functools.lru_cache(maxsize=4)
 def vocabulary_digest(tokenizer) -> str:
-    """A digest of a megatron tokenizer's tokens in id order: two tokenizers of one digest write the same ids."""
+    """A digest of a megatron tokenizer's tokens in id order: two tokenizers of one digest write the same ids.
+    Kept per tokenizer object (a tenth of a second for SmolLM2's: its vocab list is built anew on each access, and a
+    stage checks each prefix of its blend every time it builds datasets)."""
     return hashlib.sha256(json.dumps(tokenizer.vocab).encode()).hexdigest()[:16]
 
 

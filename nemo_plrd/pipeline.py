@@ -45,7 +45,7 @@ from nemo_plrd.config import (BASELINES, EMBEDDED_PARENT, TEACHERS, DecomposeCon
                               field_defaults, keys_under, stream_length)
 from nemo_plrd.data import DataParallelBatches, calibration_batches, gpt_datasets, megatron_tokenizer
 from nemo_plrd.errors import InputError
-from nemo_plrd.evaluate import HELDOUT_BLOCK, evaluate, heldout_blocks, write_results
+from nemo_plrd.evaluate import HELDOUT_BLOCK, EvalConfig, evaluate, heldout_blocks, write_results
 from nemo_plrd.export import check_export_dtype, export_hf
 from nemo_plrd.family_plan import parent_plan, plan_family
 from nemo_plrd.files import leftover_temp_files, try_acquire, write_text_atomic
@@ -462,11 +462,18 @@ def run_stage(cfg: DecomposeConfig, evaluate_now: bool = True, parent_perplexity
     return figures
 
 
+def lm_eval_only(settings: EvalConfig) -> dict:
+    """``evaluate``'s arguments for a stage's or a family's export: the lm-eval tasks alone. The held-out perplexity
+    was measured on the megatron model the export was written from (``heldout_perplexity``), and the export measures
+    the same (tests/test_recipes.py): measured again, it doubled SmolLM2-135M's evaluation (bench/member_eval.py)."""
+    return vars(settings) | {"perplexity_blocks": 0}
+
+
 def evaluate_member(cfg: DecomposeConfig, folder: Path, results: Path) -> dict:
     """lm-eval on the stage's first export in ``folder``, written to ``results`` (kept: read back on a rerun)."""
     if not (results / "results.json").is_file():
         start = time.perf_counter()
-        result = evaluate(folder / f"hf-{cfg.export[0]}", **vars(cfg.eval))
+        result = evaluate(folder / f"hf-{cfg.export[0]}", **lm_eval_only(cfg.eval))
         result["seconds"] = time.perf_counter() - start
         write_results(result, results)
     result = json.loads((results / "results.json").read_text())
@@ -539,5 +546,5 @@ def evaluate_parent(parent: str, stage: DecomposeConfig, results: Path) -> Optio
     if not stage.eval.tasks or (folder / "metadata.json").is_file():
         return None
     if not (results / "results.json").is_file():
-        write_results(evaluate(folder, **vars(stage.eval)), results)
+        write_results(evaluate(folder, **lm_eval_only(stage.eval)), results)
     return json.loads((results / "results.json").read_text())

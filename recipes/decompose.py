@@ -13,7 +13,7 @@ to the planned ranks and written to OUTPUT:
     checkpoint/           megatron dist_checkpointing, any TP size; the next stage's parent
     hf-factored/          the factors, loading with trust_remote_code=True
     hf-merged/            W = U V in the parent's stock HF class
-    eval/                 lm-eval accuracies + perplexity of the first export (if eval.tasks)
+    eval/                 lm-eval accuracies of the first export (if eval.tasks)
     summary.md, .json     sizes, held-out perplexity before and after, the settings
 
 With ``train.steps`` > 0 the member continues pretraining at its new rank (megatron's DDP,

@@ -18,6 +18,7 @@ from filelock import FileLock
 
 from nemo_plrd.config import DecomposeConfig, FamilyConfig, config_differences, field_defaults, load_config
 from nemo_plrd.errors import InputError, MissingInputError
+from nemo_plrd.evaluate import evaluate
 from nemo_plrd.parallel import init_distributed
 from nemo_plrd.pipeline import DECOMPOSED, RECORDS, _family_untrained, _untrained, claim
 from nemo_plrd.plan import RankPlan
@@ -341,6 +342,11 @@ def recipe(*args, nproc: int = 1, name: str = "decompose", config: Path = YAML) 
                           capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def held_out(model: Path) -> dict[str, float]:
+    """The HF model's held-out perplexity over the blocks the tests' stages measure (2 per corpus)."""
+    return evaluate(model, tasks=(), perplexity_blocks=2)["perplexity"]
+
+
 @pytest.fixture
 def recipe_here(script_here):
     """``recipe(*args)`` at one process, run in this one: for runs refused before any work (a new interpreter
@@ -379,10 +385,12 @@ def test_two_stages_tp2_then_tp1_export_evaluate_and_agree(tiny_parent, tmp_path
     tokens = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(factored(tokens).logits, merged(tokens).logits, rtol=0, atol=1e-4)
-    # The held-out perplexity of the TP=2 megatron model is the HF export's, as lm-eval's run measured it.
+    # The held-out perplexity of the TP=2 megatron model is the HF export's, so lm-eval's run, which scored the
+    # export, measured none again.
     results = json.loads((first / "eval" / "results.json").read_text())
     assert results["model"] == str(first / "hf-factored")  # where it is now, not where it was evaluated
-    assert results["perplexity"] == pytest.approx(summary["member_perplexity"], rel=1e-4)
+    assert results["perplexity"] == {} and held_out(first / "hf-factored") == pytest.approx(
+        summary["member_perplexity"], rel=1e-4)
     assert results["items"] == {"arc_easy": 3}  # eval.limit (the scores come from the model: test_evaluate.py)
 
     second = tmp_path / "stage2"  # the next stage: the checkpoint re-truncated, at TP=1
@@ -457,7 +465,7 @@ def test_a_global_batch_that_does_not_split_over_the_data_parallel_ranks_is_refu
 
 
 def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent, tmp_path):
-    """Each stage trains (the exported model is the trained one: lm-eval's perplexity is the trained
+    """Each stage trains (the exported model lm-eval scored is the trained one: its perplexity is the trained
     member's), stage 2 starts from stage 1's trained checkpoint, and the report and plot are written."""
     out = tmp_path / "family"
     run = recipe(f"parent={tiny_parent}", f"output={out}", "keep=[0.6, 0.3]", "baselines=[control, one-shot]",
@@ -473,13 +481,16 @@ def test_a_two_stage_family_trains_each_member_at_tp2_and_reports_it(tiny_parent
     assert not Path(f"{out}.partial").exists()
     family = json.loads((out / "family.json").read_text())
     members, control, oneshot = family["members"], family["baselines"]["control"], family["baselines"]["one-shot"]
-    # the parent row: lm-eval on the HF parent measures what the megatron import measured
-    assert family["parent_eval"]["perplexity"] == pytest.approx(members[0]["parent_perplexity"], rel=1e-4)
+    # the parent row: the HF parent lm-eval scored measures what the megatron import measured
+    assert family["parent_eval"]["model"] == str(tiny_parent)
+    assert held_out(tiny_parent) == pytest.approx(members[0]["parent_perplexity"], rel=1e-4)
     assert set(members[0]["parent_perplexity"]) == {"shakespeare", "wikipedia", "kjv", "news"}
     for member in members + [oneshot]:
         assert member["tp"] == 2 and member["in_domain"] == ["shakespeare", "wikipedia", "kjv"]
         assert headline_perplexity(member, "member_perplexity") < headline_perplexity(member, "decomposed_perplexity")  # training helped
-        assert member["eval"]["perplexity"] == pytest.approx(member["member_perplexity"], rel=1e-4)
+        assert held_out(member["eval"]["model"]) == pytest.approx(member["member_perplexity"], rel=1e-4)
+    evaluations = [family["parent_eval"]] + [m["eval"] for m in members + [control, oneshot]]
+    assert all(e["perplexity"] == {} and e["items"] == {"arc_easy": 3} for e in evaluations)  # measured once, above
     first, second = members
     assert [len(m["train_losses"]) for m in (first, second, control, oneshot)] == [6, 6, 6, 12]  # one-shot: 2 x 6
     # a stage's parent is the member the stage before measured (not measured again); its export, the

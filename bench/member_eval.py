@@ -5,7 +5,7 @@
 A stage measures its member's held-out perplexity on the megatron model (decomposed and trained), then exports it
 and runs lm-eval on the export. Until 2026-12-07 that evaluation measured the held-out perplexity again, on the
 export (the same figure: tests/test_recipes.py checks the export against the megatron model's), for each of the
-main job's seven models (the parent, three stages, two baselines); now it runs the tasks alone
+main job's six models (the parent, the control, three stages, the one-shot member); now it runs the tasks alone
 (``nemo_plrd.pipeline.lm_eval_only``). Both ways on the embedded SmolLM2-135M with the main job's evaluation
 settings (``recipes/smollm2_135m_family.yaml``'s ``stage.eval``), in one process, in turn; each evaluation loads
 the model as the family's does. The two are checked to score every task the same before any time is reported.

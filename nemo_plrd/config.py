@@ -40,7 +40,7 @@ from megatron.core.optimizer import OptimizerConfig, distrib_optimizer
 
 from nemo_plrd.assets import CORPORA
 from nemo_plrd.distill import LOSSES
-from nemo_plrd.errors import InputError, MissingInputError
+from nemo_plrd.errors import InputError, MissingInputError, check_positive
 from nemo_plrd.evaluate import EvalConfig
 from nemo_plrd.export_options import FORMATS, check_dtype
 from nemo_plrd.files import check_can_make
@@ -86,7 +86,7 @@ class CalibrationConfig:
     micro_batch: int = 4
 
     def __post_init__(self) -> None:
-        _check_positive("plrd.calibration", tokens=self.tokens, seq_length=self.seq_length,
+        check_positive("plrd.calibration", tokens=self.tokens, seq_length=self.seq_length,
                         micro_batch=self.micro_batch)
         if self.tokens % self.seq_length:  # whole sequences: a remainder would be silently left out
             raise InputError(f"plrd.calibration.tokens={self.tokens} must be a multiple of "
@@ -174,7 +174,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive("parallel", tensor_model_parallel_size=self.tensor_model_parallel_size)
+        check_positive("parallel", tensor_model_parallel_size=self.tensor_model_parallel_size)
 
 
 @dataclass
@@ -214,7 +214,7 @@ class TrainConfig:
     teacher: str = "parent"  # parent (the family's), previous (this stage's parent) or a model directory
 
     def __post_init__(self) -> None:
-        _check_positive("train", micro_batch=self.micro_batch, global_batch=self.global_batch,
+        check_positive("train", micro_batch=self.micro_batch, global_batch=self.global_batch,
                         seq_length=self.seq_length, log_interval=self.log_interval)
         if self.steps < 0 or self.warmup_steps < 0 or 0 < self.steps <= self.warmup_steps:  # steps 0: no schedule
             raise InputError(f"train.steps={self.steps} and train.warmup_steps={self.warmup_steps} must satisfy "
@@ -650,9 +650,3 @@ def check_distillation(loss: str, kd_weight: float, teacher: str, teacher_here: 
                          f"train.loss={loss!r} takes no weight (leave it at 1.0)")
     if teacher not in TEACHERS and teacher_here:
         _check_parent(teacher, "train.teacher")
-
-
-def _check_positive(section: str, **values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise InputError(f"{section}.{name}={value} must be a positive integer")

@@ -18,3 +18,10 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class OutputExistsError(InputError, FileExistsError):
     """An output path that is taken: outputs are never overwritten."""
+
+
+def check_positive(section: str, **values: int | None) -> None:
+    """Refuse a count below 1, named as its config key (``section.name``); None (no limit) passes."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise InputError(f"{section}.{name}={value} must be a positive integer")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from nemo_plrd.assets import CORPORA, cache_dir, corpus, eval_sets
-from nemo_plrd.errors import InputError
+from nemo_plrd.errors import InputError, check_positive
 from nemo_plrd.files import write_text_atomic
 from nemo_plrd.report import format_table
 
@@ -88,10 +88,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_tasks(self.tasks, "eval.tasks")
-        for name in ("batch_size", "limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"eval.{name}={value} must be a positive integer")
+        check_positive("eval", batch_size=self.batch_size, limit=self.limit)
         if self.perplexity_blocks < 0:
             raise InputError(f"eval.perplexity_blocks={self.perplexity_blocks} must be >= 0")
         unknown = [name for name in self.heldout if name not in CORPORA]

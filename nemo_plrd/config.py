@@ -87,7 +87,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         check_positive("plrd.calibration", tokens=self.tokens, seq_length=self.seq_length,
-                        micro_batch=self.micro_batch)
+                       micro_batch=self.micro_batch)
         if self.tokens % self.seq_length:  # whole sequences: a remainder would be silently left out
             raise InputError(f"plrd.calibration.tokens={self.tokens} must be a multiple of "
                              f"plrd.calibration.seq_length={self.seq_length} (whole sequences)")
@@ -215,7 +215,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_positive("train", micro_batch=self.micro_batch, global_batch=self.global_batch,
-                        seq_length=self.seq_length, log_interval=self.log_interval)
+                       seq_length=self.seq_length, log_interval=self.log_interval)
         if self.steps < 0 or self.warmup_steps < 0 or 0 < self.steps <= self.warmup_steps:  # steps 0: no schedule
             raise InputError(f"train.steps={self.steps} and train.warmup_steps={self.warmup_steps} must satisfy "
                              "0 <= warmup_steps < steps, or steps=0 (megatron's schedule decays after the warm-up)")
